@@ -1,0 +1,53 @@
+"""ckptvault: crash-proof, verifiable, fast checkpoints for machine-learning training runs.
+
+The functional core::
+
+    import ckptvault as cv
+    cv.save("ckpts/step_100", state)          # atomic, checksummed, no pickle
+    state = cv.load("ckpts/step_100")         # exact types and bits back, every byte verified
+    with cv.open("ckpts/step_100") as ck:     # lazy: reads only what you index
+        w = ck["model"]["fc.weight"]
+    report = cv.verify("ckpts/step_100")      # every problem, never an exception
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import info, list_checkpoints, load, open, save, verify
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConcurrentWriteError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    StorageError,
+    UnsafeCheckpointError,
+    UnsafeLegacyFileError,
+    UnsupportedStateError,
+)
+from .types import CheckpointInfo, Problem, VerifyReport
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "ConcurrentWriteError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+    "Problem",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "UnsafeLegacyFileError",
+    "UnsupportedStateError",
+    "VerifyReport",
+    "__version__",
+    "info",
+    "list_checkpoints",
+    "load",
+    "open",
+    "save",
+    "verify",
+]

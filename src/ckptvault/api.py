@@ -1,0 +1,112 @@
+"""L3: the functional API — ``save``, ``load``, ``open``, ``verify``, ``info``.
+
+These are the contract every higher layer (the manager, the CLI) is built on; they choose the
+storage backend from the path and hand work to the engine.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import Settings
+from .engine.lazy import CheckpointView
+from .engine.reader import CheckpointReader, read_checkpoint, verify_checkpoint
+from .engine.writer import write_checkpoint
+from .format.manifest import Manifest
+from .storage.base import Storage
+from .storage.local import LocalStorage
+from .types import CheckpointInfo, VerifyReport
+
+PathLike = str | os.PathLike[str]
+
+
+def storage_for(path: PathLike) -> tuple[Storage, str]:
+    """The backend that owns ``path`` and the path in that backend's terms."""
+    return LocalStorage(), os.fspath(path)
+
+
+def info_from_manifest(path: str, manifest: Manifest, metadata: dict[str, Any]) -> CheckpointInfo:
+    return CheckpointInfo(
+        path=path,
+        checkpoint_id=manifest.checkpoint_id,
+        step=manifest.step,
+        created_at=manifest.created_at,
+        size_bytes=manifest.total_bytes,
+        num_tensors=len(manifest.tensors),
+        tensor_bytes=manifest.tensor_bytes,
+        digest_algorithm=manifest.digest_algorithm,
+        metadata=metadata,
+    )
+
+
+def save(
+    path: PathLike,
+    state: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    digest: str | None = None,
+) -> CheckpointInfo:
+    """Saves any nested training state as one atomically committed checkpoint directory.
+
+    ``state`` may nest dicts, lists, tuples, sets and scalars around numpy arrays and torch tensors
+    of any dtype; everything comes back from :func:`load` with the same types and bits, tensors that
+    shared storage still sharing it. ``metadata`` (plain values) goes to the manifest exactly and to
+    the human-readable sidecar; its keys ``step``, ``run_id``, ``config``, ``metrics``,
+    ``data_version`` and ``git`` fill the sidecar's fields. Raises :class:`UnsupportedStateError`
+    naming the first value that cannot be saved safely, :class:`CheckpointExistsError` when
+    ``path`` is a checkpoint and ``overwrite`` is false, :class:`StorageError` when the disk fails.
+    When this returns, the checkpoint is durable; when it raises, nothing was committed.
+    """
+    storage, target = storage_for(path)
+    settings = Settings.from_env()
+    if digest is not None:
+        settings = Settings(digest=digest, shard_bytes=settings.shard_bytes, io_threads=settings.io_threads)
+    manifest = write_checkpoint(
+        storage, target, state, metadata=metadata, overwrite=overwrite, settings=settings
+    )
+    return info_from_manifest(target, manifest, dict(metadata or {}))
+
+
+def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True) -> Any:
+    """Loads a whole checkpoint; with ``verify`` (the default) every byte is checked first.
+
+    ``map_location`` is a device (``"cpu"``, ``"cuda:0"``, a ``torch.device``), ``None`` for each
+    tensor's original device, or a dict mapping saved device strings to new ones. Raises
+    :class:`CheckpointNotFoundError` when ``path`` holds no committed checkpoint and
+    :class:`CorruptCheckpointError` (with ``file``, ``tensor`` and ``kind``) when bytes disagree
+    with the manifest. Nothing in a checkpoint is ever executed.
+    """
+    storage, target = storage_for(path)
+    return read_checkpoint(storage, target, map_location=map_location, verify=verify,
+                           threads=Settings.from_env().io_threads)  # fmt: skip
+
+
+def open(path: PathLike, *, map_location: Any = "cpu", verify: bool = True) -> CheckpointView:
+    """A lazy read-only view: the manifest is read now, each tensor when it is indexed.
+
+    ``with ckptvault.open(p) as ck: w = ck["model"]["fc.weight"]`` reads only that tensor's bytes
+    (through ``mmap``) and checks their digest.
+    """
+    storage, target = storage_for(path)
+    return CheckpointView(storage, target, map_location=map_location, verify=verify)
+
+
+def verify(path: PathLike) -> VerifyReport:
+    """Checks every file and tensor digest and the format's rules; reports all problems, raises none."""
+    storage, target = storage_for(path)
+    return verify_checkpoint(storage, target)
+
+
+def info(path: PathLike) -> CheckpointInfo:
+    """Facts about a committed checkpoint from its manifest alone (no tensor bytes read)."""
+    storage, target = storage_for(path)
+    with CheckpointReader(storage, target) as reader:
+        return info_from_manifest(target, reader.manifest, reader.decode_metadata())
+
+
+def list_checkpoints(root: PathLike) -> list[str]:
+    """Committed checkpoints under ``root`` (staging leftovers and hidden directories skipped)."""
+    storage, target = storage_for(root)
+    return list(storage.iter_checkpoints(target))

@@ -1,0 +1,164 @@
+"""A lazy, read-only view of a checkpoint: reads the manifest on open, tensors only when asked.
+
+Indexing walks the encoded tree without decoding it; a container comes back as another lazy node
+and a leaf is decoded on the spot. A tensor is copied out of a read-only ``mmap`` of its file (so
+the result is an ordinary writable tensor that does not pin the file) after its file's header has
+been validated, and its digest is checked before it is returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..format.tree import TreeDecoder, shared_leaves
+from ..storage.base import Storage
+from ..types import CheckpointInfo
+from .arrays import BlobReader
+from .reader import CheckpointReader
+
+
+class CheckpointView:
+    """``with ckptvault.open(path) as ck: ck["model"]["fc.weight"]`` — see :func:`ckptvault.open`."""
+
+    def __init__(
+        self, storage: Storage, path: str, *, map_location: Any = "cpu", verify: bool = True
+    ) -> None:
+        self._reader = CheckpointReader(storage, path)
+        self._maps: dict[str, Any] = {}
+        self._verify = verify
+        self._blobs = BlobReader(self._fetch, map_location)
+        self._shared = shared_leaves(self._reader.manifest.tree)
+        self.path = path
+
+    # -- context manager ------------------------------------------------------------------
+    def __enter__(self) -> CheckpointView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for mapping in self._maps.values():
+            if mapping is not None:
+                mapping.close()
+        self._maps.clear()
+        self._reader.close()
+
+    # -- facts without tensor I/O -----------------------------------------------------------
+    @property
+    def info(self) -> CheckpointInfo:
+        from ..api import info_from_manifest
+
+        return info_from_manifest(self.path, self._reader.manifest, self.metadata)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._reader.decode_metadata()
+
+    @property
+    def manifest(self) -> Any:
+        return self._reader.manifest
+
+    def tensor_names(self) -> list[str]:
+        """Names of the stored tensors (the keys inside the safetensors files)."""
+        return list(self._reader.manifest.tensors)
+
+    # -- lazy tree access -------------------------------------------------------------------
+    @property
+    def root(self) -> LazyNode | Any:
+        return self._wrap(self._reader.manifest.tree, "state")
+
+    def __getitem__(self, key: Any) -> Any:
+        root = self.root
+        if not isinstance(root, LazyNode):
+            raise TypeError("the saved state is not a container")
+        return root[key]
+
+    def keys(self) -> list[Any]:
+        root = self.root
+        return root.keys() if isinstance(root, LazyNode) else []
+
+    def load(self) -> Any:
+        """The whole state, decoded (tensors read one by one through the view's maps)."""
+        return _decode(self, self._reader.manifest.tree, "state")
+
+    def _wrap(self, node: Any, path: str) -> Any:
+        if isinstance(node, dict) and node.get("t") in ("dict", "odict"):
+            return LazyNode(self, node, path)
+        if isinstance(node, list):
+            return LazyNode(self, node, path)
+        return _decode(self, node, path)
+
+    def _fetch(self, name: str) -> np.ndarray:  # type: ignore[type-arg]
+        reader = self._reader
+        entry = reader.manifest.tensors.get(name)
+        if entry is None:
+            return reader.fetch(name)  # raises the typed error
+        header = reader.header(entry.file)
+        if entry.file not in self._maps:
+            self._maps[entry.file] = reader.handle.mmap(entry.file)
+        mapping = self._maps[entry.file]
+        if mapping is None or entry.nbytes == 0:
+            return reader.fetch(name, verify=self._verify)
+        start = header.data_start + entry.offsets[0]
+        data = np.frombuffer(mapping, dtype=np.uint8, count=entry.nbytes, offset=start).copy()
+        if self._verify:
+            reader._check_digest(entry, memoryview(data))
+        return data
+
+
+def _decode(view: CheckpointView, node: Any, path: str) -> Any:
+    from ..errors import CorruptCheckpointError
+    from ..format.tree import TreeDecodeError
+
+    try:
+        return TreeDecoder(view._blobs, view._shared).decode(node, path)
+    except TreeDecodeError as exc:
+        raise CorruptCheckpointError(f"state tree: {exc}", path=view.path, file="manifest.json",
+                                     kind="bad-manifest") from exc  # fmt: skip
+
+
+class LazyNode:
+    """A dict or list inside a checkpoint, not yet decoded."""
+
+    def __init__(self, view: CheckpointView, node: Any, path: str) -> None:
+        self._view = view
+        self._node = node
+        self.path = path
+
+    def _items(self) -> list[tuple[Any, Any]]:
+        node = self._node
+        if isinstance(node, list):
+            return list(enumerate(node))
+        if "v" in node and isinstance(node["v"], dict):
+            return list(node["v"].items())
+        decoder = TreeDecoder(self._view._blobs, self._view._shared)
+        return [(decoder.decode(k, f"{self.path}.<key>"), v) for k, v in node.get("items", [])]
+
+    def keys(self) -> list[Any]:
+        return [k for k, _ in self._items()]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    def __contains__(self, key: object) -> bool:
+        return any(k == key for k, _ in self._items())
+
+    def __getitem__(self, key: Any) -> Any:
+        for k, child in self._items():
+            if k == key and type(k) is type(key):
+                return self._view._wrap(child, f"{self.path}[{key!r}]")
+        raise KeyError(key)
+
+    def load(self) -> Any:
+        """This subtree, fully decoded."""
+        return _decode(self._view, self._node, self.path)
+
+    def __repr__(self) -> str:
+        return f"<LazyNode {self.path} ({len(self)} entries)>"

@@ -1,0 +1,277 @@
+"""Reading: manifest → headers → bytes, each checked against the layer above before use.
+
+Trust flows downward: the manifest is parsed strictly; each data file's size must equal the
+manifest's, its header must hash to the recorded header digest and describe exactly the tensors the
+manifest lists (same dtype, shape, byte range) for this checkpoint id; only then is any tensor
+buffer allocated, of a size already proven to fit in the file. Loading checks the digest of every
+tensor it returns; :func:`verify_checkpoint` additionally re-hashes whole files and lists every
+problem instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..config import MANIFEST_NAME
+from ..errors import CheckpointError, CorruptCheckpointError
+from ..format.digest import digest_bytes, new_hasher
+from ..format.manifest import Manifest, check_file_name, parse_manifest
+from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
+from ..format.tree import TreeDecodeError, TreeDecoder
+from ..storage.base import ReadHandle, Storage
+from ..types import Problem, TensorEntry, VerifyReport
+from .arrays import BlobReader
+from .writer import NO_LEAVES
+
+_READ_CHUNK = 64 * 1024 * 1024
+
+
+class CheckpointReader:
+    """An open, committed checkpoint. Not thread-safe to construct; reads may run in parallel."""
+
+    def __init__(self, storage: Storage, path: str) -> None:
+        self.path = path
+        self.handle: ReadHandle = storage.open(path)
+        try:
+            self.manifest: Manifest = parse_manifest(self.handle.read_manifest(), path=path)
+        except BaseException:
+            self.handle.close()
+            raise
+        self._headers: dict[str, ParsedHeader] = {}
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _corrupt(
+        self, message: str, kind: str, *, file: str | None = None, tensor: str | None = None
+    ) -> CorruptCheckpointError:
+        return CorruptCheckpointError(message, path=self.path, file=file, tensor=tensor, kind=kind)
+
+    # -- structure ----------------------------------------------------------------------------
+    def check_listing(self) -> None:
+        """Every listed file exists; nothing else lies in the checkpoint directory."""
+        present = set(self.handle.file_names())
+        listed = set(self.manifest.files) | {MANIFEST_NAME}
+        for name in sorted(listed - present):
+            raise self._corrupt("file listed in the manifest is missing", "missing-file", file=name)
+        for name in sorted(present - listed):
+            raise self._corrupt(
+                "unexpected file not listed in the manifest (added or left behind)", "extra-file", file=name
+            )
+
+    def check_size(self, name: str) -> int:
+        entry = self.manifest.files[name]
+        size = self.handle.size(name)
+        if size != entry.size:
+            word = "truncated" if size < entry.size else "has extra bytes"
+            kind = "truncated" if size < entry.size else "size-mismatch"
+            raise self._corrupt(f"{word}: {size} bytes, manifest says {entry.size}", kind, file=name)
+        return size
+
+    def header(self, name: str) -> ParsedHeader:
+        """The validated header of a data file, cross-checked against the manifest (cached)."""
+        cached = self._headers.get(name)
+        if cached is not None:
+            return cached
+        check_file_name(name, path=self.path)
+        entry = self.manifest.files[name]
+        size = self.check_size(name)
+        try:
+            length = header_length(self.handle.read(name, 0, min(8, size)), size)
+        except HeaderError as exc:
+            raise self._corrupt(str(exc), "bad-header", file=name) from exc
+        if length != entry.header_size:
+            raise self._corrupt(
+                f"header is {length} bytes, manifest says {entry.header_size}", "bad-header", file=name
+            )
+        raw = self.handle.read(name, 8, length)
+        if digest_bytes(self.manifest.digest_algorithm, raw) != entry.header_digest:
+            raise self._corrupt("header digest mismatch (header bytes changed)", "digest-mismatch", file=name)
+        try:
+            header = parse_header(raw, size)
+        except HeaderError as exc:
+            raise self._corrupt(str(exc), "bad-header", file=name) from exc
+        owner = header.metadata.get("checkpoint_id")
+        if owner != self.manifest.checkpoint_id:
+            raise self._corrupt(
+                f"file belongs to checkpoint {str(owner)[:40]}, the manifest to {self.manifest.checkpoint_id} "
+                "(files from different checkpoints mixed)",
+                "foreign-file",
+                file=name,
+            )
+        expected = {t.name: t for t in self.manifest.tensors.values() if t.file == name}
+        if set(header.entries) != set(expected):
+            odd = sorted(set(header.entries) ^ set(expected))[:3]
+            raise self._corrupt(
+                f"header and manifest list different tensors (e.g. {odd})", "bad-header", file=name
+            )
+        for tname, t in expected.items():
+            h = header.entries[tname]
+            if (h.dtype, h.shape, h.offsets) != (t.dtype, t.shape, t.offsets):
+                raise self._corrupt(
+                    "header entry disagrees with the manifest", "bad-header", file=name, tensor=tname
+                )
+        self._headers[name] = header
+        return header
+
+    # -- tensors ------------------------------------------------------------------------------
+    def fetch(self, name: str, *, verify: bool = True) -> np.ndarray:  # type: ignore[type-arg]
+        """A fresh uint8 array with the stored bytes of one tensor, digest-checked if ``verify``."""
+        entry = self.manifest.tensors.get(name)
+        if entry is None:
+            raise self._corrupt(
+                f"tree references tensor {name[:80]!r} that the manifest does not list", "bad-manifest"
+            )
+        header = self.header(entry.file)
+        buffer = np.empty(entry.nbytes, dtype=np.uint8)
+        if entry.nbytes:
+            self.handle.read_into(entry.file, header.data_start + entry.offsets[0], memoryview(buffer))
+        if verify:
+            self._check_digest(entry, memoryview(buffer))
+        return buffer
+
+    def _check_digest(self, entry: TensorEntry, data: memoryview) -> None:
+        if digest_bytes(self.manifest.digest_algorithm, data) != entry.digest:
+            raise self._corrupt("tensor bytes do not match their digest (bit rot or tampering)", "digest-mismatch",
+                                file=entry.file, tensor=entry.name)  # fmt: skip
+
+    def fetch_all(self, *, verify: bool, threads: int) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+        """Every tensor's bytes, read (and hashed) in parallel; big tensors first to balance threads."""
+        for name in self.manifest.files:
+            if self.manifest.files[name].header_size is not None:
+                self.header(name)
+        names = sorted(self.manifest.tensors, key=lambda n: -self.manifest.tensors[n].nbytes)
+        if threads <= 1 or len(names) < 2:
+            return {n: self.fetch(n, verify=verify) for n in names}
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptvault-read") as pool:
+            return dict(zip(names, pool.map(lambda n: self.fetch(n, verify=verify), names), strict=True))
+
+    def check_sidecars(self) -> None:
+        for name, entry in self.manifest.files.items():
+            if entry.header_size is None:
+                self.check_size(name)
+                data = self.handle.read(name, 0, entry.size)
+                if digest_bytes(self.manifest.digest_algorithm, data) != entry.digest:
+                    raise self._corrupt("file digest mismatch", "digest-mismatch", file=name)
+
+    # -- decoding -----------------------------------------------------------------------------
+    def decode_tree(self, blobs: BlobReader, node: Any = None, path: str = "state") -> Any:
+        try:
+            return TreeDecoder(blobs).decode(self.manifest.tree if node is None else node, path)
+        except TreeDecodeError as exc:
+            raise self._corrupt(f"state tree: {exc}", "bad-manifest", file=MANIFEST_NAME) from exc
+
+    def decode_metadata(self) -> dict[str, Any]:
+        try:
+            value = TreeDecoder(NO_LEAVES).decode(self.manifest.metadata, "metadata")
+        except (TreeDecodeError, ValueError) as exc:
+            raise self._corrupt(f"metadata: {exc}", "bad-manifest", file=MANIFEST_NAME) from exc
+        if not isinstance(value, dict):
+            raise self._corrupt("metadata must be a dict", "bad-manifest", file=MANIFEST_NAME)
+        return value
+
+
+def read_checkpoint(storage: Storage, path: str, *, map_location: Any, verify: bool, threads: int) -> Any:
+    with CheckpointReader(storage, path) as reader:
+        if verify:
+            reader.check_listing()
+            reader.check_sidecars()
+        data = reader.fetch_all(verify=verify, threads=threads)
+        return reader.decode_tree(BlobReader(data.__getitem__, map_location))
+
+
+def verify_checkpoint(storage: Storage, path: str) -> VerifyReport:
+    """Checks everything and reports every problem; never raises for a bad checkpoint."""
+    started = time.perf_counter()
+    problems: list[Problem] = []
+    files_checked = tensors_checked = bytes_checked = 0
+
+    def note(exc: CheckpointError, kind: str) -> None:
+        problems.append(Problem(kind, str(exc), getattr(exc, "file", None), getattr(exc, "tensor", None)))
+
+    try:
+        reader = CheckpointReader(storage, path)
+    except CheckpointError as exc:
+        note(exc, _kind(exc))
+        return VerifyReport(path, tuple(problems), 0, 0, 0, time.perf_counter() - started)
+    with reader:
+        manifest = reader.manifest
+        present = set(reader.handle.file_names())
+        for name in sorted(set(manifest.files) - present):
+            problems.append(Problem("missing-file", "file listed in the manifest is missing", name))
+        for name in sorted(present - set(manifest.files) - {MANIFEST_NAME}):
+            problems.append(Problem("extra-file", "unexpected file not listed in the manifest", name))
+        for name, entry in manifest.files.items():
+            if name not in present:
+                continue
+            files_checked += 1
+            try:
+                reader.check_size(name)
+                if entry.header_size is not None:
+                    reader.header(name)
+                bytes_checked += _check_file_digest(reader, name)
+            except CheckpointError as exc:
+                note(exc, _kind(exc))
+                continue
+            if entry.header_size is None:
+                continue
+            for tensor in manifest.tensors.values():
+                if tensor.file != name:
+                    continue
+                tensors_checked += 1
+                try:
+                    reader.fetch(tensor.name, verify=True)
+                except CheckpointError as exc:
+                    note(exc, _kind(exc))
+        if not problems:
+            try:
+                reader.decode_metadata()
+                reader.decode_tree(BlobReader(_zero_bytes(manifest), "cpu"))
+            except CheckpointError as exc:
+                note(exc, _kind(exc))
+    return VerifyReport(path, tuple(problems), files_checked, tensors_checked, bytes_checked,
+                        time.perf_counter() - started)  # fmt: skip
+
+
+def _zero_bytes(manifest: Manifest) -> Any:
+    """A fetch that returns zeros of the right size: decoding the tree checks structure, not data."""
+
+    def fetch(name: str) -> np.ndarray:  # type: ignore[type-arg]
+        entry = manifest.tensors.get(name)
+        if entry is None:
+            raise TreeDecodeError(f"tree references unknown tensor {name[:80]!r}")
+        return np.zeros(entry.nbytes, dtype=np.uint8)
+
+    return fetch
+
+
+def _check_file_digest(reader: CheckpointReader, name: str) -> int:
+    entry = reader.manifest.files[name]
+    hasher = new_hasher(reader.manifest.digest_algorithm, size_hint=entry.size)
+    buffer = bytearray(min(_READ_CHUNK, max(entry.size, 1)))
+    view = memoryview(buffer)
+    offset = 0
+    while offset < entry.size:
+        chunk = view[: min(len(view), entry.size - offset)]
+        reader.handle.read_into(name, offset, chunk)
+        hasher.update(chunk)
+        offset += len(chunk)
+    if hasher.hexdigest() != entry.digest:
+        raise CorruptCheckpointError(
+            "file digest mismatch", path=reader.path, file=name, kind="digest-mismatch"
+        )
+    return entry.size
+
+
+def _kind(exc: CheckpointError) -> str:
+    return exc.kind if isinstance(exc, CorruptCheckpointError) else type(exc).__name__

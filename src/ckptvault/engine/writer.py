@@ -1,0 +1,203 @@
+"""Saving: plan → write → commit.
+
+Order of work for one save (each step finishes before the next begins)::
+
+    1. encode the state: tree + blobs (no bytes copied for contiguous CPU tensors)
+    2. plan shards: blobs sorted by element size (keeps data aligned), packed into files
+    3. begin a storage transaction (staging area; sweeps dead writers' leftovers)
+    4. per file: write header and blobs while a second thread hashes the same memory;
+       close() fsyncs. Hashing (2 passes: per-tensor and whole-file digests) overlaps the
+       write and the fsync, so on this kind of disk it is nearly free.
+    5. write the sidecar, then commit the manifest (the single commit point)
+
+Any failure aborts the transaction: nothing half-written ever becomes visible.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..errors import CheckpointError, StorageError
+from ..format.digest import digest_bytes, new_hasher
+from ..format.dtypes import SAFETENSORS_ITEMSIZE
+from ..format.manifest import Manifest
+from ..format.strictjson import dumps
+from ..format.tensorfile import build_header
+from ..format.tree import TreeEncoder
+from ..storage.base import Storage, WriteTransaction
+from ..types import FileEntry, TensorEntry
+from .arrays import Blob, BlobCollector
+from .sidecar import build_sidecar, sidecar_name
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """What one save will write: the encoded tree and the blobs of each data file, in order."""
+
+    tree: Any
+    metadata_tree: Any
+    shards: list[list[Blob]]
+    step: int
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(b.nbytes for shard in self.shards for b in shard)
+
+
+class _NoLeaves:
+    """Leaf codec for metadata: plain values only, never tensors."""
+
+    def encode_leaf(self, value: Any, path: str, name: str) -> dict[str, Any] | None:
+        return None
+
+    def decode_leaf(self, node: dict[str, Any], path: str) -> Any:
+        raise ValueError(f"{path}: metadata cannot hold arrays or tensors")
+
+
+NO_LEAVES = _NoLeaves()
+_STEP_SUFFIX = re.compile(r"(\d+)$")
+
+
+def resolve_step(target: str, metadata: dict[str, Any]) -> int:
+    """The step a checkpoint is filed under: ``metadata['step']``, else digits ending the name."""
+    step = metadata.get("step")
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        return step
+    match = _STEP_SUFFIX.search(Path(target).name)
+    return int(match.group(1)) if match else 0
+
+
+def plan_save(target: str, state: Any, metadata: dict[str, Any] | None, settings: Settings) -> SavePlan:
+    metadata = dict(metadata or {})
+    collector = BlobCollector()
+    tree = TreeEncoder(collector).encode(state, "state")
+    blobs = collector.finalize()
+    metadata_tree = TreeEncoder(NO_LEAVES).encode(metadata, "metadata")
+    # Larger element sizes first keeps every tensor aligned to its element size in the file.
+    ordered = sorted(blobs, key=lambda b: -SAFETENSORS_ITEMSIZE[b.dtype])
+    shards: list[list[Blob]] = [[]]
+    filled = 0
+    for blob in ordered:
+        if shards[-1] and filled + blob.nbytes > settings.shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(blob)
+        filled += blob.nbytes
+    return SavePlan(tree, metadata_tree, shards, resolve_step(target, metadata))
+
+
+def data_file_name(index: int) -> str:
+    return f"data-{index:05d}.safetensors"
+
+
+def _write_data_file(
+    txn: WriteTransaction,
+    name: str,
+    blobs: list[Blob],
+    checkpoint_id: str,
+    algorithm: str,
+    hasher_pool: ThreadPoolExecutor,
+) -> tuple[FileEntry, list[TensorEntry]]:
+    header = build_header(
+        [(b.name, b.dtype, b.shape, b.nbytes) for b in blobs],
+        {"format": "ckptvault", "checkpoint_id": checkpoint_id},
+    )
+    total = len(header) + sum(b.nbytes for b in blobs)
+    header_digest = digest_bytes(algorithm, header[8:])
+
+    def hash_all() -> tuple[str, list[str]]:
+        whole = new_hasher(algorithm, size_hint=total)
+        whole.update(header)
+        digests = []
+        for blob in blobs:
+            whole.update(blob.data)
+            digests.append(digest_bytes(algorithm, blob.data))
+        return whole.hexdigest(), digests
+
+    hashing: Future[tuple[str, list[str]]] = hasher_pool.submit(hash_all)
+    out = txn.create(name)
+    try:
+        out.write(header)
+        for blob in blobs:
+            out.write(blob.data)
+    finally:
+        out.close()  # fsync; the hash thread keeps running meanwhile
+    file_digest, tensor_digests = hashing.result()
+    entries: list[TensorEntry] = []
+    cursor = 0
+    for blob, digest in zip(blobs, tensor_digests, strict=True):
+        entries.append(
+            TensorEntry(blob.name, name, blob.dtype, blob.shape, (cursor, cursor + blob.nbytes), digest)
+        )
+        cursor += blob.nbytes
+    return FileEntry(name, total, file_digest, len(header) - 8, header_digest), entries
+
+
+def write_checkpoint(
+    storage: Storage,
+    target: str,
+    state: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    settings: Settings | None = None,
+) -> Manifest:
+    """Saves ``state`` at ``target`` and returns the committed manifest."""
+    settings = settings or Settings.from_env()
+    plan = plan_save(target, state, metadata, settings)
+    checkpoint_id = uuid.uuid4().hex
+    created_at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    algorithm = settings.digest
+    txn = storage.begin(target, overwrite=overwrite)
+    try:
+        files: dict[str, FileEntry] = {}
+        tensors: dict[str, TensorEntry] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-hash") as pool:
+            for index, shard in enumerate(plan.shards):
+                if not shard and index > 0:
+                    continue
+                entry, shard_tensors = _write_data_file(
+                    txn, data_file_name(index), shard, checkpoint_id, algorithm, pool
+                )
+                files[entry.name] = entry
+                tensors.update((t.name, t) for t in shard_tensors)
+        sidecar = dumps(
+            build_sidecar(
+                checkpoint_id=checkpoint_id,
+                step=plan.step,
+                created_at=created_at,
+                metadata=dict(metadata or {}),
+                tensors=len(tensors),
+                tensor_bytes=plan.tensor_bytes,
+            ),
+            indent=2,
+        )
+        name = sidecar_name(plan.step)
+        out = txn.create(name)
+        out.write(sidecar)
+        out.close()
+        files[name] = FileEntry(name, len(sidecar), digest_bytes(algorithm, sidecar))
+        manifest = Manifest(
+            checkpoint_id=checkpoint_id,
+            created_at=created_at,
+            step=plan.step,
+            digest_algorithm=algorithm,
+            files=files,
+            tensors=tensors,
+            tree=plan.tree,
+            metadata=plan.metadata_tree,
+        )
+        txn.commit(manifest.to_json())
+    except BaseException as exc:
+        txn.abort()
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise StorageError(exc.errno or 0, f"saving {target} failed: {exc}") from exc
+        raise
+    return manifest

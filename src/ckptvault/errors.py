@@ -1,0 +1,91 @@
+"""The one exception hierarchy of ckptvault.
+
+Every error the library raises on purpose derives from :class:`CheckpointError`, so a training
+script can guard a whole save or restore with one ``except``. The tree::
+
+    CheckpointError(Exception)
+    ├── CheckpointNotFoundError      no committed checkpoint at that path (no valid manifest)
+    ├── CheckpointExistsError        the target is already a committed checkpoint
+    ├── CorruptCheckpointError       stored bytes disagree with the manifest or the format rules
+    │   └── UnsafeCheckpointError    a name or path tries to leave the checkpoint (.., /, symlink)
+    ├── IncompatibleCheckpointError  written by a newer format version than this library reads
+    ├── UnsupportedStateError        a value in the state cannot be saved safely (names its path)
+    ├── StorageError                 the storage failed (disk full, permission, I/O error)
+    │   └── ConcurrentWriteError     another writer holds the target
+    └── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
+
+Corruption errors carry ``file`` and ``tensor`` so a user knows *where* without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error ckptvault raises deliberately."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """The path holds no committed checkpoint: a missing directory or one without a manifest."""
+
+
+class CheckpointExistsError(CheckpointError):
+    """Saving would replace a committed checkpoint and ``overwrite`` was not given."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Stored bytes do not match what the manifest promises, or break a format rule.
+
+    ``file`` is the file name inside the checkpoint (or ``None`` for the checkpoint as a whole),
+    ``tensor`` the tensor name when the problem is inside one tensor's bytes, and ``kind`` a stable
+    word for scripts: ``missing-file``, ``extra-file``, ``truncated``, ``size-mismatch``,
+    ``digest-mismatch``, ``bad-header``, ``foreign-file``, ``bad-manifest``, ``unsafe``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        file: str | None = None,
+        tensor: str | None = None,
+        kind: str = "corrupt",
+    ) -> None:
+        where = " / ".join(p for p in (path, file, f"tensor {tensor!r}" if tensor else None) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.reason = message
+        self.path = path
+        self.file = file
+        self.tensor = tensor
+        self.kind = kind
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A name or path in a checkpoint would escape it (``..``, absolute path, symlink)."""
+
+    def __init__(self, message: str, *, path: str | None = None, file: str | None = None) -> None:
+        super().__init__(message, path=path, file=file, kind="unsafe")
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint uses a format version or feature this version of ckptvault does not know."""
+
+
+class UnsupportedStateError(CheckpointError, TypeError):
+    """A value in the state cannot be encoded safely; the message names its path in the state."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.state_path = path
+        self.reason = message
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage failed underneath us (ENOSPC, EIO, permissions); nothing was committed."""
+
+
+class ConcurrentWriteError(StorageError):
+    """Another process is writing the same target; one writer wins, the other gets this."""
+
+
+class UnsafeLegacyFileError(CheckpointError):
+    """A legacy pickle-based file references globals that ``torch.load(weights_only=True)`` refuses."""

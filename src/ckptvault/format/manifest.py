@@ -1,0 +1,206 @@
+"""The manifest: the single commit point of a checkpoint, and a strict schema for it.
+
+A manifest lists every file (size, digest; for tensor files also the header's size and digest),
+every stored tensor (file, safetensors dtype, stored shape, byte range, digest), the encoded state
+tree and the user's metadata. Parsing rejects unknown fields, unknown required features, unsafe
+names and inconsistent cross-references, so everything downstream can trust a parsed
+:class:`Manifest` — but not the bytes it describes, which readers check against it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import FORMAT_NAME, MAX_NAME_BYTES, SCHEMA_VERSION
+from ..errors import CorruptCheckpointError, IncompatibleCheckpointError, UnsafeCheckpointError
+from ..types import FileEntry, TensorEntry
+from .dtypes import SAFETENSORS_ITEMSIZE
+from .strictjson import StrictJSONError, dumps, loads
+
+# Features a reader must understand to read a checkpoint correctly. None exist in schema 1 yet;
+# later versions list e.g. "chunked-tensors" here, and this reader refuses what it does not know.
+KNOWN_FEATURES: frozenset[str] = frozenset()
+
+_SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+_CHECKPOINT_ID = re.compile(r"^[0-9a-f]{32}$")
+_TOP_KEYS = {
+    "format", "schema_version", "checkpoint_id", "created_at", "step", "digest_algorithm",
+    "required_features", "files", "tensors", "tree", "metadata",
+}  # fmt: skip
+_FILE_KEYS = {"size", "digest", "header_size", "header_digest"}
+_TENSOR_KEYS = {"file", "dtype", "shape", "offsets", "digest"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    checkpoint_id: str
+    created_at: str
+    step: int
+    digest_algorithm: str
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    tree: Any
+    metadata: Any
+    schema_version: int = SCHEMA_VERSION
+    required_features: tuple[str, ...] = ()
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "schema_version": self.schema_version,
+            "checkpoint_id": self.checkpoint_id,
+            "created_at": self.created_at,
+            "step": self.step,
+            "digest_algorithm": self.digest_algorithm,
+            "required_features": list(self.required_features),
+            "files": {name: _file_json(entry) for name, entry in self.files.items()},
+            "tensors": {
+                name: {
+                    "file": t.file,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "offsets": list(t.offsets),
+                    "digest": t.digest,
+                }  # fmt: skip
+                for name, t in self.tensors.items()
+            },
+            "tree": self.tree,
+            "metadata": self.metadata,
+        }
+        return dumps(doc, indent=1) + b"\n"
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+def _file_json(entry: FileEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"size": entry.size, "digest": entry.digest}
+    if entry.header_size is not None:
+        out["header_size"] = entry.header_size
+        out["header_digest"] = entry.header_digest
+    return out
+
+
+def check_file_name(name: Any, *, path: str | None = None) -> str:
+    """A file name inside a checkpoint: one plain path component, never hidden, never escaping."""
+    if not isinstance(name, str) or not _SAFE_FILE_NAME.match(name) or name in (".", ".."):
+        raise UnsafeCheckpointError(f"unsafe file name {str(name)[:80]!r} in manifest", path=path)
+    return name
+
+
+def _require(cond: bool, message: str, path: str | None) -> None:
+    if not cond:
+        raise CorruptCheckpointError(
+            f"manifest: {message}", path=path, file="manifest.json", kind="bad-manifest"
+        )
+
+
+def _is_uint(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
+    """Parses and validates manifest bytes; raises typed errors naming what is wrong."""
+    try:
+        doc = loads(data)
+    except StrictJSONError as exc:
+        raise CorruptCheckpointError(
+            f"manifest is not valid JSON: {exc}", path=path, file="manifest.json"
+        ) from exc
+    _require(isinstance(doc, dict), "top level must be an object", path)
+    _require(doc.get("format") == FORMAT_NAME, f"format must be {FORMAT_NAME!r}", path)
+    version = doc.get("schema_version")
+    _require(type(version) is int and version >= 1, "schema_version must be a positive integer", path)
+    if version > SCHEMA_VERSION:
+        raise IncompatibleCheckpointError(
+            f"{path}: written with schema_version {version}; this ckptvault reads up to {SCHEMA_VERSION}. "
+            "Upgrade ckptvault to read it."
+        )
+    unknown = set(doc) - _TOP_KEYS
+    _require(not unknown, f"unknown fields {sorted(unknown)[:5]}", path)
+    missing = _TOP_KEYS - set(doc)
+    _require(not missing, f"missing fields {sorted(missing)}", path)
+    features = doc["required_features"]
+    _require(
+        isinstance(features, list) and all(isinstance(f, str) for f in features),
+        "bad required_features",
+        path,
+    )
+    unknown_features = set(features) - KNOWN_FEATURES
+    if unknown_features:
+        raise IncompatibleCheckpointError(f"{path}: needs unknown features {sorted(unknown_features)}")
+    algorithm = doc["digest_algorithm"]
+    _require(algorithm in ("blake3", "sha256"), f"unknown digest_algorithm {str(algorithm)[:20]!r}", path)
+    _require(isinstance(doc["checkpoint_id"], str) and bool(_CHECKPOINT_ID.match(doc["checkpoint_id"])),
+             "checkpoint_id must be 32 hex digits", path)  # fmt: skip
+    _require(isinstance(doc["created_at"], str) and len(doc["created_at"]) < 64, "bad created_at", path)
+    _require(_is_uint(doc["step"]), "step must be a non-negative integer", path)
+
+    files: dict[str, FileEntry] = {}
+    raw_files = doc["files"]
+    _require(isinstance(raw_files, dict), "files must be an object", path)
+    for name, raw in raw_files.items():
+        check_file_name(name, path=path)
+        _require(name != "manifest.json", "the manifest cannot list itself", path)
+        _require(
+            isinstance(raw, dict) and {"size", "digest"} <= set(raw) <= _FILE_KEYS,
+            f"file {name}: bad entry",
+            path,
+        )
+        _require(_is_uint(raw["size"]), f"file {name}: size must be a non-negative integer", path)
+        _require(
+            isinstance(raw["digest"], str) and bool(_HEX.match(raw["digest"])),
+            f"file {name}: bad digest",
+            path,
+        )
+        header_size = raw.get("header_size")
+        header_digest = raw.get("header_digest")
+        if header_size is not None or header_digest is not None:
+            _require(
+                _is_uint(header_size) and header_size + 8 <= raw["size"],
+                f"file {name}: bad header_size",
+                path,
+            )
+            _require(isinstance(header_digest, str) and bool(_HEX.match(header_digest)),
+                     f"file {name}: bad header_digest", path)  # fmt: skip
+        files[name] = FileEntry(name, raw["size"], raw["digest"], header_size, header_digest)
+
+    tensors: dict[str, TensorEntry] = {}
+    raw_tensors = doc["tensors"]
+    _require(isinstance(raw_tensors, dict), "tensors must be an object", path)
+    for name, raw in raw_tensors.items():
+        _require(0 < len(name.encode()) <= MAX_NAME_BYTES, "tensor name empty or too long", path)
+        _require(isinstance(raw, dict) and set(raw) == _TENSOR_KEYS, f"tensor {name[:80]!r}: bad entry", path)
+        file_entry = files.get(raw["file"]) if isinstance(raw["file"], str) else None
+        _require(file_entry is not None and file_entry.header_size is not None,
+                 f"tensor {name[:80]!r}: file is not a listed tensor file", path)  # fmt: skip
+        _require(raw["dtype"] in SAFETENSORS_ITEMSIZE, f"tensor {name[:80]!r}: unknown dtype", path)
+        shape, offsets = raw["shape"], raw["offsets"]
+        _require(isinstance(shape, list) and len(shape) <= 64 and all(_is_uint(d) for d in shape),
+                 f"tensor {name[:80]!r}: bad shape", path)  # fmt: skip
+        _require(isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
+                 and offsets[0] <= offsets[1], f"tensor {name[:80]!r}: bad offsets", path)  # fmt: skip
+        _require(isinstance(raw["digest"], str) and bool(_HEX.match(raw["digest"])),
+                 f"tensor {name[:80]!r}: bad digest", path)  # fmt: skip
+        tensors[name] = TensorEntry(name, raw["file"], raw["dtype"], tuple(shape), (offsets[0], offsets[1]),
+                                    raw["digest"])  # fmt: skip
+    return Manifest(
+        checkpoint_id=doc["checkpoint_id"],
+        created_at=doc["created_at"],
+        step=doc["step"],
+        digest_algorithm=algorithm,
+        files=files,
+        tensors=tensors,
+        tree=doc["tree"],
+        metadata=doc["metadata"],
+        schema_version=version,
+        required_features=tuple(features),
+    )

@@ -1,0 +1,327 @@
+"""Safe, exact encoding of the non-tensor part of a state into tagged JSON (no pickle, ever).
+
+Every JSON object in an encoded tree is a *tagged node* ``{"t": <tag>, ...}``; user dicts are
+always wrapped, so a user key can never be mistaken for a tag. Scalars that JSON represents exactly
+(null, booleans, strings, 64-bit integers, finite floats via ``repr``) stay plain; everything else
+carries a tag. Arrays and tensors are not stored here: a :class:`LeafCodec` turns them into leaf
+nodes that reference tensor entries, which keeps this module free of torch and of I/O.
+
+Decoding accepts only the tags listed in ``TAGS`` and enforces depth and size limits before it
+builds anything, so a hostile manifest costs bounded time and memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..config import MAX_BIGINT_HEX_DIGITS, MAX_TREE_DEPTH, MAX_TREE_NODES
+from ..errors import UnsupportedStateError
+from .dtypes import parse_numpy_dtype
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# Tags this version writes and reads. Leaf tags are delegated to the LeafCodec.
+CONTAINER_TAGS = frozenset({"dict", "odict", "tuple", "set", "frozenset"})
+SCALAR_TAGS = frozenset({"int", "float", "bytes", "bytearray", "complex", "np.scalar", "np.dtype", "ref"})
+LEAF_TAGS = frozenset({"ndarray", "torch.Tensor", "torch.dtype", "torch.device", "torch.Size"})
+TAGS = CONTAINER_TAGS | SCALAR_TAGS | LEAF_TAGS
+
+
+class TreeDecodeError(ValueError):
+    """The encoded tree breaks a rule; the message names the node's path."""
+
+
+class LeafCodec(Protocol):
+    """Turns values the tree codec does not know (arrays, tensors, torch objects) into leaves."""
+
+    def encode_leaf(self, value: Any, path: str, name: str) -> dict[str, Any] | None:
+        """A leaf node for ``value``, or None when this codec does not handle its type.
+
+        ``path`` is the value's place in the state for error messages (``state['model'][0]``) and
+        ``name`` a dotted tensor name suggestion (``model.0``)."""
+
+    def decode_leaf(self, node: dict[str, Any], path: str) -> Any:
+        """The value of a leaf node whose tag is in ``LEAF_TAGS``."""
+
+
+def _describe(value: Any) -> str:
+    kind = type(value)
+    if callable(value) and not isinstance(value, type):
+        return f"a function ({kind.__module__}.{kind.__qualname__}) cannot be saved: code is never stored"
+    return (
+        f"a {kind.__module__}.{kind.__qualname__} cannot be saved safely: only dict/list/tuple/set, "
+        "None/bool/int/float/complex/str/bytes, numpy arrays and scalars and torch tensors/dtypes/"
+        "devices/sizes are encodable (convert it, e.g. to its state_dict())"
+    )
+
+
+def _key_path(path: str, key: Any) -> str:
+    return f"{path}[{key!r}]"
+
+
+def _join(name: str, key: Any) -> str:
+    return f"{name}.{key}" if name else str(key)
+
+
+class TreeEncoder:
+    """Encodes one state; remembers shared array/tensor objects so they come back shared."""
+
+    def __init__(self, leaf_codec: LeafCodec) -> None:
+        self._leaf_codec = leaf_codec
+        self._shared: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self._next_id = 0
+
+    def encode(self, value: Any, path: str = "state") -> Any:
+        return self._encode(value, path, "", 0, set())
+
+    def _encode(self, value: Any, path: str, name: str, depth: int, active: set[int]) -> Any:
+        if depth > MAX_TREE_DEPTH:
+            raise UnsupportedStateError(path, f"nesting deeper than {MAX_TREE_DEPTH} levels")
+        kind = type(value)
+        if value is None or kind is bool or kind is str:
+            return value
+        if kind is int:
+            if INT64_MIN <= value <= INT64_MAX:
+                return value
+            return {"t": "int", "hex": hex(value)}
+        if kind is float:
+            if math.isfinite(value):
+                return value
+            return {"t": "float", "bits": struct.pack(">d", value).hex()}
+        if kind in (list, tuple, set, frozenset, dict, OrderedDict):
+            marker = id(value)
+            if marker in active:
+                raise UnsupportedStateError(path, "the state contains a reference cycle")
+            active.add(marker)
+            try:
+                return self._encode_container(value, path, name, depth, active)
+            finally:
+                active.discard(marker)
+        if kind is bytes or kind is bytearray:
+            return {"t": kind.__name__, "b64": base64.b64encode(value).decode("ascii")}
+        if kind is complex:
+            return {"t": "complex", "re": self._encode(value.real, path, name, depth + 1, active),
+                    "im": self._encode(value.imag, path, name, depth + 1, active)}  # fmt: skip
+        if isinstance(value, np.generic) and not isinstance(value, np.ndarray):
+            return self._encode_numpy_scalar(value, path)
+        if isinstance(value, np.dtype):
+            try:
+                parse_numpy_dtype(value.str)
+            except ValueError as exc:
+                raise UnsupportedStateError(path, str(exc)) from exc
+            return {"t": "np.dtype", "v": value.str}
+        seen = self._shared.get(id(value))
+        if seen is not None and seen[0] is value:
+            leaf = seen[1]
+            if "id" not in leaf:
+                leaf["id"] = self._next_id
+                self._next_id += 1
+            return {"t": "ref", "id": leaf["id"]}
+        leaf = self._leaf_codec.encode_leaf(value, path, name or "tensor")
+        if leaf is None:
+            raise UnsupportedStateError(path, _describe(value))
+        if leaf.get("t") in ("ndarray", "torch.Tensor"):
+            self._shared[id(value)] = (value, leaf)
+        return leaf
+
+    def _encode_container(self, value: Any, path: str, name: str, depth: int, active: set[int]) -> Any:
+        kind = type(value)
+        sub = depth + 1
+        if kind is list or kind is tuple:
+            items = [
+                self._encode(v, f"{path}[{i}]", _join(name, i), sub, active) for i, v in enumerate(value)
+            ]
+            return items if kind is list else {"t": "tuple", "v": items}
+        if kind in (set, frozenset):
+            items = [
+                self._encode(v, f"{path}{{{i}}}", _join(name, i), sub, active) for i, v in enumerate(value)
+            ]
+            return {"t": kind.__name__, "v": items}
+        node: dict[str, Any] = {"t": "odict" if kind is OrderedDict else "dict"}
+        if all(type(k) is str for k in value):
+            node["v"] = {
+                k: self._encode(v, _key_path(path, k), _join(name, k), sub, active) for k, v in value.items()
+            }
+        else:
+            node["items"] = [
+                [
+                    self._encode_key(k, path, sub, active),
+                    self._encode(v, _key_path(path, k), _join(name, k), sub, active),
+                ]
+                for k, v in value.items()
+            ]
+        meta = getattr(value, "_metadata", None) if kind is OrderedDict else None
+        if meta is not None:  # torch's state_dict() keeps module versions here; load_state_dict reads it
+            node["meta"] = self._encode(meta, f"{path}._metadata", _join(name, "_metadata"), sub, active)
+        return node
+
+    def _encode_key(self, key: Any, path: str, depth: int, active: set[int]) -> Any:
+        if type(key) not in (str, int, bool, float, bytes, tuple, type(None)):
+            raise UnsupportedStateError(_key_path(path, key), f"dict key of type {type(key).__name__}")
+        return self._encode(key, f"{path}.<key>", "", depth, active)
+
+    @staticmethod
+    def _encode_numpy_scalar(value: np.generic, path: str) -> dict[str, Any]:
+        dtype = value.dtype
+        if dtype.hasobject or dtype.kind not in "biufcMmSU":
+            raise UnsupportedStateError(path, f"numpy scalar of dtype {dtype!r} cannot be saved")
+        raw = np.asarray(value).tobytes()
+        return {"t": "np.scalar", "dtype": dtype.str, "b64": base64.b64encode(raw).decode("ascii")}
+
+
+class TreeDecoder:
+    """Decodes one encoded tree, validating every node before it allocates for it."""
+
+    def __init__(self, leaf_codec: LeafCodec, shared_nodes: dict[int, dict[str, Any]] | None = None) -> None:
+        # ``shared_nodes`` (from :func:`shared_leaves`) lets a partial decode of a lazy view resolve a
+        # reference whose defining leaf lies outside the decoded subtree.
+        self._leaf_codec = leaf_codec
+        self._shared: dict[int, Any] = {}
+        self._shared_nodes = shared_nodes or {}
+        self._nodes = 0
+
+    def decode(self, node: Any, path: str = "state") -> Any:
+        return self._decode(node, path, 0)
+
+    def _count(self, path: str) -> None:
+        self._nodes += 1
+        if self._nodes > MAX_TREE_NODES:
+            raise TreeDecodeError(f"{path}: more than {MAX_TREE_NODES} nodes")
+
+    def _decode(self, node: Any, path: str, depth: int) -> Any:
+        self._count(path)
+        if depth > MAX_TREE_DEPTH:
+            raise TreeDecodeError(f"{path}: nested deeper than {MAX_TREE_DEPTH}")
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [self._decode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            raise TreeDecodeError(f"{path}: unexpected JSON value")
+        tag = node.get("t")
+        if not isinstance(tag, str) or tag not in TAGS:
+            raise TreeDecodeError(f"{path}: unknown node tag {str(tag)[:40]!r}")
+        try:
+            value = self._decode_tagged(tag, node, path, depth)
+        except TreeDecodeError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError, struct.error) as exc:
+            raise TreeDecodeError(
+                f"{path}: malformed {tag} node ({type(exc).__name__}: {exc})"[:300]
+            ) from exc
+        if "id" in node and tag in ("ndarray", "torch.Tensor"):
+            ident = node["id"]
+            if type(ident) is not int or ident in self._shared:
+                raise TreeDecodeError(f"{path}: bad or repeated shared-object id")
+            self._shared[ident] = value
+        return value
+
+    def _decode_tagged(self, tag: str, node: dict[str, Any], path: str, depth: int) -> Any:
+        if tag in CONTAINER_TAGS:
+            return self._decode_container(tag, node, path, depth)
+        if tag == "int":
+            text = _field(node, "hex", str)
+            if len(text) > MAX_BIGINT_HEX_DIGITS:
+                raise TreeDecodeError(f"{path}: integer longer than {MAX_BIGINT_HEX_DIGITS} hex digits")
+            return int(text, 16)
+        if tag == "float":
+            bits = _field(node, "bits", str)
+            if len(bits) != 16:
+                raise TreeDecodeError(f"{path}: float bits must be 16 hex digits")
+            return struct.unpack(">d", bytes.fromhex(bits))[0]
+        if tag in ("bytes", "bytearray"):
+            raw = base64.b64decode(_field(node, "b64", str), validate=True)
+            return raw if tag == "bytes" else bytearray(raw)
+        if tag == "complex":
+            re_, im_ = (self._decode(node[k], path, depth + 1) for k in ("re", "im"))
+            if type(re_) is not float or type(im_) is not float:
+                raise TreeDecodeError(f"{path}: complex parts must be floats")
+            return complex(re_, im_)
+        if tag == "np.scalar":
+            dtype = parse_numpy_dtype(_field(node, "dtype", str))
+            raw = base64.b64decode(_field(node, "b64", str), validate=True)
+            if len(raw) != dtype.itemsize:
+                raise TreeDecodeError(
+                    f"{path}: numpy scalar has {len(raw)} bytes, dtype needs {dtype.itemsize}"
+                )
+            return np.frombuffer(raw, dtype=dtype)[0]
+        if tag == "np.dtype":
+            return parse_numpy_dtype(_field(node, "v", str))
+        if tag == "ref":
+            ident = node.get("id")
+            if type(ident) is int and ident not in self._shared and ident in self._shared_nodes:
+                return self._decode(self._shared_nodes[ident], path, depth)
+            if type(ident) is not int or ident not in self._shared:
+                raise TreeDecodeError(f"{path}: reference to an unknown shared object")
+            return self._shared[ident]
+        return self._leaf_codec.decode_leaf(node, path)
+
+    def _decode_container(self, tag: str, node: dict[str, Any], path: str, depth: int) -> Any:
+        if tag in ("tuple", "set", "frozenset"):
+            items = [
+                self._decode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(_field(node, "v", list))
+            ]
+            return tuple(items) if tag == "tuple" else set(items) if tag == "set" else frozenset(items)
+        out: dict[Any, Any] = OrderedDict() if tag == "odict" else {}
+        if "v" in node:
+            for key, value in _field(node, "v", dict).items():
+                out[key] = self._decode(value, _key_path(path, key), depth + 1)
+        else:
+            for pair in _field(node, "items", list):
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise TreeDecodeError(f"{path}: dict items must be [key, value] pairs")
+                key = self._decode(pair[0], f"{path}.<key>", depth + 1)
+                if key in out:
+                    raise TreeDecodeError(f"{path}: duplicate dict key {key!r}"[:200])
+                out[key] = self._decode(pair[1], _key_path(path, key), depth + 1)
+        if "meta" in node:
+            if tag != "odict":
+                raise TreeDecodeError(f"{path}: only odict nodes carry meta")
+            out._metadata = self._decode(node["meta"], f"{path}._metadata", depth + 1)  # type: ignore[attr-defined]
+        return out
+
+
+def _field(node: dict[str, Any], name: str, kind: type) -> Any:
+    value = node.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise TreeDecodeError(f"field {name!r} must be a {kind.__name__}")
+    return value
+
+
+def walk_leaves(node: Any, visit: Callable[[dict[str, Any]], None], depth: int = 0) -> None:
+    """Calls ``visit`` on every array/tensor leaf of an encoded tree, without decoding it."""
+    if depth > MAX_TREE_DEPTH:
+        raise TreeDecodeError(f"tree nested deeper than {MAX_TREE_DEPTH}")
+    if isinstance(node, list):
+        for item in node:
+            walk_leaves(item, visit, depth + 1)
+    elif isinstance(node, dict):
+        if node.get("t") in ("ndarray", "torch.Tensor"):
+            visit(node)
+            return
+        for key in ("v", "items", "meta", "re", "im"):
+            child = node.get(key)
+            if isinstance(child, dict) and node.get("t") in ("dict", "odict") and key == "v":
+                for value in child.values():
+                    walk_leaves(value, visit, depth + 1)
+            elif child is not None:
+                walk_leaves(child, visit, depth + 1)
+
+
+def shared_leaves(tree: Any) -> dict[int, dict[str, Any]]:
+    """Leaves that other places reference by id, for decoding a subtree on its own."""
+    found: dict[int, dict[str, Any]] = {}
+
+    def visit(leaf: dict[str, Any]) -> None:
+        if type(leaf.get("id")) is int:
+            found[leaf["id"]] = leaf
+
+    walk_leaves(tree, visit)
+    return found

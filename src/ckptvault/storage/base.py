@@ -1,0 +1,57 @@
+"""The storage protocol: the few operations a checkpoint needs, nothing more.
+
+A writer uses it in exactly this order::
+
+    txn = storage.begin(target, overwrite=...)   # private staging area; sweeps dead leftovers
+    f = txn.create(name); f.write(...); f.close()   # each file durable when close() returns
+    txn.commit(manifest_bytes)                    # manifest written last: the commit point
+    # or txn.abort() on any failure: nothing becomes visible
+
+A reader opens a :class:`ReadHandle` on a committed checkpoint and reads byte ranges of its files.
+Backends map a failure of the medium to :class:`~ckptvault.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class WritableFile(Protocol):
+    def write(self, data: memoryview | bytes, /) -> None:
+        """Writes all of ``data`` (no short writes surface to the caller)."""
+
+    def close(self) -> None:
+        """Makes the file durable (fsync or equivalent) and releases it."""
+
+
+class WriteTransaction(Protocol):
+    def create(self, name: str) -> WritableFile: ...
+
+    def commit(self, manifest: bytes) -> None:
+        """Writes the manifest last and publishes the checkpoint atomically and durably."""
+
+    def abort(self) -> None:
+        """Discards everything written; safe to call more than once and after a failed commit."""
+
+
+class ReadHandle(Protocol):
+    def read_manifest(self) -> bytes: ...
+    def file_names(self) -> list[str]: ...
+    def size(self, name: str) -> int: ...
+    def read(self, name: str, offset: int, length: int) -> bytes: ...
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        """Fills ``buffer`` from ``offset``; a short file raises CorruptCheckpointError."""
+
+    def mmap(self, name: str) -> mmap.mmap | None:
+        """A read-only map of the file, or None where the backend cannot map (or it is empty)."""
+
+    def close(self) -> None: ...
+
+
+class Storage(Protocol):
+    def begin(self, target: str, *, overwrite: bool) -> WriteTransaction: ...
+    def open(self, target: str) -> ReadHandle: ...
+    def is_checkpoint(self, target: str) -> bool: ...
+    def iter_checkpoints(self, root: str) -> Iterator[str]: ...

@@ -1,0 +1,368 @@
+"""Local-disk storage with one atomic, durable commit point (DESIGN.md invariant 1).
+
+A save writes into a hidden staging directory next to the target
+(``.<name>.ckptvault-tmp.<host>.<pid>.<random>``), fsyncs every file, writes ``manifest.json`` last,
+fsyncs it and the staging directory, renames the staging directory onto the target and fsyncs the
+parent. The rename is the commit: readers see the old checkpoint or the new one, never a mixture.
+
+* Two writers of one target: ``rename(2)`` onto a non-empty directory fails, so the second gets
+  :class:`CheckpointExistsError` and its staging area is removed; neither corrupts the other.
+* Overwrite swaps old and new with ``renameat2(RENAME_EXCHANGE)`` (one atomic step), then deletes
+  the old one under the staging name, where no reader looks.
+* A killed writer leaves only a staging directory. Each staging directory is ``flock``-ed by its
+  writer for its whole life, so the next save in the same directory can tell dead leftovers (lock
+  free, process gone) from live saves and sweeps only the dead ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+import secrets
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+
+STAGING_MARK = ".ckptvault-tmp."
+# A staging directory whose owner is alive but has not locked it yet is younger than this.
+_UNLOCKED_GRACE_SECONDS = 60.0
+_RENAME_EXCHANGE = 2
+_HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _storage_error(action: str, path: Path | str, exc: OSError) -> StorageError:
+    err = StorageError(exc.errno or 0, f"{action} {path}: {exc.strerror or exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_renameat2() -> object | None:
+    """libc's renameat2, which Python does not expose; None where the platform lacks it."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        func = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths; False when the platform or file system cannot."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)  # type: ignore[operator]
+    if rc == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _is_committed(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_staging(parent: Path) -> list[Path]:
+    """Removes staging directories of dead writers in ``parent``; returns what it removed."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(".") or STAGING_MARK not in name:
+            continue
+        path = parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            host, _, pid_text = name.rsplit(STAGING_MARK, 1)[1].partition(".")
+            pid = int(pid_text.split(".")[0]) if pid_text.split(".")[0].isdigit() else -1
+            young = time.time() - os.fstat(fd).st_mtime < _UNLOCKED_GRACE_SECONDS
+            if host == _HOST_TAG and pid != os.getpid() and _pid_alive(pid) and young:
+                continue  # created a moment ago by a live process that has not locked it yet
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+class LocalWritableFile:
+    """A file in a staging directory; ``close`` fsyncs it so it is durable before the commit."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _storage_error("cannot create", path, exc) from exc
+
+    def write(self, data: memoryview | bytes, /) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = os.write(self._fd, view[: 1 << 30])
+                view = view[written:]
+        except OSError as exc:
+            raise _storage_error("cannot write", self._path, exc) from exc
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            os.fsync(fd)  # a failed fsync is fatal: the data may be lost, never report success
+        except OSError as exc:
+            raise _storage_error("cannot fsync", self._path, exc) from exc
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalWriteTransaction:
+    def __init__(self, target: Path, *, overwrite: bool) -> None:
+        self.target = target
+        self.overwrite = overwrite
+        parent = target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error("cannot create directory", parent, exc) from exc
+        self._check_target()
+        sweep_staging(parent)
+        name = f".{target.name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
+        self.staging = parent / name
+        try:
+            os.mkdir(self.staging, 0o755)
+            self._lock_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _storage_error("cannot create staging directory in", parent, exc) from exc
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._files: list[LocalWritableFile] = []
+        self._done = False
+
+    def _check_target(self) -> None:
+        target = self.target
+        if target.is_symlink():
+            raise CheckpointExistsError(f"{target} is a symlink; refusing to write through it")
+        if not target.exists():
+            return
+        if not target.is_dir():
+            raise CheckpointExistsError(f"{target} exists and is not a directory")
+        if _is_committed(target):
+            if not self.overwrite:
+                raise CheckpointExistsError(
+                    f"{target} is already a checkpoint; pass overwrite=True to replace it"
+                )
+        elif any(target.iterdir()):
+            raise CheckpointExistsError(
+                f"{target} is a non-empty directory that is not a checkpoint; not touching it"
+            )
+
+    def create(self, name: str) -> LocalWritableFile:
+        handle = LocalWritableFile(self.staging / name)
+        self._files.append(handle)
+        return handle
+
+    def commit(self, manifest: bytes) -> None:
+        if self._done:
+            raise StorageError(0, "transaction already finished")
+        out = self.create(MANIFEST_NAME)
+        out.write(manifest)
+        out.close()
+        try:
+            os.fsync(self._lock_fd)  # the staging directory's entries are durable
+            self._publish()
+            _fsync_dir(self.target.parent)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise CheckpointExistsError(
+                    f"{self.target} was committed by another writer while this save ran"
+                ) from exc
+            raise _storage_error("cannot commit", self.target, exc) from exc
+        self._done = True
+        os.close(self._lock_fd)
+
+    def _publish(self) -> None:
+        target = self.target
+        if self.overwrite and target.exists():
+            self._check_target()  # re-check right before the swap: never replace a foreign directory
+            if exchange_paths(self.staging, target):
+                shutil.rmtree(self.staging, ignore_errors=True)  # the old checkpoint, now under our name
+                return
+            trash = (
+                target.parent
+                / f".{target.name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.old{secrets.token_hex(4)}"
+            )
+            os.rename(target, trash)  # fallback without renameat2: a moment with no checkpoint, never a mix
+            os.rename(self.staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        os.rename(self.staging, target)
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for handle in self._files:
+            handle.discard()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        os.close(self._lock_fd)
+
+
+class LocalReadHandle:
+    """Reads files of one committed checkpoint; refuses symlinks and anything not a regular file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        if not target.is_dir():
+            raise CheckpointNotFoundError(f"{target}: no such checkpoint directory")
+        if not (target / MANIFEST_NAME).exists():
+            raise CheckpointNotFoundError(f"{target}: not a committed checkpoint (no {MANIFEST_NAME})")
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is not None:
+            return fd
+        path = self.target / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeCheckpointError("is a symlink; checkpoints never follow links", path=str(self.target),
+                                            file=name) from exc  # fmt: skip
+            if exc.errno == errno.ENOENT:
+                raise CorruptCheckpointError("file listed in the manifest is missing", path=str(self.target),
+                                             file=name, kind="missing-file") from exc  # fmt: skip
+            raise _storage_error("cannot open", path, exc) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafeCheckpointError("is not a regular file", path=str(self.target), file=name)
+        self._fds[name] = fd
+        return fd
+
+    def read_manifest(self) -> bytes:
+        fd = self._fd(MANIFEST_NAME)
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(f"manifest of {size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
+                                         path=str(self.target), file=MANIFEST_NAME, kind="bad-manifest")  # fmt: skip
+        return self.read(MANIFEST_NAME, 0, size)
+
+    def file_names(self) -> list[str]:
+        return sorted(os.listdir(self.target))
+
+    def size(self, name: str) -> int:
+        return os.fstat(self._fd(name)).st_size
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.read_into(name, offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        fd = self._fd(name)
+        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        done = 0
+        try:
+            while done < len(view):
+                got = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+                if got == 0:
+                    raise CorruptCheckpointError(f"file ends at byte {offset + done}, expected {offset + len(view)}",
+                                                 path=str(self.target), file=name, kind="truncated")  # fmt: skip
+                done += got
+        except OSError as exc:
+            raise _storage_error("cannot read", self.target / name, exc) from exc
+
+    def mmap(self, name: str) -> mmap.mmap | None:
+        fd = self._fd(name)
+        if os.fstat(fd).st_size == 0:
+            return None
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class LocalStorage:
+    """The local-disk backend; paths are plain file-system paths."""
+
+    def begin(self, target: str, *, overwrite: bool) -> LocalWriteTransaction:
+        return LocalWriteTransaction(Path(target).absolute(), overwrite=overwrite)
+
+    def open(self, target: str) -> LocalReadHandle:
+        return LocalReadHandle(Path(target))
+
+    def is_checkpoint(self, target: str) -> bool:
+        return _is_committed(Path(target))
+
+    def iter_checkpoints(self, root: str) -> Iterator[str]:
+        """Committed checkpoints under ``root`` (itself included), skipping staging and hidden dirs."""
+        base = Path(root)
+        if _is_committed(base):
+            yield str(base)
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if MANIFEST_NAME in filenames and dirpath != str(base):
+                dirnames[:] = []
+                yield dirpath

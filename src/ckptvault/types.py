@@ -1,0 +1,97 @@
+"""Small immutable value types that cross layer boundaries (no I/O, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a committed checkpoint, as the manifest records it."""
+
+    name: str
+    size: int
+    digest: str
+    header_size: int | None = None
+    header_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One stored tensor: where its bytes are and what they must hash to.
+
+    ``dtype`` and ``shape`` are the safetensors header's (the stored form); the logical dtype of the
+    Python object lives in the tree leaf that references it.
+    """
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]
+    digest: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a caller learns about a committed checkpoint without loading its tensors."""
+
+    path: str
+    checkpoint_id: str
+    step: int
+    created_at: str
+    size_bytes: int
+    num_tensors: int
+    tensor_bytes: int
+    digest_algorithm: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        value = self.metadata.get("metrics", {})
+        return dict(value) if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing ``verify`` found wrong; ``kind`` is a stable machine-readable word."""
+
+    kind: str
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "file": self.file, "tensor": self.tensor}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of ``verify``: every problem found, never an exception."""
+
+    path: str
+    problems: tuple[Problem, ...]
+    files_checked: int
+    tensors_checked: int
+    bytes_checked: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "problems": [p.as_dict() for p in self.problems],
+            "files_checked": self.files_checked,
+            "tensors_checked": self.tensors_checked,
+            "bytes_checked": self.bytes_checked,
+            "seconds": round(self.seconds, 6),
+        }
