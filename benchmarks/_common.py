@@ -131,7 +131,9 @@ def make_spec(
 def build_state(spec: StateSpec, *, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """``{"model": {name: fp32 tensor}}`` with seeded random contents (incompressible, deterministic)."""
     gen = torch.Generator().manual_seed(seed)
-    model = {name: torch.randn(shape, generator=gen, dtype=torch.float32) for name, shape in spec.shapes.items()}
+    model = {
+        name: torch.randn(shape, generator=gen, dtype=torch.float32) for name, shape in spec.shapes.items()
+    }
     return {"model": model}
 
 

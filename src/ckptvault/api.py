@@ -79,8 +79,9 @@ def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True) -> A
     with the manifest. Nothing in a checkpoint is ever executed.
     """
     storage, target = storage_for(path)
-    return read_checkpoint(storage, target, map_location=map_location, verify=verify,
-                           threads=Settings.from_env().io_threads)  # fmt: skip
+    return read_checkpoint(
+        storage, target, map_location=map_location, verify=verify, threads=Settings.from_env().io_threads
+    )
 
 
 def open(path: PathLike, *, map_location: Any = "cpu", verify: bool = True) -> CheckpointView:

@@ -51,8 +51,8 @@ def _stored_shape(shape: tuple[int, ...], form: StoredForm) -> tuple[int, ...]:
     return (*shape, form.extra_dim) if form.extra_dim else shape
 
 
-def _numpy_bytes(array: np.ndarray) -> memoryview:  # type: ignore[type-arg]
-    return memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+def _numpy_bytes(array: np.ndarray) -> memoryview:
+    return memoryview(array.reshape(-1).view(np.uint8).data) if array.size else memoryview(b"")
 
 
 class BlobCollector:
@@ -79,7 +79,7 @@ class BlobCollector:
             return self._torch_leaf(value, path, name)
         return None
 
-    def _numpy_leaf(self, array: np.ndarray, path: str, name: str) -> dict[str, Any]:  # type: ignore[type-arg]
+    def _numpy_leaf(self, array: np.ndarray, path: str, name: str) -> dict[str, Any]:
         dtype = array.dtype
         form = numpy_stored_form(dtype, path)
         data = np.ascontiguousarray(array)
@@ -112,8 +112,9 @@ class BlobCollector:
             or value.is_nested
             or value.device.type == "meta"
         ):
-            raise UnsupportedStateError(path, f"only dense tensors with data can be saved (got {value.layout}, "
-                                              f"device {value.device})")  # fmt: skip
+            raise UnsupportedStateError(
+                path, f"only dense tensors with data can be saved (got {value.layout}, device {value.device})"
+            )
         dtype_name = str(value.dtype).removeprefix("torch.")
         torch_stored_form(dtype_name, path)  # raises for dtypes with no byte layout
         leaf: dict[str, Any] = {
@@ -182,8 +183,13 @@ class BlobCollector:
             data = data.resolve_neg()
         data = data.cpu().contiguous()  # no copy for a contiguous CPU tensor: we write from its memory
         flat = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
-        blob = Blob(self._unique(name), form.code, _stored_shape(tuple(data.shape), form), _numpy_bytes(flat.numpy()),
-                    data)  # fmt: skip
+        blob = Blob(
+            self._unique(name),
+            form.code,
+            _stored_shape(tuple(data.shape), form),
+            _numpy_bytes(flat.numpy()),
+            data,
+        )
         self.blobs.append(blob)
         return blob
 
@@ -213,13 +219,13 @@ class BlobReader:
     caller's policy). Blobs are fetched once and shared by every leaf that references them.
     """
 
-    def __init__(self, fetch: Callable[[str], np.ndarray], map_location: Any = "cpu") -> None:  # type: ignore[type-arg]
+    def __init__(self, fetch: Callable[[str], np.ndarray], map_location: Any = "cpu") -> None:
         self._fetch = fetch
         self._map_location = map_location
-        self._numpy: dict[str, np.ndarray] = {}  # type: ignore[type-arg]
+        self._numpy: dict[str, np.ndarray] = {}
         self._torch: dict[tuple[str, str], Any] = {}
 
-    def _bytes(self, name: Any) -> np.ndarray:  # type: ignore[type-arg]
+    def _bytes(self, name: Any) -> np.ndarray:
         if not isinstance(name, str):
             raise TreeDecodeError("leaf must name its tensor")
         data = self._numpy.get(name)

@@ -92,7 +92,7 @@ class CheckpointView:
             return LazyNode(self, node, path)
         return _decode(self, node, path)
 
-    def _fetch(self, name: str) -> np.ndarray:  # type: ignore[type-arg]
+    def _fetch(self, name: str) -> np.ndarray:
         reader = self._reader
         entry = reader.manifest.tensors.get(name)
         if entry is None:
@@ -104,9 +104,11 @@ class CheckpointView:
         if mapping is None or entry.nbytes == 0:
             return reader.fetch(name, verify=self._verify)
         start = header.data_start + entry.offsets[0]
-        data = np.frombuffer(mapping, dtype=np.uint8, count=entry.nbytes, offset=start).copy()
+        data: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(
+            mapping, dtype=np.uint8, count=entry.nbytes, offset=start
+        ).copy()
         if self._verify:
-            reader._check_digest(entry, memoryview(data))
+            reader.check_digest(entry, memoryview(data.data))
         return data
 
 
@@ -117,8 +119,9 @@ def _decode(view: CheckpointView, node: Any, path: str) -> Any:
     try:
         return TreeDecoder(view._blobs, view._shared).decode(node, path)
     except TreeDecodeError as exc:
-        raise CorruptCheckpointError(f"state tree: {exc}", path=view.path, file="manifest.json",
-                                     kind="bad-manifest") from exc  # fmt: skip
+        raise CorruptCheckpointError(
+            f"state tree: {exc}", path=view.path, file="manifest.json", kind="bad-manifest"
+        ) from exc
 
 
 class LazyNode:

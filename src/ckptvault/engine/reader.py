@@ -104,8 +104,8 @@ class CheckpointReader:
         owner = header.metadata.get("checkpoint_id")
         if owner != self.manifest.checkpoint_id:
             raise self._corrupt(
-                f"file belongs to checkpoint {str(owner)[:40]}, the manifest to {self.manifest.checkpoint_id} "
-                "(files from different checkpoints mixed)",
+                f"file belongs to checkpoint {str(owner)[:40]}, the manifest to "
+                f"{self.manifest.checkpoint_id} (files from different checkpoints mixed)",
                 "foreign-file",
                 file=name,
             )
@@ -125,7 +125,7 @@ class CheckpointReader:
         return header
 
     # -- tensors ------------------------------------------------------------------------------
-    def fetch(self, name: str, *, verify: bool = True) -> np.ndarray:  # type: ignore[type-arg]
+    def fetch(self, name: str, *, verify: bool = True) -> np.ndarray:
         """A fresh uint8 array with the stored bytes of one tensor, digest-checked if ``verify``."""
         entry = self.manifest.tensors.get(name)
         if entry is None:
@@ -135,17 +135,21 @@ class CheckpointReader:
         header = self.header(entry.file)
         buffer = np.empty(entry.nbytes, dtype=np.uint8)
         if entry.nbytes:
-            self.handle.read_into(entry.file, header.data_start + entry.offsets[0], memoryview(buffer))
+            self.handle.read_into(entry.file, header.data_start + entry.offsets[0], memoryview(buffer.data))
         if verify:
-            self._check_digest(entry, memoryview(buffer))
+            self.check_digest(entry, memoryview(buffer.data))
         return buffer
 
-    def _check_digest(self, entry: TensorEntry, data: memoryview) -> None:
+    def check_digest(self, entry: TensorEntry, data: memoryview) -> None:
         if digest_bytes(self.manifest.digest_algorithm, data) != entry.digest:
-            raise self._corrupt("tensor bytes do not match their digest (bit rot or tampering)", "digest-mismatch",
-                                file=entry.file, tensor=entry.name)  # fmt: skip
+            raise self._corrupt(
+                "tensor bytes do not match their digest (bit rot or tampering)",
+                "digest-mismatch",
+                file=entry.file,
+                tensor=entry.name,
+            )
 
-    def fetch_all(self, *, verify: bool, threads: int) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+    def fetch_all(self, *, verify: bool, threads: int) -> dict[str, np.ndarray]:
         """Every tensor's bytes, read (and hashed) in parallel; big tensors first to balance threads."""
         for name in self.manifest.files:
             if self.manifest.files[name].header_size is not None:
@@ -239,14 +243,15 @@ def verify_checkpoint(storage: Storage, path: str) -> VerifyReport:
                 reader.decode_tree(BlobReader(_zero_bytes(manifest), "cpu"))
             except CheckpointError as exc:
                 note(exc, _kind(exc))
-    return VerifyReport(path, tuple(problems), files_checked, tensors_checked, bytes_checked,
-                        time.perf_counter() - started)  # fmt: skip
+    return VerifyReport(
+        path, tuple(problems), files_checked, tensors_checked, bytes_checked, time.perf_counter() - started
+    )
 
 
 def _zero_bytes(manifest: Manifest) -> Any:
     """A fetch that returns zeros of the right size: decoding the tree checks structure, not data."""
 
-    def fetch(name: str) -> np.ndarray:  # type: ignore[type-arg]
+    def fetch(name: str) -> np.ndarray:
         entry = manifest.tensors.get(name)
         if entry is None:
             raise TreeDecodeError(f"tree references unknown tensor {name[:80]!r}")

@@ -74,7 +74,7 @@ def torch_stored_form(name: str, path: str) -> StoredForm:
     return form
 
 
-def numpy_stored_form(dtype: np.dtype, path: str) -> StoredForm:  # type: ignore[type-arg]
+def numpy_stored_form(dtype: np.dtype, path: str) -> StoredForm:
     """Stored form of a numpy dtype; byte order is normalised to little-endian on disk."""
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise UnsupportedStateError(
@@ -90,7 +90,7 @@ def numpy_stored_form(dtype: np.dtype, path: str) -> StoredForm:  # type: ignore
     raise UnsupportedStateError(path, f"numpy dtype {dtype.str!r} has no safe stored form")
 
 
-def parse_numpy_dtype(text: str) -> np.dtype:  # type: ignore[type-arg]
+def parse_numpy_dtype(text: str) -> np.dtype:
     """A numpy dtype from a manifest string, accepting only plain scalar dtypes (no objects)."""
     if not isinstance(text, str) or len(text) > 32 or not text or text[0] not in "<>|=":
         raise ValueError(f"not a numpy dtype string: {text!r}")

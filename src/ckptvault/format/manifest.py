@@ -27,9 +27,18 @@ _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _CHECKPOINT_ID = re.compile(r"^[0-9a-f]{32}$")
 _TOP_KEYS = {
-    "format", "schema_version", "checkpoint_id", "created_at", "step", "digest_algorithm",
-    "required_features", "files", "tensors", "tree", "metadata",
-}  # fmt: skip
+    "format",
+    "schema_version",
+    "checkpoint_id",
+    "created_at",
+    "step",
+    "digest_algorithm",
+    "required_features",
+    "files",
+    "tensors",
+    "tree",
+    "metadata",
+}
 _FILE_KEYS = {"size", "digest", "header_size", "header_digest"}
 _TENSOR_KEYS = {"file", "dtype", "shape", "offsets", "digest"}
 
@@ -64,7 +73,7 @@ class Manifest:
                     "shape": list(t.shape),
                     "offsets": list(t.offsets),
                     "digest": t.digest,
-                }  # fmt: skip
+                }
                 for name, t in self.tensors.items()
             },
             "tree": self.tree,
@@ -139,8 +148,11 @@ def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
         raise IncompatibleCheckpointError(f"{path}: needs unknown features {sorted(unknown_features)}")
     algorithm = doc["digest_algorithm"]
     _require(algorithm in ("blake3", "sha256"), f"unknown digest_algorithm {str(algorithm)[:20]!r}", path)
-    _require(isinstance(doc["checkpoint_id"], str) and bool(_CHECKPOINT_ID.match(doc["checkpoint_id"])),
-             "checkpoint_id must be 32 hex digits", path)  # fmt: skip
+    _require(
+        isinstance(doc["checkpoint_id"], str) and bool(_CHECKPOINT_ID.match(doc["checkpoint_id"])),
+        "checkpoint_id must be 32 hex digits",
+        path,
+    )
     _require(isinstance(doc["created_at"], str) and len(doc["created_at"]) < 64, "bad created_at", path)
     _require(_is_uint(doc["step"]), "step must be a non-negative integer", path)
 
@@ -169,8 +181,11 @@ def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
                 f"file {name}: bad header_size",
                 path,
             )
-            _require(isinstance(header_digest, str) and bool(_HEX.match(header_digest)),
-                     f"file {name}: bad header_digest", path)  # fmt: skip
+            _require(
+                isinstance(header_digest, str) and bool(_HEX.match(header_digest)),
+                f"file {name}: bad header_digest",
+                path,
+            )
         files[name] = FileEntry(name, raw["size"], raw["digest"], header_size, header_digest)
 
     tensors: dict[str, TensorEntry] = {}
@@ -180,18 +195,34 @@ def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
         _require(0 < len(name.encode()) <= MAX_NAME_BYTES, "tensor name empty or too long", path)
         _require(isinstance(raw, dict) and set(raw) == _TENSOR_KEYS, f"tensor {name[:80]!r}: bad entry", path)
         file_entry = files.get(raw["file"]) if isinstance(raw["file"], str) else None
-        _require(file_entry is not None and file_entry.header_size is not None,
-                 f"tensor {name[:80]!r}: file is not a listed tensor file", path)  # fmt: skip
+        _require(
+            file_entry is not None and file_entry.header_size is not None,
+            f"tensor {name[:80]!r}: file is not a listed tensor file",
+            path,
+        )
         _require(raw["dtype"] in SAFETENSORS_ITEMSIZE, f"tensor {name[:80]!r}: unknown dtype", path)
         shape, offsets = raw["shape"], raw["offsets"]
-        _require(isinstance(shape, list) and len(shape) <= 64 and all(_is_uint(d) for d in shape),
-                 f"tensor {name[:80]!r}: bad shape", path)  # fmt: skip
-        _require(isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
-                 and offsets[0] <= offsets[1], f"tensor {name[:80]!r}: bad offsets", path)  # fmt: skip
-        _require(isinstance(raw["digest"], str) and bool(_HEX.match(raw["digest"])),
-                 f"tensor {name[:80]!r}: bad digest", path)  # fmt: skip
-        tensors[name] = TensorEntry(name, raw["file"], raw["dtype"], tuple(shape), (offsets[0], offsets[1]),
-                                    raw["digest"])  # fmt: skip
+        _require(
+            isinstance(shape, list) and len(shape) <= 64 and all(_is_uint(d) for d in shape),
+            f"tensor {name[:80]!r}: bad shape",
+            path,
+        )
+        _require(
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_uint(o) for o in offsets)
+            and offsets[0] <= offsets[1],
+            f"tensor {name[:80]!r}: bad offsets",
+            path,
+        )
+        _require(
+            isinstance(raw["digest"], str) and bool(_HEX.match(raw["digest"])),
+            f"tensor {name[:80]!r}: bad digest",
+            path,
+        )
+        tensors[name] = TensorEntry(
+            name, raw["file"], raw["dtype"], tuple(shape), (offsets[0], offsets[1]), raw["digest"]
+        )
     return Manifest(
         checkpoint_id=doc["checkpoint_id"],
         created_at=doc["created_at"],

@@ -67,7 +67,7 @@ def header_length(prefix: bytes, file_size: int) -> int:
     """The declared header length, refused when it cannot fit in the file or exceeds the limit."""
     if len(prefix) != 8:
         raise HeaderError(f"file too short for a header length ({file_size} bytes)")
-    (size,) = struct.unpack("<Q", prefix)
+    size: int = struct.unpack("<Q", prefix)[0]
     if size > MAX_HEADER_BYTES:
         raise HeaderError(f"declared header length {size} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + size > file_size:

@@ -38,7 +38,7 @@ class TreeDecodeError(ValueError):
     """The encoded tree breaks a rule; the message names the node's path."""
 
 
-class LeafCodec(Protocol):
+class LeafEncoder(Protocol):
     """Turns values the tree codec does not know (arrays, tensors, torch objects) into leaves."""
 
     def encode_leaf(self, value: Any, path: str, name: str) -> dict[str, Any] | None:
@@ -47,6 +47,8 @@ class LeafCodec(Protocol):
         ``path`` is the value's place in the state for error messages (``state['model'][0]``) and
         ``name`` a dotted tensor name suggestion (``model.0``)."""
 
+
+class LeafDecoder(Protocol):
     def decode_leaf(self, node: dict[str, Any], path: str) -> Any:
         """The value of a leaf node whose tag is in ``LEAF_TAGS``."""
 
@@ -73,7 +75,7 @@ def _join(name: str, key: Any) -> str:
 class TreeEncoder:
     """Encodes one state; remembers shared array/tensor objects so they come back shared."""
 
-    def __init__(self, leaf_codec: LeafCodec) -> None:
+    def __init__(self, leaf_codec: LeafEncoder) -> None:
         self._leaf_codec = leaf_codec
         self._shared: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._next_id = 0
@@ -107,9 +109,12 @@ class TreeEncoder:
         if kind is bytes or kind is bytearray:
             return {"t": kind.__name__, "b64": base64.b64encode(value).decode("ascii")}
         if kind is complex:
-            return {"t": "complex", "re": self._encode(value.real, path, name, depth + 1, active),
-                    "im": self._encode(value.imag, path, name, depth + 1, active)}  # fmt: skip
-        if isinstance(value, np.generic) and not isinstance(value, np.ndarray):
+            return {
+                "t": "complex",
+                "re": self._encode(value.real, path, name, depth + 1, active),
+                "im": self._encode(value.imag, path, name, depth + 1, active),
+            }
+        if isinstance(value, np.generic):
             return self._encode_numpy_scalar(value, path)
         if isinstance(value, np.dtype):
             try:
@@ -124,12 +129,12 @@ class TreeEncoder:
                 leaf["id"] = self._next_id
                 self._next_id += 1
             return {"t": "ref", "id": leaf["id"]}
-        leaf = self._leaf_codec.encode_leaf(value, path, name or "tensor")
-        if leaf is None:
+        new_leaf = self._leaf_codec.encode_leaf(value, path, name or "tensor")
+        if new_leaf is None:
             raise UnsupportedStateError(path, _describe(value))
-        if leaf.get("t") in ("ndarray", "torch.Tensor"):
-            self._shared[id(value)] = (value, leaf)
-        return leaf
+        if new_leaf.get("t") in ("ndarray", "torch.Tensor"):
+            self._shared[id(value)] = (value, new_leaf)
+        return new_leaf
 
     def _encode_container(self, value: Any, path: str, name: str, depth: int, active: set[int]) -> Any:
         kind = type(value)
@@ -179,7 +184,9 @@ class TreeEncoder:
 class TreeDecoder:
     """Decodes one encoded tree, validating every node before it allocates for it."""
 
-    def __init__(self, leaf_codec: LeafCodec, shared_nodes: dict[int, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, leaf_codec: LeafDecoder, shared_nodes: dict[int, dict[str, Any]] | None = None
+    ) -> None:
         # ``shared_nodes`` (from :func:`shared_leaves`) lets a partial decode of a lazy view resolve a
         # reference whose defining leaf lies outside the decoded subtree.
         self._leaf_codec = leaf_codec

@@ -286,11 +286,16 @@ class LocalReadHandle:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise UnsafeCheckpointError("is a symlink; checkpoints never follow links", path=str(self.target),
-                                            file=name) from exc  # fmt: skip
+                raise UnsafeCheckpointError(
+                    "is a symlink; checkpoints never follow links", path=str(self.target), file=name
+                ) from exc
             if exc.errno == errno.ENOENT:
-                raise CorruptCheckpointError("file listed in the manifest is missing", path=str(self.target),
-                                             file=name, kind="missing-file") from exc  # fmt: skip
+                raise CorruptCheckpointError(
+                    "file listed in the manifest is missing",
+                    path=str(self.target),
+                    file=name,
+                    kind="missing-file",
+                ) from exc
             raise _storage_error("cannot open", path, exc) from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -302,8 +307,12 @@ class LocalReadHandle:
         fd = self._fd(MANIFEST_NAME)
         size = os.fstat(fd).st_size
         if size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(f"manifest of {size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
-                                         path=str(self.target), file=MANIFEST_NAME, kind="bad-manifest")  # fmt: skip
+            raise CorruptCheckpointError(
+                f"manifest of {size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
+                path=str(self.target),
+                file=MANIFEST_NAME,
+                kind="bad-manifest",
+            )
         return self.read(MANIFEST_NAME, 0, size)
 
     def file_names(self) -> list[str]:
@@ -325,8 +334,12 @@ class LocalReadHandle:
             while done < len(view):
                 got = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
                 if got == 0:
-                    raise CorruptCheckpointError(f"file ends at byte {offset + done}, expected {offset + len(view)}",
-                                                 path=str(self.target), file=name, kind="truncated")  # fmt: skip
+                    raise CorruptCheckpointError(
+                        f"file ends at byte {offset + done}, expected {offset + len(view)}",
+                        path=str(self.target),
+                        file=name,
+                        kind="truncated",
+                    )
                 done += got
         except OSError as exc:
             raise _storage_error("cannot read", self.target / name, exc) from exc
