@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(4 * int(torch.Size(s).numel()) for s in spec.shapes.values())
     print(
         f"state: {{'model': {{name: fp32}}}}, {len(sizes)} tensors, {spec.nbytes / GIB:.3f} GiB, "
-        f"sizes {sizes[0] / 1024:.0f} KiB .. {sizes[-1] / MIB:.1f} MiB "
+        f"sizes {sizes[0] / 1024:.1f} KiB .. {sizes[-1] / MIB:.1f} MiB "
         f"(median {sizes[len(sizes) // 2] / MIB:.2f} MiB), "
         f"seed {args.seed}; reps {args.reps} (contender order rotates each rep), medians reported\n"
     )

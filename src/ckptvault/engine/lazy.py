@@ -83,14 +83,14 @@ class CheckpointView:
 
     def load(self) -> Any:
         """The whole state, decoded (tensors read one by one through the view's maps)."""
-        return _decode(self, self._reader.manifest.tree, "state")
+        return decode_node(self, self._reader.manifest.tree, "state")
 
     def _wrap(self, node: Any, path: str) -> Any:
         if isinstance(node, dict) and node.get("t") in ("dict", "odict"):
             return LazyNode(self, node, path)
         if isinstance(node, list):
             return LazyNode(self, node, path)
-        return _decode(self, node, path)
+        return decode_node(self, node, path)
 
     def _fetch(self, name: str) -> np.ndarray:
         reader = self._reader
@@ -112,7 +112,8 @@ class CheckpointView:
         return data
 
 
-def _decode(view: CheckpointView, node: Any, path: str) -> Any:
+def decode_node(view: CheckpointView, node: Any, path: str) -> Any:
+    """Decodes one encoded node of ``view``'s tree, reading the tensors it references."""
     from ..errors import CorruptCheckpointError
     from ..format.tree import TreeDecodeError
 
@@ -161,7 +162,7 @@ class LazyNode:
 
     def load(self) -> Any:
         """This subtree, fully decoded."""
-        return _decode(self._view, self._node, self.path)
+        return decode_node(self._view, self._node, self.path)
 
     def __repr__(self) -> str:
         return f"<LazyNode {self.path} ({len(self)} entries)>"

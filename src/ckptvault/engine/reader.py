@@ -11,6 +11,7 @@ problem instead of stopping at the first.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -194,8 +195,13 @@ def read_checkpoint(storage: Storage, path: str, *, map_location: Any, verify: b
         return reader.decode_tree(BlobReader(data.__getitem__, map_location))
 
 
-def verify_checkpoint(storage: Storage, path: str) -> VerifyReport:
-    """Checks everything and reports every problem; never raises for a bad checkpoint."""
+def verify_checkpoint(
+    storage: Storage, path: str, *, progress: Callable[[int], None] | None = None
+) -> VerifyReport:
+    """Checks everything and reports every problem; never raises for a bad checkpoint.
+
+    ``progress`` is called with the number of bytes each checked file added (for progress bars).
+    """
     started = time.perf_counter()
     problems: list[Problem] = []
     files_checked = tensors_checked = bytes_checked = 0
@@ -223,7 +229,10 @@ def verify_checkpoint(storage: Storage, path: str) -> VerifyReport:
                 reader.check_size(name)
                 if entry.header_size is not None:
                     reader.header(name)
-                bytes_checked += _check_file_digest(reader, name)
+                checked = _check_file_digest(reader, name)
+                bytes_checked += checked
+                if progress is not None:
+                    progress(checked)
             except CheckpointError as exc:
                 note(exc, _kind(exc))
                 continue

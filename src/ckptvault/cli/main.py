@@ -1,0 +1,276 @@
+"""The ``ckptvault`` command: inspect, verify, diff, export and import checkpoints from a shell.
+
+Every command prints a human table by default and exact JSON with ``--json`` (for scripts), and
+exits non-zero when what it checks fails: 1 for a failed check or a damaged checkpoint, 2 for a
+usage error. Library errors are shown as one clear line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .. import api
+from ..engine.inspect import diff_checkpoints, export_safetensors, iter_leaves
+from ..engine.reader import CheckpointReader, verify_checkpoint
+from ..errors import CheckpointError
+from ..storage.local import LocalStorage
+
+app = typer.Typer(
+    name="ckptvault",
+    help="Inspect, verify, compare, export and import ckptvault checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except CheckpointError as exc:
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from exc
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@contextmanager
+def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    if not enabled or total < 64 * 1024 * 1024:
+        yield lambda _n: None
+        return
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@app.command()
+def show(checkpoint: Path, as_json: JsonOpt = False) -> None:
+    """Metadata and the tensor table (name, dtype, shape, bytes) of one checkpoint."""
+    with _errors(), CheckpointReader(LocalStorage(), str(checkpoint)) as reader:
+        manifest = reader.manifest
+        metadata = reader.decode_metadata()
+        leaves = list(iter_leaves(manifest.tree))
+        tensors: list[dict[str, Any]] = [
+            {
+                "name": leaf.path,
+                "kind": leaf.kind,
+                "dtype": leaf.dtype,
+                "shape": list(leaf.shape),
+                "bytes": manifest.tensors[leaf.tensor].nbytes if leaf.tensor in manifest.tensors else None,
+                "stored_as": leaf.tensor,
+            }
+            for leaf in leaves
+        ]
+        summary = {
+            "path": str(checkpoint),
+            "checkpoint_id": manifest.checkpoint_id,
+            "step": manifest.step,
+            "created_at": manifest.created_at,
+            "schema_version": manifest.schema_version,
+            "digest_algorithm": manifest.digest_algorithm,
+            "size_bytes": manifest.total_bytes,
+            "files": {n: {"size": f.size, "digest": f.digest} for n, f in manifest.files.items()},
+            "metadata": metadata,
+        }
+    if as_json:
+        _emit_json({**summary, "tensors": tensors})
+        return
+    out.print(f"[bold]{checkpoint}[/bold]  step {manifest.step}  id {manifest.checkpoint_id}")
+    out.print(
+        f"created {manifest.created_at}  size {_human_bytes(manifest.total_bytes)}  "
+        f"{len(tensors)} tensors  digest {manifest.digest_algorithm}  schema {manifest.schema_version}"
+    )
+    for key, value in metadata.items():
+        out.print(f"  {key}: {value}")
+    table = Table(show_edge=False, header_style="bold")
+    for col, justify in (("name", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in tensors:
+        size = row["bytes"]
+        table.add_row(
+            row["name"], row["dtype"], str(tuple(row["shape"])), _human_bytes(size) if size else "0 B"
+        )
+    out.print(table)
+
+
+@app.command("ls")
+def list_(directory: Path, as_json: JsonOpt = False) -> None:
+    """Committed checkpoints under a directory: step, size, time, key metrics."""
+    rows: list[dict[str, Any]] = []
+    with _errors():
+        for path in api.list_checkpoints(directory):
+            try:
+                info = api.info(path)
+            except CheckpointError as exc:
+                rows.append({"path": path, "error": str(exc)})
+                continue
+            rows.append(
+                {
+                    "path": path,
+                    "step": info.step,
+                    "size_bytes": info.size_bytes,
+                    "created_at": info.created_at,
+                    "metrics": info.metrics,
+                }
+            )
+    rows.sort(key=lambda r: (r.get("step", -1), r["path"]))
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        out.print(f"no checkpoints under {directory}")
+        return
+    metric_names = sorted({k for r in rows for k in r.get("metrics", {})})[:6]
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("checkpoint", "step", "size", "created", *metric_names):
+        table.add_column(col, justify="right" if col not in ("checkpoint", "created") else "left")
+    for row in rows:
+        if "error" in row:
+            table.add_row(
+                row["path"], "[red]unreadable[/red]", "", row["error"][:60], *[""] * len(metric_names)
+            )
+            continue
+        created = datetime.fromisoformat(row["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        metrics = [_fmt_metric(row["metrics"].get(m)) for m in metric_names]
+        table.add_row(row["path"], str(row["step"]), _human_bytes(row["size_bytes"]), created, *metrics)
+    out.print(table)
+
+
+def _fmt_metric(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+@app.command()
+def verify(
+    checkpoints: Annotated[list[Path], typer.Argument(help="One or more checkpoint directories.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every byte of each checkpoint; exit 1 if any problem is found."""
+    reports = []
+    for checkpoint in checkpoints:
+        total = 0
+        with suppress(CheckpointError):
+            total = api.info(checkpoint).size_bytes
+        with _progress(total, f"verify {checkpoint.name}", not as_json) as advance:
+            reports.append(verify_checkpoint(LocalStorage(), str(checkpoint), progress=advance))
+    if as_json:
+        _emit_json([r.as_dict() for r in reports])
+    else:
+        for report in reports:
+            if report.ok:
+                out.print(
+                    f"[green]OK[/green]   {report.path}  {report.files_checked} files, "
+                    f"{report.tensors_checked} tensors, {_human_bytes(report.bytes_checked)} "
+                    f"in {report.seconds:.2f} s"
+                )
+            else:
+                out.print(f"[red]FAIL[/red] {report.path}")
+                for problem in report.problems:
+                    where = " / ".join(x for x in (problem.file, problem.tensor) if x)
+                    out.print(f"     [{problem.kind}] {where}: {problem.message}")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
+def diff(
+    a: Path, b: Path, as_json: JsonOpt = False, all_: Annotated[bool, typer.Option("--all")] = False
+) -> None:
+    """Per tensor: identical, changed (max abs / relative difference), added, removed."""
+    with _errors():
+        rows = diff_checkpoints(LocalStorage(), str(a), str(b))
+    if as_json:
+        _emit_json([r.as_dict() for r in rows])
+        return
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    shown = [r for r in rows if all_ or r.status != "identical"]
+    if shown:
+        table = Table(show_edge=False, header_style="bold")
+        for col in ("tensor", "status", "max abs diff", "max rel diff"):
+            table.add_column(col, justify="left" if col in ("tensor", "status") else "right")
+        colours = {"changed": "yellow", "added": "green", "removed": "red", "retyped": "magenta"}
+        for row in shown:
+            colour = colours.get(row.status, "white")
+            table.add_row(
+                row.path,
+                f"[{colour}]{row.status}[/{colour}] {row.detail}".rstrip(),
+                "" if row.max_abs is None else f"{row.max_abs:.4g}",
+                "" if row.max_rel is None else f"{row.max_rel:.4g}",
+            )
+        out.print(table)
+    out.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no tensors")
+
+
+@app.command()
+def export(
+    checkpoint: Path,
+    output: Path,
+    fmt: Annotated[str, typer.Option("--format", help="Only 'safetensors' for now.")] = "safetensors",
+) -> None:
+    """Write every tensor into one standalone safetensors file (digests checked on the way)."""
+    if fmt != "safetensors":
+        err.print(f"[red]error:[/red] unknown export format {fmt!r}; supported: safetensors")
+        raise typer.Exit(2)
+    with _errors():
+        total = api.info(checkpoint).tensor_bytes
+        with _progress(total, f"export {checkpoint.name}", True) as advance:
+            size = export_safetensors(LocalStorage(), str(checkpoint), str(output), progress=advance)
+    out.print(f"wrote {output} ({_human_bytes(size)})")
+
+
+@app.command("import")
+def import_(
+    source: Path,
+    target: Path,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Convert a legacy torch file (via torch.load(weights_only=True)) or a safetensors file."""
+    from ..legacy import import_legacy
+
+    with _errors():
+        info = import_legacy(source, target, overwrite=overwrite)
+    out.print(
+        f"imported {source} -> {info.path} ({info.num_tensors} tensors, {_human_bytes(info.size_bytes)})"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Read-only tools over committed checkpoints: tensor listings, diff, export.
+
+``diff`` compares by digest first: tensors whose stored bytes hash alike are identical without being
+read, so diffing two checkpoints of a fine-tuned model reads only what changed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StorageError
+from ..format.tensorfile import build_header
+from ..storage.base import Storage
+from .lazy import CheckpointView, decode_node
+from .reader import CheckpointReader
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    """One array/tensor as the state holds it (logical dtype and shape), found by its dotted path."""
+
+    path: str
+    kind: str  # "torch" or "numpy"
+    dtype: str
+    shape: tuple[int, ...]
+    tensor: str  # stored tensor name
+    node: dict[str, Any]
+
+
+def iter_leaves(tree: Any, prefix: str = "") -> Iterator[LeafInfo]:
+    """Every array/tensor leaf with a dotted path (``model.fc.weight``, ``optimizer.state.0.exp_avg``)."""
+    if isinstance(tree, list):
+        for i, item in enumerate(tree):
+            yield from iter_leaves(item, f"{prefix}.{i}" if prefix else str(i))
+        return
+    if not isinstance(tree, dict):
+        return
+    tag = tree.get("t")
+    if tag in ("ndarray", "torch.Tensor"):
+        kind = "numpy" if tag == "ndarray" else "torch"
+        yield LeafInfo(
+            prefix or "<root>",
+            kind,
+            str(tree.get("dtype")),
+            tuple(tree.get("shape", ())),
+            str(tree.get("tensor")),
+            tree,
+        )
+    elif tag in ("dict", "odict"):
+        if isinstance(tree.get("v"), dict):
+            pairs: list[tuple[Any, Any]] = list(tree["v"].items())
+        else:
+            pairs = [(_key_text(k), v) for k, v in tree.get("items", [])]
+        for key, value in pairs:
+            yield from iter_leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif tag in ("tuple", "set", "frozenset"):
+        yield from iter_leaves(tree.get("v", []), prefix)
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, dict) and key.get("t") == "tuple":
+        return "(" + ",".join(_key_text(k) for k in key.get("v", [])) + ")"
+    return str(key)
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    path: str
+    status: str  # identical | changed | added | removed | retyped
+    max_abs: float | None = None
+    max_rel: float | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "status": self.status,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "detail": self.detail,
+        }
+
+
+def _as_float(value: Any) -> np.ndarray[Any, Any]:
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        import torch
+
+        tensor = value.detach()
+        if tensor.is_complex():
+            tensor = tensor.to(torch.complex128)
+        elif tensor.dtype != torch.float64:
+            tensor = tensor.to(torch.float64)
+        array = tensor.numpy()
+    if array.dtype.kind == "c":
+        return array.astype(np.complex128)
+    if array.dtype.kind in "biuf":
+        return array.astype(np.float64)
+    return array.view(np.uint8).astype(np.float64)  # strings/dates: compare raw bytes
+
+
+def diff_checkpoints(storage: Storage, a: str, b: str) -> list[TensorDiff]:
+    """Per tensor: identical (same digest), changed (with max abs/relative difference), added, removed."""
+    out: list[TensorDiff] = []
+    with CheckpointView(storage, a) as left, CheckpointView(storage, b) as right:
+        left_leaves = {leaf.path: leaf for leaf in iter_leaves(left.manifest.tree)}
+        right_leaves = {leaf.path: leaf for leaf in iter_leaves(right.manifest.tree)}
+        for path in sorted(left_leaves.keys() - right_leaves.keys()):
+            out.append(TensorDiff(path, "removed"))
+        for path in sorted(right_leaves.keys() - left_leaves.keys()):
+            out.append(TensorDiff(path, "added"))
+        for path in sorted(left_leaves.keys() & right_leaves.keys()):
+            la, lb = left_leaves[path], right_leaves[path]
+            if (la.kind, la.dtype, la.shape) != (lb.kind, lb.dtype, lb.shape):
+                out.append(
+                    TensorDiff(
+                        path, "retyped", detail=f"{la.dtype}{list(la.shape)} -> {lb.dtype}{list(lb.shape)}"
+                    )
+                )
+                continue
+            same_bytes = left.manifest.tensors[la.tensor].digest == right.manifest.tensors[lb.tensor].digest
+            if same_bytes and "view" not in la.node and "view" not in lb.node:
+                out.append(TensorDiff(path, "identical", 0.0, 0.0))
+                continue
+            va = _as_float(decode_node(left, la.node, path))
+            vb = _as_float(decode_node(right, lb.node, path))
+            if va.size == 0:
+                out.append(TensorDiff(path, "identical", 0.0, 0.0))
+                continue
+            with np.errstate(invalid="ignore", divide="ignore"):
+                delta = np.abs(va - vb)
+                both_nan = np.isnan(va) & np.isnan(vb)
+                delta = np.where(both_nan, 0.0, delta)
+                scale = np.maximum(np.abs(va), np.abs(vb))
+                rel = np.where(delta == 0, 0.0, delta / np.where(scale == 0, 1.0, scale))
+            max_abs, max_rel = float(np.nanmax(delta)), float(np.nanmax(rel))
+            changed = bool(np.any(delta != 0) or np.any(np.isnan(delta)))
+            out.append(TensorDiff(path, "changed" if changed else "identical", max_abs, max_rel))
+    return out
+
+
+def export_safetensors(
+    storage: Storage, checkpoint: str, out: str, *, progress: Callable[[int], None] | None = None
+) -> int:
+    """Writes every stored tensor into one standalone safetensors file; returns its size.
+
+    Tensors are streamed one at a time, each digest-checked as it is read, into a temporary file
+    next to ``out`` that is fsynced and renamed into place — a crash never leaves a partial export.
+    """
+    target = Path(out)
+    with CheckpointReader(storage, checkpoint) as reader:
+        manifest = reader.manifest
+        entries = sorted(manifest.tensors.values(), key=lambda t: (t.file, t.offsets))
+        header = build_header(
+            [(t.name, t.dtype, t.shape, t.nbytes) for t in entries],
+            {
+                "format": "ckptvault-export",
+                "checkpoint_id": manifest.checkpoint_id,
+                "step": str(manifest.step),
+            },
+        )
+        temp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(header)
+                for entry in entries:
+                    data = reader.fetch(entry.name, verify=True)
+                    handle.write(memoryview(data.data))
+                    if progress is not None:
+                        progress(entry.nbytes)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise StorageError(exc.errno or 0, f"cannot export to {target}: {exc}") from exc
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return len(header) + sum(t.nbytes for t in entries)
