@@ -335,6 +335,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _strided_view(base: Any, dtype: Any, itemsize: int, shape: tuple[int, ...], view: Any, path: str) -> Any:
     """A view into a shared byte span, bounds-checked before ``as_strided`` touches memory."""
+    offset, stride = _checked_view(view, itemsize, shape, base.numel(), path)
+    usable = base.numel() - base.numel() % itemsize
+    typed = base[:usable].view(dtype)
+    return typed.as_strided(shape, stride, offset // itemsize)
+
+
+def _checked_view(
+    view: Any, itemsize: int, shape: tuple[int, ...], stored: int, path: str
+) -> tuple[int, list[int]]:
     if not isinstance(view, dict) or set(view) != {"byte_offset", "stride"}:
         raise TreeDecodeError(f"{path}: bad view")
     offset, stride = view["byte_offset"], view["stride"]
@@ -349,11 +358,45 @@ def _strided_view(base: Any, dtype: Any, itemsize: int, shape: tuple[int, ...], 
     extent = (
         0 if 0 in shape else (sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1) * itemsize
     )
-    if offset + extent > base.numel():
+    if offset + extent > stored:
         raise TreeDecodeError(f"{path}: view reaches past the stored bytes")
-    usable = base.numel() - base.numel() % itemsize
-    typed = base[:usable].view(dtype)
-    return typed.as_strided(shape, stride, offset // itemsize)
+    return offset, stride
+
+
+class LeafChecker:
+    """Validates leaves against the stored tensor sizes without reading data or importing torch.
+
+    ``verify`` uses it so that checking a checkpoint's structure costs milliseconds, not a torch
+    import; it applies the same rules :class:`BlobReader` applies before building anything.
+    """
+
+    def __init__(self, stored_nbytes: Callable[[str], int]) -> None:
+        self._stored_nbytes = stored_nbytes
+
+    def decode_leaf(self, node: dict[str, Any], path: str) -> Any:
+        tag = node["t"]
+        if tag in ("torch.dtype", "torch.device", "torch.Size"):
+            return None
+        shape = _shape(node, path)
+        name = node.get("tensor")
+        if not isinstance(name, str):
+            raise TreeDecodeError(f"{path}: leaf must name its tensor")
+        stored = self._stored_nbytes(name)
+        dtype_name = node.get("dtype")
+        if tag == "ndarray":
+            itemsize = parse_numpy_dtype(dtype_name).itemsize  # type: ignore[arg-type]
+        else:
+            form = TORCH_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+            if form is None:
+                raise TreeDecodeError(f"{path}: tensor dtype {str(dtype_name)[:30]!r} has no stored form")
+            itemsize = form.itemsize
+        if "view" in node and tag == "torch.Tensor":
+            _checked_view(node["view"], itemsize, shape, stored, path)
+        elif stored != itemsize * _numel(shape):
+            raise TreeDecodeError(
+                f"{path}: {stored} stored bytes, dtype and shape need {itemsize * _numel(shape)}"
+            )
+        return None
 
 
 _TORCH_DTYPES_BY_NAME: dict[str, Any] = {}

@@ -22,10 +22,10 @@ from ..errors import CheckpointError, CorruptCheckpointError
 from ..format.digest import digest_bytes, new_hasher
 from ..format.manifest import Manifest, check_file_name, parse_manifest
 from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
-from ..format.tree import TreeDecodeError, TreeDecoder
+from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
 from ..storage.base import ReadHandle, Storage
 from ..types import Problem, TensorEntry, VerifyReport
-from .arrays import BlobReader
+from .arrays import BlobReader, LeafChecker
 from .writer import NO_LEAVES
 
 _READ_CHUNK = 64 * 1024 * 1024
@@ -170,7 +170,7 @@ class CheckpointReader:
                     raise self._corrupt("file digest mismatch", "digest-mismatch", file=name)
 
     # -- decoding -----------------------------------------------------------------------------
-    def decode_tree(self, blobs: BlobReader, node: Any = None, path: str = "state") -> Any:
+    def decode_tree(self, blobs: LeafDecoder, node: Any = None, path: str = "state") -> Any:
         try:
             return TreeDecoder(blobs).decode(self.manifest.tree if node is None else node, path)
         except TreeDecodeError as exc:
@@ -249,7 +249,7 @@ def verify_checkpoint(
         if not problems:
             try:
                 reader.decode_metadata()
-                reader.decode_tree(BlobReader(_zero_bytes(manifest), "cpu"))
+                reader.decode_tree(LeafChecker(_stored_nbytes(manifest)))
             except CheckpointError as exc:
                 note(exc, _kind(exc))
     return VerifyReport(
@@ -257,16 +257,14 @@ def verify_checkpoint(
     )
 
 
-def _zero_bytes(manifest: Manifest) -> Any:
-    """A fetch that returns zeros of the right size: decoding the tree checks structure, not data."""
-
-    def fetch(name: str) -> np.ndarray:
+def _stored_nbytes(manifest: Manifest) -> Callable[[str], int]:
+    def size(name: str) -> int:
         entry = manifest.tensors.get(name)
         if entry is None:
             raise TreeDecodeError(f"tree references unknown tensor {name[:80]!r}")
-        return np.zeros(entry.nbytes, dtype=np.uint8)
+        return entry.nbytes
 
-    return fetch
+    return size
 
 
 def _check_file_digest(reader: CheckpointReader, name: str) -> int:
