@@ -78,10 +78,12 @@ def header_length(prefix: bytes, file_size: int) -> int:
 def _checked_shape(name: str, raw: Any, limit: int) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > MAX_NDIM:
         raise HeaderError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} integers")
+    if any(type(dim) is not int or dim < 0 for dim in raw):
+        raise HeaderError(f"tensor {name!r}: shape has a non-integer or negative dimension")
+    if 0 in raw:
+        return tuple(raw)  # empty tensor: any other dimensions are harmless
     elements = 1
     for dim in raw:
-        if type(dim) is not int or dim < 0:
-            raise HeaderError(f"tensor {name!r}: shape has a non-integer or negative dimension")
         elements *= dim
         if elements > limit:  # early bound: a product beyond the file size can never be valid
             raise HeaderError(f"tensor {name!r}: shape {raw[:8]} implies more bytes than the file holds")

@@ -177,7 +177,7 @@ class TreeEncoder:
         dtype = value.dtype
         if dtype.hasobject or dtype.kind not in "biufcMmSU":
             raise UnsupportedStateError(path, f"numpy scalar of dtype {dtype!r} cannot be saved")
-        raw = np.asarray(value).tobytes()
+        raw = np.asarray(value).tobytes() if dtype.itemsize else b""  # S0/U0 scalars: 0 bytes, not 1
         return {"t": "np.scalar", "dtype": dtype.str, "b64": base64.b64encode(raw).decode("ascii")}
 
 
@@ -254,6 +254,8 @@ class TreeDecoder:
         if tag == "np.scalar":
             dtype = parse_numpy_dtype(_field(node, "dtype", str))
             raw = base64.b64decode(_field(node, "b64", str), validate=True)
+            if dtype.itemsize == 0 and not raw and dtype.kind in "SU":
+                return np.bytes_(b"") if dtype.kind == "S" else np.str_("")
             if len(raw) != dtype.itemsize:
                 raise TreeDecodeError(
                     f"{path}: numpy scalar has {len(raw)} bytes, dtype needs {dtype.itemsize}"
