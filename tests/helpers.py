@@ -32,13 +32,17 @@ def assert_exact(a: Any, b: Any, path: str = "state") -> None:
     elif isinstance(a, np.generic):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: numpy scalar differs"
     elif isinstance(a, float):
-        assert struct.pack(">d", a) == struct.pack(">d", b) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
+        assert struct.pack(">d", a) == struct.pack(">d", b) or (math.isnan(a) and math.isnan(b)), (
+            f"{path}: {a} != {b}"
+        )
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)[:5]} != {list(b)[:5]}"
         for key in a:
             assert_exact(a[key], b[key], f"{path}[{key!r}]")
         if isinstance(a, OrderedDict):
-            assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{path}: _metadata differs"
+            assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), (
+                f"{path}: _metadata differs"
+            )
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b, strict=True)):

@@ -134,8 +134,7 @@ def test_sigkill_during_saves(tmp_path):
                 os.kill(pid, signal.SIGKILL)
                 status = int(zygote.expect("dead")[1])
                 assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-                    f"child ended with status {status} before the kill: "
-                    f"{Path(log.name).read_text()[-3000:]}"
+                    f"child ended with status {status} before the kill: {Path(log.name).read_text()[-3000:]}"
                 )
 
                 visible, staging = scan(run)
@@ -153,8 +152,10 @@ def test_sigkill_during_saves(tmp_path):
     assert visible == seen
     for path in sorted(visible):
         check_intact(path, earlier_state if path == str(earlier) else worker_state)
-    print(f"kills={KILLS} save={zygote.save_seconds:.3f}s committed={len(visible) - 1} "
-          f"kills_with_leftovers={kills_with_leftovers}")
+    print(
+        f"kills={KILLS} save={zygote.save_seconds:.3f}s committed={len(visible) - 1} "
+        f"kills_with_leftovers={kills_with_leftovers}"
+    )
     assert len(visible) > 1, "no child save ever committed: the kill window is too short to test anything"
     assert kills_with_leftovers > 0, "no kill ever landed inside a save: the test exercised nothing"
 

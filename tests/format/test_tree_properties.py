@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tests.helpers import assert_exact
 
 import ckptvault as cv
-from tests.helpers import assert_exact
 
 TORCH_DTYPES = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
@@ -62,7 +62,9 @@ scalars = st.one_of(
     st.binary(max_size=20),
     st.complex_numbers(allow_nan=False),
     numpy_arrays.filter(lambda a: a.ndim == 0).map(lambda a: a[()]),
-    st.sampled_from([torch.float32, torch.bfloat16, torch.int64, torch.device("cpu"), torch.device("cuda", 1)]),
+    st.sampled_from(
+        [torch.float32, torch.bfloat16, torch.int64, torch.device("cpu"), torch.device("cuda", 1)]
+    ),
     st.lists(st.integers(0, 5), max_size=4).map(torch.Size),
 )
 keys = st.one_of(st.text(max_size=8), st.integers(-5, 5))

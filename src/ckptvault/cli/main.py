@@ -8,6 +8,7 @@ usage error. Library errors are shown as one clear line, never as a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -153,7 +154,8 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
     metric_names = sorted({k for r in rows for k in r.get("metrics", {})})[:6]
     table = Table(show_edge=False, header_style="bold")
     for col in ("checkpoint", "step", "size", "created", *metric_names):
-        table.add_column(col, justify="right" if col not in ("checkpoint", "created") else "left")
+        justify = "right" if col not in ("checkpoint", "created") else "left"
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
         if "error" in row:
             table.add_row(
@@ -162,8 +164,19 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
             continue
         created = datetime.fromisoformat(row["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
         metrics = [_fmt_metric(row["metrics"].get(m)) for m in metric_names]
-        table.add_row(row["path"], str(row["step"]), _human_bytes(row["size_bytes"]), created, *metrics)
+        table.add_row(
+            _relative(row["path"], directory),
+            str(row["step"]),
+            _human_bytes(row["size_bytes"]),
+            created,
+            *metrics,
+        )
     out.print(table)
+
+
+def _relative(path: str, root: Path) -> str:
+    relative = os.path.relpath(path, root)
+    return path if relative.startswith("..") else relative
 
 
 def _fmt_metric(value: Any) -> str:
