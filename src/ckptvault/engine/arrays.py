@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import MAX_NDIM
 from ..errors import UnsupportedStateError
 from ..format.dtypes import TORCH_DTYPES, StoredForm, numpy_stored_form, parse_numpy_dtype, torch_stored_form
 from ..format.tree import TreeDecodeError
@@ -64,7 +65,11 @@ class BlobCollector:
         self._torch_groups: dict[tuple[str, int], list[tuple[dict[str, Any], Any]]] = {}
 
     def _unique(self, name: str) -> str:
-        name = name[:900] or "tensor"
+        # Bounded in UTF-8 bytes (the reader's limit), never the header's reserved key, and valid
+        # UTF-8 even when a dict key held lone surrogates.
+        name = name.encode("utf-8", "replace")[:900].decode("utf-8", "ignore") or "tensor"
+        if name == "__metadata__":
+            name = "__metadata__~tensor"
         candidate, n = name, 1
         while candidate in self._names:
             n += 1
@@ -129,7 +134,9 @@ class BlobCollector:
         if type(value) is torch.nn.Parameter:
             leaf["parameter"] = True
         leaf["_name"] = name
-        key = (str(value.device), value.untyped_storage().data_ptr())
+        storage = value.untyped_storage()
+        # Empty storages all report address 0: they share nothing, so each gets its own group.
+        key = (str(value.device), storage.data_ptr() if storage.nbytes() else -id(value))
         self._torch_groups.setdefault(key, []).append((leaf, value))
         return leaf
 
@@ -321,7 +328,11 @@ class BlobReader:
 
 def _shape(node: dict[str, Any], path: str) -> tuple[int, ...]:
     shape = node.get("shape")
-    if not isinstance(shape, list) or len(shape) > 64 or not all(type(d) is int and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
         raise TreeDecodeError(f"{path}: bad shape")
     return tuple(shape)
 

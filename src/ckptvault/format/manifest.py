@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import FORMAT_NAME, MAX_NAME_BYTES, SCHEMA_VERSION
+from ..config import FORMAT_NAME, MAX_NAME_BYTES, MAX_NDIM, SCHEMA_VERSION
 from ..errors import CorruptCheckpointError, IncompatibleCheckpointError, UnsafeCheckpointError
 from ..types import FileEntry, TensorEntry
 from .dtypes import SAFETENSORS_ITEMSIZE
@@ -119,6 +119,22 @@ def _is_uint(value: Any) -> bool:
 def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
     """Parses and validates manifest bytes; raises typed errors naming what is wrong."""
     try:
+        return _parse_manifest(data, path)
+    except (CorruptCheckpointError, IncompatibleCheckpointError):
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # incl. UnicodeError
+        # Every rule above should have caught a bad document first; this net keeps the promise
+        # that hostile input only ever yields a typed error.
+        raise CorruptCheckpointError(
+            f"manifest: malformed ({type(exc).__name__}: {str(exc)[:120]})",
+            path=path,
+            file="manifest.json",
+            kind="bad-manifest",
+        ) from exc
+
+
+def _parse_manifest(data: bytes, path: str | None) -> Manifest:
+    try:
         doc = loads(data)
     except StrictJSONError as exc:
         raise CorruptCheckpointError(
@@ -175,7 +191,7 @@ def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
         )
         header_size = raw.get("header_size")
         header_digest = raw.get("header_digest")
-        if header_size is not None or header_digest is not None:
+        if "header_size" in raw or "header_digest" in raw:
             _require(
                 _is_uint(header_size) and header_size + 8 <= raw["size"],
                 f"file {name}: bad header_size",
@@ -200,10 +216,14 @@ def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
             f"tensor {name[:80]!r}: file is not a listed tensor file",
             path,
         )
-        _require(raw["dtype"] in SAFETENSORS_ITEMSIZE, f"tensor {name[:80]!r}: unknown dtype", path)
+        _require(
+            isinstance(raw["dtype"], str) and raw["dtype"] in SAFETENSORS_ITEMSIZE,
+            f"tensor {name[:80]!r}: unknown dtype",
+            path,
+        )
         shape, offsets = raw["shape"], raw["offsets"]
         _require(
-            isinstance(shape, list) and len(shape) <= 64 and all(_is_uint(d) for d in shape),
+            isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_uint(d) for d in shape),
             f"tensor {name[:80]!r}: bad shape",
             path,
         )

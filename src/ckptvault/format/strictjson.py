@@ -28,8 +28,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads(data: bytes | str) -> Any:
+    """Parses UTF-8 JSON only: ``json.loads`` would otherwise guess UTF-16/32 from raw bytes."""
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except StrictJSONError:
         raise
     except RecursionError as exc:

@@ -92,6 +92,15 @@ def _checked_shape(name: str, raw: Any, limit: int) -> tuple[int, ...]:
 
 def parse_header(header: bytes, file_size: int) -> ParsedHeader:
     """Validates a header's JSON against the file size; ``header`` excludes the 8-byte prefix."""
+    try:
+        return _parse_header(header, file_size)
+    except HeaderError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # incl. UnicodeError
+        raise HeaderError(f"malformed header ({type(exc).__name__}: {str(exc)[:120]})") from exc
+
+
+def _parse_header(header: bytes, file_size: int) -> ParsedHeader:
     data_size = file_size - 8 - len(header)
     try:
         table = loads(header)

@@ -33,6 +33,31 @@ SCALAR_TAGS = frozenset({"int", "float", "bytes", "bytearray", "complex", "np.sc
 LEAF_TAGS = frozenset({"ndarray", "torch.Tensor", "torch.dtype", "torch.device", "torch.Size"})
 TAGS = CONTAINER_TAGS | SCALAR_TAGS | LEAF_TAGS
 
+# Fields each tag may carry; anything else is refused (a reader must not ignore what it does not
+# understand).
+NODE_FIELDS: dict[str, frozenset[str]] = {
+    "dict": frozenset({"t", "v", "items"}),
+    "odict": frozenset({"t", "v", "items", "meta"}),
+    "tuple": frozenset({"t", "v"}),
+    "set": frozenset({"t", "v"}),
+    "frozenset": frozenset({"t", "v"}),
+    "int": frozenset({"t", "hex"}),
+    "float": frozenset({"t", "bits"}),
+    "bytes": frozenset({"t", "b64"}),
+    "bytearray": frozenset({"t", "b64"}),
+    "complex": frozenset({"t", "re", "im"}),
+    "np.scalar": frozenset({"t", "dtype", "b64"}),
+    "np.dtype": frozenset({"t", "v"}),
+    "ref": frozenset({"t", "id"}),
+    "ndarray": frozenset({"t", "tensor", "dtype", "shape", "id"}),
+    "torch.Tensor": frozenset(
+        {"t", "tensor", "dtype", "shape", "device", "requires_grad", "parameter", "view", "id"}
+    ),
+    "torch.dtype": frozenset({"t", "v"}),
+    "torch.device": frozenset({"t", "v"}),
+    "torch.Size": frozenset({"t", "v"}),
+}
+
 
 class TreeDecodeError(ValueError):
     """The encoded tree breaks a rule; the message names the node's path."""
@@ -206,7 +231,11 @@ class TreeDecoder:
         self._count(path)
         if depth > MAX_TREE_DEPTH:
             raise TreeDecodeError(f"{path}: nested deeper than {MAX_TREE_DEPTH}")
-        if node is None or isinstance(node, (bool, int, float, str)):
+        if node is None or isinstance(node, (bool, float, str)):
+            return node
+        if isinstance(node, int):
+            if not INT64_MIN <= node <= INT64_MAX:
+                raise TreeDecodeError(f"{path}: plain integer outside int64 (must be an int node)")
             return node
         if isinstance(node, list):
             return [self._decode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)]
@@ -215,11 +244,14 @@ class TreeDecoder:
         tag = node.get("t")
         if not isinstance(tag, str) or tag not in TAGS:
             raise TreeDecodeError(f"{path}: unknown node tag {str(tag)[:40]!r}")
+        allowed = NODE_FIELDS[tag]
+        if not node.keys() <= allowed:
+            raise TreeDecodeError(f"{path}: unknown fields {sorted(node.keys() - allowed)[:3]} in {tag} node")
         try:
             value = self._decode_tagged(tag, node, path, depth)
         except TreeDecodeError:
             raise
-        except (KeyError, TypeError, ValueError, OverflowError, struct.error) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, RuntimeError, struct.error) as exc:
             raise TreeDecodeError(
                 f"{path}: malformed {tag} node ({type(exc).__name__}: {exc})"[:300]
             ) from exc
@@ -279,6 +311,8 @@ class TreeDecoder:
             ]
             return tuple(items) if tag == "tuple" else set(items) if tag == "set" else frozenset(items)
         out: dict[Any, Any] = OrderedDict() if tag == "odict" else {}
+        if ("v" in node) == ("items" in node):
+            raise TreeDecodeError(f"{path}: a dict node has exactly one of 'v' and 'items'")
         if "v" in node:
             for key, value in _field(node, "v", dict).items():
                 out[key] = self._decode(value, _key_path(path, key), depth + 1)

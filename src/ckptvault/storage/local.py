@@ -273,6 +273,8 @@ class LocalReadHandle:
         self.target = target
         if not target.is_dir():
             raise CheckpointNotFoundError(f"{target}: no such checkpoint directory")
+        if STAGING_MARK in target.name:
+            raise CheckpointNotFoundError(f"{target}: staging area of an unfinished save, never a checkpoint")
         if not (target / MANIFEST_NAME).exists():
             raise CheckpointNotFoundError(f"{target}: not a committed checkpoint (no {MANIFEST_NAME})")
         self._fds: dict[str, int] = {}
