@@ -177,7 +177,8 @@ def test_numpy_only_state_does_not_need_torch(ckpt_dir: Path, tmp_path: Path) ->
 
     code = (
         "import sys, numpy as np, ckptvault as cv\n"
-        f"cv.save({str(ckpt_dir / 'np')!r}, {{'a': np.arange(5), 'g': np.random.default_rng(1).bit_generator.state}})\n"
+        "state = {'a': np.arange(5), 'g': np.random.default_rng(1).bit_generator.state}\n"
+        f"cv.save({str(ckpt_dir / 'np')!r}, state)\n"
         f"back = cv.load({str(ckpt_dir / 'np')!r})\n"
         "assert (back['a'] == np.arange(5)).all()\n"
         "assert cv.verify(" + repr(str(ckpt_dir / "np")) + ").ok\n"
