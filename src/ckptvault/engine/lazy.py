@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..format.tree import TreeDecoder, shared_leaves
+from ..errors import CorruptCheckpointError
+from ..format.tree import TreeDecodeError, TreeDecoder, shared_leaves
 from ..storage.base import Storage
 from ..types import CheckpointInfo
 from .arrays import BlobReader
@@ -30,7 +31,13 @@ class CheckpointView:
         self._maps: dict[str, Any] = {}
         self._verify = verify
         self._blobs = BlobReader(self._fetch, map_location)
-        self._shared = shared_leaves(self._reader.manifest.tree)
+        try:
+            self._shared = shared_leaves(self._reader.manifest.tree)
+        except TreeDecodeError as exc:
+            self._reader.close()
+            raise CorruptCheckpointError(
+                f"state tree: {exc}", path=path, file="manifest.json", kind="bad-manifest"
+            ) from exc
         self.path = path
 
     # -- context manager ------------------------------------------------------------------
@@ -114,9 +121,6 @@ class CheckpointView:
 
 def decode_node(view: CheckpointView, node: Any, path: str) -> Any:
     """Decodes one encoded node of ``view``'s tree, reading the tensors it references."""
-    from ..errors import CorruptCheckpointError
-    from ..format.tree import TreeDecodeError
-
     try:
         return TreeDecoder(view._blobs, view._shared).decode(node, path)
     except TreeDecodeError as exc:

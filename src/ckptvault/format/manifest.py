@@ -138,7 +138,7 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
         doc = loads(data)
     except StrictJSONError as exc:
         raise CorruptCheckpointError(
-            f"manifest is not valid JSON: {exc}", path=path, file="manifest.json"
+            f"manifest is not valid JSON: {exc}", path=path, file="manifest.json", kind="bad-manifest"
         ) from exc
     _require(isinstance(doc, dict), "top level must be an object", path)
     _require(doc.get("format") == FORMAT_NAME, f"format must be {FORMAT_NAME!r}", path)

@@ -285,7 +285,8 @@ class LocalReadHandle:
             return fd
         path = self.target / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO planted in place of a file must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise UnsafeCheckpointError(
@@ -302,6 +303,7 @@ class LocalReadHandle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise UnsafeCheckpointError("is not a regular file", path=str(self.target), file=name)
+        os.set_blocking(fd, True)
         self._fds[name] = fd
         return fd
 
