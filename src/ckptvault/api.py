@@ -69,8 +69,13 @@ def save(
     return info_from_manifest(target, manifest, dict(metadata or {}))
 
 
-def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True) -> Any:
+def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True, mmap: bool = True) -> Any:
     """Loads a whole checkpoint; with ``verify`` (the default) every byte is checked first.
+
+    With ``mmap`` (the default) CPU tensors are backed by private copy-on-write maps of the data
+    files, as with ``safetensors.load_file`` or ``torch.load(mmap=True)``: loading copies nothing,
+    pages come from the page cache, and writing a tensor copies only the page written (the file
+    never changes). ``mmap=False`` gives tensors in fresh anonymous memory, read with ``pread``.
 
     ``map_location`` is a device (``"cpu"``, ``"cuda:0"``, a ``torch.device``), ``None`` for each
     tensor's original device, or a dict mapping saved device strings to new ones. Raises
@@ -80,7 +85,12 @@ def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True) -> A
     """
     storage, target = storage_for(path)
     return read_checkpoint(
-        storage, target, map_location=map_location, verify=verify, threads=Settings.from_env().io_threads
+        storage,
+        target,
+        map_location=map_location,
+        verify=verify,
+        threads=Settings.from_env().io_threads,
+        mapped=mmap,
     )
 
 

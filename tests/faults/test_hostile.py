@@ -23,7 +23,7 @@ from ckptvault import (
     UnsafeCheckpointError,
     UnsupportedStateError,
 )
-from ckptvault.format.digest import digest_bytes
+from ckptvault.format.digest import data_file_digest, digest_bytes
 
 pytestmark = pytest.mark.faults
 
@@ -85,6 +85,9 @@ class Ckpt:
                 lo, hi = h["data_offsets"]
                 if 0 <= lo <= hi <= len(data):
                     t["digest"] = digest_bytes(ALGO, data[lo:hi])
+        # A data file's digest combines its header and tensor digests (docs/format.md).
+        parts = sorted((t for t in self.doc["tensors"].values() if t["file"] == DATA), key=lambda t: t["offsets"])
+        entry["digest"] = data_file_digest(ALGO, len(raw), entry["header_digest"], [t["digest"] for t in parts])
         self.write_manifest()
 
 
@@ -125,7 +128,7 @@ def overlapping_offsets(ck, tmp):
 
 def out_of_range_offsets(ck, tmp):
     h = dict(ck.header)
-    h["a"] = dict(h["a"], data_offsets=[64, 64 + 2**40], shape=[2**38])
+    h["a"] = dict(h["a"], data_offsets=[2**40, 2**40 + 64])
     ck.write_data(h)
 
 
@@ -347,11 +350,11 @@ def tree_reference_to_unknown_shared_id(ck, tmp):
 
 
 def tree_leaf_shape_wraps_int64(ck, tmp):
-    # 7 * 0x6DB6DB6DB6DB6DB7 == 1 (mod 2**64): a product that wraps to the stored element count.
+    # 7 * 0x6DB6DB6DB6DB6DB7 * 16 == 16 (mod 2**64): a product that wraps to the stored element count.
     a = ck.doc["tensors"]["a"]
     tree = {
         "t": "dict",
-        "v": {"a": {"t": "ndarray", "tensor": "a", "dtype": "<f4", "shape": [7, 0x6DB6DB6DB6DB6DB7]}},
+        "v": {"a": {"t": "ndarray", "tensor": "a", "dtype": "<f4", "shape": [7, 0x6DB6DB6DB6DB6DB7, 16]}},
     }
     assert a["offsets"][1] - a["offsets"][0] == 64
     set_tree(ck, json.dumps(tree).replace("0x", ""))
@@ -490,6 +493,17 @@ CASES = [
 ]
 
 
+def test_rewrite_harness_control(tmp_path):
+    # Rewriting without a change must give a valid checkpoint, or the cases above prove nothing.
+    ck = Ckpt(tmp_path / "ckpt")
+    ck.write_data(dict(ck.header), ck.data)
+    set_tree(ck, json.dumps(ck.doc["tree"]))
+    assert ckptvault.verify(ck.path).ok
+    loaded = ckptvault.load(ck.path)
+    np.testing.assert_array_equal(loaded["a"], base_state()["a"])
+    assert loaded["n"] == 3
+
+
 @pytest.mark.parametrize("mutate", CASES, ids=[c.__name__ for c in CASES])
 def test_hostile_checkpoint(tmp_path, mutate):
     ck = Ckpt(tmp_path / "ckpt")
@@ -518,6 +532,24 @@ def test_hostile_checkpoint(tmp_path, mutate):
     assert elapsed < FAST, f"verify took {elapsed:.2f} s"
 
 
+@pytest.mark.parametrize("mutate", CASES, ids=[c.__name__ for c in CASES])
+def test_hostile_checkpoint_lazy_open(tmp_path, mutate):
+    # ckptvault.open is the other reading entry point; the same contract holds for it.
+    ck = Ckpt(tmp_path / "ckpt")
+    mutate(ck, tmp_path)
+    started = time.perf_counter()
+    try:
+        with ckptvault.open(ck.path) as view:
+            view.load()
+    except CheckpointError:
+        pass
+    except Exception as exc:
+        pytest.fail(f"open raised {type(exc).__name__} (not a CheckpointError): {exc!r}"[:500])
+    else:
+        pytest.fail("open accepted a hostile checkpoint")
+    assert time.perf_counter() - started < FAST
+
+
 FIFO_SCRIPT = """
 import sys, ckptvault
 try:
@@ -543,7 +575,7 @@ def test_fifo_in_place_of_a_file_does_not_hang(tmp_path, name):
             [sys.executable, "-c", FIFO_SCRIPT, str(ck.path)],
             capture_output=True,
             text=True,
-            timeout=20,
+            timeout=6,
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"load/verify blocked on a FIFO named {name} (output so far: {exc.stdout!r})")

@@ -1,9 +1,9 @@
 """A lazy, read-only view of a checkpoint: reads the manifest on open, tensors only when asked.
 
 Indexing walks the encoded tree without decoding it; a container comes back as another lazy node
-and a leaf is decoded on the spot. A tensor is copied out of a read-only ``mmap`` of its file (so
-the result is an ordinary writable tensor that does not pin the file) after its file's header has
-been validated, and its digest is checked before it is returned.
+and a leaf is decoded on the spot. A tensor is a zero-copy view of a private copy-on-write
+``mmap`` of its file (writable; writes never reach the file; valid after the view is closed),
+returned only after its file's header has been validated and its digest checked.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ class CheckpointView:
         self, storage: Storage, path: str, *, map_location: Any = "cpu", verify: bool = True
     ) -> None:
         self._reader = CheckpointReader(storage, path)
-        self._maps: dict[str, Any] = {}
         self._verify = verify
         self._blobs = BlobReader(self._fetch, map_location)
         try:
@@ -48,10 +47,6 @@ class CheckpointView:
         self.close()
 
     def close(self) -> None:
-        for mapping in self._maps.values():
-            if mapping is not None:
-                mapping.close()
-        self._maps.clear()
         self._reader.close()
 
     # -- facts without tensor I/O -----------------------------------------------------------
@@ -100,23 +95,8 @@ class CheckpointView:
         return decode_node(self, node, path)
 
     def _fetch(self, name: str) -> np.ndarray:
-        reader = self._reader
-        entry = reader.manifest.tensors.get(name)
-        if entry is None:
-            return reader.fetch(name)  # raises the typed error
-        header = reader.header(entry.file)
-        if entry.file not in self._maps:
-            self._maps[entry.file] = reader.handle.mmap(entry.file)
-        mapping = self._maps[entry.file]
-        if mapping is None or entry.nbytes == 0:
-            return reader.fetch(name, verify=self._verify)
-        start = header.data_start + entry.offsets[0]
-        data: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(
-            mapping, dtype=np.uint8, count=entry.nbytes, offset=start
-        ).copy()
-        if self._verify:
-            reader.check_digest(entry, memoryview(data.data))
-        return data
+        # Zero-copy from the file's private map: the returned tensor stays valid after close().
+        return self._reader.fetch(name, verify=self._verify, mapped=True)
 
 
 def decode_node(view: CheckpointView, node: Any, path: str) -> Any:

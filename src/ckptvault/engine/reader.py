@@ -10,6 +10,7 @@ problem instead of stopping at the first.
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..config import MANIFEST_NAME
 from ..errors import CheckpointError, CorruptCheckpointError
-from ..format.digest import digest_bytes, new_hasher
+from ..format.digest import data_file_digest, digest_bytes, new_hasher
 from ..format.manifest import Manifest, check_file_name, parse_manifest
 from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
 from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
@@ -43,6 +44,7 @@ class CheckpointReader:
             self.handle.close()
             raise
         self._headers: dict[str, ParsedHeader] = {}
+        self._maps: dict[str, Any] = {}
 
     def close(self) -> None:
         self.handle.close()
@@ -126,17 +128,32 @@ class CheckpointReader:
         return header
 
     # -- tensors ------------------------------------------------------------------------------
-    def fetch(self, name: str, *, verify: bool = True) -> np.ndarray:
-        """A fresh uint8 array with the stored bytes of one tensor, digest-checked if ``verify``."""
+    def mapping(self, file: str) -> Any:
+        """The file's private copy-on-write map (cached); None where the backend cannot map."""
+        if file not in self._maps:
+            self._maps[file] = self.handle.mmap(file, copy_on_write=True)
+        return self._maps[file]
+
+    def fetch(self, name: str, *, verify: bool = True, mapped: bool = False) -> np.ndarray:
+        """A uint8 array with the stored bytes of one tensor, digest-checked if ``verify``.
+
+        ``mapped`` returns a zero-copy view of the file's copy-on-write map (writes stay private);
+        otherwise a fresh array filled with ``pread``.
+        """
         entry = self.manifest.tensors.get(name)
         if entry is None:
             raise self._corrupt(
                 f"tree references tensor {name[:80]!r} that the manifest does not list", "bad-manifest"
             )
         header = self.header(entry.file)
-        buffer = np.empty(entry.nbytes, dtype=np.uint8)
-        if entry.nbytes:
-            self.handle.read_into(entry.file, header.data_start + entry.offsets[0], memoryview(buffer.data))
+        start = header.data_start + entry.offsets[0]
+        mapping = self.mapping(entry.file) if mapped and entry.nbytes else None
+        if mapping is not None:
+            buffer: np.ndarray = np.frombuffer(mapping, dtype=np.uint8, count=entry.nbytes, offset=start)
+        else:
+            buffer = np.empty(entry.nbytes, dtype=np.uint8)
+            if entry.nbytes:
+                self.handle.read_into(entry.file, start, memoryview(buffer.data))
         if verify:
             self.check_digest(entry, memoryview(buffer.data))
         return buffer
@@ -150,24 +167,29 @@ class CheckpointReader:
                 tensor=entry.name,
             )
 
-    def fetch_all(self, *, verify: bool, threads: int) -> dict[str, np.ndarray]:
+    def fetch_all(self, *, verify: bool, threads: int, mapped: bool) -> dict[str, np.ndarray]:
         """Every tensor's bytes, read (and hashed) in parallel; big tensors first to balance threads."""
         for name in self.manifest.files:
             if self.manifest.files[name].header_size is not None:
                 self.header(name)
+                mapping = self.mapping(name) if mapped else None
+                if mapping is not None and hasattr(mmap, "MADV_WILLNEED"):
+                    mapping.madvise(mmap.MADV_WILLNEED)  # start read-ahead of the whole file now
         names = sorted(self.manifest.tensors, key=lambda n: -self.manifest.tensors[n].nbytes)
+
+        def one(name: str) -> np.ndarray:
+            return self.fetch(name, verify=verify, mapped=mapped)
+
         if threads <= 1 or len(names) < 2:
-            return {n: self.fetch(n, verify=verify) for n in names}
+            return {n: one(n) for n in names}
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptvault-read") as pool:
-            return dict(zip(names, pool.map(lambda n: self.fetch(n, verify=verify), names), strict=True))
+            return dict(zip(names, pool.map(one, names), strict=True))
 
     def check_sidecars(self) -> None:
         for name, entry in self.manifest.files.items():
             if entry.header_size is None:
                 self.check_size(name)
-                data = self.handle.read(name, 0, entry.size)
-                if digest_bytes(self.manifest.digest_algorithm, data) != entry.digest:
-                    raise self._corrupt("file digest mismatch", "digest-mismatch", file=name)
+                _check_whole_file_digest(self, name)
 
     # -- decoding -----------------------------------------------------------------------------
     def decode_tree(self, blobs: LeafDecoder, node: Any = None, path: str = "state") -> Any:
@@ -186,12 +208,14 @@ class CheckpointReader:
         return value
 
 
-def read_checkpoint(storage: Storage, path: str, *, map_location: Any, verify: bool, threads: int) -> Any:
+def read_checkpoint(
+    storage: Storage, path: str, *, map_location: Any, verify: bool, threads: int, mapped: bool
+) -> Any:
     with CheckpointReader(storage, path) as reader:
         if verify:
             reader.check_listing()
             reader.check_sidecars()
-        data = reader.fetch_all(verify=verify, threads=threads)
+        data = reader.fetch_all(verify=verify, threads=threads, mapped=mapped)
         return reader.decode_tree(BlobReader(data.__getitem__, map_location))
 
 
@@ -227,25 +251,29 @@ def verify_checkpoint(
             files_checked += 1
             try:
                 reader.check_size(name)
-                if entry.header_size is not None:
+                if entry.header_size is None:
+                    _check_whole_file_digest(reader, name)
+                else:
                     reader.header(name)
-                checked = _check_file_digest(reader, name)
-                bytes_checked += checked
-                if progress is not None:
-                    progress(checked)
             except CheckpointError as exc:
                 note(exc, _kind(exc))
                 continue
-            if entry.header_size is None:
-                continue
-            for tensor in manifest.tensors.values():
-                if tensor.file != name:
-                    continue
-                tensors_checked += 1
-                try:
-                    reader.fetch(tensor.name, verify=True)
-                except CheckpointError as exc:
-                    note(exc, _kind(exc))
+            if entry.header_size is not None:
+                clean = True
+                for tensor in sorted(manifest.tensors.values(), key=lambda t: t.offsets):
+                    if tensor.file != name:
+                        continue
+                    tensors_checked += 1
+                    try:
+                        reader.fetch(tensor.name, verify=True, mapped=True)
+                    except CheckpointError as exc:
+                        clean = False
+                        note(exc, _kind(exc))
+                    if progress is not None:
+                        progress(tensor.nbytes)
+                if clean and not _data_digest_consistent(manifest, name):
+                    problems.append(Problem("digest-mismatch", "file digest disagrees with its parts", name))
+            bytes_checked += entry.size
         if not problems:
             try:
                 reader.decode_metadata()
@@ -267,7 +295,17 @@ def _stored_nbytes(manifest: Manifest) -> Callable[[str], int]:
     return size
 
 
-def _check_file_digest(reader: CheckpointReader, name: str) -> int:
+def _data_digest_consistent(manifest: Manifest, name: str) -> bool:
+    """The recorded file digest equals the one combined from its (verified) header and tensors."""
+    entry = manifest.files[name]
+    parts = sorted((t for t in manifest.tensors.values() if t.file == name), key=lambda t: t.offsets)
+    combined = data_file_digest(
+        manifest.digest_algorithm, entry.size, str(entry.header_digest), [t.digest for t in parts]
+    )
+    return combined == entry.digest
+
+
+def _check_whole_file_digest(reader: CheckpointReader, name: str) -> int:
     entry = reader.manifest.files[name]
     hasher = new_hasher(reader.manifest.digest_algorithm, size_hint=entry.size)
     buffer = bytearray(min(_READ_CHUNK, max(entry.size, 1)))

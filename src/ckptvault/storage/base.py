@@ -8,6 +8,7 @@ A writer uses it in exactly this order::
     # or txn.abort() on any failure: nothing becomes visible
 
 A reader opens a :class:`ReadHandle` on a committed checkpoint and reads byte ranges of its files.
+``close`` on a handle closes its files; maps it handed out stay valid until dropped.
 Backends map a failure of the medium to :class:`~ckptvault.errors.StorageError`.
 """
 
@@ -44,8 +45,12 @@ class ReadHandle(Protocol):
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         """Fills ``buffer`` from ``offset``; a short file raises CorruptCheckpointError."""
 
-    def mmap(self, name: str) -> mmap.mmap | None:
-        """A read-only map of the file, or None where the backend cannot map (or it is empty)."""
+    def mmap(self, name: str, *, copy_on_write: bool = False) -> mmap.mmap | None:
+        """A map of the file, or None where the backend cannot map (or the file is empty).
+
+        Read-only by default; ``copy_on_write`` gives a private writable map whose writes never
+        reach the file (what a loaded tensor backed by the file needs).
+        """
 
     def close(self) -> None: ...
 

@@ -35,6 +35,7 @@ from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ConcurrentWriteError,
     CorruptCheckpointError,
     StorageError,
     UnsafeCheckpointError,
@@ -43,6 +44,7 @@ from ..errors import (
 STAGING_MARK = ".ckptvault-tmp."
 # A staging directory whose owner is alive but has not locked it yet is younger than this.
 _UNLOCKED_GRACE_SECONDS = 60.0
+_LOCK_WAIT_SECONDS = 2.0
 _RENAME_EXCHANGE = 2
 _HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
 
@@ -129,8 +131,8 @@ def sweep_staging(parent: Path) -> list[Path]:
             host, _, pid_text = name.rsplit(STAGING_MARK, 1)[1].partition(".")
             pid = int(pid_text.split(".")[0]) if pid_text.split(".")[0].isdigit() else -1
             young = time.time() - os.fstat(fd).st_mtime < _UNLOCKED_GRACE_SECONDS
-            if host == _HOST_TAG and pid != os.getpid() and _pid_alive(pid) and young:
-                continue  # created a moment ago by a live process that has not locked it yet
+            if host == _HOST_TAG and _pid_alive(pid) and young:
+                continue  # a live writer (maybe another thread of ours) created it a moment ago
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
         finally:
@@ -192,9 +194,26 @@ class LocalWriteTransaction:
             self._lock_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise _storage_error("cannot create staging directory in", parent, exc) from exc
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_staging()
         self._files: list[LocalWritableFile] = []
         self._done = False
+
+    def _lock_staging(self) -> None:
+        """Locks our staging directory, waiting briefly: a sweeper in another save may hold the lock
+        for a moment while it decides to leave a young, live writer's directory alone."""
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._lock_fd)
+                    shutil.rmtree(self.staging, ignore_errors=True)
+                    raise ConcurrentWriteError(
+                        errno.EWOULDBLOCK, f"{self.staging}: staging directory locked by another process"
+                    ) from None
+                time.sleep(0.005)
 
     def _check_target(self) -> None:
         target = self.target
@@ -348,11 +367,11 @@ class LocalReadHandle:
         except OSError as exc:
             raise _storage_error("cannot read", self.target / name, exc) from exc
 
-    def mmap(self, name: str) -> mmap.mmap | None:
+    def mmap(self, name: str, *, copy_on_write: bool = False) -> mmap.mmap | None:
         fd = self._fd(name)
         if os.fstat(fd).st_size == 0:
             return None
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
 
     def close(self) -> None:
         for fd in self._fds.values():
