@@ -208,15 +208,26 @@ class CheckpointReader:
         return value
 
 
+_REPLACED_RETRIES = 5
+
+
 def read_checkpoint(
     storage: Storage, path: str, *, map_location: Any, verify: bool, threads: int, mapped: bool
 ) -> Any:
-    with CheckpointReader(storage, path) as reader:
-        if verify:
-            reader.check_listing()
-            reader.check_sidecars()
-        data = reader.fetch_all(verify=verify, threads=threads, mapped=mapped)
-        return reader.decode_tree(BlobReader(data.__getitem__, map_location))
+    """Loads a whole checkpoint. When an overwrite replaces it mid-read (files of the old one vanish
+    under us), the load starts again on the new one instead of failing."""
+    for attempt in range(_REPLACED_RETRIES + 1):
+        with CheckpointReader(storage, path) as reader:
+            try:
+                if verify:
+                    reader.check_listing()
+                    reader.check_sidecars()
+                data = reader.fetch_all(verify=verify, threads=threads, mapped=mapped)
+                return reader.decode_tree(BlobReader(data.__getitem__, map_location))
+            except CorruptCheckpointError:
+                if attempt == _REPLACED_RETRIES or not reader.handle.is_stale():
+                    raise
+    raise AssertionError("unreachable")
 
 
 def verify_checkpoint(

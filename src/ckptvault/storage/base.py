@@ -52,6 +52,9 @@ class ReadHandle(Protocol):
         reach the file (what a loaded tensor backed by the file needs).
         """
 
+    def is_stale(self) -> bool:
+        """True when the checkpoint's path now names a different checkpoint (it was replaced)."""
+
     def close(self) -> None: ...
 
 

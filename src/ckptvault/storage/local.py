@@ -286,17 +286,40 @@ class LocalWriteTransaction:
 
 
 class LocalReadHandle:
-    """Reads files of one committed checkpoint; refuses symlinks and anything not a regular file."""
+    """Reads files of one committed checkpoint; refuses symlinks and anything not a regular file.
+
+    Every file is opened relative to a descriptor of the checkpoint directory taken once, so a
+    reader stays on one checkpoint even if an overwrite swaps another into its path meanwhile.
+    """
 
     def __init__(self, target: Path) -> None:
         self.target = target
-        if not target.is_dir():
-            raise CheckpointNotFoundError(f"{target}: no such checkpoint directory")
         if STAGING_MARK in target.name:
             raise CheckpointNotFoundError(f"{target}: staging area of an unfinished save, never a checkpoint")
-        if not (target / MANIFEST_NAME).exists():
-            raise CheckpointNotFoundError(f"{target}: not a committed checkpoint (no {MANIFEST_NAME})")
+        try:
+            self._dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise CheckpointNotFoundError(f"{target}: no such checkpoint directory") from exc
+        except OSError as exc:
+            raise _storage_error("cannot open", target, exc) from exc
         self._fds: dict[str, int] = {}
+        try:
+            self._fd(MANIFEST_NAME)
+        except CorruptCheckpointError as exc:
+            self.close()
+            if exc.kind != "missing-file":
+                raise
+            raise CheckpointNotFoundError(
+                f"{target}: not a committed checkpoint (no {MANIFEST_NAME})"
+            ) from exc
+
+    def is_stale(self) -> bool:
+        """True when the path now names another directory than the one this handle reads."""
+        try:
+            now, ours = os.stat(self.target), os.fstat(self._dir_fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino)
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -305,7 +328,8 @@ class LocalReadHandle:
         path = self.target / name
         try:
             # O_NONBLOCK: opening a FIFO planted in place of a file must not wait for a writer.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(name, flags, dir_fd=self._dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise UnsafeCheckpointError(
@@ -339,7 +363,7 @@ class LocalReadHandle:
         return self.read(MANIFEST_NAME, 0, size)
 
     def file_names(self) -> list[str]:
-        return sorted(os.listdir(self.target))
+        return sorted(os.listdir(self._dir_fd))
 
     def size(self, name: str) -> int:
         return os.fstat(self._fd(name)).st_size
@@ -377,6 +401,9 @@ class LocalReadHandle:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
 class LocalStorage:
