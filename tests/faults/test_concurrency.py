@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,10 +142,13 @@ def test_overwrite_under_a_concurrent_reader(tmp_path):
     assert os.listdir(target.parent) == ["ckpt"], os.listdir(target.parent)
 
 
-def test_sweeper_momentarily_locking_a_fresh_staging_dir(tmp_path, monkeypatch):
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("hold_seconds", [0.05, None], ids=["momentary", "stuck"])
+def test_sweeper_locking_a_fresh_staging_dir(tmp_path, monkeypatch, hold_seconds):
     # Another writer's sweep_staging() flocks every staging directory it finds for a moment, also a
-    # live writer's that was created a moment ago. Simulate that moment deterministically: lock the
-    # staging directory right after it is created, as a second open file description would.
+    # live writer's that was created a moment ago. Simulate that deterministically: lock the staging
+    # directory right after it is created (a second open file description), and release it after
+    # ``hold_seconds`` (None: never, as if the other process hung while holding it).
     held = []
     real_mkdir = os.mkdir
 
@@ -154,21 +158,30 @@ def test_sweeper_momentarily_locking_a_fresh_staging_dir(tmp_path, monkeypatch):
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held.append(fd)
+            if hold_seconds is not None:
+                threading.Timer(hold_seconds, fcntl.flock, (fd, fcntl.LOCK_UN)).start()
 
     monkeypatch.setattr(os, "mkdir", mkdir)
+    target = tmp_path / "ckpt"
     try:
-        ckptvault.save(tmp_path / "ckpt", {"w": np.arange(3.0)})
-    except CheckpointError:
-        pass  # a typed failure is acceptable (a retry that succeeds is better)
+        ckptvault.save(target, {"w": np.arange(3.0)})
+    except CheckpointError as exc:
+        if hold_seconds is not None:
+            pytest.fail(f"a momentary lock by a sweeper failed the save: {exc!r}")
+        assert not target.exists()
     except Exception as exc:
         pytest.fail(f"save raised {type(exc).__name__} (not a CheckpointError): {exc!r}")
+    else:
+        assert hold_seconds is not None, "saved although its staging directory was never locked by it"
+        assert ckptvault.verify(target).ok
     finally:
         monkeypatch.undo()
+        time.sleep(0.1 if hold_seconds else 0)
         for fd in held:
             os.close(fd)
     assert held, "the staging directory was never created through os.mkdir; the test did nothing"
     leftovers = [n for n in os.listdir(tmp_path) if STAGING_MARK in n]
-    assert leftovers == [], f"a failed save left its staging directory behind: {leftovers}"
+    assert leftovers == [], f"the save left its staging directory behind: {leftovers}"
 
 
 def test_save_over_existing_without_overwrite(tmp_path):

@@ -86,8 +86,12 @@ class Ckpt:
                 if 0 <= lo <= hi <= len(data):
                     t["digest"] = digest_bytes(ALGO, data[lo:hi])
         # A data file's digest combines its header and tensor digests (docs/format.md).
-        parts = sorted((t for t in self.doc["tensors"].values() if t["file"] == DATA), key=lambda t: t["offsets"])
-        entry["digest"] = data_file_digest(ALGO, len(raw), entry["header_digest"], [t["digest"] for t in parts])
+        parts = sorted(
+            (t for t in self.doc["tensors"].values() if t["file"] == DATA), key=lambda t: t["offsets"]
+        )
+        entry["digest"] = data_file_digest(
+            ALGO, len(raw), entry["header_digest"], [t["digest"] for t in parts]
+        )
         self.write_manifest()
 
 
