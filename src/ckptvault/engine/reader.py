@@ -180,8 +180,8 @@ class CheckpointReader:
         def one(name: str) -> np.ndarray:
             return self.fetch(name, verify=verify, mapped=mapped)
 
-        if threads <= 1 or len(names) < 2:
-            return {n: one(n) for n in names}
+        if threads <= 1 or len(names) < 2 or (mapped and not verify):
+            return {n: one(n) for n in names}  # zero-copy and nothing to hash: threads only cost
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptvault-read") as pool:
             return dict(zip(names, pool.map(one, names), strict=True))
 

@@ -7,7 +7,8 @@ Order of work for one save (each step finishes before the next begins)::
     3. begin a storage transaction (staging area; sweeps dead writers' leftovers)
     4. per file: write header and blobs while a second thread hashes the same memory, one pass
        (the file digest is combined from the tensor digests); hashing overlaps the writes
-    5. write the sidecar; fsync every file concurrently (one disk round trip, not one per file)
+    5. each file's fsync starts in the background the moment its last byte is written, so the
+       device flushes while we hash and write the rest; all must succeed before step 6
     6. commit the manifest (the single commit point)
 
 Any failure aborts the transaction: nothing half-written ever becomes visible.
@@ -98,7 +99,7 @@ def data_file_name(index: int) -> str:
 
 
 def _write_data_file(
-    pending: list[WritableFile],
+    syncing: _Syncer,
     txn: WriteTransaction,
     name: str,
     blobs: list[Blob],
@@ -118,14 +119,10 @@ def _write_data_file(
 
     hashing: Future[list[str]] = hasher_pool.submit(hash_all)
     out = txn.create(name)
-    try:
-        out.write(header)
-        for blob in blobs:
-            out.write(blob.data)
-    except BaseException:
-        out.close()
-        raise
-    pending.append(out)
+    out.write(header)
+    for blob in blobs:
+        out.write(blob.data)
+    syncing.start(out)
     tensor_digests = hashing.result()
     file_digest = data_file_digest(algorithm, total, header_digest, tensor_digests)
     entries: list[TensorEntry] = []
@@ -138,14 +135,22 @@ def _write_data_file(
     return FileEntry(name, total, file_digest, len(header) - 8, header_digest), entries
 
 
-def _close_all(files: list[WritableFile]) -> None:
-    """Makes every file durable, concurrently: fsyncs of separate files overlap in the device."""
-    if len(files) == 1:
-        files[0].close()
-        return
-    with ThreadPoolExecutor(max_workers=min(8, len(files)), thread_name_prefix="ckptvault-sync") as pool:
-        for future in [pool.submit(f.close) for f in files]:
-            future.result()  # re-raises the first failed fsync: a failed fsync fails the save
+class _Syncer:
+    """Closes (fsyncs) written files in the background; ``wait`` re-raises the first failure.
+
+    A failed fsync fails the save: the data may be lost, so it is never retried as success.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._futures: list[Future[None]] = []
+
+    def start(self, handle: WritableFile) -> None:
+        self._futures.append(self._pool.submit(handle.close))
+
+    def wait(self) -> None:
+        for future in self._futures:
+            future.result()
 
 
 def write_checkpoint(
@@ -167,33 +172,38 @@ def write_checkpoint(
     try:
         files: dict[str, FileEntry] = {}
         tensors: dict[str, TensorEntry] = {}
-        pending: list[WritableFile] = []  # written, not yet fsynced
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-hash") as pool:
+        # Leaving the with-block waits for every background hash and fsync, so an abort below never
+        # races a thread still using the transaction's files.
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-hash") as hash_pool,
+            ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptvault-sync") as sync_pool,
+        ):
+            syncing = _Syncer(sync_pool)
             for index, shard in enumerate(plan.shards):
                 if not shard and index > 0:
                     continue
                 entry, shard_tensors = _write_data_file(
-                    pending, txn, data_file_name(index), shard, checkpoint_id, algorithm, pool
+                    syncing, txn, data_file_name(index), shard, checkpoint_id, algorithm, hash_pool
                 )
                 files[entry.name] = entry
                 tensors.update((t.name, t) for t in shard_tensors)
-        sidecar = dumps(
-            build_sidecar(
-                checkpoint_id=checkpoint_id,
-                step=plan.step,
-                created_at=created_at,
-                metadata=dict(metadata or {}),
-                tensors=len(tensors),
-                tensor_bytes=plan.tensor_bytes,
-            ),
-            indent=2,
-        )
-        name = sidecar_name(plan.step)
-        out = txn.create(name)
-        out.write(sidecar)
-        pending.append(out)
-        _close_all(pending)
-        files[name] = FileEntry(name, len(sidecar), digest_bytes(algorithm, sidecar))
+            sidecar = dumps(
+                build_sidecar(
+                    checkpoint_id=checkpoint_id,
+                    step=plan.step,
+                    created_at=created_at,
+                    metadata=dict(metadata or {}),
+                    tensors=len(tensors),
+                    tensor_bytes=plan.tensor_bytes,
+                ),
+                indent=2,
+            )
+            name = sidecar_name(plan.step)
+            out = txn.create(name)
+            out.write(sidecar)
+            syncing.start(out)
+            files[name] = FileEntry(name, len(sidecar), digest_bytes(algorithm, sidecar))
+            syncing.wait()
         manifest = Manifest(
             checkpoint_id=checkpoint_id,
             created_at=created_at,
