@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -186,3 +187,18 @@ def test_numpy_only_state_does_not_need_torch(ckpt_dir: Path, tmp_path: Path) ->
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_tensors_sharing_only_an_allocation_are_stored_independently(ckpt_dir: Path, tmp_path: Path) -> None:
+    # safetensors.load_file (and torch.load(mmap=True)) return tensors that all live in one
+    # file-sized storage without overlapping: they must be stored as ordinary named tensors.
+    from safetensors.torch import load_file, save_file
+
+    original = {"a.weight": torch.randn(8, 4), "b.weight": torch.randn(16), "c.bias": torch.zeros(0)}
+    save_file(original, str(tmp_path / "m.safetensors"))
+    loaded = load_file(str(tmp_path / "m.safetensors"))
+    info = cv.save(ckpt_dir / "re", {"model": loaded})
+    manifest = json.loads((ckpt_dir / "re" / "manifest.json").read_text())
+    assert set(manifest["tensors"]) == {"model.a.weight", "model.b.weight", "model.c.bias"}
+    assert info.tensor_bytes == 8 * 4 * 4 + 16 * 4
+    assert_exact(loaded, cv.load(ckpt_dir / "re")["model"])

@@ -143,7 +143,8 @@ class BlobCollector:
     def finalize(self) -> list[Blob]:
         """Decides each torch storage group's layout once the whole state has been seen."""
         for group in self._torch_groups.values():
-            self._store_group(group)
+            for cluster in _overlap_clusters(group):
+                self._store_group(cluster)
         self._torch_groups.clear()
         return self.blobs
 
@@ -201,20 +202,47 @@ class BlobCollector:
         return blob
 
 
+def _byte_range(t: Any) -> tuple[int, int]:
+    """The bytes of its storage a tensor can reach: [first, last + 1), empty for no elements."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    if t.numel() == 0:
+        return start, start
+    return start, start + (sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * size
+
+
+def _overlap_clusters(group: list[tuple[dict[str, Any], Any]]) -> list[list[tuple[dict[str, Any], Any]]]:
+    """Splits tensors of one storage into clusters whose byte ranges overlap.
+
+    Only overlapping tensors alias each other; the rest merely share an allocation (every tensor
+    of ``safetensors.load_file`` or ``torch.load(mmap=True)`` lives in one file-sized storage) and
+    are stored as independent tensors. Each cluster keeps the state's order for naming.
+    """
+    if len(group) == 1:
+        return [group]
+    order = {id(leaf): i for i, (leaf, _) in enumerate(group)}
+    singles: list[list[tuple[dict[str, Any], Any]]] = []  # empty tensors alias nothing
+    clusters: list[list[tuple[dict[str, Any], Any]]] = []
+    end = -1
+    for item in sorted(group, key=lambda lt: _byte_range(lt[1])):
+        lo, hi = _byte_range(item[1])
+        if hi == lo:
+            singles.append([item])
+        elif clusters and lo < end:
+            clusters[-1].append(item)
+            end = max(end, hi)
+        else:
+            clusters.append([item])
+            end = hi
+    clusters += singles
+    return [sorted(c, key=lambda lt: order[id(lt[0])]) for c in clusters]
+
+
 def _covering_span(group: list[tuple[dict[str, Any], Any]]) -> tuple[int, int] | None:
     """The byte range of the storage all views touch, or None when their offsets misalign."""
-    lo, hi = None, None
-    for _, t in group:
-        size = t.element_size()
-        start = t.storage_offset() * size
-        if t.numel() == 0:
-            extent = start
-        else:
-            extent = start + (sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * size
-        lo = start if lo is None else min(lo, start)
-        hi = extent if hi is None else max(hi, extent)
-    assert lo is not None and hi is not None
-    if any((t.storage_offset() * t.element_size() - lo) % t.element_size() for _, t in group):
+    ranges = [_byte_range(t) for _, t in group]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if any((start - lo) % t.element_size() for (start, _), (_, t) in zip(ranges, group, strict=True)):
         return None
     return lo, hi
 
