@@ -51,8 +51,3 @@ def data_file_digest(algorithm: str, size: int, header_digest: str, tensor_diges
     hasher.update(f"ckptvault-data-file-v1\n{size}\n{header_digest}\n".encode())
     hasher.update("\n".join(tensor_digests).encode())
     return hasher.hexdigest()
-
-
-def digest_length(algorithm: str) -> int:
-    """Hex length of a digest; the manifest validator rejects anything else."""
-    return 64 if algorithm in DIGEST_ALGORITHMS else -1

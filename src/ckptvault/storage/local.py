@@ -415,9 +415,6 @@ class LocalStorage:
     def open(self, target: str) -> LocalReadHandle:
         return LocalReadHandle(Path(target))
 
-    def is_checkpoint(self, target: str) -> bool:
-        return _is_committed(Path(target))
-
     def iter_checkpoints(self, root: str) -> Iterator[str]:
         """Committed checkpoints under ``root`` (itself included), skipping staging and hidden dirs."""
         base = Path(root)
