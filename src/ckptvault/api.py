@@ -73,7 +73,7 @@ def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True, mmap
     """Loads a whole checkpoint; with ``verify`` (the default) every byte is checked first.
 
     With ``mmap`` (the default) CPU tensors are backed by private copy-on-write maps of the data
-    files, as with ``safetensors.load_file`` or ``torch.load(mmap=True)``: loading copies nothing,
+    files, as with ``safetensors.load_file`` or torch.load with ``mmap=True``: loading copies nothing,
     pages come from the page cache, and writing a tensor copies only the page written (the file
     never changes). ``mmap=False`` gives tensors in fresh anonymous memory, read with ``pread``.
 

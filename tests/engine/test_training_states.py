@@ -190,7 +190,7 @@ def test_numpy_only_state_does_not_need_torch(ckpt_dir: Path, tmp_path: Path) ->
 
 
 def test_tensors_sharing_only_an_allocation_are_stored_independently(ckpt_dir: Path, tmp_path: Path) -> None:
-    # safetensors.load_file (and torch.load(mmap=True)) return tensors that all live in one
+    # safetensors.load_file (and torch.load with mmap=True) return tensors that all live in one
     # file-sized storage without overlapping: they must be stored as ordinary named tensors.
     from safetensors.torch import load_file, save_file
 

@@ -215,7 +215,7 @@ def _overlap_clusters(group: list[tuple[dict[str, Any], Any]]) -> list[list[tupl
     """Splits tensors of one storage into clusters whose byte ranges overlap.
 
     Only overlapping tensors alias each other; the rest merely share an allocation (every tensor
-    of ``safetensors.load_file`` or ``torch.load(mmap=True)`` lives in one file-sized storage) and
+    of ``safetensors.load_file`` or torch.load with ``mmap=True`` lives in one file-sized storage) and
     are stored as independent tensors. Each cluster keeps the state's order for naming.
     """
     if len(group) == 1:
