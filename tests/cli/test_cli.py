@@ -82,3 +82,13 @@ def test_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
     done = run("show", str(tmp_path / "missing"), ok=False)
     assert done.returncode == 1
     assert "CheckpointNotFoundError" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_hostile_tree_is_reported_not_crashed(run_dir: Path) -> None:
+    target = run_dir / "step_00000010"
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["tree"] = json.loads("[" * 600 + "]" * 600)  # deeper than the format allows
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    for command in ("show", "verify"):
+        done = run(command, str(target), ok=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

@@ -80,7 +80,7 @@ def show(checkpoint: Path, as_json: JsonOpt = False) -> None:
     with _errors(), CheckpointReader(LocalStorage(), str(checkpoint)) as reader:
         manifest = reader.manifest
         metadata = reader.decode_metadata()
-        leaves = list(iter_leaves(manifest.tree))
+        leaves = iter_leaves(manifest.tree, path=str(checkpoint))
         tensors: list[dict[str, Any]] = [
             {
                 "name": leaf.path,

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import StorageError
+from ..errors import CorruptCheckpointError, StorageError
 from ..format.tensorfile import build_header
+from ..format.tree import TreeDecodeError
+from ..format.tree import iter_leaves as iter_leaf_nodes
 from ..storage.base import Storage
 from .lazy import CheckpointView, decode_node
 from .reader import CheckpointReader
@@ -34,40 +36,24 @@ class LeafInfo:
     node: dict[str, Any]
 
 
-def iter_leaves(tree: Any, prefix: str = "") -> Iterator[LeafInfo]:
-    """Every array/tensor leaf with a dotted path (``model.fc.weight``, ``optimizer.state.0.exp_avg``)."""
-    if isinstance(tree, list):
-        for i, item in enumerate(tree):
-            yield from iter_leaves(item, f"{prefix}.{i}" if prefix else str(i))
-        return
-    if not isinstance(tree, dict):
-        return
-    tag = tree.get("t")
-    if tag in ("ndarray", "torch.Tensor"):
-        kind = "numpy" if tag == "ndarray" else "torch"
-        yield LeafInfo(
-            prefix or "<root>",
-            kind,
-            str(tree.get("dtype")),
-            tuple(tree.get("shape", ())),
-            str(tree.get("tensor")),
-            tree,
-        )
-    elif tag in ("dict", "odict"):
-        if isinstance(tree.get("v"), dict):
-            pairs: list[tuple[Any, Any]] = list(tree["v"].items())
-        else:
-            pairs = [(_key_text(k), v) for k, v in tree.get("items", [])]
-        for key, value in pairs:
-            yield from iter_leaves(value, f"{prefix}.{key}" if prefix else str(key))
-    elif tag in ("tuple", "set", "frozenset"):
-        yield from iter_leaves(tree.get("v", []), prefix)
-
-
-def _key_text(key: Any) -> str:
-    if isinstance(key, dict) and key.get("t") == "tuple":
-        return "(" + ",".join(_key_text(k) for k in key.get("v", [])) + ")"
-    return str(key)
+def iter_leaves(tree: Any, *, path: str | None = None) -> list[LeafInfo]:
+    """Every array/tensor leaf of an encoded tree with its dotted path and logical dtype/shape."""
+    try:
+        return [
+            LeafInfo(
+                name,
+                "numpy" if node["t"] == "ndarray" else "torch",
+                str(node.get("dtype")),
+                tuple(node.get("shape", ())),
+                str(node.get("tensor")),
+                node,
+            )
+            for name, node in iter_leaf_nodes(tree)
+        ]
+    except TreeDecodeError as exc:
+        raise CorruptCheckpointError(
+            f"state tree: {exc}", path=path, file="manifest.json", kind="bad-manifest"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -111,8 +97,8 @@ def diff_checkpoints(storage: Storage, a: str, b: str) -> list[TensorDiff]:
     """Per tensor: identical (same digest), changed (with max abs/relative difference), added, removed."""
     out: list[TensorDiff] = []
     with CheckpointView(storage, a) as left, CheckpointView(storage, b) as right:
-        left_leaves = {leaf.path: leaf for leaf in iter_leaves(left.manifest.tree)}
-        right_leaves = {leaf.path: leaf for leaf in iter_leaves(right.manifest.tree)}
+        left_leaves = {leaf.path: leaf for leaf in iter_leaves(left.manifest.tree, path=a)}
+        right_leaves = {leaf.path: leaf for leaf in iter_leaves(right.manifest.tree, path=b)}
         for path in sorted(left_leaves.keys() - right_leaves.keys()):
             out.append(TensorDiff(path, "removed"))
         for path in sorted(right_leaves.keys() - left_leaves.keys()):

@@ -16,7 +16,7 @@ import base64
 import math
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -338,33 +338,41 @@ def _field(node: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def walk_leaves(node: Any, visit: Callable[[dict[str, Any]], None], depth: int = 0) -> None:
-    """Calls ``visit`` on every array/tensor leaf of an encoded tree, without decoding it."""
+def iter_leaves(node: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every array/tensor leaf of an encoded tree with a dotted path (``model.fc.weight``,
+    ``optimizer.state.0.exp_avg``), without decoding anything; depth-limited like decoding."""
     if depth > MAX_TREE_DEPTH:
         raise TreeDecodeError(f"tree nested deeper than {MAX_TREE_DEPTH}")
     if isinstance(node, list):
-        for item in node:
-            walk_leaves(item, visit, depth + 1)
-    elif isinstance(node, dict):
-        if node.get("t") in ("ndarray", "torch.Tensor"):
-            visit(node)
-            return
-        for key in ("v", "items", "meta", "re", "im"):
-            child = node.get(key)
-            if isinstance(child, dict) and node.get("t") in ("dict", "odict") and key == "v":
-                for value in child.values():
-                    walk_leaves(value, visit, depth + 1)
-            elif child is not None:
-                walk_leaves(child, visit, depth + 1)
+        for i, item in enumerate(node):
+            yield from iter_leaves(item, _join(prefix, i), depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    tag = node.get("t")
+    if tag in ("ndarray", "torch.Tensor"):
+        yield prefix or "<root>", node
+    elif tag in ("dict", "odict"):
+        if isinstance(node.get("v"), dict):
+            pairs: list[tuple[Any, Any]] = list(node["v"].items())
+        else:
+            pairs = [
+                (_key_text(p[0]), p[1]) for p in node.get("items", []) if isinstance(p, list) and len(p) == 2
+            ]
+        if "meta" in node:
+            pairs.append(("_metadata", node["meta"]))
+        for key, value in pairs:
+            yield from iter_leaves(value, _join(prefix, key), depth + 1)
+    elif tag in ("tuple", "set", "frozenset"):
+        yield from iter_leaves(node.get("v", []), prefix, depth + 1)
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, dict) and key.get("t") == "tuple":
+        return "(" + ",".join(_key_text(k) for k in key.get("v", [])) + ")"
+    return str(key)
 
 
 def shared_leaves(tree: Any) -> dict[int, dict[str, Any]]:
     """Leaves that other places reference by id, for decoding a subtree on its own."""
-    found: dict[int, dict[str, Any]] = {}
-
-    def visit(leaf: dict[str, Any]) -> None:
-        if type(leaf.get("id")) is int:
-            found[leaf["id"]] = leaf
-
-    walk_leaves(tree, visit)
-    return found
+    return {leaf["id"]: leaf for _, leaf in iter_leaves(tree) if type(leaf.get("id")) is int}
