@@ -20,10 +20,12 @@ from ckptvault.legacy import import_legacy
 
 def test_public_surface_is_pinned() -> None:
     assert set(cv.__all__) == {
-        "CheckpointError", "CheckpointExistsError", "CheckpointInfo", "CheckpointNotFoundError",
-        "ConcurrentWriteError", "CorruptCheckpointError", "IncompatibleCheckpointError", "Problem",
-        "StorageError", "UnsafeCheckpointError", "UnsafeLegacyFileError", "UnsupportedStateError",
-        "VerifyReport", "__version__", "info", "list_checkpoints", "load", "open", "save", "verify",
+        "CheckpointError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
+        "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError",
+        "IncompatibleCheckpointError", "IncompleteStateError", "Problem", "Scope", "StorageError",
+        "TrainState", "UnsafeCheckpointError", "UnsafeLegacyFileError", "UnsupportedStateError",
+        "VerifyReport", "__version__", "fingerprint", "info", "list_checkpoints", "load", "open",
+        "save", "verify",
     }  # fmt: skip
     for name in cv.__all__:
         value = getattr(cv, name)

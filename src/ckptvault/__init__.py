@@ -8,6 +8,8 @@ The functional core::
     with cv.open("ckpts/step_100") as ck:     # lazy: reads only what you index
         w = ck["model"]["fc.weight"]
     report = cv.verify("ckpts/step_100")      # every problem, never an exception
+
+and for training loops, ``CheckpointManager`` + ``TrainState`` (triggers, retention, exact resume).
 """
 
 from __future__ import annotations
@@ -27,23 +29,31 @@ from .errors import (
     UnsafeLegacyFileError,
     UnsupportedStateError,
 )
+from .manager import CheckpointManager, Scope
+from .training.fingerprint import fingerprint
+from .training.state import IncompleteStateError, TrainState
 from .types import CheckpointInfo, Problem, VerifyReport
 
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "ConcurrentWriteError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "IncompleteStateError",
     "Problem",
+    "Scope",
     "StorageError",
+    "TrainState",
     "UnsafeCheckpointError",
     "UnsafeLegacyFileError",
     "UnsupportedStateError",
     "VerifyReport",
     "__version__",
+    "fingerprint",
     "info",
     "list_checkpoints",
     "load",

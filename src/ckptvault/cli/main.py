@@ -145,6 +145,10 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
                 }
             )
     rows.sort(key=lambda r: (r.get("step", -1), r["path"]))
+    reasons = _kept_reasons(directory)
+    if reasons is not None:
+        for row in rows:
+            row["kept_because"] = list(reasons.get(Path(row["path"]).name, ()))
     if as_json:
         _emit_json(rows)
         return
@@ -152,26 +156,40 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
         out.print(f"no checkpoints under {directory}")
         return
     metric_names = sorted({k for r in rows for k in r.get("metrics", {})})[:6]
+    extra = ["kept because"] if reasons is not None else []
     table = Table(show_edge=False, header_style="bold")
-    for col in ("checkpoint", "step", "size", "created", *metric_names):
-        justify = "right" if col not in ("checkpoint", "created") else "left"
+    for col in ("checkpoint", "step", "size", "created", *metric_names, *extra):
+        justify = "right" if col not in ("checkpoint", "created", "kept because") else "left"
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
+        cells = [_relative(row["path"], directory)]
         if "error" in row:
-            table.add_row(
-                row["path"], "[red]unreadable[/red]", "", row["error"][:60], *[""] * len(metric_names)
-            )
-            continue
-        created = datetime.fromisoformat(row["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
-        metrics = [_fmt_metric(row["metrics"].get(m)) for m in metric_names]
-        table.add_row(
-            _relative(row["path"], directory),
-            str(row["step"]),
-            _human_bytes(row["size_bytes"]),
-            created,
-            *metrics,
-        )
+            cells += [
+                "[red]unreadable[/red]",
+                "",
+                row["error"][:60],
+                *[""] * (len(metric_names) + len(extra)),
+            ]
+        else:
+            created = datetime.fromisoformat(row["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+            cells += [str(row["step"]), _human_bytes(row["size_bytes"]), created]
+            cells += [_fmt_metric(row["metrics"].get(m)) for m in metric_names]
+            if extra:
+                cells.append(", ".join(row["kept_because"]) or "[red]to be deleted[/red]")
+        table.add_row(*cells)
     out.print(table)
+
+
+def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
+    """Retention reasons when ``directory`` is a CheckpointManager run (it has a run.json)."""
+    if not (directory / "run.json").is_file():
+        return None
+    from ..manager import kept_reasons
+
+    try:
+        return kept_reasons(directory)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _relative(path: str, root: Path) -> str:
@@ -279,6 +297,32 @@ def import_(
     out.print(
         f"imported {source} -> {info.path} ({info.num_tensors} tensors, {_human_bytes(info.size_bytes)})"
     )
+
+
+@app.command("check-resume", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def check_resume_command(
+    command: Annotated[list[str], typer.Argument(help="The training command, after --.")],
+    kills: Annotated[int, typer.Option(help="How many times to SIGKILL the second run.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for the kill times.")] = 0,
+    workdir: Annotated[Path | None, typer.Option(help="Where the two run directories go.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a training script uninterrupted and killed-and-resumed; report 'exact' or the first difference."""
+    from .check_resume import check_resume
+
+    try:
+        result = check_resume(command, kills=kills, seed=seed, workdir=str(workdir) if workdir else None)
+    except (RuntimeError, CheckpointError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        _emit_json(result.__dict__)
+    elif result.exact:
+        out.print(f"[green]exact[/green]: killed {result.kills} times and resumed; final state bit-identical")
+    else:
+        out.print(f"[red]differs[/red] after {result.kills} kills: {result.first_difference}")
+    if not result.exact:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -69,24 +69,38 @@ def system_info() -> dict[str, Any]:
     return info
 
 
-@functools.lru_cache(maxsize=8)
-def git_state(cwd: str) -> dict[str, Any] | None:
-    """Commit and dirty flag of the repository holding ``cwd``; None outside a repository."""
+def run_git(cwd: str, *args: str, timeout: float = 5.0) -> bytes | None:
+    """Raw stdout of ``git <args>`` in ``cwd``; None when git is missing, fails or times out.
 
-    def run(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
+    ``GIT_OPTIONAL_LOCKS=0`` keeps ``git status`` from taking the index lock, so recording provenance
+    never collides with a git command the user runs at the same moment.
+    """
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, timeout=timeout, check=False, env=env
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
 
-    commit = run("rev-parse", "HEAD")
+
+def read_git_state(cwd: str) -> dict[str, Any] | None:
+    """Commit and dirty flag of the repository holding ``cwd``, read now; None outside a repository.
+
+    Untracked files do not make a checkout dirty: they are usually outputs (checkpoints, logs).
+    """
+    commit = run_git(cwd, "rev-parse", "--verify", "--quiet", "HEAD")
     if commit is None:
         return None
-    status = run("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status)}
+    status = run_git(cwd, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.decode("utf-8", "replace").strip(), "dirty": bool(status and status.strip())}
+
+
+@functools.lru_cache(maxsize=8)
+def git_state(cwd: str) -> dict[str, Any] | None:
+    """:func:`read_git_state` once per process and directory: a sidecar per save must stay cheap."""
+    return read_git_state(cwd)
 
 
 def plain_json(value: Any) -> Any:

@@ -1,0 +1,116 @@
+"""``ckptvault check-resume -- python train.py ARGS``: prove a training script resumes exactly.
+
+The script is run twice with ``CKPTVAULT_RUN_DIR`` pointing at a fresh run directory (the
+CheckpointManager reads it when given no directory): once uninterrupted, once killed with SIGKILL
+at random moments and restarted until it finishes. The newest full checkpoints of the two runs are
+then compared: every tensor by digest (with the largest difference where they differ) and every
+other value exactly. The script must save a full checkpoint when it finishes (``manager.save``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import api
+from ..engine.inspect import diff_checkpoints
+from ..storage.local import LocalStorage
+
+RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
+
+
+@dataclass(frozen=True)
+class ResumeCheck:
+    exact: bool
+    kills: int
+    reference: str
+    resumed: str
+    first_difference: str | None
+
+
+def _run(command: list[str], run_dir: Path, timeout: float) -> float:
+    started = time.monotonic()
+    done = subprocess.run(
+        command, env={**os.environ, RUN_DIR_ENV: str(run_dir)}, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"the training command failed with exit code {done.returncode}: {' '.join(command)}"
+        )
+    return time.monotonic() - started
+
+
+def _newest_full(run_dir: Path) -> str:
+    candidates = [p for p in api.list_checkpoints(run_dir) if Path(p).name.startswith("step_")]
+    if not candidates:
+        raise RuntimeError(f"{run_dir}: the script left no full checkpoint (save one when training ends)")
+    return max(candidates, key=lambda p: api.info(p).step)
+
+
+def _first_value_difference(a: Any, b: Any, path: str = "state") -> str | None:
+    """The first place two decoded trees differ in a non-tensor value (tensors are diffed apart)."""
+    if type(a) is not type(b):
+        return f"{path}: type {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return f"{path}: keys differ"
+        for key in a:
+            found = _first_value_difference(a[key], b[key], f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return f"{path}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_value_difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+        return None
+    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+        return None
+    return None if a == b else f"{path}: {a!r} vs {b!r}"
+
+
+def check_resume(
+    command: list[str], *, kills: int = 5, seed: int = 0, workdir: str | None = None, timeout: float = 3600
+) -> ResumeCheck:
+    root = Path(workdir or tempfile.mkdtemp(prefix="ckptvault-check-resume-"))
+    reference, resumed = root / "reference", root / "resumed"
+    duration = _run(command, reference, timeout)
+    rng = random.Random(seed)
+    landed = 0
+    env = {**os.environ, RUN_DIR_ENV: str(resumed)}
+    for _ in range(kills):
+        child = subprocess.Popen(command, env=env)
+        time.sleep(rng.uniform(0.15, 0.95) * duration)
+        if child.poll() is not None:
+            break
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        landed += 1
+    _run(command, resumed, timeout)
+    a, b = _newest_full(reference), _newest_full(resumed)
+    difference = None
+    for row in diff_checkpoints(LocalStorage(), a, b):
+        if row.status != "identical":
+            detail = (
+                f" (max abs diff {row.max_abs:.6g}, max rel {row.max_rel:.6g})"
+                if row.max_abs is not None
+                else ""
+            )
+            difference = f"tensor {row.path}: {row.status}{detail}"
+            break
+    if difference is None:
+        difference = _first_value_difference(api.load(a), api.load(b))
+    return ResumeCheck(difference is None, landed, a, b, difference)

@@ -1,0 +1,615 @@
+"""L3: CheckpointManager — a run directory of checkpoints with triggers, retention and restore.
+
+Built on the functional API (``save``/``load``/``info``), never beside it: every checkpoint it
+writes is an ordinary ckptvault checkpoint directory.
+
+Layout of a run directory::
+
+    run.json                 run id, config, provenance, trigger and retention settings
+    pins.json                steps pinned by the user (never deleted)
+    .ckptvault-index.json    derived list of checkpoint records (rebuilt from manifests if lost)
+    .ckptvault-run.lock      the single-writer lock
+    step_00001200/           full-scope checkpoint after 1200 optimizer steps
+    weights_00001200/        weights-only checkpoint (its own triggers and retention)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+from . import api
+from .errors import (
+    CheckpointNotFoundError,
+    ConcurrentWriteError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    StorageError,
+)
+from .policy import (
+    CheckpointRecord,
+    RetentionPolicy,
+    TriggerPolicy,
+    TriggerState,
+    epoch_trigger,
+    retention_reasons,
+    step_trigger,
+)
+from .storage.local import _HOST_TAG, STAGING_MARK
+from .training.state import FULL, WEIGHTS, TrainState
+from .types import CheckpointInfo
+
+RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
+INDEX_NAME = ".ckptvault-index.json"
+LOCK_NAME = ".ckptvault-run.lock"
+Mode = Literal["min", "max"]
+_PREFIX = {FULL: "step", WEIGHTS: "weights"}
+_NO_METRICS: Mapping[str, Any] = {}
+_LOCKED_RUNS: set[str] = set()  # run directories this process holds the writer lock of
+_LOCKED_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """When to save one kind of checkpoint and which of them to keep.
+
+    The manager's own keyword arguments configure the ``full`` scope; ``weights=Scope(...)`` adds a
+    weights-only stream with its own triggers and retention (the seed's recipe: a full checkpoint
+    every 10 epochs, a weights-only one every epoch, only the top 3 by validation accuracy kept).
+    """
+
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    every_seconds: float | None = None
+    every: Literal["auto"] | None = None
+    mtbf_seconds: float | None = None
+    save_on_improvement: bool = False
+    keep_last: int | None = None
+    keep_best: int | None = None
+    monitor: str | None = None
+    mode: Mode = "min"
+    keep_every_n_steps: int | None = None
+    keep_every_n_epochs: int | None = None
+    keep_newer_than: float | None = None
+
+    def triggers(self) -> TriggerPolicy:
+        if self.every == "auto" and not self.mtbf_seconds:
+            raise ValueError('every="auto" needs mtbf_seconds (the mean time between failures)')
+        return TriggerPolicy(
+            every_n_steps=self.every_n_steps,
+            every_n_epochs=self.every_n_epochs,
+            every_seconds=self.every_seconds,
+            on_improvement=self.save_on_improvement,
+            monitor=self.monitor,
+            mode=self.mode,
+            auto_mtbf_seconds=self.mtbf_seconds if self.every == "auto" else None,
+        )
+
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            keep_last=self.keep_last,
+            keep_best=self.keep_best,
+            monitor=self.monitor,
+            mode=self.mode,
+            keep_every_n_steps=self.keep_every_n_steps,
+            keep_every_n_epochs=self.keep_every_n_epochs,
+            keep_newer_than=self.keep_newer_than,
+        )
+
+
+@dataclass
+class _Stream:
+    scope: str
+    config: Scope
+    triggers: TriggerPolicy
+    retention: RetentionPolicy
+    state: TriggerState = field(default_factory=TriggerState)
+
+
+def checkpoint_name(scope: str, step: int) -> str:
+    return f"{_PREFIX[scope]}_{step:08d}"
+
+
+def _parse_name(name: str) -> tuple[str, int] | None:
+    for scope, prefix in _PREFIX.items():
+        head, sep, digits = name.partition("_")
+        if head == prefix and sep and digits.isdigit():
+            return scope, int(digits)
+    return None
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[str(key)] = float(value)
+        elif hasattr(value, "item") and getattr(value, "size", 2) == 1:
+            item = value.item()
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                out[str(key)] = float(item)
+    return out
+
+
+def _atomic_write_json(path: Path, doc: Any) -> None:
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(doc, handle, indent=1, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
+    doc = asdict(record)
+    doc["metrics"] = {k: (v if math.isfinite(v) else str(v)) for k, v in record.metrics.items()}
+    return doc
+
+
+def _record_from_json(doc: Mapping[str, Any]) -> CheckpointRecord:
+    metrics = {str(k): float(v) for k, v in doc.get("metrics", {}).items()}
+    return CheckpointRecord(
+        name=str(doc["name"]),
+        step=int(doc["step"]),
+        epoch=int(doc["epoch"]),
+        created=float(doc["created"]),
+        scope=str(doc["scope"]),
+        metrics=metrics,
+        pinned=bool(doc.get("pinned", False)),
+        valid=bool(doc.get("valid", True)),
+    )
+
+
+def record_from_info(name: str, info: CheckpointInfo) -> CheckpointRecord:
+    """A policy record from a committed checkpoint's manifest facts."""
+    parsed = _parse_name(name)
+    scope = str(info.metadata.get("scope", parsed[0] if parsed else FULL))
+    epoch = info.metadata.get("epoch", 0)
+    created = info.metadata.get("committed_at")
+    if not isinstance(created, (int, float)):
+        created = os.stat(info.path).st_mtime
+    return CheckpointRecord(
+        name=name,
+        step=info.step,
+        epoch=int(epoch) if isinstance(epoch, int) else 0,
+        created=float(created),
+        scope=scope,
+        metrics=_numeric(info.metrics),
+    )
+
+
+def load_records(run_dir: Path) -> dict[str, CheckpointRecord]:
+    """Records of every committed checkpoint in a run: the index, reconciled with the directory.
+
+    The index is derived data: entries whose directory is gone are dropped and checkpoints it does
+    not know (a crash between commit and index update) are read from their manifests.
+    """
+    names = {
+        entry.name
+        for entry in os.scandir(run_dir)
+        if entry.is_dir(follow_symlinks=False) and _parse_name(entry.name) is not None
+    }
+    records: dict[str, CheckpointRecord] = {}
+    try:
+        index = json.loads((run_dir / INDEX_NAME).read_text(encoding="utf-8"))
+        for doc in index.get("records", []):
+            record = _record_from_json(doc)
+            if record.name in names:
+                records[record.name] = record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or damaged index: rebuilt below from the manifests
+    for name in sorted(names - records.keys()):
+        try:
+            records[name] = record_from_info(name, api.info(run_dir / name))
+        except CheckpointNotFoundError:
+            continue  # a directory without a manifest is not a checkpoint
+        except (IncompatibleCheckpointError, StorageError):
+            continue  # unreadable here and now, not proven bad: never a candidate for deletion
+        except CorruptCheckpointError:
+            parsed = _parse_name(name)
+            if parsed is not None:
+                scope, step = parsed
+                records[name] = CheckpointRecord(name, step, 0, 0.0, scope, {}, valid=False)
+    return records
+
+
+def load_pins(run_dir: Path) -> set[int]:
+    try:
+        pins = json.loads((run_dir / "pins.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return {int(p) for p in pins.get("steps", []) if isinstance(p, int)}
+
+
+def kept_reasons(run_dir: str | os.PathLike[str]) -> dict[str, tuple[str, ...]]:
+    """Why each checkpoint of a run is kept, under the retention settings recorded in run.json."""
+    root = Path(run_dir)
+    run = json.loads((root / "run.json").read_text(encoding="utf-8"))
+    pins = load_pins(root)
+    records = [_with_pin(r, pins) for r in load_records(root).values()]
+    reasons: dict[str, tuple[str, ...]] = {}
+    for scope, settings in run.get("scopes", {}).items():
+        policy = Scope(**settings).retention()
+        reasons.update(retention_reasons([r for r in records if r.scope == scope], policy, now=time.time()))
+    return reasons
+
+
+def _with_pin(record: CheckpointRecord, pins: set[int]) -> CheckpointRecord:
+    pinned = record.step in pins
+    if pinned == record.pinned:
+        return record
+    return CheckpointRecord(record.name, record.step, record.epoch, record.created, record.scope,
+                            record.metrics, pinned, record.valid)  # fmt: skip
+
+
+class CheckpointManager:
+    """Saves a training run's checkpoints when triggers fire, keeps what the retention policy
+    keeps, and restores the newest valid one.
+
+    Concurrency contract: ONE writer per run directory, enforced by an exclusive lock on
+    ``.ckptvault-run.lock``; a second manager on the same directory (another process, or another
+    manager in this one) gets :class:`ConcurrentWriteError` naming the holder. Any number of
+    readers (``ckptvault.load``, ``ls``, ``verify``) may read the run meanwhile: checkpoints appear
+    atomically and are deleted by first renaming them out of sight. Not thread-safe: call it from
+    the training loop's thread. The lock is released by :meth:`close` (or process exit, including
+    SIGKILL).
+
+    Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
+    :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
+    exit cleanly.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        every_seconds: float | None = None,
+        every: Literal["auto"] | None = None,
+        mtbf_seconds: float | None = None,
+        save_on_improvement: bool = False,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: Mode = "min",
+        keep_every_n_steps: int | None = None,
+        keep_every_n_epochs: int | None = None,
+        keep_newer_than: float | None = None,
+        weights: Scope | None = None,
+        config: Any = None,
+        data_version: str | None = None,
+        preemption_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+    ) -> None:
+        if directory is None:
+            directory = os.environ.get(RUN_DIR_ENV)
+            if not directory:
+                raise ValueError(f"give the run directory, or set {RUN_DIR_ENV}")
+        self.directory = Path(directory)
+        full = Scope(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            every_seconds=every_seconds,
+            every=every,
+            mtbf_seconds=mtbf_seconds,
+            save_on_improvement=save_on_improvement,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_every_n_epochs=keep_every_n_epochs,
+            keep_newer_than=keep_newer_than,
+        )
+        scopes = {FULL: full} if weights is None else {FULL: full, WEIGHTS: weights}
+        self._streams = {s: _Stream(s, c, c.triggers(), c.retention()) for s, c in scopes.items()}
+        now = time.time()
+        for stream in self._streams.values():
+            stream.state.last_save_time = now
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._acquire_lock()
+        try:
+            self.run = self._open_run(config, data_version, scopes)
+            self._pins = load_pins(self.directory)
+            self._records = load_records(self.directory)
+            self._load_trigger_states()
+        except BaseException:
+            self.close()
+            raise
+        self.should_stop = False
+        self._preempted = threading.Event()
+        self._step_metrics: dict[str, Any] = {}
+        self._metrics_step = -1
+        self._previous_handlers: dict[int, Any] = {}
+        self._install_signal_handlers(preemption_signals)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _acquire_lock(self) -> int:
+        """The run's single-writer lock.
+
+        A POSIX record lock (``lockf``), not ``flock``: flock belongs to the open file, which forked
+        DataLoader workers share, so a SIGKILLed trainer's workers would keep the run locked until
+        they notice their parent died. A record lock belongs to the process and dies with it. Record
+        locks do not exclude a second lock in the same process, hence the registry.
+        """
+        key = os.path.realpath(self.directory)
+        with _LOCKED_LOCK:
+            if key in _LOCKED_RUNS:
+                raise ConcurrentWriteError(
+                    errno.EWOULDBLOCK, f"{self.directory} already has a writer in this process"
+                )
+            path = self.directory / LOCK_NAME
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise StorageError(exc.errno or 0, f"cannot lock {path}: {exc}") from exc
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ConcurrentWriteError(
+                    errno.EWOULDBLOCK,
+                    f"{self.directory} already has a writer ({holder}); one manager per run directory",
+                ) from None
+            _LOCKED_RUNS.add(key)
+            self._lock_key = key
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        return fd
+
+    def _open_run(self, config: Any, data_version: str | None, scopes: Mapping[str, Scope]) -> dict[str, Any]:
+        from .training.provenance import capture_provenance
+
+        path = self.directory / "run.json"
+        settings = {name: asdict(scope) for name, scope in scopes.items()}
+        if path.exists():
+            run: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            run.setdefault("resumes", []).append({"at": time.time(), "pid": os.getpid()})
+        else:
+            run = capture_provenance(config=config, data_version=data_version)
+        run["scopes"] = settings  # the retention in force, for `ckptvault ls`
+        _atomic_write_json(path, run)
+        return run
+
+    def close(self) -> None:
+        """Releases the run lock and restores the previous signal handlers."""
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
+        if getattr(self, "_lock_fd", -1) >= 0:
+            os.close(self._lock_fd)  # closing the only descriptor releases the record lock
+            self._lock_fd = -1
+            with _LOCKED_LOCK:
+                _LOCKED_RUNS.discard(self._lock_key)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+        self.close()
+
+    def wait(self) -> None:
+        """Blocks until every save has committed (saves are synchronous in this version)."""
+
+    def _install_signal_handlers(self, signals: tuple[int, ...]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            if signals:
+                warnings.warn("CheckpointManager created off the main thread: preemption signals not handled",
+                              stacklevel=3)  # fmt: skip
+            return
+        for signum in signals:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._preempted.set()  # only a flag: the save happens at the next step, outside the handler
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self, state: TrainState, metrics: Mapping[str, Any] | None = None) -> CheckpointInfo | None:
+        """Marks one optimizer step done (``state.step += 1``) and saves if a trigger fires."""
+        state.step += 1
+        state._on_epoch_end = self._on_epoch_end
+        if metrics:
+            self._note_metrics(state, metrics)
+        if self._preempted.is_set():
+            self.should_stop = True
+            self._preempted.clear()
+            return self._save(state, FULL, "preemption")
+        now = time.time()
+        current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
+        saved = None
+        for stream in self._streams.values():
+            reason = step_trigger(stream.triggers, stream.state, step=state.step, epoch=state.epoch, now=now,
+                                  metrics=current)  # fmt: skip
+            if reason is not None:
+                saved = self._save(state, stream.scope, reason)
+        return saved
+
+    def save(
+        self, state: TrainState, metrics: Mapping[str, Any] | None = None, *, scope: str = FULL
+    ) -> CheckpointInfo:
+        """Saves now (e.g. after evaluation); retention runs after the commit."""
+        if metrics:
+            self._note_metrics(state, metrics)
+        return self._save(state, scope, "explicit")
+
+    def _note_metrics(self, state: TrainState, metrics: Mapping[str, Any]) -> None:
+        state.record_metrics(metrics)
+        if self._metrics_step != state.step:
+            self._step_metrics = {}
+            self._metrics_step = state.step
+        self._step_metrics.update(metrics)
+        numeric = _numeric(metrics)
+        for stream in self._streams.values():
+            stream.state.observe(numeric, stream.triggers.monitor, stream.triggers.mode)
+
+    def _on_epoch_end(self, state: TrainState) -> None:
+        now = time.time()
+        for stream in self._streams.values():
+            reason = epoch_trigger(stream.triggers, stream.state, epoch=state.epoch, now=now,
+                                   metrics=self._current_metrics(state))  # fmt: skip
+            if reason is not None:
+                self._save(state, stream.scope, reason)
+
+    def _current_metrics(self, state: TrainState) -> dict[str, Any]:
+        return dict(self._step_metrics) if self._metrics_step == state.step else {}
+
+    # -- saving and retention -------------------------------------------------------------------
+    def _save(self, state: TrainState, scope: str, reason: str) -> CheckpointInfo:
+        if scope not in self._streams:
+            raise ValueError(f"this manager has no {scope!r} scope (configure weights=Scope(...))")
+        state._on_epoch_end = self._on_epoch_end
+        name = checkpoint_name(scope, state.step)
+        committed_at = time.time()
+        metrics = self._current_metrics(state)
+        metadata = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "scope": scope,
+            "reason": reason,
+            "committed_at": committed_at,
+            "run_id": self.run.get("run_id"),
+            "git": self.run.get("git"),
+            "config": self.run.get("config"),
+            "data_version": self.run.get("data_version"),
+            "metrics": metrics,
+        }
+        started = time.perf_counter()
+        info = api.save(self.directory / name, state.capture(scope), metadata=metadata, overwrite=True)
+        stream = self._streams[scope]
+        stream.state.record_save(step=state.step, epoch=state.epoch, now=time.time(),
+                                 duration=time.perf_counter() - started)  # fmt: skip
+        self._records[name] = CheckpointRecord(name, state.step, state.epoch, committed_at, scope,
+                                               _numeric(metrics), state.step in self._pins)  # fmt: skip
+        self._apply_retention(scope)
+        self._write_index()
+        return info
+
+    def _apply_retention(self, scope: str) -> None:
+        records = [_with_pin(r, self._pins) for r in self._records.values() if r.scope == scope]
+        reasons = retention_reasons(records, self._streams[scope].retention, now=time.time())
+        for name, why in reasons.items():
+            if not why:
+                self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        """Renames the checkpoint out of sight first, so a half-deleted one is never loadable."""
+        self._records.pop(name, None)
+        source = self.directory / name
+        trash = self.directory / f".{name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.del{secrets.token_hex(4)}"
+        try:
+            os.rename(source, trash)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(exc.errno or 0, f"cannot delete {source}: {exc}") from exc
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _write_index(self) -> None:
+        records = sorted(self._records.values(), key=lambda r: (r.scope, r.step))
+        triggers = {scope: stream.state.to_dict() for scope, stream in self._streams.items()}
+        doc = {"records": [_record_to_json(r) for r in records], "triggers": triggers}
+        _atomic_write_json(self.directory / INDEX_NAME, doc)
+
+    def _load_trigger_states(self) -> None:
+        """Best-so-far values survive a restart, so a resumed run does not mistake its first metric
+        for an improvement."""
+        try:
+            saved = json.loads((self.directory / INDEX_NAME).read_text(encoding="utf-8")).get("triggers", {})
+        except (OSError, ValueError, AttributeError):
+            return
+        for scope, stream in self._streams.items():
+            if isinstance(saved.get(scope), dict):
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    stream.state = TriggerState.from_dict(saved[scope])
+
+    # -- pins -----------------------------------------------------------------------------------
+    def pin(self, step: int) -> None:
+        """Keeps the checkpoints of ``step`` (every scope) whatever the retention policy says."""
+        self._pins.add(int(step))
+        _atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
+
+    def unpin(self, step: int) -> None:
+        self._pins.discard(int(step))
+        _atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
+        for scope in self._streams:
+            self._apply_retention(scope)
+        self._write_index()
+
+    # -- queries and restore ------------------------------------------------------------------
+    def checkpoints(self, scope: str | None = None) -> list[CheckpointRecord]:
+        """Committed checkpoints of this run, oldest first."""
+        records = [r for r in self._records.values() if scope is None or r.scope == scope]
+        return sorted(records, key=lambda r: (r.step, r.created, r.name))
+
+    def latest(self, scope: str = FULL) -> CheckpointInfo | None:
+        candidates = [r for r in self.checkpoints(scope) if r.valid]
+        return api.info(self.directory / candidates[-1].name) if candidates else None
+
+    def best(self, scope: str = FULL) -> CheckpointInfo | None:
+        record = self._best_record(scope)
+        return api.info(self.directory / record.name) if record else None
+
+    def _best_record(self, scope: str) -> CheckpointRecord | None:
+        stream = self._streams.get(scope)
+        monitor = stream.config.monitor if stream else None
+        if monitor is None:
+            raise ValueError("best() needs a monitor metric (monitor=...)")
+        sign = -1.0 if stream is not None and stream.config.mode == "max" else 1.0
+        scored = [
+            r for r in self.checkpoints(scope) if r.valid and not math.isnan(r.metrics.get(monitor, math.nan))
+        ]
+        return min(scored, key=lambda r: (sign * r.metrics[monitor], -r.step)) if scored else None
+
+    def restore(
+        self, state: TrainState, which: Literal["latest", "best"] | int = "latest", *, partial: bool = False
+    ) -> CheckpointInfo | None:
+        """Restores the newest checkpoint that verifies (or the best, or a given step) into
+        ``state``; None for a fresh run. A newer checkpoint that fails verification is skipped
+        with a warning naming it, and marked invalid."""
+        state._on_epoch_end = self._on_epoch_end
+        scope = FULL if any(r.scope == FULL for r in self._records.values()) else WEIGHTS
+        if which == "latest":
+            candidates = [r for r in reversed(self.checkpoints(scope)) if r.valid]
+        elif which == "best":
+            best = self._best_record(scope)
+            candidates = [best] if best else []
+        else:
+            candidates = [r for r in self._records.values() if r.step == int(which) and r.scope == scope]
+            if not candidates:
+                raise CheckpointNotFoundError(f"{self.directory}: no {scope} checkpoint at step {which}")
+        for record in candidates:
+            path = self.directory / record.name
+            try:
+                tree = api.load(path)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
+                self._records[record.name] = CheckpointRecord(record.name, record.step, record.epoch,
+                                                              record.created, record.scope, record.metrics,
+                                                              record.pinned, valid=False)  # fmt: skip
+                continue
+            state.restore(tree, partial=partial)
+            for stream in self._streams.values():
+                stream.state.last_save_step = state.step
+                stream.state.last_save_epoch = state.epoch
+                stream.state.last_save_time = time.time()
+            return api.info(path)
+        return None

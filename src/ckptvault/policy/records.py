@@ -1,0 +1,119 @@
+"""What the policies know about a checkpoint, and how they read and compare metrics.
+
+A :class:`CheckpointRecord` is the whole world of a policy: the manager builds one per committed
+checkpoint from its manifest facts, the policies decide over lists of them, and the manager acts on the
+decision. Nothing here touches storage, so every rule can be tested with plain values.
+
+Metric values are read defensively (:func:`metric_value`): only ints and floats count (``bool`` is not
+a number here), and NaN is treated as absent, because a NaN can neither be ranked nor ever improve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["min", "max"]
+"""Whether a smaller (``"min"``, e.g. loss) or larger (``"max"``, e.g. accuracy) value is better."""
+
+MODES: tuple[Mode, ...] = ("min", "max")
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One committed checkpoint of one stream, as the policies see it.
+
+    ``name`` is the checkpoint's directory name inside the run and its identity: the policies return
+    decisions keyed by it. ``created`` is the unix time of the commit. ``metrics`` may hold anything a
+    manifest held; the policies use only the numbers in it. ``valid=False`` marks a checkpoint that
+    failed verification: it is never the newest or the best and is kept only while pinned.
+    """
+
+    name: str
+    step: int
+    epoch: int
+    created: float
+    scope: str
+    metrics: Mapping[str, float]
+    pinned: bool = False
+    valid: bool = True
+
+    def newness(self) -> tuple[int, float, str]:
+        """The sort key for "newer": step first, then commit time, then name (always a total order)."""
+        return (self.step, self.created, self.name)
+
+
+def check_mode(mode: str) -> None:
+    """Raises ``ValueError`` unless ``mode`` is ``"min"`` or ``"max"``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+
+
+def metric_value(metrics: Mapping[str, object], name: str) -> float | None:
+    """The number recorded under ``name``, or ``None`` when absent, NaN or not a number.
+
+    Fast on purpose (no allocation when the metric is missing): the save triggers call it per step.
+    """
+    value = metrics.get(name)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def is_better(candidate: float, reference: float | None, mode: Mode) -> bool:
+    """Whether ``candidate`` strictly beats ``reference`` (anything beats ``None``; NaN beats nothing)."""
+    if math.isnan(candidate):
+        return False
+    if reference is None:
+        return True
+    return candidate < reference if mode == "min" else candidate > reference
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration for reason texts: ``"1h"``, ``"10m"``, ``"2d"``, ``"90s"``, ``"1.5s"``.
+
+    Whole multiples of a day, hour or minute use that unit; anything else is seconds, rounded to a
+    whole second from ten seconds up, so the text stays stable as a measured interval jitters.
+    """
+    value = float(round(seconds)) if seconds >= 10 else float(seconds)
+    if value > 0 and value.is_integer():
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value % size == 0:
+                return f"{int(value) // size}{unit}"
+        return f"{int(value)}s"
+    return f"{value:g}s"
+
+
+def check_positive_int(name: str, value: int | None) -> None:
+    """Raises ``ValueError`` unless ``value`` is ``None`` or an ``int`` >= 1 (``bool`` is refused)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_seconds(name: str, value: float | None) -> None:
+    """Raises ``ValueError`` unless ``value`` is ``None`` or a finite number of seconds > 0."""
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+
+
+def check_monitor(monitor: str | None, needed_by: str | None) -> None:
+    """Raises ``ValueError`` when ``needed_by`` names an option that needs a monitor and none is set,
+    or when ``monitor`` is set but is not a non-empty string."""
+    if monitor is None:
+        if needed_by is not None:
+            raise ValueError(f"{needed_by} needs monitor= (the metric name to rank by)")
+        return
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"monitor must be a non-empty metric name, got {monitor!r}")

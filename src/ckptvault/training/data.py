@@ -1,0 +1,115 @@
+"""Data position: resume a ``DataLoader`` mid-epoch at the next unseen batch, exactly.
+
+A standard ``DataLoader(shuffle=True)`` draws its permutation (and its workers' base seed) from the
+global RNG when an iterator is created, so an interrupted run that re-creates the iterator mid-epoch
+sees a different order and disturbs the RNG stream. Instead, each epoch gets one recorded
+``epoch_seed``; the epoch's loader is rebuilt with a sampler that derives the permutation from that
+seed and starts after the samples already consumed (skipping happens on indices: no skipped sample is
+ever loaded), and with its own ``torch.Generator`` seeded from it, so creating the iterator consumes
+nothing from the global RNG and workers get the same base seed as in an uninterrupted run.
+
+Samplers other than ``RandomSampler``/``SequentialSampler`` are iterated for their indices and the
+consumed ones dropped, which is exact when the sampler is deterministic given its own state (as
+``DistributedSampler`` is after ``set_epoch``). Loaders with their own ``state_dict`` (torchdata's
+``StatefulDataLoader``) are used through it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class DataPosition:
+    """Where the run is inside the current epoch."""
+
+    epoch_seed: int | None = None  # drawn when an epoch starts; None between epochs
+    batches_done: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch_seed": self.epoch_seed, "batches_done": self.batches_done}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataPosition:
+        seed, done = data.get("epoch_seed"), data.get("batches_done", 0)
+        if (seed is not None and type(seed) is not int) or type(done) is not int or done < 0:
+            raise ValueError(f"bad data position {data!r}")
+        return cls(seed, done)
+
+
+def is_stateful_loader(loader: Any) -> bool:
+    """torchdata's StatefulDataLoader and anything else that checkpoints its own position."""
+    return callable(getattr(loader, "state_dict", None)) and callable(
+        getattr(loader, "load_state_dict", None)
+    )
+
+
+def draw_epoch_seed(loader: Any) -> int:
+    """A fresh seed for an epoch, from the loader's generator if it has one, else torch's global RNG
+    (exactly one draw either way, so the RNG stream advances identically in every run)."""
+    import torch
+
+    generator = getattr(loader, "generator", None)
+    return int(torch.randint(0, 2**62, (), generator=generator).item())
+
+
+class _ResumedSampler:
+    """Yields the epoch's index order from ``start`` on; the order is fixed by ``indices``."""
+
+    def __init__(self, indices: list[int], start: int) -> None:
+        self._indices = indices
+        self._start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices[self._start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices) - self._start)
+
+
+def _epoch_indices(loader: Any, seed: int) -> list[int]:
+    import torch
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    sampler = loader.sampler
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(len(sampler.data_source), generator=generator).tolist()
+    if type(sampler) is SequentialSampler:
+        return list(range(len(sampler.data_source)))
+    return [int(i) for i in sampler]  # a deterministic custom sampler
+
+
+def epoch_loader(loader: Any, position: DataPosition) -> Any:
+    """The loader to iterate for the rest of the current epoch (see the module docstring)."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if position.epoch_seed is None:
+        position.epoch_seed = draw_epoch_seed(loader)
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        raise TypeError(
+            "TrainState.batches() resumes torch DataLoaders over map-style datasets, or loaders "
+            "with their own state_dict() (torchdata StatefulDataLoader); got "
+            f"{type(loader).__qualname__}"
+        )
+    if loader.batch_size is None:
+        raise TypeError("loaders built with a custom batch_sampler are not resumable yet; pass batch_size")
+    start = position.batches_done * loader.batch_size
+    sampler = _ResumedSampler(_epoch_indices(loader, position.epoch_seed), start)
+    options: dict[str, Any] = {
+        "batch_size": loader.batch_size,
+        "drop_last": loader.drop_last,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "generator": torch.Generator().manual_seed(position.epoch_seed),
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+        options["multiprocessing_context"] = loader.multiprocessing_context
+    return DataLoader(loader.dataset, sampler=sampler, **options)
