@@ -182,3 +182,58 @@ def test_run_json_records_provenance_and_retention(tmp_path: Path) -> None:
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"] == {"lr": 0.1} and run["run_id"]
     assert run["scopes"]["full"]["keep_last"] == 2
+
+
+def test_a_failed_save_deletes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = make_state()
+    with cv.CheckpointManager(tmp_path, every_n_steps=1, keep_last=1) as manager:
+        train_step(state)
+        manager.step(state)
+
+        def disk_full(*args: object, **kwargs: object) -> None:
+            raise cv.StorageError(28, "No space left on device")
+
+        monkeypatch.setattr(cv.api, "save", disk_full)
+        train_step(state)
+        with pytest.raises(cv.StorageError):
+            manager.step(state)
+        assert names(tmp_path) == ["step_00000001"]  # the old one stays until a new one commits
+        assert cv.verify(tmp_path / "step_00000001").ok
+
+
+def test_auto_interval_saves_by_young_daly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("ckptvault.manager.time.time", lambda: clock[0])
+    state = make_state()
+    # MTBF of 50 s: until a save is measured the first interval is min(600 s, MTBF) = 50 s.
+    with cv.CheckpointManager(tmp_path, every="auto", mtbf_seconds=50.0) as manager:
+        train_step(state)
+        assert manager.step(state) is None
+        clock[0] += 51.0
+        train_step(state)
+        info = manager.step(state)
+        assert info is not None and info.metadata["reason"].startswith("auto interval")
+    with pytest.raises(ValueError, match="mtbf_seconds"):
+        cv.CheckpointManager(tmp_path / "other", every="auto")
+
+
+def test_ls_explains_why_each_checkpoint_is_kept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    state = make_state()
+    with cv.CheckpointManager(tmp_path, keep_last=1, keep_best=1, monitor="acc", mode="max") as manager:
+        for acc in (0.2, 0.9, 0.5):
+            train_step(state)
+            manager.step(state)
+            manager.save(state, metrics={"acc": acc})
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptvault.cli.main", "ls", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {row["step"]: row["kept_because"] for row in json.loads(done.stdout)}
+    assert set(rows) == {2, 3}
+    assert any(reason.startswith("best acc") for reason in rows[2])
+    assert "latest" in rows[3]

@@ -3,6 +3,7 @@ to an uninterrupted run — weights, optimizer, scheduler, scaler, every RNG and
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -72,3 +73,31 @@ def test_sigterm_commits_a_full_checkpoint_and_exits_cleanly(tmp_path: Path) -> 
     info = cv.info(newest)
     assert info.metadata["reason"] == "preemption" and info.metadata["scope"] == "full"
     assert cv.verify(newest).ok
+
+
+@pytest.mark.slow
+def test_check_resume_command_reports_exact(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptvault.cli.main",
+            "check-resume",
+            "--kills",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            "--",
+            sys.executable,
+            str(SCRIPT),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    result = json.loads(done.stdout)
+    assert result["exact"] is True and result["kills"] >= 1 and result["first_difference"] is None
