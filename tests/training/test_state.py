@@ -85,3 +85,21 @@ def test_restore_refuses_mismatched_parts(tmp_path: Path) -> None:
 def test_objects_without_state_dict_are_refused() -> None:
     with pytest.raises(TypeError, match="state_dict"):
         cv.TrainState(model=object())
+
+
+def test_metrics_history_is_columnar_and_exact(tmp_path: Path) -> None:
+    state = cv.TrainState()
+    for step in range(1, 1001):
+        state.step = step
+        metrics: dict[str, object] = {"loss": 1.0 / step}
+        if step % 100 == 0:
+            metrics["val_acc"] = step / 1000
+            metrics["note"] = "eval"  # not a number: not part of the history
+        state.record_metrics(metrics)
+    tree = state.capture()
+    assert set(tree["metrics_history"]["metrics"]) == {"loss", "val_acc"}
+    cv.save(tmp_path / "h", tree)
+    restored = cv.TrainState()
+    restored.restore(cv.load(tmp_path / "h"))
+    assert list(restored.metrics_history.rows()) == list(state.metrics_history.rows())
+    assert restored.metrics_history.column("val_acc")[99] == 0.1 and len(restored.metrics_history) == 1000

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .data import DataPosition, epoch_loader, is_stateful_loader
+from .history import MetricsHistory
 
 STATE_FORMAT = "ckptvault.TrainState/1"
 FULL, WEIGHTS = "full", "weights"
@@ -77,7 +78,7 @@ class TrainState:
         self.step = 0
         self.epoch = 0  # completed epochs
         self.position = DataPosition()
-        self.metrics_history: list[dict[str, Any]] = []
+        self.metrics_history = MetricsHistory()
         self._on_epoch_end: Callable[[TrainState], None] | None = None
 
     # -- the loop ---------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class TrainState:
 
     def record_metrics(self, metrics: Mapping[str, Any]) -> None:
         if metrics:
-            self.metrics_history.append({"step": self.step, "epoch": self.epoch, **metrics})
+            self.metrics_history.append(self.step, self.epoch, metrics)
 
     # -- capture / restore ----------------------------------------------------------------
     def capture(self, scope: str = FULL) -> dict[str, Any]:
@@ -125,7 +126,7 @@ class TrainState:
         if scope == FULL:
             tree["rng"] = self._capture_rng()
             tree["data"] = self._capture_data()
-            tree["metrics_history"] = list(self.metrics_history)
+            tree["metrics_history"] = self.metrics_history.to_tree()
         return tree
 
     def restore(self, tree: Mapping[str, Any], *, partial: bool = False) -> list[str]:
@@ -165,7 +166,8 @@ class TrainState:
         if tree.get("scope") == FULL:
             self._restore_rng(tree["rng"])
             self._restore_data(tree.get("data", {}))
-            self.metrics_history = list(tree.get("metrics_history", []))
+            saved = tree.get("metrics_history")
+            self.metrics_history = MetricsHistory.from_tree(saved) if saved else MetricsHistory()
         return missing
 
     # -- RNG --------------------------------------------------------------------------------
