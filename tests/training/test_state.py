@@ -103,3 +103,34 @@ def test_metrics_history_is_columnar_and_exact(tmp_path: Path) -> None:
     restored.restore(cv.load(tmp_path / "h"))
     assert list(restored.metrics_history.rows()) == list(state.metrics_history.rows())
     assert restored.metrics_history.column("val_acc")[99] == 0.1 and len(restored.metrics_history) == 1000
+
+
+class CountingStatefulLoader:
+    """The protocol of torchdata's StatefulDataLoader: iteration plus its own state_dict."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.next_index = n, 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        while self.next_index < self.n:
+            self.next_index += 1
+            yield self.next_index - 1
+        self.next_index = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_index": self.next_index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_index = state["next_index"]
+
+
+def test_stateful_loaders_resume_through_their_own_state_dict(tmp_path: Path) -> None:
+    state = cv.TrainState(loader=CountingStatefulLoader(10))
+    seen = []
+    for batch in state.batches():
+        seen.append(batch)
+        if batch == 3:
+            cv.save(tmp_path / "s", state.capture())
+    resumed = cv.TrainState(loader=CountingStatefulLoader(10))
+    resumed.restore(cv.load(tmp_path / "s"))
+    assert list(resumed.batches()) == seen[4:]
