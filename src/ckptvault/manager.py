@@ -333,6 +333,8 @@ class CheckpointManager:
             self.close()
             raise
         self.should_stop = False
+        self._preemption: CheckpointInfo | None = None
+        self._preemption_step = -1
         self._preempted = threading.Event()
         self._step_metrics: dict[str, Any] = {}
         self._metrics_step = -1
@@ -431,8 +433,11 @@ class CheckpointManager:
             self._note_metrics(state, metrics)
         if self._preempted.is_set():
             self.should_stop = True
+            state.stop_requested = True
             self._preempted.clear()
-            return self._save(state, FULL, "preemption")
+            self._preemption = self._save(state, FULL, "preemption")
+            self._preemption_step = state.step
+            return self._preemption
         now = time.time()
         current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
         saved = None
@@ -446,7 +451,12 @@ class CheckpointManager:
     def save(
         self, state: TrainState, metrics: Mapping[str, Any] | None = None, *, scope: str = FULL
     ) -> CheckpointInfo:
-        """Saves now (e.g. after evaluation); retention runs after the commit."""
+        """Saves now (e.g. after evaluation); retention runs after the commit.
+
+        After a preemption at this step it returns the preemption checkpoint unchanged: the loop's
+        epoch tail may still run, but the committed state must be the one to resume from."""
+        if self.should_stop and self._preemption is not None and self._preemption_step == state.step:
+            return self._preemption
         if metrics:
             self._note_metrics(state, metrics)
         return self._save(state, scope, "explicit")
@@ -464,6 +474,11 @@ class CheckpointManager:
     def _on_epoch_end(self, state: TrainState) -> None:
         now = time.time()
         for stream in self._streams.values():
+            if stream.state.last_save_step == state.step and stream.state.last_save_epoch < state.epoch:
+                # This scope already saved at this very step, after the epoch's last batch (the
+                # post-evaluation save): that checkpoint is the end-of-epoch state already.
+                stream.state.last_save_epoch = state.epoch
+                continue
             reason = epoch_trigger(stream.triggers, stream.state, epoch=state.epoch, now=now,
                                    metrics=self._current_metrics(state))  # fmt: skip
             if reason is not None:

@@ -253,7 +253,13 @@ def diff(
         table = Table(show_edge=False, header_style="bold")
         for col in ("tensor", "status", "max abs diff", "max rel diff"):
             table.add_column(col, justify="left" if col in ("tensor", "status") else "right")
-        colours = {"changed": "yellow", "added": "green", "removed": "red", "retyped": "magenta"}
+        colours = {
+            "changed": "yellow",
+            "added": "green",
+            "removed": "red",
+            "retyped": "magenta",
+            "reshaped": "magenta",
+        }
         for row in shown:
             colour = colours.get(row.status, "white")
             table.add_row(

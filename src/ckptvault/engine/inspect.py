@@ -59,7 +59,7 @@ def iter_leaves(tree: Any, *, path: str | None = None) -> list[LeafInfo]:
 @dataclass(frozen=True)
 class TensorDiff:
     path: str
-    status: str  # identical | changed | added | removed | retyped
+    status: str  # identical | changed | added | removed | retyped | reshaped
     max_abs: float | None = None
     max_rel: float | None = None
     detail: str = ""
@@ -106,11 +106,9 @@ def diff_checkpoints(storage: Storage, a: str, b: str) -> list[TensorDiff]:
         for path in sorted(left_leaves.keys() & right_leaves.keys()):
             la, lb = left_leaves[path], right_leaves[path]
             if (la.kind, la.dtype, la.shape) != (lb.kind, lb.dtype, lb.shape):
-                out.append(
-                    TensorDiff(
-                        path, "retyped", detail=f"{la.dtype}{list(la.shape)} -> {lb.dtype}{list(lb.shape)}"
-                    )
-                )
+                status = "retyped" if (la.kind, la.dtype) != (lb.kind, lb.dtype) else "reshaped"
+                detail = f"{la.dtype}{list(la.shape)} -> {lb.dtype}{list(lb.shape)}"
+                out.append(TensorDiff(path, status, detail=detail))
                 continue
             same_bytes = left.manifest.tensors[la.tensor].digest == right.manifest.tensors[lb.tensor].digest
             if same_bytes and "view" not in la.node and "view" not in lb.node:

@@ -27,16 +27,23 @@ class DataPosition:
 
     epoch_seed: int | None = None  # drawn when an epoch starts; None between epochs
     batches_done: int = 0
+    exhausted: bool = False  # every batch of the epoch was consumed: we are in the epoch's tail
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch_seed": self.epoch_seed, "batches_done": self.batches_done}
+        return {"epoch_seed": self.epoch_seed, "batches_done": self.batches_done, "exhausted": self.exhausted}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataPosition:
-        seed, done = data.get("epoch_seed"), data.get("batches_done", 0)
+        seed, done, exhausted = (
+            data.get("epoch_seed"),
+            data.get("batches_done", 0),
+            data.get("exhausted", False),
+        )
         if (seed is not None and type(seed) is not int) or type(done) is not int or done < 0:
             raise ValueError(f"bad data position {data!r}")
-        return cls(seed, done)
+        if type(exhausted) is not bool:
+            raise ValueError(f"bad data position {data!r}")
+        return cls(seed, done, exhausted)
 
 
 def is_stateful_loader(loader: Any) -> bool:

@@ -80,6 +80,7 @@ class TrainState:
         self.position = DataPosition()
         self.metrics_history = MetricsHistory()
         self._on_epoch_end: Callable[[TrainState], None] | None = None
+        self.stop_requested = False  # set by the manager on preemption; ends epochs() and batches()
 
     # -- the loop ---------------------------------------------------------------------------
     def epochs(self, num_epochs: int) -> Iterator[int]:
@@ -87,22 +88,44 @@ class TrainState:
 
         When the loop body of an epoch finishes, the epoch counts as completed (the counter moves on
         and the data position resets) and the manager, if attached, checks its epoch triggers.
+
+        A checkpoint taken after the epoch's batches ran out (the usual save after evaluation)
+        resumes at the next epoch: the epoch's tail up to that save is not run twice. After a
+        preemption (``stop_requested``) the loop ends without counting the epoch as completed.
         """
-        while self.epoch < num_epochs:
+        if self.position.exhausted and not self.stop_requested:
+            self._complete_epoch()  # restored from a save in the previous epoch's tail
+        while self.epoch < num_epochs and not self.stop_requested:
             yield self.epoch
-            self.epoch += 1
-            self.position = DataPosition()
-            if self._on_epoch_end is not None:
-                self._on_epoch_end(self)
+            if self._stopping():  # the loop body may have been preempted
+                return
+            self._complete_epoch()
+
+    def _stopping(self) -> bool:
+        """Read through a call: the loop body changes the flag while a generator is suspended."""
+        return self.stop_requested
+
+    def _complete_epoch(self) -> None:
+        self.epoch += 1
+        self.position = DataPosition()
+        if self._on_epoch_end is not None:
+            self._on_epoch_end(self)
 
     def batches(self) -> Iterator[Any]:
-        """The current epoch's remaining batches: after a restore, the next unseen one first."""
+        """The current epoch's remaining batches: after a restore, the next unseen one first.
+        Ends early, without consuming another batch, once a stop was requested (preemption)."""
         if self.loader is None:
             raise ValueError("TrainState has no loader; pass loader=... to iterate batches")
+        if self.position.exhausted or self.stop_requested:
+            return
         source = self.loader if is_stateful_loader(self.loader) else epoch_loader(self.loader, self.position)
         for batch in source:
+            if self._stopping():
+                return
             self.position.batches_done += 1
             yield batch
+        if not self.stop_requested:
+            self.position.exhausted = True
 
     def record_metrics(self, metrics: Mapping[str, Any]) -> None:
         if metrics:
