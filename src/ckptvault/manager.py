@@ -147,19 +147,44 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _atomic_write_json(path: Path, doc: Any) -> None:
+def _atomic_write_json(path: Path, doc: Any, *, durable: bool = True) -> None:
+    """Replaces ``path`` atomically; ``durable=False`` skips the fsync for derived data (the index),
+    which a crash may lose or truncate and which is then rebuilt from the manifests."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(doc, handle, indent=1, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
+        json.dump(
+            doc,
+            handle,
+            indent=1 if durable else None,
+            separators=None if durable else (",", ":"),
+            default=str,
+        )
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(temp, path)
 
 
 def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
-    doc = asdict(record)
-    doc["metrics"] = {k: (v if math.isfinite(v) else str(v)) for k, v in record.metrics.items()}
-    return doc
+    return {
+        "name": record.name,
+        "step": record.step,
+        "epoch": record.epoch,
+        "created": record.created,
+        "scope": record.scope,
+        "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in record.metrics.items()},
+        "pinned": record.pinned,
+        "valid": record.valid,
+    }
+
+
+def read_index(run_dir: Path) -> dict[str, Any]:
+    """The run's derived index document, or an empty one when it is missing or damaged."""
+    try:
+        doc = json.loads((run_dir / INDEX_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _record_from_json(doc: Mapping[str, Any]) -> CheckpointRecord:
@@ -194,12 +219,14 @@ def record_from_info(name: str, info: CheckpointInfo) -> CheckpointRecord:
     )
 
 
-def load_records(run_dir: Path) -> dict[str, CheckpointRecord]:
+def load_records(run_dir: Path, index: Mapping[str, Any] | None = None) -> dict[str, CheckpointRecord]:
     """Records of every committed checkpoint in a run: the index, reconciled with the directory.
 
     The index is derived data: entries whose directory is gone are dropped and checkpoints it does
     not know (a crash between commit and index update) are read from their manifests.
     """
+    if index is None:
+        index = read_index(run_dir)
     names = {
         entry.name
         for entry in os.scandir(run_dir)
@@ -207,13 +234,12 @@ def load_records(run_dir: Path) -> dict[str, CheckpointRecord]:
     }
     records: dict[str, CheckpointRecord] = {}
     try:
-        index = json.loads((run_dir / INDEX_NAME).read_text(encoding="utf-8"))
         for doc in index.get("records", []):
             record = _record_from_json(doc)
             if record.name in names:
                 records[record.name] = record
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # missing or damaged index: rebuilt below from the manifests
+    except (ValueError, KeyError, TypeError, AttributeError):
+        records = {}  # damaged index: rebuilt below from the manifests
     for name in sorted(names - records.keys()):
         try:
             records[name] = record_from_info(name, api.info(run_dir / name))
@@ -254,8 +280,16 @@ def _with_pin(record: CheckpointRecord, pins: set[int]) -> CheckpointRecord:
     pinned = record.step in pins
     if pinned == record.pinned:
         return record
-    return CheckpointRecord(record.name, record.step, record.epoch, record.created, record.scope,
-                            record.metrics, pinned, record.valid)  # fmt: skip
+    return CheckpointRecord(
+        record.name,
+        record.step,
+        record.epoch,
+        record.created,
+        record.scope,
+        record.metrics,
+        pinned,
+        record.valid,
+    )
 
 
 class CheckpointManager:
@@ -327,8 +361,11 @@ class CheckpointManager:
         try:
             self.run = self._open_run(config, data_version, scopes)
             self._pins = load_pins(self.directory)
-            self._records = load_records(self.directory)
-            self._load_trigger_states()
+            index = read_index(self.directory)
+            self._records = load_records(self.directory, index)
+            self._load_trigger_states(index)
+            if len(index.get("records", ())) != len(self._records):
+                self._write_index()  # rebuilt or reconciled: later opens need not read the manifests
         except BaseException:
             self.close()
             raise
@@ -383,7 +420,8 @@ class CheckpointManager:
         settings = {name: asdict(scope) for name, scope in scopes.items()}
         if path.exists():
             run: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-            run.setdefault("resumes", []).append({"at": time.time(), "pid": os.getpid()})
+            resumes = [*run.get("resumes", []), {"at": time.time(), "pid": os.getpid()}]
+            run["resumes"] = resumes[-100:]  # the most recent restarts; bounded
         else:
             run = capture_provenance(config=config, data_version=data_version)
         run["scopes"] = settings  # the retention in force, for `ckptvault ls`
@@ -415,8 +453,10 @@ class CheckpointManager:
     def _install_signal_handlers(self, signals: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():
             if signals:
-                warnings.warn("CheckpointManager created off the main thread: preemption signals not handled",
-                              stacklevel=3)  # fmt: skip
+                warnings.warn(
+                    "CheckpointManager created off the main thread: preemption signals not handled",
+                    stacklevel=3,
+                )
             return
         for signum in signals:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -442,8 +482,9 @@ class CheckpointManager:
         current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
         saved = None
         for stream in self._streams.values():
-            reason = step_trigger(stream.triggers, stream.state, step=state.step, epoch=state.epoch, now=now,
-                                  metrics=current)  # fmt: skip
+            reason = step_trigger(
+                stream.triggers, stream.state, step=state.step, epoch=state.epoch, now=now, metrics=current
+            )
             if reason is not None:
                 saved = self._save(state, stream.scope, reason)
         return saved
@@ -479,8 +520,13 @@ class CheckpointManager:
                 # post-evaluation save): that checkpoint is the end-of-epoch state already.
                 stream.state.last_save_epoch = state.epoch
                 continue
-            reason = epoch_trigger(stream.triggers, stream.state, epoch=state.epoch, now=now,
-                                   metrics=self._current_metrics(state))  # fmt: skip
+            reason = epoch_trigger(
+                stream.triggers,
+                stream.state,
+                epoch=state.epoch,
+                now=now,
+                metrics=self._current_metrics(state),
+            )
             if reason is not None:
                 self._save(state, stream.scope, reason)
 
@@ -510,10 +556,12 @@ class CheckpointManager:
         started = time.perf_counter()
         info = api.save(self.directory / name, state.capture(scope), metadata=metadata, overwrite=True)
         stream = self._streams[scope]
-        stream.state.record_save(step=state.step, epoch=state.epoch, now=time.time(),
-                                 duration=time.perf_counter() - started)  # fmt: skip
-        self._records[name] = CheckpointRecord(name, state.step, state.epoch, committed_at, scope,
-                                               _numeric(metrics), state.step in self._pins)  # fmt: skip
+        stream.state.record_save(
+            step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
+        )
+        self._records[name] = CheckpointRecord(
+            name, state.step, state.epoch, committed_at, scope, _numeric(metrics), state.step in self._pins
+        )
         self._apply_retention(scope)
         self._write_index()
         return info
@@ -542,14 +590,13 @@ class CheckpointManager:
         records = sorted(self._records.values(), key=lambda r: (r.scope, r.step))
         triggers = {scope: stream.state.to_dict() for scope, stream in self._streams.items()}
         doc = {"records": [_record_to_json(r) for r in records], "triggers": triggers}
-        _atomic_write_json(self.directory / INDEX_NAME, doc)
+        _atomic_write_json(self.directory / INDEX_NAME, doc, durable=False)
 
-    def _load_trigger_states(self) -> None:
+    def _load_trigger_states(self, index: Mapping[str, Any]) -> None:
         """Best-so-far values survive a restart, so a resumed run does not mistake its first metric
         for an improvement."""
-        try:
-            saved = json.loads((self.directory / INDEX_NAME).read_text(encoding="utf-8")).get("triggers", {})
-        except (OSError, ValueError, AttributeError):
+        saved = index.get("triggers", {})
+        if not isinstance(saved, dict):
             return
         for scope, stream in self._streams.items():
             if isinstance(saved.get(scope), dict):
@@ -617,9 +664,16 @@ class CheckpointManager:
                 tree = api.load(path)
             except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
                 warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
-                self._records[record.name] = CheckpointRecord(record.name, record.step, record.epoch,
-                                                              record.created, record.scope, record.metrics,
-                                                              record.pinned, valid=False)  # fmt: skip
+                self._records[record.name] = CheckpointRecord(
+                    record.name,
+                    record.step,
+                    record.epoch,
+                    record.created,
+                    record.scope,
+                    record.metrics,
+                    record.pinned,
+                    valid=False,
+                )
                 continue
             state.restore(tree, partial=partial)
             for stream in self._streams.values():
