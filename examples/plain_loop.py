@@ -87,10 +87,6 @@ def main() -> int:
         print(f"resumed from {Path(info.path).name}: epoch {state.epoch}, "
               f"batch {state.position.batches_done}/{len(loader)}", flush=True)  # fmt: skip
 
-    # A run killed right after an epoch's post-evaluation save resumes at the end of that epoch, before
-    # the epoch counter moved on: the epoch's tail would run again and record val_acc twice.
-    evaluated_step = info.step if info is not None and "val_acc" in info.metrics else None
-
     for epoch in state.epochs(args.epochs):  # resumes at the saved epoch
         for x, y in state.batches():  # resumes mid-epoch at the next unseen batch
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -102,18 +98,16 @@ def main() -> int:
             if saved is not None:
                 print(f"  step {state.step} (epoch {epoch}, batch {state.position.batches_done}/"
                       f"{len(loader)}): saved {Path(saved.path).name}", flush=True)  # fmt: skip
-            if manager.should_stop:  # SIGTERM/SIGUSR1: a full checkpoint was just committed
-                break
-        if manager.should_stop:  # leave the epoch unfinished: no evaluation, the epoch doesn't count
-            print(f"preempted: stopping at step {state.step}; run again to resume", flush=True)
-            manager.close()
-            return 0
-        if state.step == evaluated_step:  # resumed from this epoch's post-evaluation save
-            continue
+        if manager.should_stop:  # preempted: batches() ended early; skip the (expensive) evaluation
+            break
         acc = evaluate(model, val)
         manager.save(state, metrics={"val_acc": acc})  # explicit save after evaluation
         print(f"epoch {epoch}: val_acc {acc:.4f}, lr {sched.get_last_lr()[0]:.2e}", flush=True)
 
+    if manager.should_stop:  # the preemption checkpoint is committed; epochs() already stopped
+        print(f"preempted: stopping at step {state.step}; run again to resume", flush=True)
+        manager.close()
+        return 0
     manager.save(state)  # the complete final state (check-resume compares it)
     manager.wait()
     manager.close()

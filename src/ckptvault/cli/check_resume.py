@@ -82,20 +82,57 @@ def _first_value_difference(a: Any, b: Any, path: str = "state") -> str | None:
     return None if a == b else f"{path}: {a!r} vs {b!r}"
 
 
+def _newest_commit(run_dir: Path) -> float:
+    """Modification time of the newest committed checkpoint in a run (0 when there is none)."""
+    times = (
+        [os.stat(Path(p) / "manifest.json").st_mtime for p in api.list_checkpoints(run_dir)]
+        if run_dir.exists()
+        else []
+    )
+    return max(times, default=0.0)
+
+
+def _watch(command: list[str], run_dir: Path, timeout: float) -> tuple[float, float]:
+    """Runs the reference to the end; returns (seconds to its first checkpoint, total seconds)."""
+    started = time.monotonic()
+    child = subprocess.Popen(command, env={**os.environ, RUN_DIR_ENV: str(run_dir)})
+    first: float | None = None
+    while child.poll() is None:
+        if first is None and _newest_commit(run_dir) > 0:
+            first = time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            child.kill()
+            raise RuntimeError(f"the training command ran longer than {timeout:.0f} s")
+        time.sleep(0.02)
+    total = time.monotonic() - started
+    if child.returncode != 0:
+        raise RuntimeError(
+            f"the training command failed with exit code {child.returncode}: {' '.join(command)}"
+        )
+    return (first if first is not None else total), total
+
+
 def check_resume(
     command: list[str], *, kills: int = 5, seed: int = 0, workdir: str | None = None, timeout: float = 3600
 ) -> ResumeCheck:
+    """Each kill lands only after the restarted script committed a new checkpoint (it is training,
+    not still importing), at a random moment within a share of the reference's training time."""
     root = Path(workdir or tempfile.mkdtemp(prefix="ckptvault-check-resume-"))
     reference, resumed = root / "reference", root / "resumed"
-    duration = _run(command, reference, timeout)
+    first, total = _watch(command, reference, timeout)
+    training = max(total - first, 0.05)
     rng = random.Random(seed)
     landed = 0
     env = {**os.environ, RUN_DIR_ENV: str(resumed)}
     for _ in range(kills):
+        before = _newest_commit(resumed)
         child = subprocess.Popen(command, env=env)
-        time.sleep(rng.uniform(0.15, 0.95) * duration)
+        deadline = time.monotonic() + total + 60
+        while child.poll() is None and _newest_commit(resumed) <= before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, training / max(kills, 1)))
         if child.poll() is not None:
-            break
+            break  # it finished: the remaining kills have nothing to interrupt
         child.send_signal(signal.SIGKILL)
         child.wait()
         landed += 1
