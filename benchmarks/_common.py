@@ -245,3 +245,24 @@ def reset_peak_rss() -> bool:
     status = proc_status_kib("VmHWM", "VmRSS")
     # Allow a little slack: RSS can grow between the reset and the read.
     return status.get("VmHWM", 1 << 62) <= status.get("VmRSS", 0) + 1024
+
+
+# --------------------------------------------------------------------------- report helpers
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def fmt_samples(values: list[float], digits: int) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)

@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, median, remove, rotated, timed
+from _common import fmt_samples, machine_info, md_table, median, remove, rotated, timed, verdict
 
 TARGET_STEP_US = 20.0
 TARGET_PICK_MS = 50.0
@@ -250,24 +250,6 @@ def phase_rebuild(run: Path, count: int, reps: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
-def fmt_samples(values: list[float], digits: int) -> str:
-    return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
 def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, str, bool]]]:

@@ -54,8 +54,10 @@ from _common import (
     assert_same_tensors,
     build_state,
     flatten,
+    fmt_samples,
     machine_info,
     make_spec,
+    md_table,
     median,
     proc_status_kib,
     remove,
@@ -63,6 +65,7 @@ from _common import (
     rotated,
     timed,
     touch_pages,
+    verdict,
 )
 
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
@@ -420,24 +423,6 @@ def phase_rss(
 
 
 # --------------------------------------------------------------------------- report
-
-
-def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
-def fmt_samples(values: list[float], digits: int) -> str:
-    return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
 def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, str, bool]]]:
