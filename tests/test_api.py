@@ -22,10 +22,11 @@ def test_public_surface_is_pinned() -> None:
     assert set(cv.__all__) == {
         "CheckpointError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
         "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError",
-        "IncompatibleCheckpointError", "IncompleteStateError", "Problem", "Scope", "StorageError",
+        "IncompatibleCheckpointError", "IncompleteStateError", "PendingSave", "Problem", "Scope",
+        "StagingBudgetError", "StorageError",
         "TrainState", "UnsafeCheckpointError", "UnsafeLegacyFileError", "UnsupportedStateError",
         "VerifyReport", "__version__", "fingerprint", "info", "list_checkpoints", "load", "open",
-        "save", "verify",
+        "save", "save_async", "verify",
     }  # fmt: skip
     for name in cv.__all__:
         value = getattr(cv, name)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import info, list_checkpoints, load, open, save, verify
+from .api import info, list_checkpoints, load, open, save, save_async, verify
+from .engine.background import PendingSave
+from .engine.staging import StagingBudgetError
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -44,8 +46,10 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "IncompleteStateError",
+    "PendingSave",
     "Problem",
     "Scope",
+    "StagingBudgetError",
     "StorageError",
     "TrainState",
     "UnsafeCheckpointError",
@@ -59,5 +63,6 @@ __all__ = [
     "load",
     "open",
     "save",
+    "save_async",
     "verify",
 ]

@@ -1,4 +1,4 @@
-"""L3: the functional API — ``save``, ``load``, ``open``, ``verify``, ``info``.
+"""L3: the functional API — ``save``, ``save_async``, ``load``, ``open``, ``verify``, ``info``.
 
 These are the contract every higher layer (the manager, the CLI) is built on; they choose the
 storage backend from the path and hand work to the engine.
@@ -7,11 +7,14 @@ storage backend from the path and hand work to the engine.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from .config import Settings
+from .engine.background import BackgroundWriter, PendingSave
 from .engine.lazy import CheckpointView
 from .engine.reader import CheckpointReader, read_checkpoint, verify_checkpoint
+from .engine.staging import StagingBuffer
 from .engine.writer import write_checkpoint
 from .format.manifest import Manifest
 from .storage.base import Storage
@@ -121,3 +124,33 @@ def list_checkpoints(root: PathLike) -> list[str]:
     """Committed checkpoints under ``root`` (staging leftovers and hidden directories skipped)."""
     storage, target = storage_for(root)
     return list(storage.iter_checkpoints(target))
+
+
+_ASYNC_LOCK = threading.Lock()
+_ASYNC_WRITER: BackgroundWriter | None = None
+_ASYNC_STAGING = StagingBuffer()
+
+
+def save_async(
+    path: PathLike,
+    state: Any,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_staging_bytes: int | None = None,
+) -> PendingSave:
+    """Like :func:`save`, but returns once the state's bytes are copied to host staging memory.
+
+    Hashing, writing, fsync and the commit run in a background thread; ``wait()`` on the returned
+    :class:`PendingSave` gives the :class:`CheckpointInfo` or re-raises the background failure.
+    At most one async save is in flight (a new one first waits for the previous one), so staging
+    memory is one reusable buffer the size of the largest state, or ``max_staging_bytes`` at most
+    (a larger state raises ``StagingBudgetError`` before anything is written). Pending saves are
+    finished at interpreter exit.
+    """
+    global _ASYNC_WRITER
+    with _ASYNC_LOCK:
+        if _ASYNC_WRITER is None:
+            _ASYNC_WRITER = BackgroundWriter()
+        _ASYNC_STAGING.max_bytes = max_staging_bytes
+        return _ASYNC_WRITER.submit_save(path, state, metadata, _ASYNC_STAGING, overwrite=overwrite)

@@ -34,6 +34,8 @@ from types import FrameType
 from typing import Any, Literal
 
 from . import api
+from .engine.background import BackgroundWriter, PendingSave
+from .engine.staging import StagingBuffer
 from .errors import (
     CheckpointNotFoundError,
     ConcurrentWriteError,
@@ -304,6 +306,13 @@ class CheckpointManager:
     the training loop's thread. The lock is released by :meth:`close` (or process exit, including
     SIGKILL).
 
+    Asynchronous saves (``async_save=True``): a save fired by :meth:`step` or an epoch trigger
+    blocks only while the state is copied into a reused host staging buffer (at most
+    ``max_staging_bytes``); hashing, writing and the commit run in a background thread, one save in
+    flight (the next waits for it). "latest", the index and retention move on only once the commit
+    is seen complete (at the next ``step``/``save``/``wait``), which is also where a background
+    failure is raised. Explicit :meth:`save` and preemption saves are synchronous.
+
     Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
     :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
     exit cleanly.
@@ -330,6 +339,8 @@ class CheckpointManager:
         config: Any = None,
         data_version: str | None = None,
         preemption_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+        async_save: bool = False,
+        max_staging_bytes: int | None = None,
     ) -> None:
         if directory is None:
             directory = os.environ.get(RUN_DIR_ENV)
@@ -369,6 +380,9 @@ class CheckpointManager:
         except BaseException:
             self.close()
             raise
+        self._inflight: tuple[PendingSave, CheckpointRecord] | None = None
+        self._writer = BackgroundWriter() if async_save else None
+        self._staging = StagingBuffer(max_staging_bytes)
         self.should_stop = False
         self._preemption: CheckpointInfo | None = None
         self._preemption_step = -1
@@ -429,7 +443,16 @@ class CheckpointManager:
         return run
 
     def close(self) -> None:
-        """Releases the run lock and restores the previous signal handlers."""
+        """Finishes a pending save (a failure is reported as a warning: use ``wait()`` to get it
+        raised), releases the run lock and restores the previous signal handlers."""
+        if getattr(self, "_inflight", None) is not None:
+            try:
+                self._finish_pending(block=True)
+            except Exception as exc:
+                warnings.warn(f"the last asynchronous save failed: {exc}", stacklevel=2)
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.shutdown()
         for signum, handler in getattr(self, "_previous_handlers", {}).items():
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(signum, handler)
@@ -448,7 +471,8 @@ class CheckpointManager:
         self.close()
 
     def wait(self) -> None:
-        """Blocks until every save has committed (saves are synchronous in this version)."""
+        """Blocks until the save in flight (async mode) has committed; re-raises its failure."""
+        self._finish_pending(block=True)
 
     def _install_signal_handlers(self, signals: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -475,9 +499,11 @@ class CheckpointManager:
             self.should_stop = True
             state.stop_requested = True
             self._preempted.clear()
-            self._preemption = self._save(state, FULL, "preemption")
+            self._preemption = self._save(state, FULL, "preemption")  # synchronous: the job may exit
             self._preemption_step = state.step
             return self._preemption
+        if self._inflight is not None:
+            self._finish_pending(block=False)
         now = time.time()
         current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
         saved = None
@@ -486,7 +512,7 @@ class CheckpointManager:
                 stream.triggers, stream.state, step=state.step, epoch=state.epoch, now=now, metrics=current
             )
             if reason is not None:
-                saved = self._save(state, stream.scope, reason)
+                saved = self._save(state, stream.scope, reason, background=True)
         return saved
 
     def save(
@@ -500,7 +526,9 @@ class CheckpointManager:
             return self._preemption
         if metrics:
             self._note_metrics(state, metrics)
-        return self._save(state, scope, "explicit")
+        info = self._save(state, scope, "explicit")
+        assert info is not None  # explicit saves are synchronous
+        return info
 
     def _note_metrics(self, state: TrainState, metrics: Mapping[str, Any]) -> None:
         state.record_metrics(metrics)
@@ -528,16 +556,21 @@ class CheckpointManager:
                 metrics=self._current_metrics(state),
             )
             if reason is not None:
-                self._save(state, stream.scope, reason)
+                self._save(state, stream.scope, reason, background=True)
 
     def _current_metrics(self, state: TrainState) -> dict[str, Any]:
         return dict(self._step_metrics) if self._metrics_step == state.step else {}
 
     # -- saving and retention -------------------------------------------------------------------
-    def _save(self, state: TrainState, scope: str, reason: str) -> CheckpointInfo:
+    def _save(
+        self, state: TrainState, scope: str, reason: str, *, background: bool = False
+    ) -> CheckpointInfo | None:
+        """Saves synchronously (returns the info) or, with ``background`` on an async manager,
+        stages the state and returns None: the commit is recorded when it is observed done."""
         if scope not in self._streams:
             raise ValueError(f"this manager has no {scope!r} scope (configure weights=Scope(...))")
         state._on_epoch_end = self._on_epoch_end
+        self._finish_pending(block=True)  # back-pressure: one save in flight; re-raises its failure
         name = checkpoint_name(scope, state.step)
         committed_at = time.time()
         metrics = self._current_metrics(state)
@@ -553,18 +586,40 @@ class CheckpointManager:
             "data_version": self.run.get("data_version"),
             "metrics": metrics,
         }
-        started = time.perf_counter()
-        info = api.save(self.directory / name, state.capture(scope), metadata=metadata, overwrite=True)
-        stream = self._streams[scope]
-        stream.state.record_save(
-            step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
-        )
-        self._records[name] = CheckpointRecord(
+        record = CheckpointRecord(
             name, state.step, state.epoch, committed_at, scope, _numeric(metrics), state.step in self._pins
         )
-        self._apply_retention(scope)
-        self._write_index()
+        started = time.perf_counter()
+        path = self.directory / name
+        if background and self._writer is not None:
+            pending = self._writer.submit_save(path, state.capture(scope), metadata, self._staging)
+            self._inflight = (pending, record)
+            info = None
+        else:
+            info = api.save(path, state.capture(scope), metadata=metadata, overwrite=True)
+        # The loop's cost of this save (for every="auto"): the blocking part only when async.
+        self._streams[scope].state.record_save(
+            step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
+        )
+        if info is not None:
+            self._committed(record)
         return info
+
+    def _committed(self, record: CheckpointRecord) -> None:
+        """A durable commit: only now do "latest", retention and the index move on."""
+        self._records[record.name] = record
+        self._apply_retention(record.scope)
+        self._write_index()
+
+    def _finish_pending(self, *, block: bool) -> None:
+        if self._inflight is None:
+            return
+        pending, record = self._inflight
+        if not block and not pending.done():
+            return
+        self._inflight = None
+        pending.wait()  # re-raises a background failure here, in the training loop
+        self._committed(record)
 
     def _apply_retention(self, scope: str) -> None:
         records = [_with_pin(r, self._pins) for r in self._records.values() if r.scope == scope]

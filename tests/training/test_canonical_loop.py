@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from tests.helpers import assert_exact
 
@@ -22,7 +23,13 @@ class Crash(Exception):
     pass
 
 
-def run(run_dir: Path, *, preempt_at: int | None = None, crash_after_eval_of: int | None = None) -> dict:
+def run(
+    run_dir: Path,
+    *,
+    preempt_at: int | None = None,
+    crash_after_eval_of: int | None = None,
+    async_save: bool = False,
+) -> dict:
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
@@ -54,12 +61,13 @@ def run(run_dir: Path, *, preempt_at: int | None = None, crash_after_eval_of: in
     return state.capture()
 
 
-def test_preemption_without_break_stops_and_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True])
+def test_preemption_without_break_stops_and_resumes_exactly(tmp_path: Path, async_save: bool) -> None:
     reference = run(tmp_path / "ref")
-    assert run(tmp_path / "run", preempt_at=11) == {}  # stopped early, cleanly
+    assert run(tmp_path / "run", preempt_at=11, async_save=async_save) == {}  # stopped early, cleanly
     newest = cv.info(max(cv.list_checkpoints(tmp_path / "run")))
     assert newest.step == 11 and newest.metadata["reason"] == "preemption"
-    assert_exact(reference, run(tmp_path / "run"))
+    assert_exact(reference, run(tmp_path / "run", async_save=async_save))
 
 
 def test_crash_after_the_evaluation_save_does_not_repeat_the_epoch_tail(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ Any failure aborts the transaction: nothing half-written ever becomes visible.
 
 from __future__ import annotations
 
+import copy
 import re
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,12 +41,20 @@ from .sidecar import build_sidecar, sidecar_name
 
 @dataclass(frozen=True)
 class SavePlan:
-    """What one save will write: the encoded tree and the blobs of each data file, in order."""
+    """What one save will write: the encoded tree and the blobs of each data file, in order.
+
+    A plan is independent of the live state except through its blobs' memory: once the blobs are
+    copied (:func:`ckptvault.engine.staging.stage_plan`) the state may change while the plan is
+    committed in the background.
+    """
 
     tree: Any
     metadata_tree: Any
+    metadata: dict[str, Any]
     shards: list[list[Blob]]
     step: int
+    checkpoint_id: str
+    created_at: str
 
     @property
     def tensor_bytes(self) -> int:
@@ -91,7 +100,15 @@ def plan_save(target: str, state: Any, metadata: dict[str, Any] | None, settings
             filled = 0
         shards[-1].append(blob)
         filled += blob.nbytes
-    return SavePlan(tree, metadata_tree, shards, resolve_step(target, metadata))
+    return SavePlan(
+        tree,
+        metadata_tree,
+        copy.deepcopy(metadata),
+        shards,
+        resolve_step(target, metadata),
+        uuid.uuid4().hex,
+        datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+    )
 
 
 def data_file_name(index: int) -> str:
@@ -165,8 +182,21 @@ def write_checkpoint(
     """Saves ``state`` at ``target`` and returns the committed manifest."""
     settings = settings or Settings.from_env()
     plan = plan_save(target, state, metadata, settings)
-    checkpoint_id = uuid.uuid4().hex
-    created_at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return commit_plan(storage, target, plan, overwrite=overwrite, settings=settings)
+
+
+def commit_plan(
+    storage: Storage,
+    target: str,
+    plan: SavePlan,
+    *,
+    overwrite: bool = False,
+    settings: Settings | None = None,
+) -> Manifest:
+    """Writes, hashes, fsyncs and commits a planned save (the part an async save runs in the
+    background); returns the committed manifest. Nothing is visible unless it returns."""
+    settings = settings or Settings.from_env()
+    checkpoint_id, created_at, metadata = plan.checkpoint_id, plan.created_at, plan.metadata
     algorithm = settings.digest
     txn = storage.begin(target, overwrite=overwrite)
     try:
@@ -192,7 +222,7 @@ def write_checkpoint(
                     checkpoint_id=checkpoint_id,
                     step=plan.step,
                     created_at=created_at,
-                    metadata=dict(metadata or {}),
+                    metadata=metadata,
                     tensors=len(tensors),
                     tensor_bytes=plan.tensor_bytes,
                 ),

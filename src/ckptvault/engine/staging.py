@@ -1,0 +1,67 @@
+"""Host staging for asynchronous saves: the only copy the training loop waits for.
+
+The plan of a save already names every byte range to write, with shared storage stored once, so
+staging is one memcpy per stored tensor into a single host buffer that is kept and reused by the
+next save (allocating and first-touching fresh memory costs far more than the copy on the machines
+we measure). After staging, the plan no longer points into the live state: training may update
+the weights while the background thread hashes, writes and commits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .writer import SavePlan
+
+
+class StagingBudgetError(CheckpointError):
+    """The state is larger than the staging budget (``max_staging_bytes``)."""
+
+
+class StagingBuffer:
+    """A reusable host buffer; grows to the largest state staged, never beyond the budget."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._buffer: np.ndarray = np.empty(0, dtype=np.uint8)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._buffer.nbytes)
+
+    def reserve(self, nbytes: int) -> np.ndarray:
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise StagingBudgetError(
+                f"state of {nbytes} bytes exceeds the staging budget of {self.max_bytes} bytes"
+            )
+        if nbytes > self._buffer.nbytes:
+            self._buffer = np.empty(nbytes, dtype=np.uint8)
+        return self._buffer[:nbytes]
+
+    def release(self) -> None:
+        self._buffer = np.empty(0, dtype=np.uint8)
+
+
+def stage_plan(plan: SavePlan, buffer: StagingBuffer) -> SavePlan:
+    """A copy of ``plan`` whose blobs live in ``buffer`` instead of the state's memory.
+
+    The buffer must not be reused until the returned plan is committed (one save in flight).
+    """
+    total = sum(blob.nbytes for shard in plan.shards for blob in shard)
+    area = buffer.reserve(total)
+    cursor = 0
+    shards = []
+    for shard in plan.shards:
+        staged = []
+        for blob in shard:
+            end = cursor + blob.nbytes
+            target = area[cursor:end]
+            if blob.nbytes:
+                target[:] = np.frombuffer(blob.data, dtype=np.uint8)
+            staged.append(dataclasses.replace(blob, data=memoryview(target.data), owner=area))
+            cursor = end
+        shards.append(staged)
+    return dataclasses.replace(plan, shards=shards)
