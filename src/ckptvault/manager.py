@@ -16,6 +16,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -53,6 +54,7 @@ from .policy import (
     step_trigger,
 )
 from .storage.local import _HOST_TAG, STAGING_MARK
+from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
 from .types import CheckpointInfo
 
@@ -136,17 +138,9 @@ def _parse_name(name: str) -> tuple[str, int] | None:
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            out[str(key)] = float(value)
-        elif hasattr(value, "item") and getattr(value, "size", 2) == 1:
-            item = value.item()
-            if isinstance(item, (int, float)) and not isinstance(item, bool):
-                out[str(key)] = float(item)
-    return out
+    """The numeric metrics (Python or numpy/torch scalars) as floats; others are left out."""
+    numbers = {str(key): as_number(value) for key, value in metrics.items()}
+    return {key: value for key, value in numbers.items() if value is not None}
 
 
 def _atomic_write_json(path: Path, doc: Any, *, durable: bool = True) -> None:
@@ -282,16 +276,7 @@ def _with_pin(record: CheckpointRecord, pins: set[int]) -> CheckpointRecord:
     pinned = record.step in pins
     if pinned == record.pinned:
         return record
-    return CheckpointRecord(
-        record.name,
-        record.step,
-        record.epoch,
-        record.created,
-        record.scope,
-        record.metrics,
-        pinned,
-        record.valid,
-    )
+    return dataclasses.replace(record, pinned=pinned)
 
 
 class CheckpointManager:
@@ -719,16 +704,7 @@ class CheckpointManager:
                 tree = api.load(path)
             except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
                 warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
-                self._records[record.name] = CheckpointRecord(
-                    record.name,
-                    record.step,
-                    record.epoch,
-                    record.created,
-                    record.scope,
-                    record.metrics,
-                    record.pinned,
-                    valid=False,
-                )
+                self._records[record.name] = dataclasses.replace(record, valid=False)
                 continue
             state.restore(tree, partial=partial)
             for stream in self._streams.values():

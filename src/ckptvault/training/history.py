@@ -33,7 +33,7 @@ class MetricsHistory:
         self._steps.append(step)
         self._epochs.append(epoch)
         for name, value in metrics.items():
-            number = _number(value)
+            number = as_number(value)
             if number is None:
                 continue
             column = self._columns.get(name)
@@ -78,7 +78,9 @@ class MetricsHistory:
         return history
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
+    """A metric value as a float: Python numbers and 1-element numpy/torch values; bools and
+    everything else are not numbers here."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
