@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave
+from .engine.chunks import ChunkOptions
 from .engine.lazy import CheckpointView
 from .engine.reader import CheckpointReader, read_checkpoint, verify_checkpoint
 from .engine.staging import StagingBuffer
@@ -43,6 +44,15 @@ def info_from_manifest(path: str, manifest: Manifest, metadata: dict[str, Any]) 
     )
 
 
+def chunk_options(incremental: bool, compression: str | None, chunk_bytes: int | None) -> ChunkOptions | None:
+    """How a save chunks large tensors; None for a plain self-contained checkpoint."""
+    if not incremental and compression is None:
+        return None
+    if chunk_bytes is None:
+        return ChunkOptions(compression=compression)
+    return ChunkOptions(chunk_bytes=chunk_bytes, min_bytes=chunk_bytes // 4, compression=compression)
+
+
 def save(
     path: PathLike,
     state: Any,
@@ -50,6 +60,9 @@ def save(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     digest: str | None = None,
+    incremental: bool = False,
+    compression: str | None = None,
+    chunk_bytes: int | None = None,
 ) -> CheckpointInfo:
     """Saves any nested training state as one atomically committed checkpoint directory.
 
@@ -61,13 +74,26 @@ def save(
     naming the first value that cannot be saved safely, :class:`CheckpointExistsError` when
     ``path`` is a checkpoint and ``overwrite`` is false, :class:`StorageError` when the disk fails.
     When this returns, the checkpoint is durable; when it raises, nothing was committed.
+
+    ``incremental`` stores every tensor of at least a quarter chunk as ``chunk_bytes`` chunks
+    (default 4 MiB) in the chunk store beside the checkpoint (``.ckptvault-store``): a chunk whose
+    bytes are already there, from any checkpoint of the run, is referenced instead of written.
+    ``compression`` (``"auto"``, ``"zstd"``, ``"lz4"``) also chunks, and compresses each chunk's
+    byte planes where that pays. Such checkpoints need their store; ``ckptvault export`` makes a
+    standalone copy and ``ckptvault gc`` frees chunks no checkpoint references any more.
     """
     storage, target = storage_for(path)
     settings = Settings.from_env()
     if digest is not None:
         settings = Settings(digest=digest, shard_bytes=settings.shard_bytes, io_threads=settings.io_threads)
     manifest = write_checkpoint(
-        storage, target, state, metadata=metadata, overwrite=overwrite, settings=settings
+        storage,
+        target,
+        state,
+        metadata=metadata,
+        overwrite=overwrite,
+        settings=settings,
+        chunking=chunk_options(incremental, compression, chunk_bytes),
     )
     return info_from_manifest(target, manifest, dict(metadata or {}))
 
@@ -138,6 +164,9 @@ def save_async(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     max_staging_bytes: int | None = None,
+    incremental: bool = False,
+    compression: str | None = None,
+    chunk_bytes: int | None = None,
 ) -> PendingSave:
     """Like :func:`save`, but returns once the state's bytes are copied to host staging memory.
 
@@ -153,4 +182,11 @@ def save_async(
         if _ASYNC_WRITER is None:
             _ASYNC_WRITER = BackgroundWriter()
         _ASYNC_STAGING.max_bytes = max_staging_bytes
-        return _ASYNC_WRITER.submit_save(path, state, metadata, _ASYNC_STAGING, overwrite=overwrite)
+        return _ASYNC_WRITER.submit_save(
+            path,
+            state,
+            metadata,
+            _ASYNC_STAGING,
+            overwrite=overwrite,
+            chunking=chunk_options(incremental, compression, chunk_bytes),
+        )

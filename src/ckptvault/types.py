@@ -18,11 +18,27 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class ChunkRef:
+    """One chunk of a chunked tensor in the run's chunk store.
+
+    ``digest`` is of the raw bytes (so one content is one chunk whatever its encoding), ``codec``
+    names how the stored file encodes them (``raw``, ``zstd``, ``lz4``).
+    """
+
+    digest: str
+    raw_len: int
+    stored_len: int
+    codec: str
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One stored tensor: where its bytes are and what they must hash to.
 
     ``dtype`` and ``shape`` are the safetensors header's (the stored form); the logical dtype of the
-    Python object lives in the tree leaf that references it.
+    Python object lives in the tree leaf that references it. A *chunked* tensor (``chunks`` set)
+    lives in the run's chunk store instead of a data file: ``file`` is empty and ``offsets`` is
+    ``(0, nbytes)``.
     """
 
     name: str
@@ -31,6 +47,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     offsets: tuple[int, int]
     digest: str
+    chunks: tuple[ChunkRef, ...] | None = None
 
     @property
     def nbytes(self) -> int:

@@ -42,6 +42,8 @@ class Blob:
     shape: tuple[int, ...]
     data: memoryview  # contiguous bytes, kept alive by ``owner``
     owner: Any = field(default=None, repr=False)
+    # For torch tensors: what proves the bytes unchanged at the next save (engine/chunks.py).
+    version_key: tuple[Any, ...] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -191,12 +193,15 @@ class BlobCollector:
             data = data.resolve_neg()
         data = data.cpu().contiguous()  # no copy for a contiguous CPU tensor: we write from its memory
         flat = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
+        from .chunks import version_key
+
         blob = Blob(
             self._unique(name),
             form.code,
             _stored_shape(tuple(data.shape), form),
             _numpy_bytes(flat.numpy()),
             data,
+            version_key(tensor) if not (tensor.is_conj() or tensor.is_neg()) else None,
         )
         self.blobs.append(blob)
         return blob

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..config import Settings
 from ..types import CheckpointInfo
+from .chunks import ChunkOptions, HintCache
 from .staging import StagingBuffer, stage_plan
 from .writer import commit_plan, plan_save
 
@@ -69,6 +70,8 @@ class BackgroundWriter:
         staging: StagingBuffer,
         *,
         overwrite: bool = True,
+        chunking: ChunkOptions | None = None,
+        hints: HintCache | None = None,
     ) -> PendingSave:
         """Plans and stages ``state`` now (the caller's only wait) and commits it in the background."""
         from .. import api
@@ -76,7 +79,8 @@ class BackgroundWriter:
         self.wait_idle()  # the staging buffer is free again only after the previous commit
         storage, target = api.storage_for(path)  # type: ignore[arg-type]
         settings = Settings.from_env()
-        staged = stage_plan(plan_save(target, state, metadata, settings), staging)
+        plan = plan_save(target, state, metadata, settings, chunking=chunking, hints=hints)
+        staged = stage_plan(plan, staging)
 
         def commit() -> CheckpointInfo:
             manifest = commit_plan(storage, target, staged, overwrite=overwrite, settings=settings)

@@ -25,8 +25,10 @@ from ..format.manifest import Manifest, check_file_name, parse_manifest
 from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
 from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
 from ..storage.base import ReadHandle, Storage
+from ..storage.chunkstore import ChunkStore
 from ..types import Problem, TensorEntry, VerifyReport
 from .arrays import BlobReader, LeafChecker
+from .chunks import read_chunked
 from .writer import NO_LEAVES
 
 _READ_CHUNK = 64 * 1024 * 1024
@@ -45,6 +47,14 @@ class CheckpointReader:
             raise
         self._headers: dict[str, ParsedHeader] = {}
         self._maps: dict[str, Any] = {}
+        self._store: ChunkStore | None = None
+
+    @property
+    def store(self) -> ChunkStore:
+        """The chunk store chunked tensors live in (beside the checkpoint)."""
+        if self._store is None:
+            self._store = ChunkStore.for_checkpoint(self.path)
+        return self._store
 
     def close(self) -> None:
         self.handle.close()
@@ -138,12 +148,17 @@ class CheckpointReader:
         """A uint8 array with the stored bytes of one tensor, digest-checked if ``verify``.
 
         ``mapped`` returns a zero-copy view of the file's copy-on-write map (writes stay private);
-        otherwise a fresh array filled with ``pread``.
+        otherwise a fresh array filled with ``pread``. A chunked tensor is always a fresh array,
+        assembled from its chunks.
         """
         entry = self.manifest.tensors.get(name)
         if entry is None:
             raise self._corrupt(
                 f"tree references tensor {name[:80]!r} that the manifest does not list", "bad-manifest"
+            )
+        if entry.chunks is not None:
+            return read_chunked(
+                self.store, entry, algorithm=self.manifest.digest_algorithm, verify=verify, where=self.path
             )
         header = self.header(entry.file)
         start = header.data_start + entry.offsets[0]
@@ -285,6 +300,17 @@ def verify_checkpoint(
                 if clean and not _data_digest_consistent(manifest, name):
                     problems.append(Problem("digest-mismatch", "file digest disagrees with its parts", name))
             bytes_checked += entry.size
+        for tensor in manifest.tensors.values():
+            if tensor.chunks is None:
+                continue
+            tensors_checked += 1
+            try:
+                reader.fetch(tensor.name, verify=True)
+            except CheckpointError as exc:
+                note(exc, _kind(exc))
+            bytes_checked += sum(c.stored_len for c in tensor.chunks)
+            if progress is not None:
+                progress(tensor.nbytes)
         if not problems:
             try:
                 reader.decode_metadata()

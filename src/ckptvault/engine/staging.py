@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from ..errors import CheckpointError
+from .arrays import Blob
 from .writer import SavePlan
 
 
@@ -50,18 +51,21 @@ def stage_plan(plan: SavePlan, buffer: StagingBuffer) -> SavePlan:
 
     The buffer must not be reused until the returned plan is committed (one save in flight).
     """
-    total = sum(blob.nbytes for shard in plan.shards for blob in shard)
+    # Chunked tensors a hint proved unchanged are not written, so they need no copy either.
+    fresh = [c for c in plan.chunked if c.reuse is None]
+    total = sum(blob.nbytes for shard in plan.shards for blob in shard) + sum(c.nbytes for c in fresh)
     area = buffer.reserve(total)
     cursor = 0
-    shards = []
-    for shard in plan.shards:
-        staged = []
-        for blob in shard:
-            end = cursor + blob.nbytes
-            target = area[cursor:end]
-            if blob.nbytes:
-                target[:] = np.frombuffer(blob.data, dtype=np.uint8)
-            staged.append(dataclasses.replace(blob, data=memoryview(target.data), owner=area))
-            cursor = end
-        shards.append(staged)
-    return dataclasses.replace(plan, shards=shards)
+
+    def copy(blob: Blob) -> Blob:
+        nonlocal cursor
+        end = cursor + blob.nbytes
+        target = area[cursor:end]
+        if blob.nbytes:
+            target[:] = np.frombuffer(blob.data, dtype=np.uint8)
+        cursor = end
+        return dataclasses.replace(blob, data=memoryview(target.data), owner=area)
+
+    shards = [[copy(blob) for blob in shard] for shard in plan.shards]
+    chunked = [c if c.reuse is not None else dataclasses.replace(c, blob=copy(c.blob)) for c in plan.chunked]
+    return dataclasses.replace(plan, shards=shards, chunked=chunked)

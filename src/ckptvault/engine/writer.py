@@ -11,15 +11,21 @@ Order of work for one save (each step finishes before the next begins)::
        device flushes while we hash and write the rest; all must succeed before step 6
     6. commit the manifest (the single commit point)
 
+With chunking (incremental or compressed saves), large tensors skip steps 2 and 4: their chunks go
+to the run's chunk store first (new chunks only, each fsynced, their directories synced), under the
+store's shared lock, which is held until the manifest is committed.
+
 Any failure aborts the transaction: nothing half-written ever becomes visible.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,13 +35,15 @@ from ..config import Settings
 from ..errors import CheckpointError, StorageError
 from ..format.digest import data_file_digest, digest_bytes
 from ..format.dtypes import SAFETENSORS_ITEMSIZE
-from ..format.manifest import Manifest
+from ..format.manifest import CHUNKED_TENSORS, Manifest
 from ..format.strictjson import dumps
 from ..format.tensorfile import build_header
 from ..format.tree import TreeEncoder
 from ..storage.base import Storage, WritableFile, WriteTransaction
+from ..storage.chunkstore import ChunkStore
 from ..types import FileEntry, TensorEntry
 from .arrays import Blob, BlobCollector
+from .chunks import ChunkedBlob, ChunkOptions, HintCache, split_blobs, write_chunked
 from .sidecar import build_sidecar, sidecar_name
 
 
@@ -55,10 +63,13 @@ class SavePlan:
     step: int
     checkpoint_id: str
     created_at: str
+    chunked: list[ChunkedBlob] = dataclasses.field(default_factory=list)
+    hints: HintCache | None = None
+    chunking: ChunkOptions | None = None
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(b.nbytes for shard in self.shards for b in shard)
+        return sum(b.nbytes for shard in self.shards for b in shard) + sum(c.nbytes for c in self.chunked)
 
 
 class _NoLeaves:
@@ -84,11 +95,24 @@ def resolve_step(target: str, metadata: dict[str, Any]) -> int:
     return int(match.group(1)) if match else 0
 
 
-def plan_save(target: str, state: Any, metadata: dict[str, Any] | None, settings: Settings) -> SavePlan:
+def plan_save(
+    target: str,
+    state: Any,
+    metadata: dict[str, Any] | None,
+    settings: Settings,
+    *,
+    chunking: ChunkOptions | None = None,
+    hints: HintCache | None = None,
+) -> SavePlan:
+    """Encodes the state and decides where every blob goes. With ``chunking``, large tensors go to
+    the run's chunk store, and ``hints`` (a manager's memory of its last save) skips the unchanged."""
     metadata = dict(metadata or {})
     collector = BlobCollector()
     tree = TreeEncoder(collector).encode(state, "state")
     blobs = collector.finalize()
+    chunked: list[ChunkedBlob] = []
+    if chunking is not None:
+        blobs, chunked = split_blobs(blobs, chunking, hints, ChunkStore.for_checkpoint(target))
     metadata_tree = TreeEncoder(NO_LEAVES).encode(metadata, "metadata")
     # Larger element sizes first keeps every tensor aligned to its element size in the file.
     ordered = sorted(blobs, key=lambda b: -SAFETENSORS_ITEMSIZE[b.dtype])
@@ -108,6 +132,9 @@ def plan_save(target: str, state: Any, metadata: dict[str, Any] | None, settings
         resolve_step(target, metadata),
         uuid.uuid4().hex,
         datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        chunked,
+        hints,
+        chunking,
     )
 
 
@@ -178,10 +205,12 @@ def write_checkpoint(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     settings: Settings | None = None,
+    chunking: ChunkOptions | None = None,
+    hints: HintCache | None = None,
 ) -> Manifest:
     """Saves ``state`` at ``target`` and returns the committed manifest."""
     settings = settings or Settings.from_env()
-    plan = plan_save(target, state, metadata, settings)
+    plan = plan_save(target, state, metadata, settings, chunking=chunking, hints=hints)
     return commit_plan(storage, target, plan, overwrite=overwrite, settings=settings)
 
 
@@ -196,12 +225,43 @@ def commit_plan(
     """Writes, hashes, fsyncs and commits a planned save (the part an async save runs in the
     background); returns the committed manifest. Nothing is visible unless it returns."""
     settings = settings or Settings.from_env()
+    store = ChunkStore.for_checkpoint(target) if plan.chunked else None
+    # The shared store lock spans the first chunk to the commit: garbage collection waits for it.
+    with store.locked(exclusive=False) if store is not None else nullcontext():
+        try:
+            manifest = _commit_locked(storage, target, plan, store, overwrite, settings)
+        except BaseException:
+            if plan.hints is not None:
+                plan.hints.clear()  # what the cache remembers may no longer be in the store
+            raise
+    if plan.hints is not None:
+        plan.hints.remember(plan.chunked, manifest.tensors)
+    return manifest
+
+
+def _commit_locked(
+    storage: Storage,
+    target: str,
+    plan: SavePlan,
+    store: ChunkStore | None,
+    overwrite: bool,
+    settings: Settings,
+) -> Manifest:
     checkpoint_id, created_at, metadata = plan.checkpoint_id, plan.created_at, plan.metadata
     algorithm = settings.digest
     txn = storage.begin(target, overwrite=overwrite)
     try:
         files: dict[str, FileEntry] = {}
         tensors: dict[str, TensorEntry] = {}
+        if store is not None:
+            chunk_entries, _ = write_chunked(
+                store,
+                plan.chunked,
+                algorithm=algorithm,
+                options=plan.chunking or ChunkOptions(),
+                threads=settings.io_threads,
+            )
+            tensors.update(chunk_entries)
         # Leaving the with-block waits for every background hash and fsync, so an abort below never
         # races a thread still using the transaction's files.
         with (
@@ -243,6 +303,7 @@ def commit_plan(
             tensors=tensors,
             tree=plan.tree,
             metadata=plan.metadata_tree,
+            required_features=(CHUNKED_TENSORS,) if plan.chunked else (),
         )
         txn.commit(manifest.to_json())
     except BaseException as exc:

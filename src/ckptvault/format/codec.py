@@ -140,7 +140,9 @@ def encode(data: np.ndarray, itemsize: int, methods: tuple[int, ...]) -> bytes:
     if len(methods) != len(planes):  # a chunk that does not split evenly falls back to one plane
         methods = (max(methods),)
         planes = [data]
-    payloads = [_compress(m, p) if m != METHOD_STORED else p.tobytes() for m, p in zip(methods, planes)]
+    payloads = [
+        _compress(m, p) if m != METHOD_STORED else p.tobytes() for m, p in zip(methods, planes, strict=True)
+    ]
     used = list(methods)
     for i, (method, plane) in enumerate(zip(methods, planes, strict=True)):
         if method != METHOD_STORED and len(payloads[i]) >= plane.size:
@@ -151,7 +153,7 @@ def encode(data: np.ndarray, itemsize: int, methods: tuple[int, ...]) -> bytes:
     return b"".join(parts)
 
 
-def decode_into(frame: memoryview | bytes, out: np.ndarray) -> None:
+def decode_into(frame: memoryview | bytes | bytearray, out: np.ndarray) -> None:
     """Decodes a frame into ``out`` (uint8, contiguous, exactly the promised raw length)."""
     view = memoryview(frame)
     if len(view) < _HEAD.size:

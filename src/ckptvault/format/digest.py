@@ -41,6 +41,18 @@ def digest_bytes(algorithm: str, data: memoryview | bytes) -> str:
     return hasher.hexdigest()
 
 
+def chunked_tensor_digest(algorithm: str, nbytes: int, chunk_digests: list[str]) -> str:
+    """The digest of a chunked tensor: H(domain, size, chunk digests in order).
+
+    Unchanged chunks keep their digests, so an incremental save computes a tensor's digest without
+    re-reading the bytes it did not write.
+    """
+    hasher = new_hasher(algorithm)
+    hasher.update(f"ckptvault-chunked-tensor-v1\n{nbytes}\n".encode())
+    hasher.update("\n".join(chunk_digests).encode())
+    return hasher.hexdigest()
+
+
 def data_file_digest(algorithm: str, size: int, header_digest: str, tensor_digests: list[str]) -> str:
     """The digest of a tensor file: H(domain, size, header digest, tensor digests in offset order).
 

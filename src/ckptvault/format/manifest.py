@@ -15,13 +15,16 @@ from typing import Any
 
 from ..config import FORMAT_NAME, MAX_NAME_BYTES, MAX_NDIM, SCHEMA_VERSION
 from ..errors import CorruptCheckpointError, IncompatibleCheckpointError, UnsafeCheckpointError
-from ..types import FileEntry, TensorEntry
+from ..types import ChunkRef, FileEntry, TensorEntry
 from .dtypes import SAFETENSORS_ITEMSIZE
 from .strictjson import StrictJSONError, dumps, loads
 
-# Features a reader must understand to read a checkpoint correctly. None exist in schema 1 yet;
-# later versions list e.g. "chunked-tensors" here, and this reader refuses what it does not know.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+# Features a reader must understand to read a checkpoint correctly; this reader refuses others.
+# "chunked-tensors": some tensors live in the run's chunk store (docs/format.md §11).
+CHUNKED_TENSORS = "chunked-tensors"
+KNOWN_FEATURES: frozenset[str] = frozenset({CHUNKED_TENSORS})
+CHUNK_CODECS = ("raw", "zstd", "lz4")
+MAX_CHUNK_BYTES = 1 << 30
 
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -41,6 +44,7 @@ _TOP_KEYS = {
 }
 _FILE_KEYS = {"size", "digest", "header_size", "header_digest"}
 _TENSOR_KEYS = {"file", "dtype", "shape", "offsets", "digest"}
+_CHUNKED_KEYS = {"dtype", "shape", "digest", "chunks"}
 
 
 @dataclass(frozen=True)
@@ -66,16 +70,7 @@ class Manifest:
             "digest_algorithm": self.digest_algorithm,
             "required_features": list(self.required_features),
             "files": {name: _file_json(entry) for name, entry in self.files.items()},
-            "tensors": {
-                name: {
-                    "file": t.file,
-                    "dtype": t.dtype,
-                    "shape": list(t.shape),
-                    "offsets": list(t.offsets),
-                    "digest": t.digest,
-                }
-                for name, t in self.tensors.items()
-            },
+            "tensors": {name: _tensor_json(t) for name, t in self.tensors.items()},
             "tree": self.tree,
             "metadata": self.metadata,
         }
@@ -87,7 +82,27 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self.files.values())
+        """Bytes the checkpoint's files hold plus the stored size of every chunk it references
+        (chunks shared with other checkpoints count in each of them)."""
+        chunked = sum(c.stored_len for t in self.tensors.values() for c in t.chunks or ())
+        return sum(f.size for f in self.files.values()) + chunked
+
+
+def _tensor_json(t: TensorEntry) -> dict[str, Any]:
+    if t.chunks is not None:
+        return {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "digest": t.digest,
+            "chunks": [[c.digest, c.raw_len, c.stored_len, c.codec] for c in t.chunks],
+        }
+    return {
+        "file": t.file,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "offsets": list(t.offsets),
+        "digest": t.digest,
+    }
 
 
 def _file_json(entry: FileEntry) -> dict[str, Any]:
@@ -209,6 +224,10 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
     _require(isinstance(raw_tensors, dict), "tensors must be an object", path)
     for name, raw in raw_tensors.items():
         _require(0 < len(name.encode()) <= MAX_NAME_BYTES, "tensor name empty or too long", path)
+        if isinstance(raw, dict) and "chunks" in raw:
+            _require(CHUNKED_TENSORS in features, f"tensor {name[:80]!r}: chunks without the feature", path)
+            tensors[name] = _parse_chunked(name, raw, path)
+            continue
         _require(isinstance(raw, dict) and set(raw) == _TENSOR_KEYS, f"tensor {name[:80]!r}: bad entry", path)
         file_entry = files.get(raw["file"]) if isinstance(raw["file"], str) else None
         _require(
@@ -255,3 +274,44 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
         schema_version=version,
         required_features=tuple(features),
     )
+
+
+def _parse_chunked(name: str, raw: dict[str, Any], path: str | None) -> TensorEntry:
+    label = f"tensor {name[:80]!r}"
+    _require(set(raw) == _CHUNKED_KEYS, f"{label}: bad chunked entry", path)
+    dtype, shape, chunks = raw["dtype"], raw["shape"], raw["chunks"]
+    _require(isinstance(dtype, str) and dtype in SAFETENSORS_ITEMSIZE, f"{label}: unknown dtype", path)
+    _require(
+        isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_uint(d) for d in shape),
+        f"{label}: bad shape",
+        path,
+    )
+    _require(isinstance(raw["digest"], str) and bool(_HEX.match(raw["digest"])), f"{label}: bad digest", path)
+    _require(isinstance(chunks, list) and len(chunks) > 0, f"{label}: chunks must be a non-empty list", path)
+    refs: list[ChunkRef] = []
+    total = 0
+    for item in chunks:
+        _require(isinstance(item, list) and len(item) == 4, f"{label}: bad chunk reference", path)
+        digest, raw_len, stored_len, codec = item
+        _require(isinstance(digest, str) and bool(_HEX.match(digest)), f"{label}: bad chunk digest", path)
+        _require(
+            _is_uint(raw_len) and 0 < raw_len <= MAX_CHUNK_BYTES and _is_uint(stored_len),
+            f"{label}: bad chunk length",
+            path,
+        )
+        _require(codec in CHUNK_CODECS, f"{label}: unknown chunk codec {str(codec)[:20]!r}", path)
+        _require(
+            stored_len == raw_len if codec == "raw" else 0 < stored_len <= raw_len,
+            f"{label}: chunk stored length does not fit its codec",
+            path,
+        )
+        refs.append(ChunkRef(digest, raw_len, stored_len, codec))
+        total += raw_len
+    # The stored size must be what dtype and shape say; the running product stops early so a hostile
+    # shape cannot make us multiply without bound.
+    expected = SAFETENSORS_ITEMSIZE[dtype]
+    for dim in shape:
+        expected *= dim
+        _require(expected <= total, f"{label}: shape does not match its chunks", path)
+    _require(expected == total, f"{label}: shape does not match its chunks", path)
+    return TensorEntry(name, "", dtype, tuple(shape), (0, total), raw["digest"], tuple(refs))

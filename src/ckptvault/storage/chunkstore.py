@@ -1,0 +1,309 @@
+"""The run's content-addressed chunk store: what incremental and compressed checkpoints reference.
+
+Layout, beside the checkpoints of a run (docs/format.md §11)::
+
+    RUN/.ckptvault-store/
+      lock                              flock: shared by writers, exclusive by garbage collection
+      chunks/ab/ab12…ef.raw             one file per chunk, named by the digest of its raw bytes
+      chunks/ab/ab12…ef.zstd            and the codec its bytes are stored with
+
+Chunk files are immutable. A writer puts a chunk by writing a private temporary file in the chunk's
+directory, fsyncing it and renaming it onto its final name; a chunk that is already there (same
+digest, any codec) is referenced instead of written again. Before the checkpoint's manifest is
+committed the writer fsyncs every directory it added a name to, so a committed manifest never
+references a chunk that a crash can take away.
+
+Garbage collection (:func:`collect_garbage`) takes the lock exclusively, so no save is between its
+first chunk and its commit; it marks every chunk any committed manifest of the run names and
+deletes the rest. Killed at any point it has deleted only unreferenced chunks: the mark is complete
+before the first deletion and no writer can add a reference while it holds the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
+
+STORE_NAME = ".ckptvault-store"
+CODECS = ("raw", "zstd", "lz4")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64_ANYWHERE = re.compile(rb"[0-9a-f]{64}")
+_TMP_PREFIX = ".tmp-"
+
+
+def store_for(checkpoint: str | Path) -> Path:
+    """The store a checkpoint's chunks live in: ``.ckptvault-store`` beside the checkpoint."""
+    return Path(checkpoint).parent / STORE_NAME
+
+
+def _error(action: str, path: Path | str, exc: OSError) -> StorageError:
+    err = StorageError(exc.errno or 0, f"{action} {path}: {exc.strerror or exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ChunkStore:
+    """One run's chunk store on local disk. Thread-safe: a save puts chunks from a thread pool."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.chunks = self.root / "chunks"
+        self._dirty: set[Path] = set()
+        self._dirty_lock = threading.Lock()
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str | Path) -> ChunkStore:
+        return cls(store_for(checkpoint))
+
+    # -- names --------------------------------------------------------------------------------
+    def path(self, digest: str, codec: str) -> Path:
+        # Both parts come from a parsed manifest or our own hashing; checked again because a path
+        # built from them is opened, and nothing may leave the store.
+        if not _HEX64.match(digest) or codec not in CODECS:
+            raise UnsafeCheckpointError(f"unsafe chunk reference {digest[:70]!r}.{codec[:10]!r}")
+        return self.chunks / digest[:2] / f"{digest}.{codec}"
+
+    def find(self, digest: str) -> tuple[str, int] | None:
+        """An existing regular file holding this content, as ``(codec, stored size)``; else None."""
+        for codec in CODECS:
+            try:
+                st = os.stat(self.path(digest, codec), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _error("checking chunk", self.path(digest, codec), exc) from exc
+            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                return codec, st.st_size
+        return None
+
+    def has(self, digest: str, codec: str, stored_len: int) -> bool:
+        try:
+            st = os.stat(self.path(digest, codec), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == stored_len
+
+    # -- writing ------------------------------------------------------------------------------
+    def _ensure_dir(self, directory: Path) -> None:
+        """Creates ``directory`` (and the store) if needed, remembering which parents to fsync."""
+        missing = []
+        probe = directory
+        while not probe.is_dir():
+            missing.append(probe)
+            probe = probe.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _error("creating", path, exc) from exc
+            with self._dirty_lock:
+                self._dirty.add(path.parent)
+
+    def put(self, digest: str, codec: str, data: memoryview | bytes) -> int:
+        """Stores one chunk durably under its final name; returns its stored size."""
+        final = self.path(digest, codec)
+        directory = final.parent
+        self._ensure_dir(directory)
+        tmp = directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise _error("creating chunk", tmp, exc) from exc
+        try:
+            try:
+                view = memoryview(data).cast("B")
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)  # a failed fsync fails the save; never retried as success
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)  # replaces a concurrent writer's copy of the same bytes: harmless
+        except OSError as exc:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise _error("writing chunk", final, exc) from exc
+        with self._dirty_lock:
+            self._dirty.add(directory)
+        return len(memoryview(data).cast("B"))
+
+    def sync(self) -> None:
+        """Makes every name added since the last call durable (fsync of the directories)."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        # Deepest first: a new directory's own entries before the entry naming it.
+        for directory in sorted(dirty, key=lambda p: len(p.parts), reverse=True):
+            try:
+                _fsync_dir(directory)
+            except OSError as exc:
+                raise _error("syncing", directory, exc) from exc
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, digest: str, codec: str, stored_len: int, *, where: str | None = None) -> bytearray:
+        """The stored bytes of one chunk, after checking it is a regular file of the right size."""
+        path = self.path(digest, codec)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"chunk {digest[:16]}….{codec} is missing from the chunk store {self.root}",
+                path=where,
+                kind="missing-chunk",
+            ) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeCheckpointError(f"chunk {path.name} is a symlink", path=where) from exc
+            raise _error("opening chunk", path, exc) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeCheckpointError(f"chunk {path.name} is not a regular file", path=where)
+            if st.st_size != stored_len:
+                kind = "truncated" if st.st_size < stored_len else "size-mismatch"
+                raise CorruptCheckpointError(
+                    f"chunk {path.name} has {st.st_size} bytes, the manifest says {stored_len}",
+                    path=where,
+                    kind=kind,
+                )
+            buffer = bytearray(stored_len)
+            view = memoryview(buffer)
+            got = 0
+            while got < stored_len:
+                n = os.preadv(fd, [view[got:]], got)
+                if n == 0:
+                    raise CorruptCheckpointError(
+                        f"chunk {path.name} shrank while read", path=where, kind="truncated"
+                    )
+                got += n
+            return buffer
+        except OSError as exc:
+            raise _error("reading chunk", path, exc) from exc
+        finally:
+            os.close(fd)
+
+    # -- locking and collection ---------------------------------------------------------------
+    @contextmanager
+    def locked(self, *, exclusive: bool) -> Iterator[None]:
+        """The store lock: shared for a save (first chunk to commit), exclusive for GC."""
+        self._ensure_dir(self.root)
+        try:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise _error("opening lock of", self.root, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def iter_files(self) -> Iterator[tuple[Path, str | None]]:
+        """Every file under ``chunks/`` with its digest, or None for temporary and foreign files."""
+        if not self.chunks.is_dir():
+            return
+        for sub in os.scandir(self.chunks):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(sub.path):
+                name = entry.name
+                digest, _, codec = name.partition(".")
+                ok = _HEX64.match(digest) and codec in CODECS and digest[:2] == sub.name
+                yield Path(entry.path), digest if ok else None
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What one garbage collection found and did."""
+
+    checkpoints: int
+    live_chunks: int
+    deleted_chunks: int
+    freed_bytes: int
+    deleted_temporary: int
+
+
+def live_digests(run_dir: Path) -> tuple[set[str], int]:
+    """Every digest any committed manifest in ``run_dir`` mentions, and how many manifests there were.
+
+    Deliberately conservative: it collects every 64-hex-digit token of each manifest's text, so a
+    chunk is kept if anything names it, and a manifest too damaged to parse still protects every
+    chunk it mentions.
+    """
+    live: set[str] = set()
+    count = 0
+    for entry in os.scandir(run_dir):
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        manifest = Path(entry.path) / MANIFEST_NAME
+        try:
+            st = os.stat(manifest, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise StorageError(
+                errno.EFBIG, f"{manifest} is larger than any manifest can be; refusing to collect garbage"
+            )
+        live.update(m.decode() for m in _HEX64_ANYWHERE.findall(manifest.read_bytes()))
+        count += 1
+    return live, count
+
+
+def collect_garbage(run_dir: str | Path, *, dry_run: bool = False) -> GcReport:
+    """Deletes every chunk of ``run_dir``'s store that no committed checkpoint references.
+
+    Safe against concurrent saves (it waits for them through the store lock) and against being
+    killed (see the module docstring).
+    """
+    run = Path(run_dir)
+    store = ChunkStore(run / STORE_NAME)
+    if not store.root.is_dir():
+        return GcReport(0, 0, 0, 0, 0)
+    with store.locked(exclusive=True):
+        live, checkpoints = live_digests(run)
+        kept = deleted = freed = temporary = 0
+        touched: set[Path] = set()
+        for path, digest in store.iter_files():
+            if digest is not None and digest in live:
+                kept += 1
+                continue
+            if digest is None and not path.name.startswith(_TMP_PREFIX):
+                continue  # not ours: never delete what we did not write
+            try:
+                size = path.lstat().st_size
+                if not dry_run:
+                    path.unlink()
+                    touched.add(path.parent)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _error("deleting chunk", path, exc) from exc
+            if digest is None:
+                temporary += 1
+            else:
+                deleted += 1
+                freed += size
+        for directory in touched:
+            _fsync_dir(directory)
+    return GcReport(checkpoints, kept, deleted, freed, temporary)
