@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave
-from .engine.chunks import ChunkOptions
+from .engine.chunks import ChunkOptions, HintCache
 from .engine.lazy import CheckpointView
 from .engine.reader import CheckpointReader, read_checkpoint, verify_checkpoint
 from .engine.staging import StagingBuffer
@@ -63,6 +63,7 @@ def save(
     incremental: bool = False,
     compression: str | None = None,
     chunk_bytes: int | None = None,
+    hints: HintCache | None = None,
 ) -> CheckpointInfo:
     """Saves any nested training state as one atomically committed checkpoint directory.
 
@@ -81,6 +82,8 @@ def save(
     ``compression`` (``"auto"``, ``"zstd"``, ``"lz4"``) also chunks, and compresses each chunk's
     byte planes where that pays. Such checkpoints need their store; ``ckptvault export`` makes a
     standalone copy and ``ckptvault gc`` frees chunks no checkpoint references any more.
+    ``hints`` is a :class:`~ckptvault.engine.chunks.HintCache` kept across saves of one run (the
+    manager keeps one): tensors it proves unchanged are neither hashed nor written.
     """
     storage, target = storage_for(path)
     settings = Settings.from_env()
@@ -94,6 +97,7 @@ def save(
         overwrite=overwrite,
         settings=settings,
         chunking=chunk_options(incremental, compression, chunk_bytes),
+        hints=hints,
     )
     return info_from_manifest(target, manifest, dict(metadata or {}))
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from . import api
 from .engine.background import BackgroundWriter, PendingSave
+from .engine.chunks import HintCache
 from .engine.staging import StagingBuffer
 from .errors import (
     CheckpointNotFoundError,
@@ -53,6 +54,7 @@ from .policy import (
     retention_reasons,
     step_trigger,
 )
+from .storage.chunkstore import STORE_NAME, collect_garbage
 from .storage.local import _HOST_TAG, STAGING_MARK
 from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
@@ -298,6 +300,13 @@ class CheckpointManager:
     is seen complete (at the next ``step``/``save``/``wait``), which is also where a background
     failure is raised. Explicit :meth:`save` and preemption saves are synchronous.
 
+    Incremental saves (``incremental=True``) and compression (``compression="auto"|"zstd"|"lz4"``):
+    tensors of at least a quarter ``chunk_bytes`` are stored as chunks in the run's chunk store
+    (``.ckptvault-store``); a chunk already there is referenced, not rewritten, and a tensor whose
+    torch version counter and storage show it unchanged since the last save is not even hashed
+    (``trust_version_counter=False`` always hashes: writes through ``.data`` or raw pointers do
+    not bump the counter). Retention deletes a checkpoint, then frees the chunks nothing else uses.
+
     Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
     :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
     exit cleanly.
@@ -326,6 +335,10 @@ class CheckpointManager:
         preemption_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
         async_save: bool = False,
         max_staging_bytes: int | None = None,
+        incremental: bool = False,
+        compression: str | None = None,
+        chunk_bytes: int | None = None,
+        trust_version_counter: bool = True,
     ) -> None:
         if directory is None:
             directory = os.environ.get(RUN_DIR_ENV)
@@ -367,6 +380,8 @@ class CheckpointManager:
             raise
         self._inflight: tuple[PendingSave, CheckpointRecord] | None = None
         self._writer = BackgroundWriter() if async_save else None
+        self._chunking = api.chunk_options(incremental, compression, chunk_bytes)
+        self._hints = HintCache() if self._chunking is not None and trust_version_counter else None
         self._staging = StagingBuffer(max_staging_bytes)
         self.should_stop = False
         self._preemption: CheckpointInfo | None = None
@@ -577,11 +592,27 @@ class CheckpointManager:
         started = time.perf_counter()
         path = self.directory / name
         if background and self._writer is not None:
-            pending = self._writer.submit_save(path, state.capture(scope), metadata, self._staging)
+            pending = self._writer.submit_save(
+                path,
+                state.capture(scope),
+                metadata,
+                self._staging,
+                chunking=self._chunking,
+                hints=self._hints,
+            )
             self._inflight = (pending, record)
             info = None
         else:
-            info = api.save(path, state.capture(scope), metadata=metadata, overwrite=True)
+            info = api.save(
+                path,
+                state.capture(scope),
+                metadata=metadata,
+                overwrite=True,
+                incremental=self._chunking is not None,
+                compression=self._chunking.compression if self._chunking else None,
+                chunk_bytes=self._chunking.chunk_bytes if self._chunking else None,
+                hints=self._hints,
+            )
         # The loop's cost of this save (for every="auto"): the blocking part only when async.
         self._streams[scope].state.record_save(
             step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
@@ -609,9 +640,13 @@ class CheckpointManager:
     def _apply_retention(self, scope: str) -> None:
         records = [_with_pin(r, self._pins) for r in self._records.values() if r.scope == scope]
         reasons = retention_reasons(records, self._streams[scope].retention, now=time.time())
+        deleted = False
         for name, why in reasons.items():
             if not why:
                 self._delete(name)
+                deleted = True
+        if deleted and (self.directory / STORE_NAME).is_dir():
+            collect_garbage(self.directory)  # chunks only the deleted checkpoints used
 
     def _delete(self, name: str) -> None:
         """Renames the checkpoint out of sight first, so a half-deleted one is never loadable."""

@@ -7,6 +7,7 @@ usage error. Library errors are shown as one clear line, never as a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from .. import api
 from ..engine.inspect import diff_checkpoints, export_safetensors, iter_leaves
 from ..engine.reader import CheckpointReader, verify_checkpoint
 from ..errors import CheckpointError
+from ..storage.chunkstore import collect_garbage
 from ..storage.local import LocalStorage
 
 app = typer.Typer(
@@ -287,6 +289,33 @@ def export(
         with _progress(total, f"export {checkpoint.name}", True) as advance:
             size = export_safetensors(LocalStorage(), str(checkpoint), str(output), progress=advance)
     out.print(f"wrote {output} ({_human_bytes(size)})")
+
+
+@app.command()
+def gc(
+    directory: Annotated[Path, typer.Argument(help="A run directory (the parent of its checkpoints).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, delete nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Free the chunks of the run's chunk store that no committed checkpoint references.
+
+    Waits for saves in progress (store lock); safe to kill at any point: it never deletes a chunk
+    a committed checkpoint references.
+    """
+    with _errors():
+        if not directory.is_dir():
+            err.print(f"[red]error:[/red] {directory} is not a directory")
+            raise typer.Exit(2)
+        report = collect_garbage(directory, dry_run=dry_run)
+    if as_json:
+        _emit_json({**dataclasses.asdict(report), "dry_run": dry_run})
+        return
+    verb = "would free" if dry_run else "freed"
+    out.print(
+        f"{report.checkpoints} checkpoints reference {report.live_chunks} chunks; {verb} "
+        f"{report.deleted_chunks} chunks ({_human_bytes(report.freed_bytes)})"
+        + (f" and {report.deleted_temporary} leftover temporary files" if report.deleted_temporary else "")
+    )
 
 
 @app.command("import")
