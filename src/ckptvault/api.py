@@ -177,9 +177,11 @@ def save_async(
     Hashing, writing, fsync and the commit run in a background thread; ``wait()`` on the returned
     :class:`PendingSave` gives the :class:`CheckpointInfo` or re-raises the background failure.
     At most one async save is in flight (a new one first waits for the previous one), so staging
-    memory is one reusable buffer the size of the largest state, or ``max_staging_bytes`` at most
-    (a larger state raises ``StagingBudgetError`` before anything is written). Pending saves are
-    finished at interpreter exit.
+    memory is one reusable buffer the size of the largest state, or ``max_staging_bytes`` at most.
+    A larger state is staged in pieces through that buffer: the call then also waits while the
+    bytes beyond the budget are written, and a background failure meanwhile is raised by the call
+    itself. A budget smaller than two pieces (4 KiB, or two chunks when chunking) raises
+    ``StagingBudgetError`` before anything is written. Pending saves are finished at interpreter exit.
     """
     global _ASYNC_WRITER
     with _ASYNC_LOCK:

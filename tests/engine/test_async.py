@@ -121,3 +121,63 @@ def test_async_manager_raises_background_failure_on_next_step(
     finally:
         monkeypatch.undo()
         manager.close()
+
+
+# -- staging in pieces: a state bigger than the budget -------------------------------------------
+
+
+def _big_state() -> dict[str, object]:
+    gen = torch.Generator().manual_seed(7)
+    return {
+        "a": torch.randn(300_000, generator=gen),  # ~1.2 MB: spans several 64 KiB slots
+        "b": torch.randn(70_000, generator=gen).to(torch.bfloat16),
+        "small": [torch.full((5,), float(i)) for i in range(40)],  # many blobs packed into one slot
+        "empty": torch.empty(0),
+        "n": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"incremental": True, "chunk_bytes": 65536}, {"compression": "lz4", "chunk_bytes": 65536}]
+)
+def test_state_bigger_than_the_budget_is_staged_in_pieces(ckpt_dir: Path, options: dict[str, object]) -> None:
+    from ckptvault.api import _ASYNC_STAGING
+
+    state = _big_state()
+    expected = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    budget = 256 * 1024
+    pending = cv.save_async(ckpt_dir / "p", state, max_staging_bytes=budget, **options)  # type: ignore[arg-type]
+    # Everything is staged when save_async returns: changing the state now must not reach the file.
+    with torch.no_grad():
+        state["a"].zero_()  # type: ignore[union-attr]
+    pending.wait()
+    assert _ASYNC_STAGING.capacity <= budget
+    back = cv.load(ckpt_dir / "p")
+    assert torch.equal(back["a"], expected["a"]) and torch.equal(back["b"], expected["b"])
+    assert back["n"] == 3 and back["empty"].numel() == 0
+    assert all(torch.equal(x, y) for x, y in zip(back["small"], expected["small"], strict=True))
+    assert cv.verify(ckpt_dir / "p").ok
+
+
+def test_background_failure_while_staging_in_pieces_surfaces_and_leaves_nothing(
+    ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptvault.storage import local
+
+    real_write = local.os.write
+    calls = {"n": 0}
+
+    def failing_write(fd: int, data: object) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device (injected)")
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local.os, "write", failing_write)
+    # The loop is still staging when the writer fails: save_async itself raises the failure.
+    with pytest.raises(cv.StorageError, match="injected"):
+        cv.save_async(ckpt_dir / "f", _big_state(), max_staging_bytes=64 * 1024)
+    monkeypatch.undo()
+    assert [p for p in os.listdir(ckpt_dir) if not p.startswith(".")] == []
+    assert cv.save_async(ckpt_dir / "f", _big_state(), max_staging_bytes=64 * 1024).wait().step == 0
+    assert cv.verify(ckpt_dir / "f").ok

@@ -81,7 +81,7 @@ def _rewrite_manifest(path: Path, change: object) -> None:
         lambda d: d["tensors"]["a"].update(dtype=["F32"]),
         lambda d: d["files"]["data-00000.safetensors"].update(header_size=None),
         lambda d: d.update(surprise=True),
-        lambda d: d.update(required_features=["chunked-tensors"]),
+        lambda d: d.update(required_features=["feature-from-the-future"]),
         lambda d: d["tensors"]["a"].update(shape=[1] * 65),
     ],
 )

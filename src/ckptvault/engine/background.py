@@ -18,7 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ..config import Settings
 from ..types import CheckpointInfo
 from .chunks import ChunkOptions, HintCache
-from .staging import StagingBuffer, stage_plan
+from .feed import FeedAborted
+from .staging import StagingBuffer, feed_plan, fits, stage_plan
 from .writer import commit_plan, plan_save
 
 
@@ -80,13 +81,20 @@ class BackgroundWriter:
         storage, target = api.storage_for(path)  # type: ignore[arg-type]
         settings = Settings.from_env()
         plan = plan_save(target, state, metadata, settings, chunking=chunking, hints=hints)
-        staged = stage_plan(plan, staging)
+        staged = stage_plan(plan, staging) if fits(plan, staging) else feed_plan(plan, staging)
 
         def commit() -> CheckpointInfo:
             manifest = commit_plan(storage, target, staged, overwrite=overwrite, settings=settings)
             return api.info_from_manifest(target, manifest, staged.metadata)
 
-        return self.submit(target, commit)
+        pending = self.submit(target, commit)
+        if staged.feed is not None:
+            try:
+                staged.feed.produce()  # the loop waits here until the last piece is staged
+            except FeedAborted:
+                pending.wait()  # the background failure, raised here where the loop can see it
+                raise
+        return pending
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

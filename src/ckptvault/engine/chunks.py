@@ -31,6 +31,7 @@ from ..format.dtypes import SAFETENSORS_ITEMSIZE
 from ..storage.chunkstore import ChunkStore
 from ..types import ChunkRef, TensorEntry
 from .arrays import Blob
+from .feed import PieceFeed
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # measured: 4 MiB files write as fast as one big file with 4 threads
 _SAMPLE_WINDOWS = 32
@@ -158,6 +159,7 @@ def write_chunked(
     algorithm: str,
     options: ChunkOptions,
     threads: int,
+    feed: PieceFeed | None = None,
 ) -> tuple[dict[str, TensorEntry], int]:
     """Puts every new chunk in the store; returns the tensor entries and the bytes written.
 
@@ -184,14 +186,30 @@ def write_chunked(
             itemsize = SAFETENSORS_ITEMSIZE[blob.dtype]
             methods = (
                 codec.choose_methods(data[: codec.SAMPLE_BYTES], itemsize, options.compression)
-                if options.compression
+                if options.compression and feed is None
                 else None
             )
             step = options.chunk_bytes
-            futures = [
-                pool.submit(_put_chunk, store, algorithm, data[i : i + step], itemsize, methods)
-                for i in range(0, data.size, step)
-            ]
+            if feed is None:
+                futures = [
+                    pool.submit(_put_chunk, store, algorithm, data[i : i + step], itemsize, methods)
+                    for i in range(0, data.size, step)
+                ]
+            else:  # staged in pieces (each a whole number of chunks): finish a piece before the next
+                futures = []
+                for piece in feed.pieces(blob):
+                    part = np.frombuffer(piece, dtype=np.uint8)
+                    if options.compression and not futures:  # blob.data is the live state: not read
+                        methods = codec.choose_methods(
+                            part[: codec.SAMPLE_BYTES], itemsize, options.compression
+                        )
+                    batch = [
+                        pool.submit(_put_chunk, store, algorithm, part[i : i + step], itemsize, methods)
+                        for i in range(0, part.size, step)
+                    ]
+                    for future in batch:
+                        future.result()
+                    futures += batch
             jobs.append((item, futures))
         for item, futures in jobs:
             refs = []

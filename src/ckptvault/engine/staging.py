@@ -1,5 +1,9 @@
 """Host staging for asynchronous saves: the only copy the training loop waits for.
 
+A state larger than the budget (``max_staging_bytes``) is staged in pieces through a ring of slots
+(:func:`feed_plan`, engine/feed.py): the loop then also waits for the bytes beyond the budget to be
+written, and memory stays within the budget.
+
 The plan of a save already names every byte range to write, with shared storage stored once, so
 staging is one memcpy per stored tensor into a single host buffer that is kept and reused by the
 next save (allocating and first-touching fresh memory costs far more than the copy on the machines
@@ -15,6 +19,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .arrays import Blob
+from .feed import PieceFeed
 from .writer import SavePlan
 
 
@@ -44,6 +49,39 @@ class StagingBuffer:
 
     def release(self) -> None:
         self._buffer = np.empty(0, dtype=np.uint8)
+
+
+MAX_SLOT_BYTES = 64 * 1024 * 1024
+MIN_SLOT_BYTES = 4096
+
+
+def staged_bytes(plan: SavePlan) -> int:
+    """Bytes an async save must copy out of the live state (unchanged chunked tensors excluded)."""
+    return sum(blob.nbytes for blob in plan.write_order())
+
+
+def fits(plan: SavePlan, buffer: StagingBuffer) -> bool:
+    return buffer.max_bytes is None or staged_bytes(plan) <= buffer.max_bytes
+
+
+def feed_plan(plan: SavePlan, buffer: StagingBuffer) -> SavePlan:
+    """A copy of ``plan`` that is staged in pieces through ``buffer`` (see engine/feed.py).
+
+    The caller submits the commit of the returned plan to the background first, then calls
+    ``plan.feed.produce()`` in the loop's thread.
+    """
+    budget = buffer.max_bytes
+    assert budget is not None
+    unit = plan.chunking.chunk_bytes if plan.chunking is not None and plan.chunked else MIN_SLOT_BYTES
+    slot = max(unit, min(MAX_SLOT_BYTES, budget // 4) // unit * unit)
+    if budget // slot < 2:
+        raise StagingBudgetError(
+            f"a staging budget of {budget} bytes is too small to stage in pieces: give at least "
+            f"{2 * unit} bytes (two pieces of {unit})"
+        )
+    slots = min(budget // slot, -(-staged_bytes(plan) // slot) + 1)
+    area = buffer.reserve(max(2, slots) * slot)
+    return dataclasses.replace(plan, feed=PieceFeed(area, slot, plan.write_order()))
 
 
 def stage_plan(plan: SavePlan, buffer: StagingBuffer) -> SavePlan:

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import CheckpointError, StorageError
-from ..format.digest import data_file_digest, digest_bytes
+from ..format.digest import data_file_digest, digest_bytes, new_hasher
 from ..format.dtypes import SAFETENSORS_ITEMSIZE
 from ..format.manifest import CHUNKED_TENSORS, Manifest
 from ..format.strictjson import dumps
@@ -44,6 +44,7 @@ from ..storage.chunkstore import ChunkStore
 from ..types import FileEntry, TensorEntry
 from .arrays import Blob, BlobCollector
 from .chunks import ChunkedBlob, ChunkOptions, HintCache, split_blobs, write_chunked
+from .feed import PieceFeed
 from .sidecar import build_sidecar, sidecar_name
 
 
@@ -66,6 +67,12 @@ class SavePlan:
     chunked: list[ChunkedBlob] = dataclasses.field(default_factory=list)
     hints: HintCache | None = None
     chunking: ChunkOptions | None = None
+    feed: PieceFeed | None = None  # set when the state was too big to stage at once
+
+    def write_order(self) -> list[Blob]:
+        """The blobs a commit reads, in the order it reads them (staging follows this order)."""
+        fresh = [c.blob for c in self.chunked if c.reuse is None]
+        return fresh + [b for i, shard in enumerate(self.shards) if shard or i == 0 for b in shard]
 
     @property
     def tensor_bytes(self) -> int:
@@ -150,6 +157,7 @@ def _write_data_file(
     checkpoint_id: str,
     algorithm: str,
     hasher_pool: ThreadPoolExecutor,
+    feed: PieceFeed | None = None,
 ) -> tuple[FileEntry, list[TensorEntry]]:
     header = build_header(
         [(b.name, b.dtype, b.shape, b.nbytes) for b in blobs],
@@ -161,13 +169,23 @@ def _write_data_file(
     def hash_all() -> list[str]:
         return [digest_bytes(algorithm, blob.data) for blob in blobs]
 
-    hashing: Future[list[str]] = hasher_pool.submit(hash_all)
     out = txn.create(name)
     out.write(header)
-    for blob in blobs:
-        out.write(blob.data)
+    if feed is None:
+        hashing: Future[list[str]] = hasher_pool.submit(hash_all)
+        for blob in blobs:
+            out.write(blob.data)
+        tensor_digests = hashing.result()
+    else:  # staged in pieces: each piece is written while the hash thread reads it, then released
+        tensor_digests = []
+        for blob in blobs:
+            hasher = new_hasher(algorithm, size_hint=blob.nbytes)
+            for piece in feed.pieces(blob):
+                hashed = hasher_pool.submit(hasher.update, piece)
+                out.write(piece)
+                hashed.result()
+            tensor_digests.append(hasher.hexdigest())
     syncing.start(out)
-    tensor_digests = hashing.result()
     file_digest = data_file_digest(algorithm, total, header_digest, tensor_digests)
     entries: list[TensorEntry] = []
     cursor = 0
@@ -230,7 +248,9 @@ def commit_plan(
     with store.locked(exclusive=False) if store is not None else nullcontext():
         try:
             manifest = _commit_locked(storage, target, plan, store, overwrite, settings)
-        except BaseException:
+        except BaseException as exc:
+            if plan.feed is not None:
+                plan.feed.fail(exc)  # wakes a loop still staging into the feed
             if plan.hints is not None:
                 plan.hints.clear()  # what the cache remembers may no longer be in the store
             raise
@@ -260,6 +280,7 @@ def _commit_locked(
                 algorithm=algorithm,
                 options=plan.chunking or ChunkOptions(),
                 threads=settings.io_threads,
+                feed=plan.feed,
             )
             tensors.update(chunk_entries)
         # Leaving the with-block waits for every background hash and fsync, so an abort below never
@@ -273,7 +294,7 @@ def _commit_locked(
                 if not shard and index > 0:
                     continue
                 entry, shard_tensors = _write_data_file(
-                    syncing, txn, data_file_name(index), shard, checkpoint_id, algorithm, hash_pool
+                    syncing, txn, data_file_name(index), shard, checkpoint_id, algorithm, hash_pool, plan.feed
                 )
                 files[entry.name] = entry
                 tensors.update((t.name, t) for t in shard_tensors)

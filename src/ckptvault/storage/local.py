@@ -46,6 +46,7 @@ STAGING_MARK = ".ckptvault-tmp."
 _UNLOCKED_GRACE_SECONDS = 60.0
 _LOCK_WAIT_SECONDS = 2.0
 _RENAME_EXCHANGE = 2
+_OPEN_RETRIES = 5
 _HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
@@ -413,6 +414,14 @@ class LocalStorage:
         return LocalWriteTransaction(Path(target).absolute(), overwrite=overwrite)
 
     def open(self, target: str) -> LocalReadHandle:
+        # An overwrite can swap the directory out and delete it between our opening it and its
+        # manifest: the path then names the new checkpoint, so open again instead of failing.
+        for _ in range(_OPEN_RETRIES):
+            try:
+                return LocalReadHandle(Path(target))
+            except CheckpointNotFoundError as exc:
+                if not isinstance(exc.__cause__, CorruptCheckpointError) or not _is_committed(Path(target)):
+                    raise
         return LocalReadHandle(Path(target))
 
     def iter_checkpoints(self, root: str) -> Iterator[str]:
