@@ -38,7 +38,8 @@ class CorruptCheckpointError(CheckpointError):
     ``file`` is the file name inside the checkpoint (or ``None`` for the checkpoint as a whole),
     ``tensor`` the tensor name when the problem is inside one tensor's bytes, and ``kind`` a stable
     word for scripts: ``missing-file``, ``extra-file``, ``truncated``, ``size-mismatch``,
-    ``digest-mismatch``, ``bad-header``, ``foreign-file``, ``bad-manifest``, ``unsafe``.
+    ``digest-mismatch``, ``bad-header``, ``foreign-file``, ``bad-manifest``, ``unsafe``, and for
+    chunked tensors ``missing-chunk`` and ``bad-chunk``.
     """
 
     def __init__(

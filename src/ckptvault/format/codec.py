@@ -82,7 +82,14 @@ def _compress(method: int, data: np.ndarray) -> bytes:
 def _decompress(method: int, data: memoryview, size: int) -> bytes:
     try:
         if method == METHOD_ZSTD:
-            out = _zstd_decompressor().decompress(data, max_output_size=size)
+            import zstandard
+
+            # zstandard trusts a frame's declared content size over max_output_size: a hostile
+            # 20-byte frame could make it allocate gigabytes. Refuse any size but the promised one.
+            declared = zstandard.frame_content_size(data)
+            if declared not in (-1, size):
+                raise CodecError(f"zstd plane declares {declared} bytes, expected {size}")
+            out = _zstd_decompressor().decompress(data, max_output_size=size, allow_extra_data=False)
         elif method == METHOD_LZ4:
             import lz4.block
 
@@ -96,7 +103,6 @@ def _decompress(method: int, data: memoryview, size: int) -> bytes:
     if len(out) != size:
         raise CodecError(f"plane decoded to {len(out)} bytes, expected {size}")
     return bytes(out)
-    raise CodecError(f"unknown plane method {method}")
 
 
 def _planes(data: np.ndarray, itemsize: int) -> list[np.ndarray]:
@@ -115,7 +121,8 @@ def choose_methods(sample: np.ndarray, itemsize: int, compression: str) -> tuple
     if codec not in _CODEC_METHOD:
         raise ValueError(f"compression must be one of {COMPRESSION_CHOICES} or None, got {compression!r}")
     method = _CODEC_METHOD[codec]
-    sample = sample[: SAMPLE_BYTES - SAMPLE_BYTES % max(itemsize, 1)]
+    sample = sample[:SAMPLE_BYTES]
+    sample = sample[: sample.size - sample.size % max(itemsize, 1)]  # whole elements only
     methods = []
     for plane in _planes(sample, itemsize):
         if plane.size == 0:
