@@ -6,6 +6,7 @@ storage backend from the path and hand work to the engine.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from typing import Any
@@ -88,7 +89,7 @@ def save(
     storage, target = storage_for(path)
     settings = Settings.from_env()
     if digest is not None:
-        settings = Settings(digest=digest, shard_bytes=settings.shard_bytes, io_threads=settings.io_threads)
+        settings = dataclasses.replace(settings, digest=digest)
     manifest = write_checkpoint(
         storage,
         target,

@@ -169,7 +169,7 @@ def _write_data_file(
     def hash_all() -> list[str]:
         return [digest_bytes(algorithm, blob.data) for blob in blobs]
 
-    out = txn.create(name)
+    out = txn.create(name, size_hint=total)
     out.write(header)
     if feed is None:
         hashing: Future[list[str]] = hasher_pool.submit(hash_all)

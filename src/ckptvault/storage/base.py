@@ -28,7 +28,8 @@ class WritableFile(Protocol):
 
 
 class WriteTransaction(Protocol):
-    def create(self, name: str) -> WritableFile: ...
+    def create(self, name: str, *, size_hint: int = 0) -> WritableFile:
+        """A new file; ``size_hint`` (its expected size) lets a backend pick a write path."""
 
     def commit(self, manifest: bytes) -> None:
         """Writes the manifest last and publishes the checkpoint atomically and durably."""
