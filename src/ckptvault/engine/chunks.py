@@ -92,6 +92,7 @@ class _Hint:
     key: tuple[Any, ...]
     sample: str
     entry: TensorEntry
+    algorithm: str  # digests of another algorithm cannot be reused
 
 
 @dataclass
@@ -102,9 +103,9 @@ class HintCache:
     hits: int = 0
     misses: int = 0
 
-    def lookup(self, blob: Blob, sample: str | None, store: ChunkStore) -> TensorEntry | None:
+    def lookup(self, blob: Blob, sample: str | None, store: ChunkStore, algorithm: str) -> TensorEntry | None:
         record = self.records.get(blob.name)
-        if record is None or blob.version_key is None or sample is None:
+        if record is None or blob.version_key is None or sample is None or record.algorithm != algorithm:
             return None
         entry = record.entry
         same = (
@@ -118,13 +119,13 @@ class HintCache:
             return None
         return entry
 
-    def remember(self, chunked: list[ChunkedBlob], entries: dict[str, TensorEntry]) -> None:
+    def remember(self, chunked: list[ChunkedBlob], entries: dict[str, TensorEntry], algorithm: str) -> None:
         """After a successful commit: what the next save may skip."""
         fresh: dict[str, _Hint] = {}
         for item in chunked:
             key = item.blob.version_key
             if key is not None and item.sample is not None and item.blob.name in entries:
-                fresh[item.blob.name] = _Hint(key, item.sample, entries[item.blob.name])
+                fresh[item.blob.name] = _Hint(key, item.sample, entries[item.blob.name], algorithm)
         self.records = fresh
 
     def clear(self) -> None:
@@ -132,7 +133,7 @@ class HintCache:
 
 
 def split_blobs(
-    blobs: list[Blob], options: ChunkOptions, hints: HintCache | None, store: ChunkStore
+    blobs: list[Blob], options: ChunkOptions, hints: HintCache | None, store: ChunkStore, algorithm: str
 ) -> tuple[list[Blob], list[ChunkedBlob]]:
     """Separates the blobs that go to the chunk store, and finds those a hint proves unchanged."""
     small: list[Blob] = []
@@ -142,7 +143,7 @@ def split_blobs(
             small.append(blob)
             continue
         sample = sample_digest(blob.data) if blob.version_key is not None else None
-        reuse = hints.lookup(blob, sample, store) if hints is not None else None
+        reuse = hints.lookup(blob, sample, store, algorithm) if hints is not None else None
         if hints is not None:
             if reuse is None:
                 hints.misses += 1
@@ -235,7 +236,7 @@ def _put_chunk(
     store: ChunkStore, algorithm: str, piece: np.ndarray, itemsize: int, methods: tuple[int, ...] | None
 ) -> tuple[ChunkRef, int]:
     digest = digest_bytes(algorithm, memoryview(piece.data))
-    found = store.find(digest)
+    found = store.find(digest, piece.size)
     if found is not None:
         return ChunkRef(digest, piece.size, found[1], found[0]), 0
     if methods is not None and any(methods):
@@ -262,7 +263,7 @@ def read_chunked(
 
     def one(ref: ChunkRef, cursor: int) -> None:
         target = out[cursor : cursor + ref.raw_len]
-        stored = store.read(ref.digest, ref.codec, ref.stored_len, where=where)
+        stored = store.read(ref.digest, ref.codec, ref.stored_len, where=where, tensor=entry.name)
         if ref.codec == "raw":
             target[:] = np.frombuffer(stored, dtype=np.uint8)
         else:

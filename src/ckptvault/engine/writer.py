@@ -119,7 +119,9 @@ def plan_save(
     blobs = collector.finalize()
     chunked: list[ChunkedBlob] = []
     if chunking is not None:
-        blobs, chunked = split_blobs(blobs, chunking, hints, ChunkStore.for_checkpoint(target))
+        blobs, chunked = split_blobs(
+            blobs, chunking, hints, ChunkStore.for_checkpoint(target), settings.digest
+        )
     metadata_tree = TreeEncoder(NO_LEAVES).encode(metadata, "metadata")
     # Larger element sizes first keeps every tensor aligned to its element size in the file.
     ordered = sorted(blobs, key=lambda b: -SAFETENSORS_ITEMSIZE[b.dtype])
@@ -255,7 +257,7 @@ def commit_plan(
                 plan.hints.clear()  # what the cache remembers may no longer be in the store
             raise
     if plan.hints is not None:
-        plan.hints.remember(plan.chunked, manifest.tensors)
+        plan.hints.remember(plan.chunked, manifest.tensors, manifest.digest_algorithm)
     return manifest
 
 

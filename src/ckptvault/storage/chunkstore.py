@@ -71,6 +71,23 @@ def _write_direct(fd: int, view: memoryview) -> None:
         os.ftruncate(fd, len(view))
 
 
+def _frame_size(path: Path, raw_len: int) -> int | None:
+    """The file size a compressed chunk's frame header promises (format §11.3); None if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16 + 8 * 9)
+    except OSError:
+        return None
+    if len(head) < 16 or head[:4] != b"CKVC" or int.from_bytes(head[8:16], "little") != raw_len:
+        return None
+    nplanes = head[6]
+    table_end = 16 + 9 * nplanes
+    if nplanes not in (1, 2, 4, 8) or len(head) < table_end:
+        return None
+    stored = sum(int.from_bytes(head[16 + 9 * i + 1 : 16 + 9 * i + 9], "little") for i in range(nplanes))
+    return table_end + stored
+
+
 def store_for(checkpoint: str | Path) -> Path:
     """The store a checkpoint's chunks live in: ``.ckptvault-store`` beside the checkpoint."""
     return Path(checkpoint).parent / STORE_NAME
@@ -112,16 +129,27 @@ class ChunkStore:
             raise UnsafeCheckpointError(f"unsafe chunk reference {digest[:70]!r}.{codec[:10]!r}")
         return self.chunks / digest[:2] / f"{digest}.{codec}"
 
-    def find(self, digest: str) -> tuple[str, int] | None:
-        """An existing regular file holding this content, as ``(codec, stored size)``; else None."""
+    def find(self, digest: str, raw_len: int) -> tuple[str, int] | None:
+        """An existing chunk file of this content that looks whole, as ``(codec, stored size)``.
+
+        A raw chunk must have exactly ``raw_len`` bytes; a frame's header and plane table must add
+        up to its file size. A file that fails (truncated by a crash of the medium, or damaged) is
+        not reused: the writer writes a fresh copy over it. Content is not re-hashed here; that is
+        what ``verify`` is for.
+        """
         for codec in CODECS:
+            path = self.path(digest, codec)
             try:
-                st = os.stat(self.path(digest, codec), follow_symlinks=False)
+                st = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise _error("checking chunk", self.path(digest, codec), exc) from exc
-            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                raise _error("checking chunk", path, exc) from exc
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if codec == "raw" and st.st_size == raw_len:
+                return codec, st.st_size
+            if codec != "raw" and 0 < st.st_size <= raw_len and _frame_size(path, raw_len) == st.st_size:
                 return codec, st.st_size
         return None
 
@@ -200,8 +228,20 @@ class ChunkStore:
                 raise _error("syncing", directory, exc) from exc
 
     # -- reading ------------------------------------------------------------------------------
-    def read(self, digest: str, codec: str, stored_len: int, *, where: str | None = None) -> bytearray:
-        """The stored bytes of one chunk, after checking it is a regular file of the right size."""
+    def read(
+        self, digest: str, codec: str, stored_len: int, *, where: str | None = None, tensor: str | None = None
+    ) -> bytearray:
+        """The stored bytes of one chunk, after checking it is a regular file of the right size.
+
+        Errors name the checkpoint (``where``) and the tensor the chunk belongs to.
+        """
+        try:
+            return self._read(digest, codec, stored_len, where)
+        except CorruptCheckpointError as exc:
+            exc.tensor = tensor
+            raise
+
+    def _read(self, digest: str, codec: str, stored_len: int, where: str | None) -> bytearray:
         path = self.path(digest, codec)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -267,6 +307,8 @@ class ChunkStore:
             for entry in os.scandir(sub.path):
                 name = entry.name
                 digest, _, codec = name.partition(".")
+                if entry.is_dir(follow_symlinks=False):
+                    continue  # a directory is never ours (a symlink named like a chunk is: it goes)
                 ok = _HEX64.match(digest) and codec in CODECS and digest[:2] == sub.name
                 yield Path(entry.path), digest if ok else None
 
