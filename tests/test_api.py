@@ -20,6 +20,8 @@ from ckptvault.legacy import import_legacy
 
 def test_public_surface_is_pinned() -> None:
     assert set(cv.__all__) == {
+        "ArchitectureError", "ModelMismatchError", "ValidationFailedError", "ValidationResult",
+        "load_model", "load_program", "model_factory", "save_model", "validate",
         "CheckpointError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
         "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError",
         "IncompatibleCheckpointError", "IncompleteStateError", "PendingSave", "Problem", "Scope",

@@ -16,7 +16,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import info, list_checkpoints, load, open, save, save_async, verify
+from .api import (
+    info,
+    list_checkpoints,
+    load,
+    load_model,
+    load_program,
+    open,
+    save,
+    save_async,
+    save_model,
+    validate,
+    verify,
+)
 from .engine.background import PendingSave
 from .engine.staging import StagingBudgetError
 from .errors import (
@@ -32,11 +44,14 @@ from .errors import (
     UnsupportedStateError,
 )
 from .manager import CheckpointManager, Scope
+from .training.architecture import ArchitectureError, ModelMismatchError, model_factory
 from .training.fingerprint import fingerprint
 from .training.state import IncompleteStateError, TrainState
 from .types import CheckpointInfo, Problem, VerifyReport
+from .validation import ValidationFailedError, ValidationResult
 
 __all__ = [
+    "ArchitectureError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointInfo",
@@ -46,6 +61,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "IncompleteStateError",
+    "ModelMismatchError",
     "PendingSave",
     "Problem",
     "Scope",
@@ -55,14 +71,21 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsafeLegacyFileError",
     "UnsupportedStateError",
+    "ValidationFailedError",
+    "ValidationResult",
     "VerifyReport",
     "__version__",
     "fingerprint",
     "info",
     "list_checkpoints",
     "load",
+    "load_model",
+    "load_program",
+    "model_factory",
     "open",
     "save",
     "save_async",
+    "save_model",
+    "validate",
     "verify",
 ]

@@ -18,10 +18,20 @@ from .engine.lazy import CheckpointView
 from .engine.reader import CheckpointReader, read_checkpoint, verify_checkpoint
 from .engine.staging import StagingBuffer
 from .engine.writer import write_checkpoint
+from .errors import CheckpointNotFoundError
 from .format.manifest import Manifest
 from .storage.base import Storage
 from .storage.local import LocalStorage
 from .types import CheckpointInfo, VerifyReport
+from .validation import (
+    PROBE_FILE,
+    ValidationFailedError,
+    ValidationResult,
+    check_level,
+    make_probe_file,
+    record_result,
+)
+from .validation import validate as run_validation
 
 PathLike = str | os.PathLike[str]
 
@@ -65,6 +75,8 @@ def save(
     compression: str | None = None,
     chunk_bytes: int | None = None,
     hints: HintCache | None = None,
+    validate: str = "checksum",
+    extra_files: dict[str, bytes] | None = None,
 ) -> CheckpointInfo:
     """Saves any nested training state as one atomically committed checkpoint directory.
 
@@ -85,7 +97,13 @@ def save(
     standalone copy and ``ckptvault gc`` frees chunks no checkpoint references any more.
     ``hints`` is a :class:`~ckptvault.engine.chunks.HintCache` kept across saves of one run (the
     manager keeps one): tensors it proves unchanged are neither hashed nor written.
+
+    ``validate="readback"`` reads the committed files back and re-hashes them before returning;
+    ``"full"`` also rebuilds the model in a separate process (see :func:`save_model` and
+    ``ckptvault.validation``). A checkpoint that fails is committed but raises
+    :class:`~ckptvault.validation.ValidationFailedError`, and the failure is recorded beside it.
     """
+    check_level(validate)
     storage, target = storage_for(path)
     settings = Settings.from_env()
     if digest is not None:
@@ -99,8 +117,132 @@ def save(
         settings=settings,
         chunking=chunk_options(incremental, compression, chunk_bytes),
         hints=hints,
+        extra_files=extra_files,
     )
-    return info_from_manifest(target, manifest, dict(metadata or {}))
+    info = info_from_manifest(target, manifest, dict(metadata or {}))
+    if validate != "checksum":
+        result = run_validation(target, validate)
+        record_result(result)
+        if not result.passed:
+            raise ValidationFailedError(result)
+    return info
+
+
+def save_model(
+    path: PathLike,
+    model: Any,
+    *,
+    factory: str | Any = None,
+    kwargs: dict[str, Any] | None = None,
+    probe: Any = None,
+    metadata: dict[str, Any] | None = None,
+    validate: str = "checksum",
+    export_program: bool = False,
+    overwrite: bool = False,
+) -> CheckpointInfo:
+    """Saves a model so that :func:`load_model` can rebuild it without the training script.
+
+    ``factory`` is ``"package.module:Callable"`` (or the callable) and ``kwargs`` its JSON
+    arguments; with only ``kwargs`` (or a ``ckptvault_kwargs`` attribute on the model) the factory is
+    the model's own module-level class. Both are checked importable now. ``probe`` (a tensor or a
+    tuple of them) is run through the model now and kept with the output, so ``validate="full"``
+    (here or later with ``ckptvault validate``) can prove the saved model computes the same thing.
+    ``export_program=True`` also stores a ``torch.export`` program (read only by :func:`load_program`).
+    """
+    from .training.architecture import spec_for
+
+    spec = spec_for(model, factory, kwargs, ("model",))
+    metadata = {**(metadata or {}), "architecture": spec.to_metadata()}
+    extra: dict[str, bytes] = {}
+    if probe is not None:
+        extra[PROBE_FILE] = make_probe_file(model, probe, metadata.get("metrics"))
+    if export_program:
+        extra[PROGRAM_FILE] = export_program_bytes(model, probe)
+    return save(
+        path,
+        {"model": model.state_dict()},
+        metadata=metadata,
+        overwrite=overwrite,
+        validate=validate,
+        extra_files=extra,
+    )
+
+
+PROGRAM_FILE = "program.pt2"
+
+
+def export_program_bytes(model: Any, probe: Any) -> bytes:
+    """A ``torch.export`` program of ``model`` traced on ``probe``, as the bytes of a .pt2 file."""
+    import io
+
+    import torch
+
+    if probe is None:
+        raise ValueError("export_program needs a probe to trace the model with")
+    inputs = tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
+    program = torch.export.export(model, inputs)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def load_program(path: PathLike) -> Any:
+    """The stored ``torch.export`` program (digest checked). Loading one runs torch's own
+    deserializer, which is not held to this library's no-code rule: load programs you trust."""
+    import io
+
+    import torch
+
+    storage, target = storage_for(path)
+    with CheckpointReader(storage, target) as reader:
+        try:
+            data = reader.read_file(PROGRAM_FILE)
+        except KeyError:
+            raise CheckpointNotFoundError(
+                f"{target} stores no exported program (save with export_program=True)"
+            ) from None
+    return torch.export.load(io.BytesIO(data))
+
+
+def load_model(
+    path: PathLike,
+    *,
+    map_location: Any = "cpu",
+    verify: bool = True,
+    allowed_modules: list[str] | None = None,
+) -> Any:
+    """Rebuilds the checkpoint's model from its recorded factory and loads its weights (eval mode).
+
+    Raises :class:`~ckptvault.training.architecture.ArchitectureError` when no factory is recorded,
+    it cannot be imported or it is not a model class or marked factory, and
+    :class:`~ckptvault.training.architecture.ModelMismatchError` listing missing/unexpected keys and
+    shape mismatches when the weights do not fit.
+    """
+    from .training.architecture import ArchitectureError, ModelSpec, build, check_fit
+
+    with open(path, map_location=map_location, verify=verify) as view:
+        spec = ModelSpec.from_metadata(view.metadata.get("architecture"))
+        node: Any = view
+        try:
+            for key in spec.weights:
+                node = node[key]
+        except (KeyError, TypeError) as exc:
+            raise ArchitectureError(f"the checkpoint has no weights at {list(spec.weights)}") from exc
+        weights = node.load() if hasattr(node, "load") else node
+    if not isinstance(weights, dict):
+        raise ArchitectureError(f"the weights at {list(spec.weights)} are not a state dict")
+    model = build(spec, allowed_modules=allowed_modules)
+    check_fit(model, weights)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
+def validate(path: PathLike, level: str = "full") -> ValidationResult:
+    """Validates a committed checkpoint now at ``level`` and records the result beside it."""
+    _, target = storage_for(path)
+    result = run_validation(target, level)
+    record_result(result)
+    return result
 
 
 def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True, mmap: bool = True) -> Any:

@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import secrets
@@ -29,16 +30,18 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from . import api
+from . import api, validation
 from .engine.background import BackgroundWriter, PendingSave
 from .engine.chunks import HintCache
 from .engine.staging import StagingBuffer
 from .errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     ConcurrentWriteError,
     CorruptCheckpointError,
@@ -61,6 +64,7 @@ from .training.state import FULL, WEIGHTS, TrainState
 from .types import CheckpointInfo
 
 RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
+logger = logging.getLogger("ckptvault")
 INDEX_NAME = ".ckptvault-index.json"
 LOCK_NAME = ".ckptvault-run.lock"
 Mode = Literal["min", "max"]
@@ -250,7 +254,56 @@ def load_records(run_dir: Path, index: Mapping[str, Any] | None = None) -> dict[
             if parsed is not None:
                 scope, step = parsed
                 records[name] = CheckpointRecord(name, step, 0, 0.0, scope, {}, valid=False)
+    for name, record in records.items():
+        result = validation.read_result(run_dir / name)
+        if result is not None and result.get("passed") is False and record.valid:
+            with contextlib.suppress(CheckpointError):  # a result of an older checkpoint of that name
+                if api.info(run_dir / name).checkpoint_id == result.get("checkpoint_id"):
+                    records[name] = dataclasses.replace(record, valid=False)
     return records
+
+
+class _Validator:
+    """One background thread that validates committed checkpoints in order; results are collected
+    by the loop's thread with :meth:`drain`. Never blocks the caller of :meth:`submit`."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future[validation.ValidationResult]] = []
+
+    def submit(self, path: str, level: str) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-validate")
+        self._futures.append(self._pool.submit(_validate_and_record, path, level))
+
+    def drain(self) -> list[validation.ValidationResult]:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        return [f.result() for f in done]
+
+    def join(self) -> None:
+        for future in list(self._futures):
+            future.exception()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _validate_and_record(path: str, level: str) -> validation.ValidationResult:
+    try:
+        result = validation.validate(path, level)
+    except CheckpointNotFoundError:  # deleted (by retention or by hand) before it was checked
+        return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
+    except Exception as exc:  # a checkpoint deleted by retention meanwhile, or a broken environment
+        if not Path(path).exists():
+            return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
+        result = validation.ValidationResult(path, level, level, False, (f"{type(exc).__name__}: {exc}",))
+    if not Path(path).is_dir():  # deleted by retention while it was checked: nothing to report
+        return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
+    validation.record_result(result)
+    return result
 
 
 def load_pins(run_dir: Path) -> set[int]:
@@ -307,6 +360,14 @@ class CheckpointManager:
     (``trust_version_counter=False`` always hashes: writes through ``.data`` or raw pointers do
     not bump the counter). Retention deletes a checkpoint, then frees the chunks nothing else uses.
 
+    Validation (``validate=``, default ``"full"``): after each commit a background thread checks the
+    checkpoint: ``"readback"`` re-reads and re-hashes it; ``"full"`` also rebuilds the model in a
+    separate process and compares its output on a probe batch with the in-memory model's (needs
+    ``TrainState(model_factory=..., model_kwargs=...)`` and a probe: ``probe=`` or the first batch of
+    ``state.batches()``; without them full validation runs readback and says so). The loop never
+    waits for it. A failure is logged loudly, recorded in ``.ckptvault-validation/`` (``ckptvault
+    ls`` shows it) and the checkpoint is never chosen by ``restore`` or ``best``.
+
     Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
     :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
     exit cleanly.
@@ -339,6 +400,7 @@ class CheckpointManager:
         compression: str | None = None,
         chunk_bytes: int | None = None,
         trust_version_counter: bool = True,
+        validate: str = "full",
     ) -> None:
         if directory is None:
             directory = os.environ.get(RUN_DIR_ENV)
@@ -380,6 +442,8 @@ class CheckpointManager:
             raise
         self._inflight: tuple[PendingSave, CheckpointRecord] | None = None
         self._writer = BackgroundWriter() if async_save else None
+        self._validate = validation.check_level(validate)
+        self._validator = _Validator()
         self._chunking = api.chunk_options(incremental, compression, chunk_bytes)
         self._hints = HintCache() if self._chunking is not None and trust_version_counter else None
         self._staging = StagingBuffer(max_staging_bytes)
@@ -450,6 +514,12 @@ class CheckpointManager:
                 self._finish_pending(block=True)
             except Exception as exc:
                 warnings.warn(f"the last asynchronous save failed: {exc}", stacklevel=2)
+        validator = getattr(self, "_validator", None)
+        if validator is not None:
+            validator.join()
+            if getattr(self, "_lock_fd", -1) >= 0:
+                self._apply_validation_results()
+            validator.shutdown()
         writer = getattr(self, "_writer", None)
         if writer is not None:
             writer.shutdown()
@@ -473,6 +543,37 @@ class CheckpointManager:
     def wait(self) -> None:
         """Blocks until the save in flight (async mode) has committed; re-raises its failure."""
         self._finish_pending(block=True)
+
+    def wait_validation(self) -> None:
+        """Blocks until every background validation so far has finished and been applied."""
+        self._finish_pending(block=True)
+        self._validator.join()
+        self._apply_validation_results()
+
+    def validation_result(self, name: str) -> dict[str, Any] | None:
+        """The recorded validation result of a checkpoint of this run (by directory name)."""
+        return validation.read_result(self.directory / name)
+
+    def _apply_validation_results(self) -> None:
+        """Applies finished validations (in the loop's thread: records are not shared)."""
+        changed = False
+        for result in self._validator.drain():
+            name = Path(result.checkpoint).name
+            if result.passed:
+                continue
+            logger.error(
+                "checkpoint %s FAILED %s validation: %s", result.checkpoint, result.level, result.problems
+            )
+            problems = "; ".join(result.problems)
+            warnings.warn(
+                f"checkpoint {result.checkpoint} failed {result.level} validation: {problems}", stacklevel=3
+            )
+            record = self._records.get(name)
+            if record is not None and record.valid:
+                self._records[name] = dataclasses.replace(record, valid=False)
+                changed = True
+        if changed:
+            self._write_index()
 
     def _install_signal_handlers(self, signals: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -504,6 +605,7 @@ class CheckpointManager:
             return self._preemption
         if self._inflight is not None:
             self._finish_pending(block=False)
+        self._apply_validation_results()
         now = time.time()
         current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
         saved = None
@@ -591,6 +693,12 @@ class CheckpointManager:
         )
         started = time.perf_counter()
         path = self.directory / name
+        extra: dict[str, bytes] = {}
+        if state.architecture is not None:
+            metadata["architecture"] = state.architecture.to_metadata()
+            if self._validate == "full" and state.probe is not None:
+                (model,) = state.parts["model"].values()
+                extra[validation.PROBE_FILE] = validation.make_probe_file(model, state.probe, metrics)
         if background and self._writer is not None:
             pending = self._writer.submit_save(
                 path,
@@ -599,6 +707,7 @@ class CheckpointManager:
                 self._staging,
                 chunking=self._chunking,
                 hints=self._hints,
+                extra_files=extra,
             )
             self._inflight = (pending, record)
             info = None
@@ -612,6 +721,7 @@ class CheckpointManager:
                 compression=self._chunking.compression if self._chunking else None,
                 chunk_bytes=self._chunking.chunk_bytes if self._chunking else None,
                 hints=self._hints,
+                extra_files=extra,
             )
         # The loop's cost of this save (for every="auto"): the blocking part only when async.
         self._streams[scope].state.record_save(
@@ -624,6 +734,8 @@ class CheckpointManager:
     def _committed(self, record: CheckpointRecord) -> None:
         """A durable commit: only now do "latest", retention and the index move on."""
         self._records[record.name] = record
+        if self._validate != "checksum":
+            self._validator.submit(str(self.directory / record.name), self._validate)
         self._apply_retention(record.scope)
         self._write_index()
 

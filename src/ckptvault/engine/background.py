@@ -73,6 +73,7 @@ class BackgroundWriter:
         overwrite: bool = True,
         chunking: ChunkOptions | None = None,
         hints: HintCache | None = None,
+        extra_files: dict[str, bytes] | None = None,
     ) -> PendingSave:
         """Plans and stages ``state`` now (the caller's only wait) and commits it in the background."""
         from .. import api
@@ -80,7 +81,9 @@ class BackgroundWriter:
         self.wait_idle()  # the staging buffer is free again only after the previous commit
         storage, target = api.storage_for(path)  # type: ignore[arg-type]
         settings = Settings.from_env()
-        plan = plan_save(target, state, metadata, settings, chunking=chunking, hints=hints)
+        plan = plan_save(
+            target, state, metadata, settings, chunking=chunking, hints=hints, extra_files=extra_files
+        )
         staged = stage_plan(plan, staging) if fits(plan, staging) else feed_plan(plan, staging)
 
         def commit() -> CheckpointInfo:

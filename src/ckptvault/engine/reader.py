@@ -200,6 +200,18 @@ class CheckpointReader:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptvault-read") as pool:
             return dict(zip(names, pool.map(one, names), strict=True))
 
+    def read_file(self, name: str) -> bytes:
+        """A whole non-data file of the checkpoint (probe, program), size and digest checked."""
+        entry = self.manifest.files.get(name)
+        if entry is None or entry.header_size is not None:
+            raise KeyError(name)
+        check_file_name(name, path=self.path)
+        self.check_size(name)
+        data = self.handle.read(name, 0, entry.size)
+        if digest_bytes(self.manifest.digest_algorithm, data) != entry.digest:
+            raise self._corrupt("file digest mismatch", "digest-mismatch", file=name)
+        return data
+
     def check_sidecars(self) -> None:
         for name, entry in self.manifest.files.items():
             if entry.header_size is None:

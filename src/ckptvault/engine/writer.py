@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import re
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,11 +32,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..config import Settings
+from ..config import MANIFEST_NAME, Settings
 from ..errors import CheckpointError, StorageError
 from ..format.digest import data_file_digest, digest_bytes, new_hasher
 from ..format.dtypes import SAFETENSORS_ITEMSIZE
-from ..format.manifest import CHUNKED_TENSORS, Manifest
+from ..format.manifest import CHUNKED_TENSORS, Manifest, check_file_name
 from ..format.strictjson import dumps
 from ..format.tensorfile import build_header
 from ..format.tree import TreeEncoder
@@ -68,6 +69,8 @@ class SavePlan:
     hints: HintCache | None = None
     chunking: ChunkOptions | None = None
     feed: PieceFeed | None = None  # set when the state was too big to stage at once
+    # Opaque files stored in the checkpoint beside the data (validation probe, exported program).
+    extra_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     def write_order(self) -> list[Blob]:
         """The blobs a commit reads, in the order it reads them (staging follows this order)."""
@@ -110,6 +113,7 @@ def plan_save(
     *,
     chunking: ChunkOptions | None = None,
     hints: HintCache | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> SavePlan:
     """Encodes the state and decides where every blob goes. With ``chunking``, large tensors go to
     the run's chunk store, and ``hints`` (a manager's memory of its last save) skips the unchanged."""
@@ -144,7 +148,17 @@ def plan_save(
         chunked,
         hints,
         chunking,
+        extra_files=_checked_extra_files(extra_files or {}, resolve_step(target, metadata)),
     )
+
+
+def _checked_extra_files(files: dict[str, bytes], step: int) -> dict[str, bytes]:
+    reserved = {MANIFEST_NAME, sidecar_name(step)}
+    for name in files:
+        check_file_name(name)
+        if name in reserved or name.startswith("data-"):
+            raise ValueError(f"extra file name {name!r} is reserved for the checkpoint's own files")
+    return {name: bytes(data) for name, data in files.items()}
 
 
 def data_file_name(index: int) -> str:
@@ -227,10 +241,13 @@ def write_checkpoint(
     settings: Settings | None = None,
     chunking: ChunkOptions | None = None,
     hints: HintCache | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Manifest:
     """Saves ``state`` at ``target`` and returns the committed manifest."""
     settings = settings or Settings.from_env()
-    plan = plan_save(target, state, metadata, settings, chunking=chunking, hints=hints)
+    plan = plan_save(
+        target, state, metadata, settings, chunking=chunking, hints=hints, extra_files=extra_files
+    )
     return commit_plan(storage, target, plan, overwrite=overwrite, settings=settings)
 
 
@@ -261,6 +278,12 @@ def commit_plan(
     return manifest
 
 
+# Test hook: a function that rewrites a plan just before its bytes are hashed and written, used to
+# simulate a serialization bug (wrong bytes with consistent digests) that only full validation can
+# catch. None in production; ckptvault.testing sets it.
+serialization_hook: Callable[[SavePlan], SavePlan] | None = None
+
+
 def _commit_locked(
     storage: Storage,
     target: str,
@@ -269,6 +292,8 @@ def _commit_locked(
     overwrite: bool,
     settings: Settings,
 ) -> Manifest:
+    if serialization_hook is not None:
+        plan = serialization_hook(plan)
     checkpoint_id, created_at, metadata = plan.checkpoint_id, plan.created_at, plan.metadata
     algorithm = settings.digest
     txn = storage.begin(target, overwrite=overwrite)
@@ -316,6 +341,11 @@ def _commit_locked(
             out.write(sidecar)
             syncing.start(out)
             files[name] = FileEntry(name, len(sidecar), digest_bytes(algorithm, sidecar))
+            for name, data in plan.extra_files.items():
+                out = txn.create(name, size_hint=len(data))
+                out.write(data)
+                syncing.start(out)
+                files[name] = FileEntry(name, len(data), digest_bytes(algorithm, data))
             syncing.wait()
         manifest = Manifest(
             checkpoint_id=checkpoint_id,

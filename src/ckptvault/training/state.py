@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
+from .architecture import ModelSpec, spec_for
 from .data import DataPosition, epoch_loader, is_stateful_loader
 from .history import MetricsHistory
 
@@ -56,6 +57,9 @@ class TrainState:
         loader: Any = None,
         extras: Mapping[str, Any] | None = None,
         generators: Mapping[str, Any] | None = None,
+        model_factory: Any = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        probe: Any = None,
     ) -> None:
         self.parts: dict[str, dict[str, Any]] = {
             "model": _named(model, "model"),
@@ -81,6 +85,21 @@ class TrainState:
         self.metrics_history = MetricsHistory()
         self._on_epoch_end: Callable[[TrainState], None] | None = None
         self.stop_requested = False  # set by the manager on preemption; ends epochs() and batches()
+        # How to rebuild the model (validation, load_model): checked now, so a bad reference fails
+        # at the start of a run, not when the checkpoint is needed.
+        self.architecture: ModelSpec | None = None
+        if model_factory is not None or model_kwargs is not None or hasattr(model, "ckptvault_kwargs"):
+            if len(self.parts["model"]) != 1:
+                raise ValueError("model_factory/model_kwargs describe one model; this state has several")
+            ((name, single),) = self.parts["model"].items()
+            self.architecture = spec_for(
+                single,
+                model_factory,
+                dict(model_kwargs) if model_kwargs is not None else None,
+                ("model", name),
+            )
+        # The probe batch of full validation: given, or the inputs of the first batch seen.
+        self.probe: Any = probe
 
     # -- the loop ---------------------------------------------------------------------------
     def epochs(self, num_epochs: int) -> Iterator[int]:
@@ -123,6 +142,8 @@ class TrainState:
             if self._stopping():
                 return
             self.position.batches_done += 1
+            if self.probe is None:
+                self.probe = probe_from_batch(batch)
             yield batch
         if not self.stop_requested:
             self.position.exhausted = True
@@ -258,3 +279,18 @@ def _set_generator_state(generator: Any, state: Any) -> None:
         generator.setstate(state)
     else:
         generator.set_state(state)
+
+
+PROBE_SAMPLES = 4
+
+
+def probe_from_batch(batch: Any) -> Any:
+    """The model input of a batch, cut to a few samples and copied: a tensor, or the first element
+    of a tuple/list batch. None (no automatic probe) for other batch shapes; pass ``probe=``."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    value = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value[:PROBE_SAMPLES].detach().clone()
+    return None
