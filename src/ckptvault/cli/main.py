@@ -28,6 +28,7 @@ from ..engine.reader import CheckpointReader, verify_checkpoint
 from ..errors import CheckpointError
 from ..storage.chunkstore import collect_garbage
 from ..storage.local import LocalStorage
+from ..validation import read_result
 
 app = typer.Typer(
     name="ckptvault",
@@ -144,6 +145,7 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
                     "size_bytes": info.size_bytes,
                     "created_at": info.created_at,
                     "metrics": info.metrics,
+                    "validation": _validation_status(path, info.checkpoint_id),
                 }
             )
     rows.sort(key=lambda r: (r.get("step", -1), r["path"]))
@@ -160,8 +162,8 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
     metric_names = sorted({k for r in rows for k in r.get("metrics", {})})[:6]
     extra = ["kept because"] if reasons is not None else []
     table = Table(show_edge=False, header_style="bold")
-    for col in ("checkpoint", "step", "size", "created", *metric_names, *extra):
-        justify = "right" if col not in ("checkpoint", "created", "kept because") else "left"
+    for col in ("checkpoint", "step", "size", "created", "validation", *metric_names, *extra):
+        justify = "right" if col not in ("checkpoint", "created", "validation", "kept because") else "left"
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
         cells = [_relative(row["path"], directory)]
@@ -170,16 +172,68 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
                 "[red]unreadable[/red]",
                 "",
                 row["error"][:60],
+                "",
                 *[""] * (len(metric_names) + len(extra)),
             ]
         else:
             created = datetime.fromisoformat(row["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
-            cells += [str(row["step"]), _human_bytes(row["size_bytes"]), created]
+            cells += [
+                str(row["step"]),
+                _human_bytes(row["size_bytes"]),
+                created,
+                _fmt_validation(row["validation"]),
+            ]
             cells += [_fmt_metric(row["metrics"].get(m)) for m in metric_names]
             if extra:
                 cells.append(", ".join(row["kept_because"]) or "[red]to be deleted[/red]")
         table.add_row(*cells)
     out.print(table)
+    failed = [r for r in rows if (r.get("validation") or {}).get("passed") is False]
+    for row in failed:
+        err.print(
+            f"[red bold]FAILED validation[/red bold] {_relative(row['path'], directory)}: "
+            + "; ".join(row["validation"].get("problems", []))[:300]
+        )
+
+
+def _validation_status(path: str, checkpoint_id: str) -> dict[str, Any] | None:
+    result = read_result(path)
+    if result is None or result.get("checkpoint_id") not in ("", checkpoint_id):
+        return None  # never validated, or the result of an older checkpoint of that name
+    return {k: result.get(k) for k in ("level", "passed", "problems", "seconds", "note")}
+
+
+def _fmt_validation(status: dict[str, Any] | None) -> str:
+    if status is None:
+        return "-"
+    if status.get("passed"):
+        return f"{status.get('level')} ok"
+    return f"[red bold]{status.get('level')} FAILED[/red bold]"
+
+
+@app.command()
+def validate(
+    checkpoint: Path,
+    level: Annotated[
+        str, typer.Option("--level", help="checksum, readback or full (rebuild the model, run the probe).")
+    ] = "full",
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a checkpoint now; exits 1 when it fails (the result is recorded beside it)."""
+    with _errors():
+        result = api.validate(checkpoint, level)
+    if as_json:
+        _emit_json(result.as_dict())
+    else:
+        verdict = "[green]OK[/green]" if result.passed else "[red bold]FAILED[/red bold]"
+        out.print(f"{verdict}  {checkpoint}  {result.level} validation in {result.seconds:.2f} s")
+        for line in (result.note, *result.checks):
+            if line:
+                out.print(f"   {line}")
+        for problem in result.problems:
+            out.print(f"   [red]{problem}[/red]")
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
