@@ -14,7 +14,7 @@ from ckptvault.storage import local
 
 def _state() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
-    # ~20 MiB, more than one 16 MiB bounce buffer, and a tail that is not a multiple of 4096.
+    # ~20 MiB, more than two 8 MiB bounce buffers, and a tail that is not a multiple of 4096.
     return {"a": rng.standard_normal(5_000_003).astype(np.float32), "b": np.arange(7, dtype=np.int16)}
 
 

@@ -180,7 +180,7 @@ class LocalWritableFile:
 
 
 _DIRECT_ALIGN = 4096
-_DIRECT_BUFFER = 16 * 1024 * 1024
+_DIRECT_BUFFER = 8 * 1024 * 1024  # two of them: 16 MiB of staging per file being written
 
 
 class DirectWritableFile:
