@@ -36,6 +36,8 @@ from pathlib import Path
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
 from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
+from .local import _fsync_dir
+from .local import _storage_error as _error
 
 STORE_NAME = ".ckptvault-store"
 CODECS = ("raw", "zstd", "lz4")
@@ -91,20 +93,6 @@ def _frame_size(path: Path, raw_len: int) -> int | None:
 def store_for(checkpoint: str | Path) -> Path:
     """The store a checkpoint's chunks live in: ``.ckptvault-store`` beside the checkpoint."""
     return Path(checkpoint).parent / STORE_NAME
-
-
-def _error(action: str, path: Path | str, exc: OSError) -> StorageError:
-    err = StorageError(exc.errno or 0, f"{action} {path}: {exc.strerror or exc}")
-    err.__cause__ = exc
-    return err
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ChunkStore:
