@@ -19,11 +19,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .. import api
-from ..engine.inspect import diff_checkpoints, export_safetensors, iter_leaves
+from ..engine.inspect import diff_checkpoints, iter_leaves
 from ..engine.reader import CheckpointReader, verify_checkpoint
 from ..errors import CheckpointError
 from ..storage.chunkstore import collect_garbage
@@ -59,10 +60,11 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except CheckpointError as exc:
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        # Messages hold paths and names like ckptvault[onnx]: never let rich read them as markup.
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         raise typer.Exit(1) from exc
     except FileNotFoundError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
 
 
@@ -332,17 +334,79 @@ def diff(
 def export(
     checkpoint: Path,
     output: Path,
-    fmt: Annotated[str, typer.Option("--format", help="Only 'safetensors' for now.")] = "safetensors",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors (every tensor, one file), torch (.pt state dict), "
+            "hf (config.json + safetensors shards directory) or onnx (needs the onnx extra).",
+        ),
+    ] = "safetensors",
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option("--max-shard-size", help="hf: largest shard, e.g. 2GB, 500MB (default 5GB)."),
+    ] = None,
+    probe: Annotated[
+        Path | None,
+        typer.Option("--probe", help="onnx: safetensors file of input.0, input.1, ... to trace and check."),
+    ] = None,
+    opset: Annotated[int | None, typer.Option("--opset", help="onnx: opset version.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="hf: replace an earlier export directory.")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Write every tensor into one standalone safetensors file (digests checked on the way)."""
-    if fmt != "safetensors":
-        err.print(f"[red]error:[/red] unknown export format {fmt!r}; supported: safetensors")
+    """Export for other tools: safetensors, torch (.pt), a Hugging Face directory, or ONNX (checked)."""
+    from ..export import DEFAULT_MAX_SHARD_SIZE, FORMATS, export_checkpoint, parse_size
+
+    if fmt not in FORMATS:
+        err.print(
+            f"[red]error:[/red] unknown export format {escape(repr(fmt))}; supported: {', '.join(FORMATS)}"
+        )
         raise typer.Exit(2)
-    with _errors():
+    misplaced = [
+        name
+        for name, given, owner in (
+            ("--max-shard-size", max_shard_size is not None, "hf"),
+            ("--overwrite", overwrite, "hf"),
+            ("--probe", probe is not None, "onnx"),
+            ("--opset", opset is not None, "onnx"),
+        )
+        if given and fmt != owner
+    ]
+    if misplaced:
+        err.print(f"[red]error:[/red] {', '.join(misplaced)} does not apply to --format {fmt}")
+        raise typer.Exit(2)
+    try:
+        shard_size = parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] --max-shard-size: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    # Not _errors(): its markup would swallow the "[onnx]" of an install hint, so messages are escaped.
+    try:
         total = api.info(checkpoint).tensor_bytes
-        with _progress(total, f"export {checkpoint.name}", True) as advance:
-            size = export_safetensors(LocalStorage(), str(checkpoint), str(output), progress=advance)
-    out.print(f"wrote {output} ({_human_bytes(size)})")
+        with _progress(total, f"export {checkpoint.name}", not as_json) as advance:
+            result = export_checkpoint(
+                checkpoint,
+                output,
+                format=fmt,
+                max_shard_size=shard_size,
+                probe=probe,
+                opset=opset,
+                overwrite=overwrite,
+                progress=advance,
+            )
+    except (CheckpointError, FileNotFoundError) as exc:
+        name = f"{type(exc).__name__}: " if isinstance(exc, CheckpointError) else ""
+        err.print(f"[red]error:[/red] {escape(name + str(exc))}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        _emit_json(result.as_dict())
+        return
+    out.print(f"wrote {escape(str(output))} ({_human_bytes(result.size_bytes)})")
+    if fmt != "safetensors":
+        extra = f"; max abs diff {result.max_abs_diff:.3g}" if result.max_abs_diff is not None else ""
+        out.print(f"   {result.num_tensors} tensors from {escape(result.source)}{extra}")
 
 
 @app.command()
