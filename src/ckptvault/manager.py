@@ -143,6 +143,13 @@ def _parse_name(name: str) -> tuple[str, int] | None:
     return None
 
 
+def _plain_metric(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    number = as_number(value)
+    return value if number is None else number
+
+
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numeric metrics (Python or numpy/torch scalars) as floats; others are left out."""
     numbers = {str(key): as_number(value) for key, value in metrics.items()}
@@ -299,7 +306,12 @@ def _validate_and_record(path: str, level: str) -> validation.ValidationResult:
     except Exception as exc:  # a checkpoint deleted by retention meanwhile, or a broken environment
         if not Path(path).exists():
             return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
-        result = validation.ValidationResult(path, level, level, False, (f"{type(exc).__name__}: {exc}",))
+        checkpoint_id = ""
+        with contextlib.suppress(CheckpointError):
+            checkpoint_id = api.info(path).checkpoint_id
+        result = validation.ValidationResult(
+            path, level, level, False, (f"{type(exc).__name__}: {exc}",), checkpoint_id=checkpoint_id
+        )
     if not Path(path).is_dir():  # deleted by retention while it was checked: nothing to report
         return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
     validation.record_result(result)
@@ -444,6 +456,7 @@ class CheckpointManager:
         self._writer = BackgroundWriter() if async_save else None
         self._validate = validation.check_level(validate)
         self._validator = _Validator()
+        self._validation_passed: dict[str, bool] = {}
         self._chunking = api.chunk_options(incremental, compression, chunk_bytes)
         self._hints = HintCache() if self._chunking is not None and trust_version_counter else None
         self._staging = StagingBuffer(max_staging_bytes)
@@ -559,6 +572,7 @@ class CheckpointManager:
         changed = False
         for result in self._validator.drain():
             name = Path(result.checkpoint).name
+            self._validation_passed[name] = result.passed
             if result.passed:
                 continue
             logger.error(
@@ -633,6 +647,8 @@ class CheckpointManager:
         return info
 
     def _note_metrics(self, state: TrainState, metrics: Mapping[str, Any]) -> None:
+        # Loss tensors and numpy scalars become Python numbers: metadata holds plain values only.
+        metrics = {k: _plain_metric(v) for k, v in metrics.items()}
         state.record_metrics(metrics)
         if self._metrics_step != state.step:
             self._step_metrics = {}
@@ -753,12 +769,31 @@ class CheckpointManager:
         records = [_with_pin(r, self._pins) for r in self._records.values() if r.scope == scope]
         reasons = retention_reasons(records, self._streams[scope].retention, now=time.time())
         deleted = False
+        fallback = self._last_validated(scope)
         for name, why in reasons.items():
-            if not why:
+            if not why and name != fallback:
                 self._delete(name)
                 deleted = True
         if deleted and (self.directory / STORE_NAME).is_dir():
             collect_garbage(self.directory)  # chunks only the deleted checkpoints used
+
+    def _last_validated(self, scope: str) -> str | None:
+        """The newest checkpoint that passed validation, while newer ones are still being validated
+        or failed: retention keeps it, so a failed validation never leaves the run without a good
+        checkpoint (``keep_last=1`` would otherwise delete it the moment the next one commits)."""
+        if self._validate == "checksum":
+            return None
+        newest_first = sorted(
+            (r for r in self._records.values() if r.scope == scope), key=lambda r: r.newness(), reverse=True
+        )
+        for record in newest_first[:64]:  # bounded: a result file is read per unknown record
+            passed = self._validation_passed.get(record.name)
+            if passed is None:
+                result = validation.read_result(self.directory / record.name)
+                passed = None if result is None else bool(result.get("passed"))
+            if passed:
+                return record.name
+        return None
 
     def _delete(self, name: str) -> None:
         """Renames the checkpoint out of sight first, so a half-deleted one is never loadable."""

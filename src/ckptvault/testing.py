@@ -16,18 +16,22 @@ import numpy as np
 
 from .engine import writer
 from .engine.arrays import Blob
+from .format.dtypes import SAFETENSORS_ITEMSIZE
 
 
 @contextmanager
 def serialization_bug(tensor: str, *, xor: int = 1) -> Iterator[list[str]]:
-    """While active, every save stores the first tensor whose name contains ``tensor`` with its
-    first byte XOR-ed with ``xor`` (the live state is not touched). Yields the names corrupted."""
+    """While active, every save stores the first tensor whose name contains ``tensor`` with the
+    most significant byte of every element XOR-ed with ``xor`` (for floats: the exponent, so every
+    value is scaled; flipping one low bit of one element could leave a model's output unchanged).
+    The live state is not touched. Yields the names corrupted."""
     corrupted: list[str] = []
 
     def corrupt(blob: Blob) -> Blob:
         data = np.frombuffer(blob.data, dtype=np.uint8).copy()
+        itemsize = SAFETENSORS_ITEMSIZE[blob.dtype]
         if data.size:
-            data[0] ^= xor
+            data.reshape(-1, itemsize)[:, itemsize - 1] ^= xor
         corrupted.append(blob.name)
         return dataclasses.replace(blob, data=memoryview(data.data), owner=data)
 

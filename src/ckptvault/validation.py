@@ -115,9 +115,12 @@ def run_probe(model: Any, inputs: list[Any]) -> list[Any]:
 
 def make_probe_file(model: Any, probe: Any, metrics: Mapping[str, Any] | None) -> bytes:
     """``validation-probe.safetensors``: the probe inputs, the model's outputs and the metrics."""
+    import torch
     from safetensors.torch import save as st_save
 
-    inputs = _tensors(probe, "probe")
+    # Fresh, allocator-aligned copies: float kernels may round differently on unaligned memory, and
+    # the worker runs the probe from fresh memory too.
+    inputs = [t.detach().clone(memory_format=torch.contiguous_format) for t in _tensors(probe, "probe")]
     outputs = run_probe(model, inputs)
     tensors = {f"input.{i}": t.detach().cpu().contiguous() for i, t in enumerate(inputs)}
     tensors.update({f"expected.{i}": t.cpu().contiguous() for i, t in enumerate(outputs)})
@@ -280,7 +283,8 @@ def _worker(path: str) -> dict[str, Any]:
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     meta = header.get("__metadata__", {})
     tensors = st_load(raw)
-    inputs = [tensors[f"input.{i}"] for i in range(sum(k.startswith("input.") for k in tensors))]
+    count = sum(k.startswith("input.") for k in tensors)
+    inputs = [tensors[f"input.{i}"].clone() for i in range(count)]  # aligned, as at save time
     expected = [tensors[f"expected.{i}"] for i in range(sum(k.startswith("expected.") for k in tensors))]
     model = load_model(path, map_location="cpu")
     checks.append(f"rebuilt {type(model).__qualname__} and loaded its weights")

@@ -200,7 +200,7 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
 
 def _validation_status(path: str, checkpoint_id: str) -> dict[str, Any] | None:
     result = read_result(path)
-    if result is None or result.get("checkpoint_id") not in ("", checkpoint_id):
+    if result is None or result.get("checkpoint_id") != checkpoint_id:
         return None  # never validated, or the result of an older checkpoint of that name
     return {k: result.get(k) for k in ("level", "passed", "problems", "seconds", "note")}
 

@@ -138,6 +138,8 @@ def spec_for(
     else:
         reference = factory if isinstance(factory, str) else reference_of(factory)
         kwargs = dict(kwargs or {})
+    if not all(isinstance(key, str) for key in kwargs):
+        raise ArchitectureError("model kwargs must have string keys (they become keyword arguments)")
     try:
         dumps(kwargs)
     except (StrictJSONError, TypeError, ValueError) as exc:

@@ -85,7 +85,9 @@ def as_number(value: Any) -> float | None:
         return None
     if isinstance(value, (int, float)):
         return float(value)
-    if hasattr(value, "item") and getattr(value, "size", 2) == 1:
+    numel = getattr(value, "numel", None)  # torch: numel(); numpy: size
+    count = numel() if callable(numel) else getattr(value, "size", 2)
+    if hasattr(value, "item") and count == 1:
         item = value.item()
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             return float(item)
