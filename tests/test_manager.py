@@ -58,6 +58,7 @@ def test_keep_last_keeps_the_newest(tmp_path: Path) -> None:
         for _ in range(6):
             train_step(state)
             manager.step(state)
+        manager.wait_validation()
         assert names(tmp_path) == ["step_00000005", "step_00000006"]
         assert manager.latest().step == 6
 
@@ -70,6 +71,7 @@ def test_keep_best_and_best(tmp_path: Path) -> None:
             train_step(state)
             manager.step(state)
             manager.save(state, metrics={"val_acc": acc})
+        manager.wait_validation()  # until then the newest validated checkpoint is kept too
         assert manager.best().step == 2 and manager.best().metrics["val_acc"] == 0.9
         assert names(tmp_path) == ["step_00000002", "step_00000005"]
 
@@ -145,6 +147,7 @@ def test_pinned_checkpoints_survive_retention(tmp_path: Path) -> None:
         for _ in range(3):
             train_step(state)
             manager.step(state)
+        manager.wait_validation()
         assert names(tmp_path) == ["step_00000001", "step_00000004"]
         manager.unpin(1)
         assert names(tmp_path) == ["step_00000004"]

@@ -29,8 +29,16 @@ class RunDirectory(RuleBasedStateMachine):
         self.manager = self._open()
 
     def _open(self) -> cv.CheckpointManager:
+        # Retention alone is modelled here: background validation keeps the newest validated
+        # checkpoint a little longer (tested in tests/test_validation.py), so it is off.
         return cv.CheckpointManager(
-            self.root, keep_last=2, keep_best=2, monitor="val", mode="max", preemption_signals=()
+            self.root,
+            keep_last=2,
+            keep_best=2,
+            monitor="val",
+            mode="max",
+            preemption_signals=(),
+            validate="checksum",
         )
 
     def teardown(self) -> None:

@@ -570,9 +570,12 @@ class CheckpointManager:
     def _apply_validation_results(self) -> None:
         """Applies finished validations (in the loop's thread: records are not shared)."""
         changed = False
+        scopes: set[str] = set()
         for result in self._validator.drain():
             name = Path(result.checkpoint).name
             self._validation_passed[name] = result.passed
+            if name in self._records:
+                scopes.add(self._records[name].scope)
             if result.passed:
                 continue
             logger.error(
@@ -586,6 +589,9 @@ class CheckpointManager:
             if record is not None and record.valid:
                 self._records[name] = dataclasses.replace(record, valid=False)
                 changed = True
+        for scope in sorted(scopes):  # a checkpoint kept only until a newer one was validated can go
+            self._apply_retention(scope)
+            changed = True
         if changed:
             self._write_index()
 

@@ -101,7 +101,7 @@ def test_async_manager_advances_only_after_commit(tmp_path: Path) -> None:
         assert manager.latest().step == 2
         for _ in range(4):
             manager.step(state)
-        manager.wait()
+        manager.wait_validation()  # the newest validated one is kept until step 6 has passed
         assert [r.step for r in manager.checkpoints()] == [6]  # retention ran after each commit
 
 
