@@ -11,6 +11,8 @@ import os
 import threading
 from typing import Any
 
+from .catalog.registry import SCHEME as REGISTRY_SCHEME
+from .catalog.registry import resolve_reference
 from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave
 from .engine.chunks import ChunkOptions, HintCache
@@ -37,8 +39,15 @@ PathLike = str | os.PathLike[str]
 
 
 def storage_for(path: PathLike) -> tuple[Storage, str]:
-    """The backend that owns ``path`` and the path in that backend's terms."""
-    return LocalStorage(), os.fspath(path)
+    """The backend that owns ``path`` and the path in that backend's terms.
+
+    ``registry://NAME@ALIAS`` (or ``@VERSION``, or no ``@`` for the newest version) is resolved in
+    the registry of ``CKPTVAULT_ROOT`` (else the current directory) first.
+    """
+    text = os.fspath(path)
+    if text.startswith(REGISTRY_SCHEME):
+        text = os.fspath(resolve_reference(text))
+    return LocalStorage(), text
 
 
 def info_from_manifest(path: str, manifest: Manifest, metadata: dict[str, Any]) -> CheckpointInfo:

@@ -9,6 +9,7 @@ Layout of a run directory::
     pins.json                steps pinned by the user (never deleted)
     .ckptvault-index.json    derived list of checkpoint records (rebuilt from manifests if lost)
     .ckptvault-run.lock      the single-writer lock
+    .ckptvault-events.jsonl  append-only log of commits and deletions (for plots and reports)
     step_00001200/           full-scope checkpoint after 1200 optimizer steps
     weights_00001200/        weights-only checkpoint (its own triggers and retention)
 """
@@ -37,6 +38,7 @@ from types import FrameType
 from typing import Any, Literal
 
 from . import api, validation
+from .catalog.registry import registered_in
 from .engine.background import BackgroundWriter, PendingSave
 from .engine.chunks import HintCache
 from .engine.staging import StagingBuffer
@@ -66,6 +68,7 @@ from .types import CheckpointInfo
 RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
 logger = logging.getLogger("ckptvault")
 INDEX_NAME = ".ckptvault-index.json"
+EVENTS_NAME = ".ckptvault-events.jsonl"
 LOCK_NAME = ".ckptvault-run.lock"
 Mode = Literal["min", "max"]
 _PREFIX = {FULL: "step", WEIGHTS: "weights"}
@@ -141,6 +144,23 @@ def _parse_name(name: str) -> tuple[str, int] | None:
         if head == prefix and sep and digits.isdigit():
             return scope, int(digits)
     return None
+
+
+def _finite(doc: Mapping[str, Any]) -> bool:
+    metrics = doc.get("metrics") or {}
+    return all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
+
+
+def read_events(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The run's event log (commits and deletions, oldest first); damaged lines are skipped."""
+    events: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError), open(Path(run_dir) / EVENTS_NAME) as handle:
+        for line in handle:
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    events.append(doc)
+    return events
 
 
 def _plain_metric(value: Any) -> Any:
@@ -756,6 +776,7 @@ class CheckpointManager:
     def _committed(self, record: CheckpointRecord) -> None:
         """A durable commit: only now do "latest", retention and the index move on."""
         self._records[record.name] = record
+        self._event("commit", record.name, record.step, epoch=record.epoch, metrics=record.metrics)
         if self._validate != "checksum":
             self._validator.submit(str(self.directory / record.name), self._validate)
         self._apply_retention(record.scope)
@@ -772,7 +793,13 @@ class CheckpointManager:
         self._committed(record)
 
     def _apply_retention(self, scope: str) -> None:
-        records = [_with_pin(r, self._pins) for r in self._records.values() if r.scope == scope]
+        # Checkpoints a registry version points at are pinned too (re-read: another process registers).
+        registered = registered_in(self.directory)
+        records = [
+            dataclasses.replace(r, pinned=True) if r.name in registered else _with_pin(r, self._pins)
+            for r in self._records.values()
+            if r.scope == scope
+        ]
         reasons = retention_reasons(records, self._streams[scope].retention, now=time.time())
         deleted = False
         fallback = self._last_validated(scope)
@@ -782,6 +809,14 @@ class CheckpointManager:
                 deleted = True
         if deleted and (self.directory / STORE_NAME).is_dir():
             collect_garbage(self.directory)  # chunks only the deleted checkpoints used
+
+    def _event(self, kind: str, name: str, step: int, **extra: Any) -> None:
+        """One line of the run's event log. Informative only (plots, reports): a lost line costs a
+        mark on a picture, so it is appended without fsync."""
+        doc = {"event": kind, "name": name, "step": step, "time": time.time(), **extra}
+        line = json.dumps(doc, default=str, allow_nan=False) if _finite(doc) else json.dumps(doc, default=str)
+        with contextlib.suppress(OSError), open(self.directory / EVENTS_NAME, "a") as handle:
+            handle.write(line + "\n")
 
     def _last_validated(self, scope: str) -> str | None:
         """The newest checkpoint that passed validation, while newer ones are still being validated
@@ -803,7 +838,9 @@ class CheckpointManager:
 
     def _delete(self, name: str) -> None:
         """Renames the checkpoint out of sight first, so a half-deleted one is never loadable."""
-        self._records.pop(name, None)
+        record = self._records.pop(name, None)
+        if record is not None:
+            self._event("delete", name, record.step)
         source = self.directory / name
         trash = self.directory / f".{name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.del{secrets.token_hex(4)}"
         try:

@@ -1,0 +1,246 @@
+"""The model registry: named models, numbered versions pointing at checkpoints, movable aliases.
+
+``ROOT/.ckptvault/registry/<name>.json`` holds one model: its versions (checkpoint path relative
+to the root, checkpoint id, when, by whom), its aliases (``production``, ``staging``, any name ->
+version) and the history of every alias move (when, from, to, why, host, user). Writes take an
+exclusive ``flock`` on ``registry/.lock`` and replace the file atomically, so concurrent commands
+never lose an update. A registered checkpoint is pinned: the registry lists it in its run's
+``.ckptvault-registered.json``, which retention reads before deleting anything.
+
+References: ``registry://NAME`` (newest version), ``registry://NAME@3`` (version 3),
+``registry://NAME@production`` (an alias); :func:`resolve_reference` turns one into a path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..config import MANIFEST_NAME
+from ..errors import CheckpointError, CheckpointNotFoundError
+from .store import CATALOG_DIR, read_manifest
+
+REGISTRY_DIR = "registry"
+REGISTERED_NAME = ".ckptvault-registered.json"
+SCHEME = "registry://"
+ROOT_ENV = "CKPTVAULT_ROOT"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RegistryError(CheckpointError):
+    """A registry operation is impossible: unknown model/version/alias, bad name, foreign path."""
+
+
+def default_root() -> Path:
+    """``CKPTVAULT_ROOT`` if set, else the current directory (the CLI's ``--root`` overrides)."""
+    return Path(os.environ.get(ROOT_ENV) or os.getcwd())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _who() -> dict[str, str]:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user database entry (containers): not worth failing a registration
+        user = str(os.getuid())
+    return {"host": socket.gethostname(), "user": user}
+
+
+def _atomic_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(doc, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def registered_in(run_dir: Path) -> set[str]:
+    """Names of the checkpoints of ``run_dir`` that a registry pins (read by retention)."""
+    try:
+        doc = json.loads((run_dir / REGISTERED_NAME).read_text())
+    except (OSError, ValueError):
+        return set()
+    entries = doc.get("checkpoints", {}) if isinstance(doc, dict) else {}
+    return {name for name, refs in entries.items() if isinstance(name, str) and refs}
+
+
+class Registry:
+    """The registry of a root. ``trackers`` get ``on_register`` calls (e.g. MLflow's registry)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, trackers: Sequence[Any] = ()) -> None:
+        self.root = Path(root).absolute() if root is not None else default_root().absolute()
+        self.directory = self.root / CATALOG_DIR / REGISTRY_DIR
+        self.trackers = list(trackers)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _file(self, name: str) -> Path:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise RegistryError(
+                f"bad model name {str(name)[:80]!r}: letters, digits, '.', '_', '-' (max 128)"
+            )
+        return self.directory / f"{name}.json"
+
+    def _load(self, name: str) -> dict[str, Any]:
+        path = self._file(name)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RegistryError(f"no registered model {name!r} under {self.root}") from None
+        except ValueError as exc:
+            raise RegistryError(f"registry file of {name!r} is damaged: {exc}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("versions"), list):
+            raise RegistryError(f"registry file of {name!r} is damaged")
+        return doc
+
+    def _relative(self, checkpoint: str | os.PathLike[str]) -> str:
+        path = Path(checkpoint).absolute()
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            raise RegistryError(f"{path} is not under the registry's root {self.root}") from None
+        if not (path / MANIFEST_NAME).is_file():
+            raise CheckpointNotFoundError(f"{path}: not a committed checkpoint")
+        return rel.as_posix()
+
+    # -- changes -----------------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        checkpoint: str | os.PathLike[str],
+        *,
+        alias: str | None = None,
+        note: str | None = None,
+    ) -> dict[str, Any]:
+        """Registers ``checkpoint`` as the next version of ``name`` (and pins it); returns the version."""
+        rel = self._relative(checkpoint)
+        manifest, _ = read_manifest(self.root / rel)
+        with self._locked():
+            path = self._file(name)
+            try:
+                doc = self._load(name)
+            except RegistryError:
+                if path.exists():
+                    raise
+                doc = {"name": name, "versions": [], "aliases": {}, "history": []}
+            number = len(doc["versions"]) + 1
+            version: dict[str, Any] = {
+                "version": number,
+                "checkpoint": rel,
+                "checkpoint_id": manifest.checkpoint_id,
+                "step": manifest.step,
+                "registered_at": _now(),
+                "note": note,
+                **_who(),
+            }
+            doc["versions"].append(version)
+            self._pin(rel, name, number)
+            if alias is not None:
+                self._move(doc, alias, number, f"registered version {number}")
+            _atomic_json(path, doc)
+        self._notify(name, number, doc)
+        return version
+
+    def alias(self, name: str, version: int, alias: str, *, why: str | None = None) -> None:
+        """Points ``alias`` at ``version`` of ``name`` (recorded in the history)."""
+        with self._locked():
+            doc = self._load(name)
+            self._version(doc, version)
+            self._move(doc, alias, version, why)
+            _atomic_json(self._file(name), doc)
+        self._notify(name, version, doc)
+
+    def _move(self, doc: dict[str, Any], alias: str, version: int, why: str | None) -> None:
+        if not _NAME.match(alias) or alias.isdigit():
+            raise RegistryError(f"bad alias {alias!r}: letters, digits, '.', '_', '-', not only digits")
+        previous = doc["aliases"].get(alias)
+        doc["aliases"][alias] = version
+        doc["history"].append(
+            {"when": _now(), "alias": alias, "from": previous, "to": version, "why": why, **_who()}
+        )
+
+    def _pin(self, rel: str, name: str, version: int) -> None:
+        checkpoint = self.root / rel
+        marker = checkpoint.parent / REGISTERED_NAME
+        try:
+            doc = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        entries = doc.setdefault("checkpoints", {})
+        refs = entries.setdefault(checkpoint.name, [])
+        if [name, version] not in refs:
+            refs.append([name, version])
+        _atomic_json(marker, doc)
+
+    def _notify(self, name: str, version: int, doc: dict[str, Any]) -> None:
+        if not self.trackers:
+            return
+        entry = self._version(doc, version)
+        aliases = sorted(a for a, v in doc["aliases"].items() if v == version)
+        for tracker in self.trackers:
+            tracker.on_register(name, version, str(self.root / entry["checkpoint"]), aliases)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _version(self, doc: dict[str, Any], version: int) -> dict[str, Any]:
+        for entry in doc["versions"]:
+            if entry.get("version") == version:
+                return dict(entry)
+        raise RegistryError(f"{doc.get('name')!r} has no version {version}")
+
+    def names(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*.json") if _NAME.match(p.stem))
+
+    def show(self, name: str) -> dict[str, Any]:
+        return self._load(name)
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        return list(self._load(name)["history"])
+
+    def resolve(self, name: str, ref: str | None = None) -> Path:
+        """The checkpoint a version number, an alias or (None) the newest version names."""
+        doc = self._load(name)
+        if not doc["versions"]:
+            raise RegistryError(f"{name!r} has no versions")
+        if ref is None or (ref == "latest" and "latest" not in doc["aliases"]):
+            entry = doc["versions"][-1]
+        elif ref.isdigit():
+            entry = self._version(doc, int(ref))
+        elif ref in doc["aliases"]:
+            entry = self._version(doc, int(doc["aliases"][ref]))
+        else:
+            raise RegistryError(f"{name!r} has no alias {ref!r} (aliases: {sorted(doc['aliases'])})")
+        return self.root / str(entry["checkpoint"])
+
+
+def resolve_reference(reference: str, root: str | os.PathLike[str] | None = None) -> Path:
+    """``registry://NAME[@VERSION|@ALIAS]`` -> the checkpoint's path."""
+    body = reference[len(SCHEME) :]
+    name, _, ref = body.partition("@")
+    return Registry(root).resolve(name, ref or None)
