@@ -30,6 +30,7 @@ from ..errors import CheckpointError
 from ..storage.chunkstore import collect_garbage
 from ..storage.local import LocalStorage
 from ..validation import read_result
+from . import catalog_cmds, pictures
 
 app = typer.Typer(
     name="ckptvault",
@@ -476,6 +477,13 @@ def check_resume_command(
         out.print(f"[red]differs[/red] after {result.kills} kills: {result.first_difference}")
     if not result.exact:
         raise typer.Exit(1)
+
+
+app.command()(catalog_cmds.find)
+app.add_typer(catalog_cmds.catalog_app, name="catalog")
+app.add_typer(catalog_cmds.registry_app, name="registry")
+app.command()(pictures.plot)
+app.command()(pictures.report)
 
 
 def main() -> None:
