@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -433,6 +433,7 @@ class CheckpointManager:
         chunk_bytes: int | None = None,
         trust_version_counter: bool = True,
         validate: str = "full",
+        trackers: Sequence[Any] = (),
     ) -> None:
         if directory is None:
             directory = os.environ.get(RUN_DIR_ENV)
@@ -488,6 +489,8 @@ class CheckpointManager:
         self._metrics_step = -1
         self._previous_handlers: dict[int, Any] = {}
         self._install_signal_handlers(preemption_signals)
+        self._trackers = list(trackers)
+        self._track("on_run_start", str(self.directory), dict(self.run))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _acquire_lock(self) -> int:
@@ -547,6 +550,10 @@ class CheckpointManager:
                 self._finish_pending(block=True)
             except Exception as exc:
                 warnings.warn(f"the last asynchronous save failed: {exc}", stacklevel=2)
+        for tracker in getattr(self, "_trackers", []):
+            with contextlib.suppress(Exception):
+                tracker.close()
+        self._trackers = []
         validator = getattr(self, "_validator", None)
         if validator is not None:
             validator.join()
@@ -770,12 +777,15 @@ class CheckpointManager:
             step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
         )
         if info is not None:
-            self._committed(record)
+            self._committed(record, info)
         return info
 
-    def _committed(self, record: CheckpointRecord) -> None:
+    def _committed(self, record: CheckpointRecord, info: CheckpointInfo | None = None) -> None:
         """A durable commit: only now do "latest", retention and the index move on."""
         self._records[record.name] = record
+        if info is not None:  # before retention, which may delete the checkpoint just committed
+            path = str(self.directory / record.name)
+            self._track("on_checkpoint", path, info, record.scope, record.step, record.metrics)
         self._event("commit", record.name, record.step, epoch=record.epoch, metrics=record.metrics)
         if self._validate != "checksum":
             self._validator.submit(str(self.directory / record.name), self._validate)
@@ -789,8 +799,8 @@ class CheckpointManager:
         if not block and not pending.done():
             return
         self._inflight = None
-        pending.wait()  # re-raises a background failure here, in the training loop
-        self._committed(record)
+        info = pending.wait()  # re-raises a background failure here, in the training loop
+        self._committed(record, info)
 
     def _apply_retention(self, scope: str) -> None:
         # Checkpoints a registry version points at are pinned too (re-read: another process registers).
@@ -809,6 +819,18 @@ class CheckpointManager:
                 deleted = True
         if deleted and (self.directory / STORE_NAME).is_dir():
             collect_garbage(self.directory)  # chunks only the deleted checkpoints used
+
+    def _track(self, hook: str, *args: Any) -> None:
+        """Calls a tracker hook; a tracker failure is a warning, never a failed training step (a
+        tracker whose run could not start is dropped: its later calls could only fail)."""
+        for tracker in list(self._trackers):
+            try:
+                getattr(tracker, hook)(*args)
+            except Exception as exc:
+                logger.warning("tracker %s failed in %s: %s", type(tracker).__name__, hook, exc)
+                warnings.warn(f"tracker {type(tracker).__name__} failed in {hook}: {exc}", stacklevel=3)
+                if hook == "on_run_start":
+                    self._trackers.remove(tracker)
 
     def _event(self, kind: str, name: str, step: int, **extra: Any) -> None:
         """One line of the run's event log. Informative only (plots, reports): a lost line costs a

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -203,7 +204,13 @@ class Registry:
         entry = self._version(doc, version)
         aliases = sorted(a for a, v in doc["aliases"].items() if v == version)
         for tracker in self.trackers:
-            tracker.on_register(name, version, str(self.root / entry["checkpoint"]), aliases)
+            try:  # the registry change is made; a tracker failing to mirror it is a warning
+                tracker.on_register(name, version, str(self.root / entry["checkpoint"]), aliases)
+            except Exception as exc:
+                warnings.warn(
+                    f"tracker {type(tracker).__name__} failed to mirror {name} v{version}: {exc}",
+                    stacklevel=3,
+                )
 
     # -- reading -----------------------------------------------------------------------------------
     def _version(self, doc: dict[str, Any], version: int) -> dict[str, Any]:
