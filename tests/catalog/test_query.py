@@ -303,8 +303,8 @@ def test_numbers() -> None:
 
 
 def test_sort_default() -> None:
-    assert compile_sort("") == ("c.run_dir, c.step", [])
-    assert compile_sort("  ") == ("c.run_dir, c.step", [])
+    assert compile_sort("") == ("c.run_dir, c.step, c.name", [])
+    assert compile_sort("  ") == ("c.run_dir, c.step, c.name", [])
 
 
 def test_sort_metric_desc_nulls_last(db: sqlite3.Connection) -> None:
@@ -340,7 +340,7 @@ def test_sort_config_tag_and_filter(db: sqlite3.Connection) -> None:
 def test_sort_parameters_repeat_for_null_test() -> None:
     sql, params = compile_sort("-val_acc,step")
     assert sql.count("?") == len(params) == 2
-    assert sql.endswith("c.run_dir, c.step")
+    assert sql.endswith("c.run_dir, c.step, c.name")
     assert "DESC" in sql and "val_acc" not in sql
 
 

@@ -60,7 +60,7 @@ MAX_DEPTH: Final = 64
 MAX_COMPARISONS: Final = 256
 MAX_SORT_KEYS: Final = 32
 
-DEFAULT_SORT: Final = "c.run_dir, c.step"
+DEFAULT_SORT: Final = "c.run_dir, c.step, c.name"  # the name makes ties deterministic
 
 
 class QueryError(CheckpointError):

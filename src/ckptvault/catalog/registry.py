@@ -101,7 +101,7 @@ class Registry:
             os.close(fd)
 
     def _file(self, name: str) -> Path:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise RegistryError(
                 f"bad model name {str(name)[:80]!r}: letters, digits, '.', '_', '-' (max 128)"
             )
@@ -120,9 +120,10 @@ class Registry:
         return doc
 
     def _relative(self, checkpoint: str | os.PathLike[str]) -> str:
-        path = Path(checkpoint).absolute()
+        # Resolved, not lexical: ROOT/../elsewhere and a symlink out of the root are outside it.
+        path = Path(checkpoint).resolve()
         try:
-            rel = path.relative_to(self.root)
+            rel = path.relative_to(self.root.resolve())
         except ValueError:
             raise RegistryError(f"{path} is not under the registry's root {self.root}") from None
         if not (path / MANIFEST_NAME).is_file():
@@ -140,6 +141,8 @@ class Registry:
     ) -> dict[str, Any]:
         """Registers ``checkpoint`` as the next version of ``name`` (and pins it); returns the version."""
         rel = self._relative(checkpoint)
+        if alias is not None:
+            _check_alias(alias)  # before anything is written: a refused registration pins nothing
         manifest, _ = read_manifest(self.root / rel)
         with self._locked():
             path = self._file(name)
@@ -177,8 +180,7 @@ class Registry:
         self._notify(name, version, doc)
 
     def _move(self, doc: dict[str, Any], alias: str, version: int, why: str | None) -> None:
-        if not _NAME.match(alias) or alias.isdigit():
-            raise RegistryError(f"bad alias {alias!r}: letters, digits, '.', '_', '-', not only digits")
+        _check_alias(alias)
         previous = doc["aliases"].get(alias)
         doc["aliases"][alias] = version
         doc["history"].append(
@@ -222,7 +224,7 @@ class Registry:
     def names(self) -> list[str]:
         if not self.directory.is_dir():
             return []
-        return sorted(p.stem for p in self.directory.glob("*.json") if _NAME.match(p.stem))
+        return sorted(p.stem for p in self.directory.glob("*.json") if _NAME.fullmatch(p.stem))
 
     def show(self, name: str) -> dict[str, Any]:
         return self._load(name)
@@ -237,13 +239,18 @@ class Registry:
             raise RegistryError(f"{name!r} has no versions")
         if ref is None or (ref == "latest" and "latest" not in doc["aliases"]):
             entry = doc["versions"][-1]
-        elif ref.isdigit():
+        elif re.fullmatch(r"[0-9]+", ref):
             entry = self._version(doc, int(ref))
         elif ref in doc["aliases"]:
             entry = self._version(doc, int(doc["aliases"][ref]))
         else:
             raise RegistryError(f"{name!r} has no alias {ref!r} (aliases: {sorted(doc['aliases'])})")
         return self.root / str(entry["checkpoint"])
+
+
+def _check_alias(alias: str) -> None:
+    if not isinstance(alias, str) or not _NAME.fullmatch(alias) or re.fullmatch(r"[0-9]+", alias):
+        raise RegistryError(f"bad alias {str(alias)[:80]!r}: letters, digits, '.', '_', '-', not only digits")
 
 
 def resolve_reference(reference: str, root: str | os.PathLike[str] | None = None) -> Path:

@@ -99,13 +99,13 @@ class Catalog:
     # -- database ------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost tail is re-synced, never wrong
-        db.execute("PRAGMA foreign_keys=ON")
         row = None
         try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # derived data: a lost tail is re-synced, never wrong
+            db.execute("PRAGMA foreign_keys=ON")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError:  # no such table, or a damaged file that is not a database
             row = None
         if row is None or row[0] != str(SCHEMA_VERSION):
             # No migration can be wrong about derived data: an older (or damaged) catalog is
@@ -221,8 +221,12 @@ class Catalog:
         changed = [n for n, m in checkpoints.items() if stored.get(n) != m]
         if checkpoints:
             self._index_run(rel)
+        now = time.time_ns()
         for name in sorted(changed):
-            self._index_checkpoint(rel, name, checkpoints[name])
+            # A manifest written within the racy window is read again next time: an overwrite in
+            # the same timestamp tick would otherwise keep the old manifest's mtime.
+            mtime = checkpoints[name]
+            self._index_checkpoint(rel, name, -1 if now - mtime < _RACY_NS else mtime)
         if not checkpoints:
             db.execute("DELETE FROM runs WHERE run_dir = ?", (rel,))
         return subdirs, bool(checkpoints)
