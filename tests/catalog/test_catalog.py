@@ -631,3 +631,26 @@ def test_cli_find_on_a_missing_root_fails_cleanly(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["find", str(tmp_path / "missing"), "step > 1"])
     assert result.exit_code == 1
     assert "is not a directory" in " ".join(result.stderr.split())
+
+
+def test_limited_metric_sort_equals_the_general_query(tmp_path: Path) -> None:
+    """The index-driven path for 'sort by one metric, with a limit' returns exactly the first rows
+    of the general query: same values, ties in the default order, missing and NaN metrics last."""
+    import ckptvault as cv
+    from ckptvault.catalog import Catalog
+
+    for i in range(40):
+        metrics: dict[str, float] = {"loss": float(i % 7)}
+        if i % 5:
+            metrics["val_acc"] = float("nan") if i % 11 == 0 else round((i * 37 % 13) / 13, 3)
+        cv.save(
+            tmp_path / f"run{i % 3}" / f"step_{i:05d}",
+            {"w": [0.0]},
+            metadata={"step": i, "metrics": metrics},
+        )
+    with Catalog(tmp_path) as catalog:
+        for where in ("", "loss < 4", "step >= 10 and loss > 1", "run = 'run1'"):
+            for sort in ("-val_acc", "val_acc", "+loss"):
+                full = catalog.find(where, sort=sort)
+                for limit in (0, 1, 5, 17, 100):
+                    assert catalog.find(where, sort=sort, limit=limit) == full[:limit], (where, sort, limit)

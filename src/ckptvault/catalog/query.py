@@ -115,10 +115,27 @@ _SQL_OPS: Final[dict[str, str]] = {
     "~": "GLOB",
 }
 
-_METRIC_EXISTS: Final = "EXISTS (SELECT 1 FROM metrics m WHERE m.checkpoint = c.id AND m.name = ? AND {})"
-_CONFIG_EXISTS: Final = "EXISTS (SELECT 1 FROM config g WHERE g.checkpoint = c.id AND g.key = ? AND {})"
-_TAG_EXISTS: Final = "EXISTS (SELECT 1 FROM tags t WHERE t.checkpoint = c.id AND t.key = ? AND {})"
-_TAG_PRESENT: Final = "EXISTS (SELECT 1 FROM tags t WHERE t.checkpoint = c.id AND t.key = ?)"
+# Uncorrelated IN-subqueries, not correlated EXISTS: SQLite answers them once from the (name, value)
+# and (key, num) indexes instead of probing per checkpoint (benchmarks/catalog.py: a metric filter over
+# 100,000 checkpoints went from 61 ms to 0.5 ms). c.id is never NULL, so the result is never NULL.
+_METRIC_EXISTS: Final = "c.id IN (SELECT m.checkpoint FROM metrics m WHERE m.name = ? AND {})"
+_CONFIG_EXISTS: Final = "c.id IN (SELECT g.checkpoint FROM config g WHERE g.key = ? AND {})"
+_TAG_EXISTS: Final = "c.id IN (SELECT t.checkpoint FROM tags t WHERE t.key = ? AND {})"
+_TAG_PRESENT: Final = "c.id IN (SELECT t.checkpoint FROM tags t WHERE t.key = ?)"
+# Columns declared NOT NULL sort without the "IS NULL" key, so their indexes can serve ORDER BY.
+_NOT_NULL_COLUMNS: Final = frozenset(
+    {
+        "c.step",
+        "c.run_dir",
+        "c.name",
+        "c.path",
+        "c.created_at",
+        "c.size_bytes",
+        "c.tensor_bytes",
+        "c.num_tensors",
+        "c.checkpoint_id",
+    }
+)
 _CONFIG_NOT_NULL: Final = "g.value IS NOT NULL AND g.value != 'null'"
 _CONFIG_IS_STRING: Final = "substr(g.value, 1, 1) = '\"'"
 
@@ -643,7 +660,10 @@ def compile_sort(text: str) -> tuple[str, list[object]]:
         else:
             expr = {"metric": _SORT_METRIC, "config": _SORT_CONFIG, "tag": _SORT_TAG}[field.kind]
             params += [field.key, field.key]
-        keys.append(f"{expr} IS NULL, {expr}{' DESC' if descending else ''}")
+        if expr in _NOT_NULL_COLUMNS:
+            keys.append(f"{expr}{' DESC' if descending else ''}")
+        else:
+            keys.append(f"{expr} IS NULL, {expr}{' DESC' if descending else ''}")
         i += 1
         sep = tokens[i]
         if sep.kind == "eof":
@@ -654,3 +674,23 @@ def compile_sort(text: str) -> tuple[str, list[object]]:
             )
         i += 1
     return ", ".join([*keys, DEFAULT_SORT]), params
+
+
+def single_metric_sort(text: str) -> tuple[str, bool] | None:
+    """``(metric, descending)`` when the sort is exactly one metric key, else None.
+
+    The catalog answers such a sort from the metrics (name, value) index in value order and stops at
+    the limit, instead of computing the metric for every checkpoint and sorting them all.
+    """
+    if not text.strip():
+        return None
+    tokens = _tokenize(text)
+    i = 0
+    descending = False
+    if tokens[0].kind == "sign":
+        descending = tokens[0].text == "-"
+        i = 1
+    if tokens[i].kind == "eof" or tokens[i + 1].kind != "eof":
+        return None
+    field = _field(tokens[i], text)
+    return (field.key, descending) if field.kind == "metric" else None

@@ -34,7 +34,7 @@ from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..errors import CheckpointError
 from ..format.manifest import Manifest, parse_manifest
 from ..format.tree import TreeDecoder
-from .query import compile_filter, compile_sort
+from .query import DEFAULT_SORT, compile_filter, compile_sort, single_metric_sort
 
 SCHEMA_VERSION = 1
 CATALOG_DIR = ".ckptvault"
@@ -42,6 +42,10 @@ CATALOG_NAME = "catalog.sqlite"
 VALIDATION_DIR = ".ckptvault-validation"
 _RACY_NS = 2_000_000_000
 _SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
+_COLUMNS = (
+    "c.id, c.path, c.run_dir, c.name, c.checkpoint_id, c.step, c.epoch, c.scope, c.created_at, c.size_bytes, "
+    "c.tensor_bytes, c.num_tensors, c.run_id, c.git_commit, c.validation_level, c.validation_passed"
+)
 
 
 class CatalogError(CheckpointError):
@@ -346,16 +350,39 @@ class Catalog:
         """
         condition, params = compile_filter(where)
         order, order_params = compile_sort(sort)
-        sql = (
-            "SELECT c.id, c.path, c.run_dir, c.name, c.checkpoint_id, c.step, c.epoch, c.scope, "
-            "c.created_at, c.size_bytes, c.tensor_bytes, c.num_tensors, c.run_id, c.git_commit, "
-            f"c.validation_level, c.validation_passed FROM checkpoints c WHERE {condition} ORDER BY {order}"
-        )
+        by_metric = single_metric_sort(sort) if limit is not None else None
+        if by_metric is not None:
+            return self._find_by_metric(condition, params, by_metric, int(limit or 0))
+        sql = f"SELECT {_COLUMNS} FROM checkpoints c WHERE {condition} ORDER BY {order}"
         args: list[Any] = [*params, *order_params]
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        rows = self._db.execute(sql, args).fetchall()
+        return self._rows(self._db.execute(sql, args).fetchall())
+
+    def _find_by_metric(
+        self, condition: str, params: list[Any], by: tuple[str, bool], limit: int
+    ) -> list[CatalogRow]:
+        """A limited find sorted by one metric: walks the (name, value) index in order and stops at
+        the limit; checkpoints without the metric (or NaN) follow, in the default order, as in
+        ``compile_sort``'s NULLs-last rule."""
+        name, descending = by
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM metrics s JOIN checkpoints c ON c.id = s.checkpoint "
+            f"WHERE s.name = ? AND s.value IS NOT NULL AND ({condition}) "
+            f"ORDER BY s.value{' DESC' if descending else ''}, {DEFAULT_SORT} LIMIT ?",
+            [name, *params, limit],
+        ).fetchall()
+        if len(rows) < limit:
+            rows += self._db.execute(
+                f"SELECT {_COLUMNS} FROM checkpoints c WHERE ({condition}) AND c.id NOT IN "
+                "(SELECT m.checkpoint FROM metrics m WHERE m.name = ? AND m.value IS NOT NULL) "
+                f"ORDER BY {DEFAULT_SORT} LIMIT ?",
+                [*params, name, limit - len(rows)],
+            ).fetchall()
+        return self._rows(rows)
+
+    def _rows(self, rows: list[Any]) -> list[CatalogRow]:
         metrics: dict[int, dict[str, float | None]] = {r[0]: {} for r in rows}
         if rows:
             for chunk in _chunks([r[0] for r in rows], 500):
