@@ -251,7 +251,7 @@ def phase_find(
             if want is not None and [r.path for r in rows] != want:
                 raise AssertionError(f"{key}: got {[r.path for r in rows][:5]}, expected {want[:5]}")
             statements = _capture(catalog, call)
-            main_sql[key] = next(s for s in statements if "FROM checkpoints c WHERE" in s)
+            main_sql[key] = next(s for s in statements if s.lstrip().startswith("SELECT c.id"))
             out[key] = {
                 "sql": main_sql[key],
                 "rows": len(rows),
