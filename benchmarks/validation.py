@@ -548,7 +548,7 @@ def _run_loop(
     tree = _OwnTree()
     gc.collect()
     child0, self0 = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
-    busy0, whole_self0 = _busy_s(), self0
+    busy0, tree0 = _busy_s(), tree.cpu()
     wall0 = time.time()
     started = stamps[0] = time.perf_counter()
     others[0] = _busy_s() - tree.cpu()
@@ -567,7 +567,7 @@ def _run_loop(
     _PERSISTENT.stop()  # a what-if's persistent worker: its CPU (one import + all work) counts below
     child_cpu = _cpu(resource.RUSAGE_CHILDREN) - child0
     # everyone else's CPU over the loop and the final wait: the machine is shared
-    other_cpu = _busy_s() - busy0 - (_cpu(resource.RUSAGE_SELF) - whole_self0) - child_cpu
+    other_cpu = _busy_s() - busy0 - (tree.cpu() - tree0)
     records = manager.checkpoints()
     validations = []
     for record in records:
