@@ -14,9 +14,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .engine import writer
-from .engine.arrays import Blob
-from .format.dtypes import SAFETENSORS_ITEMSIZE
+from ..engine import writer
+from ..engine.arrays import Blob
+from ..format.dtypes import SAFETENSORS_ITEMSIZE
 
 
 @contextmanager
