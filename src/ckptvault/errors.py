@@ -19,6 +19,13 @@ Corruption errors carry ``file`` and ``tensor`` so a user knows *where* without 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
 
 class CheckpointError(Exception):
     """Base class of every error ckptvault raises deliberately."""
@@ -90,3 +97,22 @@ class ConcurrentWriteError(StorageError):
 
 class UnsafeLegacyFileError(CheckpointError):
     """A legacy pickle-based file references globals that ``torch.load(weights_only=True)`` refuses."""
+
+
+def typed_os_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorates a public entry point so that a failure of the medium anywhere beneath it surfaces
+    as :class:`StorageError` (errno and message kept, the ``OSError`` chained), never as a raw
+    ``OSError``: callers guard with ``except CheckpointError`` and must not need a second clause for
+    the bookkeeping files (run index, pins, registry, chunk store) that sit beside checkpoints."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except CheckpointError:
+            raise
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise StorageError(exc.errno or 0, f"{exc.strerror or exc}{where}") from exc
+
+    return wrapper

@@ -49,6 +49,7 @@ from .errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     StorageError,
+    typed_os_errors,
 )
 from .policy import (
     CheckpointRecord,
@@ -176,22 +177,46 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {key: value for key, value in numbers.items() if value is not None}
 
 
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sweep_temp_files(run_dir: Path) -> None:
+    """Removes what a writer killed inside :func:`_atomic_write_json` left: its temporary files of
+    the run's own JSON files. Called with the run lock held, so no live writer owns one of them."""
+    for name in ("run.json", "pins.json", INDEX_NAME):
+        for path in run_dir.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def _atomic_write_json(path: Path, doc: Any, *, durable: bool = True) -> None:
     """Replaces ``path`` atomically; ``durable=False`` skips the fsync for derived data (the index),
     which a crash may lose or truncate and which is then rebuilt from the manifests."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(
-            doc,
-            handle,
-            indent=1 if durable else None,
-            separators=None if durable else (",", ":"),
-            default=str,
-        )
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(
+                doc,
+                handle,
+                indent=1 if durable else None,
+                separators=None if durable else (",", ":"),
+                default=str,
+            )
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # already renamed, or the disk is gone
+            os.unlink(temp)
+        raise
+    if durable:
+        _fsync_directory(path.parent)  # the rename itself is durable too
 
 
 def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
@@ -339,10 +364,19 @@ def _validate_and_record(path: str, level: str) -> validation.ValidationResult:
 
 
 def load_pins(run_dir: Path) -> set[int]:
+    """The pinned steps. Only a missing file means none: an unreadable or damaged one raises
+    (StorageError / CheckpointError) -- taking it for "no pins" would let retention delete them."""
+    path = run_dir / "pins.json"
     try:
-        pins = json.loads((run_dir / "pins.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        pins = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return set()
+    except OSError as exc:
+        raise StorageError(exc.errno or 0, f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is damaged ({exc}); retention is off until it is fixed") from exc
+    if not isinstance(pins, dict) or not isinstance(pins.get("steps", []), list):
+        raise CheckpointError(f"{path} is damaged (not a list of steps); retention is off until it is fixed")
     return {int(p) for p in pins.get("steps", []) if isinstance(p, int)}
 
 
@@ -405,6 +439,7 @@ class CheckpointManager:
     exit cleanly.
     """
 
+    @typed_os_errors
     def __init__(
         self,
         directory: str | os.PathLike[str] | None = None,
@@ -463,8 +498,16 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._acquire_lock()
         try:
+            _sweep_temp_files(self.directory)
             self.run = self._open_run(config, data_version, scopes)
-            self._pins = load_pins(self.directory)
+            try:
+                self._pins = load_pins(self.directory)
+                self._pins_known = True
+            except StorageError:
+                raise
+            except CheckpointError as exc:  # damaged: keep everything rather than guess
+                warnings.warn(str(exc), stacklevel=2)
+                self._pins, self._pins_known = set(), False
             index = read_index(self.directory)
             self._records = load_records(self.directory, index)
             self._load_trigger_states(index)
@@ -508,7 +551,10 @@ class CheckpointManager:
                     errno.EWOULDBLOCK, f"{self.directory} already has a writer in this process"
                 )
             path = self.directory / LOCK_NAME
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StorageError(exc.errno or 0, f"cannot open {path}: {exc.strerror}") from exc
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -523,8 +569,9 @@ class CheckpointManager:
                 ) from None
             _LOCKED_RUNS.add(key)
             self._lock_key = key
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds the lock: a note for humans, not worth failing for
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
         return fd
 
     def _open_run(self, config: Any, data_version: str | None, scopes: Mapping[str, Scope]) -> dict[str, Any]:
@@ -542,6 +589,7 @@ class CheckpointManager:
         _atomic_write_json(path, run)
         return run
 
+    @typed_os_errors
     def close(self) -> None:
         """Finishes a pending save (a failure is reported as a warning: use ``wait()`` to get it
         raised), releases the run lock and restores the previous signal handlers."""
@@ -577,13 +625,17 @@ class CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.wait()
-        self.close()
+        try:
+            self.wait()
+        finally:
+            self.close()  # a failed pending save must not keep the run locked
 
+    @typed_os_errors
     def wait(self) -> None:
         """Blocks until the save in flight (async mode) has committed; re-raises its failure."""
         self._finish_pending(block=True)
 
+    @typed_os_errors
     def wait_validation(self) -> None:
         """Blocks until every background validation so far has finished and been applied."""
         self._finish_pending(block=True)
@@ -637,6 +689,7 @@ class CheckpointManager:
         self._preempted.set()  # only a flag: the save happens at the next step, outside the handler
 
     # -- the loop -----------------------------------------------------------------------------
+    @typed_os_errors
     def step(self, state: TrainState, metrics: Mapping[str, Any] | None = None) -> CheckpointInfo | None:
         """Marks one optimizer step done (``state.step += 1``) and saves if a trigger fires."""
         state.step += 1
@@ -664,6 +717,7 @@ class CheckpointManager:
                 saved = self._save(state, stream.scope, reason, background=True)
         return saved
 
+    @typed_os_errors
     def save(
         self, state: TrainState, metrics: Mapping[str, Any] | None = None, *, scope: str = FULL
     ) -> CheckpointInfo:
@@ -804,7 +858,13 @@ class CheckpointManager:
 
     def _apply_retention(self, scope: str) -> None:
         # Checkpoints a registry version points at are pinned too (re-read: another process registers).
-        registered = registered_in(self.directory)
+        if not self._pins_known:
+            return  # pins.json is damaged: deleting now could delete a pinned checkpoint
+        try:
+            registered = registered_in(self.directory)
+        except CheckpointError as exc:  # unknown pins: deleting now could delete a registered one
+            warnings.warn(f"retention skipped: {exc}", stacklevel=3)
+            return
         records = [
             dataclasses.replace(r, pinned=True) if r.name in registered else _with_pin(r, self._pins)
             for r in self._records.values()
@@ -891,11 +951,13 @@ class CheckpointManager:
                     stream.state = TriggerState.from_dict(saved[scope])
 
     # -- pins -----------------------------------------------------------------------------------
+    @typed_os_errors
     def pin(self, step: int) -> None:
         """Keeps the checkpoints of ``step`` (every scope) whatever the retention policy says."""
         self._pins.add(int(step))
         _atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
 
+    @typed_os_errors
     def unpin(self, step: int) -> None:
         self._pins.discard(int(step))
         _atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
@@ -928,6 +990,7 @@ class CheckpointManager:
         ]
         return min(scored, key=lambda r: (sign * r.metrics[monitor], -r.step)) if scored else None
 
+    @typed_os_errors
     def restore(
         self, state: TrainState, which: Literal["latest", "best"] | int = "latest", *, partial: bool = False
     ) -> CheckpointInfo | None:

@@ -219,8 +219,14 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
         if isinstance(name, str) and isinstance(event.get("step"), int) and event.get("event") == "commit":
             commits[name] = event
 
-    pins = load_pins(root)
-    registered = registered_in(root)
+    try:
+        pins = load_pins(root)
+    except CheckpointError:  # damaged: the report shows no pins rather than failing
+        pins = set()
+    try:
+        registered = registered_in(root)
+    except CheckpointError:  # a damaged pin list: the report shows no pins rather than failing
+        registered = set()
     marks: list[CheckpointMark] = []
     for name in sorted(set(existing) | set(commits)):
         statuses: set[str] = set()

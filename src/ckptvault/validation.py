@@ -162,8 +162,12 @@ def record_result(result: ValidationResult) -> None:
     target = results_path(result.checkpoint)
     target.parent.mkdir(exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.as_dict(), indent=1))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(result.as_dict(), indent=1))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_result(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:

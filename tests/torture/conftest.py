@@ -92,7 +92,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "exit_status": int(exitstatus),
         "wall_s": round(time.time() - _STARTED, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "system": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "system": platform.platform(),
+        },
         "figures": dict(sorted(_FIGURES.counts.items())),
         "notes": dict(sorted(_FIGURES.notes.items())),
         "tests": dict(sorted(_OUTCOMES.items())),

@@ -13,6 +13,7 @@ References: ``registry://NAME`` (newest version), ``registry://NAME@3`` (version
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import json
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MANIFEST_NAME
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, typed_os_errors
 from .store import CATALOG_DIR, read_manifest
 
 REGISTRY_DIR = "registry"
@@ -60,11 +61,16 @@ def _who() -> dict[str, str]:
 
 def _atomic_json(path: Path, doc: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(doc, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(doc, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # already renamed, or the disk is gone
+            os.unlink(tmp)
+        raise
     fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -72,13 +78,24 @@ def _atomic_json(path: Path, doc: Any) -> None:
         os.close(fd)
 
 
+@typed_os_errors
 def registered_in(run_dir: Path) -> set[str]:
-    """Names of the checkpoints of ``run_dir`` that a registry pins (read by retention)."""
+    """Names of the checkpoints of ``run_dir`` that a registry pins (read by retention).
+
+    Only a missing file means "nothing pinned": an unreadable or damaged one raises
+    (``StorageError`` / ``RegistryError``), because retention taking it for "no pins" would
+    delete registered checkpoints."""
     try:
-        doc = json.loads((run_dir / REGISTERED_NAME).read_text())
-    except (OSError, ValueError):
+        text = (run_dir / REGISTERED_NAME).read_text()
+    except FileNotFoundError:
         return set()
-    entries = doc.get("checkpoints", {}) if isinstance(doc, dict) else {}
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise RegistryError(f"{run_dir / REGISTERED_NAME} is damaged: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints", {}), dict):
+        raise RegistryError(f"{run_dir / REGISTERED_NAME} is damaged: not a pin list")
+    entries = doc.get("checkpoints", {})
     return {name for name, refs in entries.items() if isinstance(name, str) and refs}
 
 
@@ -131,6 +148,7 @@ class Registry:
         return rel.as_posix()
 
     # -- changes -----------------------------------------------------------------------------------
+    @typed_os_errors
     def register(
         self,
         name: str,
@@ -170,6 +188,7 @@ class Registry:
         self._notify(name, number, doc)
         return version
 
+    @typed_os_errors
     def alias(self, name: str, version: int, alias: str, *, why: str | None = None) -> None:
         """Points ``alias`` at ``version`` of ``name`` (recorded in the history)."""
         with self._locked():
@@ -192,13 +211,32 @@ class Registry:
         marker = checkpoint.parent / REGISTERED_NAME
         try:
             doc = json.loads(marker.read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             doc = {}
+        except ValueError:
+            doc = self._pins_from_versions(checkpoint.parent)  # damaged: every version names its pin
+        if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints", {}), dict):
+            doc = self._pins_from_versions(checkpoint.parent)
         entries = doc.setdefault("checkpoints", {})
         refs = entries.setdefault(checkpoint.name, [])
         if [name, version] not in refs:
             refs.append([name, version])
         _atomic_json(marker, doc)
+
+    def _pins_from_versions(self, run_dir: Path) -> dict[str, Any]:
+        """The pin list of ``run_dir`` rebuilt from this registry's versions (a damaged pin file
+        must not lose the pins of the other registered checkpoints)."""
+        entries: dict[str, list[list[Any]]] = {}
+        for name in self.names():
+            try:
+                doc = self._load(name)
+            except RegistryError:
+                continue
+            for version in doc["versions"]:
+                path = self.root / str(version.get("checkpoint", ""))
+                if path.parent == run_dir:
+                    entries.setdefault(path.name, []).append([name, version.get("version")])
+        return {"checkpoints": entries}
 
     def _notify(self, name: str, version: int, doc: dict[str, Any]) -> None:
         if not self.trackers:
@@ -221,17 +259,21 @@ class Registry:
                 return dict(entry)
         raise RegistryError(f"{doc.get('name')!r} has no version {version}")
 
+    @typed_os_errors
     def names(self) -> list[str]:
         if not self.directory.is_dir():
             return []
         return sorted(p.stem for p in self.directory.glob("*.json") if _NAME.fullmatch(p.stem))
 
+    @typed_os_errors
     def show(self, name: str) -> dict[str, Any]:
         return self._load(name)
 
+    @typed_os_errors
     def history(self, name: str) -> list[dict[str, Any]]:
         return list(self._load(name)["history"])
 
+    @typed_os_errors
     def resolve(self, name: str, ref: str | None = None) -> Path:
         """The checkpoint a version number, an alias or (None) the newest version names."""
         doc = self._load(name)

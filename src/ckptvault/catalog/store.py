@@ -19,19 +19,20 @@ version is rebuilt from the manifests, which is always possible because it is de
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
-from ..errors import CheckpointError
+from ..errors import CheckpointError, typed_os_errors
 from ..format.manifest import Manifest, parse_manifest
 from ..format.tree import TreeDecoder
 from .query import DEFAULT_SORT, compile_filter, compile_sort, single_metric_sort
@@ -50,6 +51,26 @@ _COLUMNS = (
 
 class CatalogError(CheckpointError):
     """The catalog cannot be opened or updated (not a directory, database locked for too long)."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _typed_db_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A public catalog call raises CatalogError for a failing database (a full disk, an I/O error
+    or a lock held too long inside SQLite) and StorageError for a failing file system -- never a raw
+    ``sqlite3.Error``/``OSError``."""
+    inner = typed_os_errors(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return inner(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise CatalogError(f"catalog database: {exc}") from exc
+
+    return wrapper
 
 
 class _PlainValues:
@@ -90,6 +111,7 @@ class CatalogRow:
 class Catalog:
     """``Catalog(root)``: opens (creating if needed) and syncs the catalog of a tree of runs."""
 
+    @_typed_db_errors
     def __init__(self, root: str | os.PathLike[str], *, sync: bool = True) -> None:
         self.root = Path(root).absolute()
         if not self.root.is_dir():
@@ -98,7 +120,11 @@ class Catalog:
         self.path.parent.mkdir(exist_ok=True)
         self._db = self._connect()
         if sync:
-            self.sync()
+            try:
+                self.sync()
+            except BaseException:
+                self._db.close()  # never leave a connection (maybe mid-transaction) behind
+                raise
 
     # -- database ------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -134,6 +160,7 @@ class Catalog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_typed_db_errors
     def rebuild(self) -> int:
         """Drops everything and indexes the tree again; returns the number of checkpoints."""
         self._db.close()
@@ -144,6 +171,7 @@ class Catalog:
         return int(self._db.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
 
     # -- sync ------------------------------------------------------------------------------------
+    @_typed_db_errors
     def sync(self) -> None:
         """Brings the catalog up to date with the tree (see the module docstring)."""
         db = self._db
@@ -152,7 +180,10 @@ class Catalog:
             self._sync()
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                db.close()  # closing discards the transaction and releases the write lock
             raise
 
     def _sync(self) -> None:
@@ -279,6 +310,20 @@ class Catalog:
         )
 
     def _index_checkpoint(self, rel: str, name: str, manifest_mtime_ns: int) -> None:
+        """Indexes one checkpoint; a manifest whose values SQLite or JSON cannot hold (a step or size
+        beyond 64 bits, a metric float() overflows, config keys json cannot order) is left out like
+        a damaged one instead of failing the whole sync."""
+        db = self._db
+        db.execute("SAVEPOINT index_checkpoint")
+        try:
+            self._insert_checkpoint(rel, name, manifest_mtime_ns)
+        except (OverflowError, TypeError, ValueError):
+            db.execute("ROLLBACK TO index_checkpoint")
+            db.execute("DELETE FROM checkpoints WHERE run_dir = ? AND name = ?", (rel, name))
+        finally:
+            db.execute("RELEASE index_checkpoint")
+
+    def _insert_checkpoint(self, rel: str, name: str, manifest_mtime_ns: int) -> None:
         db = self._db
         db.execute("DELETE FROM checkpoints WHERE run_dir = ? AND name = ?", (rel, name))
         directory = self.root / rel / name
@@ -342,6 +387,7 @@ class Catalog:
             )
 
     # -- queries ---------------------------------------------------------------------------------
+    @_typed_db_errors
     def find(self, where: str = "", *, sort: str = "", limit: int | None = None) -> list[CatalogRow]:
         """Checkpoints matching a filter (``'val_acc > 0.9 and step >= 1000'``), sorted and limited.
 
@@ -413,6 +459,7 @@ class Catalog:
             for r in rows
         ]
 
+    @_typed_db_errors
     def runs(self) -> list[dict[str, Any]]:
         return [
             {
@@ -426,6 +473,7 @@ class Catalog:
             )
         ]
 
+    @_typed_db_errors
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
 

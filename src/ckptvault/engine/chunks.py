@@ -257,7 +257,15 @@ def read_chunked(
     threads: int = 2,
 ) -> np.ndarray:
     """A chunked tensor's bytes, each chunk decoded into place and (if ``verify``) digest-checked."""
-    out = np.empty(entry.nbytes, dtype=np.uint8)
+    try:
+        out = np.empty(entry.nbytes, dtype=np.uint8)
+    except MemoryError as exc:  # the size is the manifest's word: 1024 tiny chunks can claim a TiB
+        raise CorruptCheckpointError(
+            f"the manifest promises {entry.nbytes} bytes for this tensor, more than can be allocated",
+            path=where,
+            tensor=entry.name,
+            kind="bad-manifest",
+        ) from exc
     refs = list(entry.chunks or ())
     starts = np.cumsum([0] + [r.raw_len for r in refs[:-1]]).tolist()
 

@@ -123,8 +123,18 @@ class LazyNode:
             return list(enumerate(node))
         if "v" in node and isinstance(node["v"], dict):
             return list(node["v"].items())
-        decoder = TreeDecoder(self._view._blobs, self._view._shared)
-        return [(decoder.decode(k, f"{self.path}.<key>"), v) for k, v in node.get("items", [])]
+        # The same rules as a full decode, and the same typed error: hostile items never escape as
+        # TypeError (not a pair) or TreeDecodeError (a bad key node).
+        try:
+            items = node.get("items")
+            if not isinstance(items, list) or not all(isinstance(p, list) and len(p) == 2 for p in items):
+                raise TreeDecodeError(f"{self.path}: dict items must be [key, value] pairs")
+            decoder = TreeDecoder(self._view._blobs, self._view._shared)
+            return [(decoder.decode(k, f"{self.path}.<key>"), v) for k, v in items]
+        except TreeDecodeError as exc:
+            raise CorruptCheckpointError(
+                f"state tree: {exc}", path=self._view.path, file="manifest.json", kind="bad-manifest"
+            ) from exc
 
     def keys(self) -> list[Any]:
         return [k for k, _ in self._items()]

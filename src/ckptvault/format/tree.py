@@ -231,7 +231,13 @@ class TreeDecoder:
         self._count(path)
         if depth > MAX_TREE_DEPTH:
             raise TreeDecodeError(f"{path}: nested deeper than {MAX_TREE_DEPTH}")
-        if node is None or isinstance(node, (bool, float, str)):
+        if node is None or isinstance(node, (bool, str)):
+            return node
+        if isinstance(node, float):
+            # Writers keep only finite floats plain; JSON parsers turn a literal like 1e400 into inf
+            # (or keep it exact): readers would disagree, so it is refused like a NaN token.
+            if not math.isfinite(node):
+                raise TreeDecodeError(f"{path}: plain number out of the float range (must be a float node)")
             return node
         if isinstance(node, int):
             if not INT64_MIN <= node <= INT64_MAX:
@@ -353,12 +359,13 @@ def iter_leaves(node: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[s
     if tag in ("ndarray", "torch.Tensor"):
         yield prefix or "<root>", node
     elif tag in ("dict", "odict"):
+        items = node.get("items")
         if isinstance(node.get("v"), dict):
             pairs: list[tuple[Any, Any]] = list(node["v"].items())
+        elif isinstance(items, list):
+            pairs = [(_key_text(p[0], depth + 1), p[1]) for p in items if isinstance(p, list) and len(p) == 2]
         else:
-            pairs = [
-                (_key_text(p[0]), p[1]) for p in node.get("items", []) if isinstance(p, list) and len(p) == 2
-            ]
+            pairs = []
         if "meta" in node:
             pairs.append(("_metadata", node["meta"]))
         for key, value in pairs:
@@ -367,9 +374,12 @@ def iter_leaves(node: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[s
         yield from iter_leaves(node.get("v", []), prefix, depth + 1)
 
 
-def _key_text(key: Any) -> str:
-    if isinstance(key, dict) and key.get("t") == "tuple":
-        return "(" + ",".join(_key_text(k) for k in key.get("v", [])) + ")"
+def _key_text(key: Any, depth: int) -> str:
+    # Bounded like decoding: a tuple key nested hundreds deep must not reach Python's recursion limit.
+    if depth > MAX_TREE_DEPTH:
+        raise TreeDecodeError(f"dict key nested deeper than {MAX_TREE_DEPTH}")
+    if isinstance(key, dict) and key.get("t") == "tuple" and isinstance(key.get("v"), list):
+        return "(" + ",".join(_key_text(k, depth + 1) for k in key["v"]) + ")"
     return str(key)
 
 

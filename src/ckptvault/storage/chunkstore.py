@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
-from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError, typed_os_errors
 from .local import _fsync_dir
 from .local import _storage_error as _error
 
@@ -340,6 +340,7 @@ def live_digests(run_dir: Path) -> tuple[set[str], int]:
     return live, count
 
 
+@typed_os_errors
 def collect_garbage(run_dir: str | Path, *, dry_run: bool = False) -> GcReport:
     """Deletes every chunk of ``run_dir``'s store that no committed checkpoint references.
 

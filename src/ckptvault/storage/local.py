@@ -352,11 +352,15 @@ class LocalWriteTransaction:
         out = self.create(MANIFEST_NAME)
         out.write(manifest)
         out.close()
+        published = False
         try:
             os.fsync(self._lock_fd)  # the staging directory's entries are durable
-            self._publish()
+            old = self._publish()
+            published = True
             _fsync_dir(self.target.parent)
         except OSError as exc:
+            if published:  # the rename is not known durable: a failed save must leave no checkpoint
+                self._unpublish(old)
             self.abort()
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise CheckpointExistsError(
@@ -365,23 +369,46 @@ class LocalWriteTransaction:
             raise _storage_error("cannot commit", self.target, exc) from exc
         self._done = True
         os.close(self._lock_fd)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # the replaced checkpoint, under a hidden name
 
-    def _publish(self) -> None:
+    def _publish(self) -> Path | None:
+        """Renames the staging directory onto the target; returns where a replaced checkpoint now
+        lies (hidden; deleted once the commit is durable), None when nothing was replaced."""
         target = self.target
         if self.overwrite and target.exists():
             self._check_target()  # re-check right before the swap: never replace a foreign directory
             if exchange_paths(self.staging, target):
-                shutil.rmtree(self.staging, ignore_errors=True)  # the old checkpoint, now under our name
-                return
+                return self.staging  # the old checkpoint, now under our name
             trash = (
                 target.parent
                 / f".{target.name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.old{secrets.token_hex(4)}"
             )
             os.rename(target, trash)  # fallback without renameat2: a moment with no checkpoint, never a mix
-            os.rename(self.staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-            return
+            try:
+                os.rename(self.staging, target)
+            except OSError:
+                with suppress(OSError):
+                    os.rename(trash, target)  # the old checkpoint back where it was
+                raise
+            return trash
         os.rename(self.staging, target)
+        return None
+
+    def _unpublish(self, old: Path | None) -> None:
+        """Undoes :meth:`_publish` (best effort) after the parent directory's fsync failed: the old
+        checkpoint, if any, returns to the target and ours to the staging name that abort removes.
+        Only while the target is still the directory we published (our lock fd names it)."""
+        with suppress(OSError):
+            now, ours = os.stat(self.target), os.fstat(self._lock_fd)
+            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+                return
+            if old == self.staging:
+                exchange_paths(self.staging, self.target)
+            else:
+                os.rename(self.target, self.staging)
+                if old is not None:
+                    os.rename(old, self.target)
 
     def abort(self) -> None:
         if self._done:
