@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench torture clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# The whole reliability suite (about 25 minutes here); its figures go to docs/reliability.md.
+torture: $(STAMP)
+	CKPTVAULT_TORTURE=full CKPTVAULT_TORTURE_REPORT=docs/reliability-run.json \
+		$(BIN)/pytest -q --timeout=1500 tests/torture
+	$(BIN)/python tests/torture/render_report.py docs/reliability-run.json docs/reliability.md
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
