@@ -238,6 +238,21 @@ def _retention_case() -> Case:
     return Case("retention", build, operation, check, next_operation, after)
 
 
+def _manager_async_case() -> Case:
+    """Retention through an async manager: the background commit fails, the failure surfaces at
+    the manager's exit (``wait``), and the run must be unlocked and intact afterwards."""
+    case = _retention_case()
+
+    def operation(root: Path, ctx: dict[str, Any]) -> None:
+        state = _small_train_state(0)
+        with _manager(root, async_save=True) as manager:
+            manager.restore(state)
+            _train(state)
+            manager.step(state)
+
+    return dataclasses.replace(case, name="manager_async", operation=operation)
+
+
 def _gc_case() -> Case:
     def build(root: Path) -> dict[str, Any]:
         a = state_of(1)
@@ -388,6 +403,7 @@ CASES = [
     _save_case("async_save", use_async=True),
     _save_case("incremental", incremental=True),
     _retention_case(),
+    _manager_async_case(),
     _gc_case(),
     _catalog_case(),
     _registry_case(),

@@ -89,3 +89,13 @@ def test_only_one_injector_at_a_time_and_everything_restored(tmp_path: Path) -> 
     with FaultInjector(tmp_path), pytest.raises(RuntimeError), FaultInjector(tmp_path):
         pass
     assert os.write is original
+
+
+def test_delay_slows_the_nth_operation_and_then_does_it(tmp_path: Path) -> None:
+    import time
+
+    with FaultInjector(tmp_path, fail_at=1, action="delay", delay_s=0.2) as injector:
+        started = time.monotonic()
+        os.mkdir(tmp_path / "slow")
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.2 and (tmp_path / "slow").is_dir() and injector.fired == 0
