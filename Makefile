@@ -17,8 +17,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py --out demo-runs
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples fuzz
+	$(BIN)/ruff format --check src tests benchmarks examples fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

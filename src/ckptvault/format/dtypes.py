@@ -94,7 +94,10 @@ def parse_numpy_dtype(text: str) -> np.dtype:
     """A numpy dtype from a manifest string, accepting only plain scalar dtypes (no objects)."""
     if not isinstance(text, str) or len(text) > 32 or not text or text[0] not in "<>|=":
         raise ValueError(f"not a numpy dtype string: {text!r}")
-    dtype = np.dtype(text)
+    try:
+        dtype = np.dtype(text)
+    except Exception as exc:  # numpy hands comma strings to ast.literal_eval: SyntaxError, among others
+        raise ValueError(f"not a numpy dtype string: {text!r}") from exc
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufcMmSU":
         raise ValueError(f"numpy dtype {text!r} is not allowed")
     return dtype

@@ -249,7 +249,10 @@ class TreeDecoder:
             raise TreeDecodeError(f"{path}: unexpected JSON value")
         tag = node.get("t")
         if not isinstance(tag, str) or tag not in TAGS:
-            raise TreeDecodeError(f"{path}: unknown node tag {str(tag)[:40]!r}")
+            # Never str() a non-string tag: a list nested hundreds deep would recurse in repr past
+            # Python's limit when this node is itself deep in the tree (RecursionError, not ours).
+            shown = tag[:40] if isinstance(tag, str) else f"<{type(tag).__name__}>"
+            raise TreeDecodeError(f"{path}: unknown node tag {shown!r}")
         allowed = NODE_FIELDS[tag]
         if not node.keys() <= allowed:
             raise TreeDecodeError(f"{path}: unknown fields {sorted(node.keys() - allowed)[:3]} in {tag} node")
@@ -380,6 +383,9 @@ def _key_text(key: Any, depth: int) -> str:
         raise TreeDecodeError(f"dict key nested deeper than {MAX_TREE_DEPTH}")
     if isinstance(key, dict) and key.get("t") == "tuple" and isinstance(key.get("v"), list):
         return "(" + ",".join(_key_text(k, depth + 1) for k in key["v"]) + ")"
+    nested = isinstance(key, dict) and any(isinstance(v, (dict, list)) for v in key.values())
+    if isinstance(key, list) or nested:
+        return f"<{type(key).__name__}>"  # not a key the writer makes; its repr could recurse without bound
     return str(key)
 
 
