@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,6 @@ from .conftest import Figures, pick
 from .test_fault_loops import CHUNK, _manager, _small_train_state, _steps, _train, changed, state_of
 
 EVERY_M = pick(False, True)
-_TEMP = re.compile(r"^\..*\.tmp$")
 
 
 @dataclasses.dataclass
@@ -220,10 +218,7 @@ def _reclaimable(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         patch.setattr(local, "_UNLOCKED_GRACE_SECONDS", 0.0)
         for current, _dirs, _files in os.walk(root):
             local.sweep_staging(Path(current))
-    left = leftovers(root)
-    for current, _dirs, files in os.walk(root):
-        left += [os.path.relpath(os.path.join(current, f), root) for f in files if _TEMP.match(f)]
-    return left
+    return leftovers(root)
 
 
 def _record(case: ReplayCase, root: Path) -> tuple[crashsim.Snapshot, list[Any], dict[str, Any]]:

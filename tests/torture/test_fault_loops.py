@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +55,6 @@ CHUNK = 16384  # small chunks: an incremental save of a 64 KiB tensor writes a f
 
 # (action, persistent) per scale
 MODES = pick([("error", False)], [("error", False), ("error", True), ("torn", False)])
-_TEMP = re.compile(r"^\..*\.tmp$")
 
 
 def state_of(seed: int, *, big: bool = False) -> dict[str, Any]:
@@ -423,10 +421,7 @@ def _reclaimable_leftovers(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[
         patch.setattr(local, "_UNLOCKED_GRACE_SECONDS", 0.0)
         for current, _dirs, _files in os.walk(root):
             local.sweep_staging(Path(current))
-    left = leftovers(root)
-    for current, _dirs, files in os.walk(root):
-        left += [os.path.relpath(os.path.join(current, f), root) for f in files if _TEMP.match(f)]
-    return sorted(left)
+    return leftovers(root)
 
 
 def _fresh(template: Path, work: Path) -> Path:

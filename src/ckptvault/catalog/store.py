@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
-from ..errors import CheckpointError, typed_os_errors
+from ..errors import CheckpointError, CorruptCheckpointError, typed_os_errors
 from ..format.manifest import Manifest, parse_manifest
-from ..format.tree import TreeDecoder
+from ..format.tree import TreeDecodeError, TreeDecoder
 from .query import DEFAULT_SORT, compile_filter, compile_sort, single_metric_sort
 
 SCHEMA_VERSION = 1
@@ -493,7 +493,12 @@ def read_manifest(directory: Path) -> tuple[Manifest, dict[str, Any]]:
     finally:
         os.close(fd)
     manifest = parse_manifest(data, path=str(directory))
-    metadata = TreeDecoder(_PlainValues()).decode(manifest.metadata, "metadata")
+    try:
+        metadata = TreeDecoder(_PlainValues()).decode(manifest.metadata, "metadata")
+    except TreeDecodeError as exc:
+        raise CorruptCheckpointError(
+            f"metadata: {exc}", path=str(directory), file=MANIFEST_NAME, kind="bad-manifest"
+        ) from exc
     return manifest, metadata if isinstance(metadata, dict) else {}
 
 

@@ -50,7 +50,7 @@ def iter_leaves(tree: Any, *, path: str | None = None) -> list[LeafInfo]:
             )
             for name, node in iter_leaf_nodes(tree)
         ]
-    except TreeDecodeError as exc:
+    except (TreeDecodeError, TypeError, ValueError) as exc:  # a hostile shape: not a list of ints
         raise CorruptCheckpointError(
             f"state tree: {exc}", path=path, file="manifest.json", kind="bad-manifest"
         ) from exc

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,15 @@ def check_catalog(root: str | os.PathLike[str]) -> list[str]:
     return [f"catalog differs from a rebuild: only synced {only_synced}, only rebuilt {only_rebuilt}"]
 
 
+_TEMP_FILE = re.compile(r"^\..+\.tmp$")
+
+
 def leftovers(root: str | os.PathLike[str]) -> list[str]:
-    """Staging and deletion leftovers (directories or files carrying the staging mark)."""
+    """Staging and deletion leftovers (anything carrying the staging mark) and the temporary files
+    of atomic JSON writes (``.NAME.<token>.tmp``) -- neither may outlive the next operation."""
     found = []
     for current, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            if STAGING_MARK in name:
+            if STAGING_MARK in name or (name in filenames and _TEMP_FILE.match(name)):
                 found.append(os.path.relpath(os.path.join(current, name), root))
     return sorted(found)
