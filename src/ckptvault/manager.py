@@ -652,8 +652,8 @@ class CheckpointManager:
         scopes: set[str] = set()
         for result in self._validator.drain():
             name = Path(result.checkpoint).name
-            self._validation_passed[name] = result.passed
-            if name in self._records:
+            if name in self._records:  # one entry per live record: results of deleted ones would pile up
+                self._validation_passed[name] = result.passed
                 scopes.add(self._records[name].scope)
             if result.passed:
                 continue
@@ -837,6 +837,7 @@ class CheckpointManager:
     def _committed(self, record: CheckpointRecord, info: CheckpointInfo | None = None) -> None:
         """A durable commit: only now do "latest", retention and the index move on."""
         self._records[record.name] = record
+        self._validation_passed.pop(record.name, None)  # a result of the checkpoint this one replaced
         if info is not None:  # before retention, which may delete the checkpoint just committed
             path = str(self.directory / record.name)
             self._track("on_checkpoint", path, info, record.scope, record.step, record.metrics)
@@ -921,6 +922,7 @@ class CheckpointManager:
     def _delete(self, name: str) -> None:
         """Renames the checkpoint out of sight first, so a half-deleted one is never loadable."""
         record = self._records.pop(name, None)
+        self._validation_passed.pop(name, None)  # one entry per live record, or a long run grows
         if record is not None:
             self._event("delete", name, record.step)
         source = self.directory / name
@@ -932,6 +934,11 @@ class CheckpointManager:
         except OSError as exc:
             raise StorageError(exc.errno or 0, f"cannot delete {source}: {exc}") from exc
         shutil.rmtree(trash, ignore_errors=True)
+        # A passed result of a deleted checkpoint has no reader; failed ones stay for the run report.
+        result = validation.read_result(source)
+        if result is not None and result.get("passed") is True:
+            with contextlib.suppress(OSError):
+                validation.results_path(source).unlink()
 
     def _write_index(self) -> None:
         records = sorted(self._records.values(), key=lambda r: (r.scope, r.step))

@@ -335,7 +335,11 @@ def live_digests(run_dir: Path) -> tuple[set[str], int]:
             raise StorageError(
                 errno.EFBIG, f"{manifest} is larger than any manifest can be; refusing to collect garbage"
             )
-        live.update(m.decode() for m in _HEX64_ANYWHERE.findall(manifest.read_bytes()))
+        try:
+            text = manifest.read_bytes()
+        except FileNotFoundError:
+            continue  # deleted since the stat (retention renames it away, no store lock): it needs nothing
+        live.update(m.decode() for m in _HEX64_ANYWHERE.findall(text))
         count += 1
     return live, count
 
