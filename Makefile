@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench torture clean
+.PHONY: demo test lint typecheck pytest bench torture fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,15 @@ test: lint typecheck pytest
 torture: $(STAMP)
 	CKPTVAULT_TORTURE=full CKPTVAULT_TORTURE_REPORT=docs/reliability-run.json \
 		$(BIN)/pytest -q --timeout=1500 tests/torture
-	$(BIN)/python tests/torture/render_report.py docs/reliability-run.json docs/reliability.md
+	$(BIN)/python tests/torture/render_report.py docs/reliability-run.json docs/reliability.md \
+		--fuzz docs/fuzz-run.json
+
+# Each atheris harness for a minute (fuzz/README.md: longer runs); figures into docs/reliability.md.
+fuzz: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,fuzz]'
+	$(BIN)/python fuzz/run_all.py --seconds 60 --json docs/fuzz-run.json
+	$(BIN)/python tests/torture/render_report.py docs/reliability-run.json docs/reliability.md \
+		--fuzz docs/fuzz-run.json
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'

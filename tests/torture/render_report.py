@@ -35,7 +35,30 @@ def _number(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:,.2f}"
 
 
-def render(doc: dict[str, Any]) -> str:
+def render_fuzz(fuzz: dict[str, Any]) -> list[str]:
+    """The atheris section: ``make fuzz`` (fuzz/run_all.py) writes docs/fuzz-run.json."""
+    lines = [
+        "### Longer fuzzing (atheris, coverage-guided)",
+        "",
+        f"Reproduce: `make fuzz` -- each harness {fuzz.get('seconds_per_harness', '?')} s on one core, "
+        f"finished {fuzz.get('finished', '?')}, Python {fuzz.get('python', '?')}; source: "
+        "`docs/fuzz-run.json`. Longer runs: `fuzz/README.md`.",
+        "",
+        "| harness | executions | seconds | corpus inputs | findings |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for target, r in fuzz.get("harnesses", {}).items():
+        findings = ", ".join(r.get("findings", [])) or (
+            "none" if not r.get("exit_code") else "exit " + str(r["exit_code"])
+        )
+        lines.append(
+            f"| `{target}` | {_number(r.get('executions', 0))} | {_number(r.get('seconds', 0))} | "
+            f"{_number(r.get('corpus_inputs', 0))} | {findings} |"
+        )
+    return [*lines, ""]
+
+
+def render(doc: dict[str, Any], fuzz: dict[str, Any] | None = None) -> str:
     tests = doc.get("tests", {})
     outcomes: dict[str, int] = {}
     for entry in tests.values():
@@ -80,6 +103,8 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"- skipped `{k}`: {area_tests[k].get('reason', '')}")
         if area_notes or skipped:
             lines.append("")
+    if fuzz:
+        lines += render_fuzz(fuzz)
     rest = sorted(set(figures) - seen)
     if rest:
         lines += ["### Other figures", "", "| figure | value |", "|---|---:|"]
@@ -92,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("document", type=Path)
+    parser.add_argument("--fuzz", type=Path, default=None, help="docs/fuzz-run.json (if it exists)")
     args = parser.parse_args(argv)
     doc = json.loads(args.run.read_text())
+    fuzz = json.loads(args.fuzz.read_text()) if args.fuzz and args.fuzz.exists() else None
     text = args.document.read_text()
     if BEGIN not in text or END not in text:
         print(f"{args.document}: no {BEGIN} ... {END} section", file=sys.stderr)
         return 1
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    new = pattern.sub(lambda _m: f"{BEGIN}\n{render(doc)}\n{END}", text)
+    new = pattern.sub(lambda _m: f"{BEGIN}\n{render(doc, fuzz)}\n{END}", text)
     args.document.write_text(new)
     print(f"{args.document}: figures of {args.run} ({len(doc.get('figures', {}))} figures)")
     return 0
