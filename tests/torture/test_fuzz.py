@@ -115,14 +115,16 @@ def mutated(draw: st.DrawFn, doc: Any) -> Any:
         container, key = draw(st.sampled_from(slots))
         action = draw(st.sampled_from(["replace", "nasty", "delete", "add", "wrap", "nudge"]))
         value = container[key]
+        # deep copies: a drawn value may be a strategy's shared constant, and a later mutation of
+        # it in place would change what that strategy draws in the next test case (flaky data)
         if action == "replace":
-            container[key] = draw(json_values)
+            container[key] = copy.deepcopy(draw(json_values))
         elif action == "nasty":
             container[key] = copy.deepcopy(draw(st.sampled_from(NASTY)))
         elif action == "delete":
             del container[key]
         elif action == "add" and isinstance(container, dict):
-            container[draw(st.text(max_size=6))] = draw(json_values)
+            container[draw(st.text(max_size=6))] = copy.deepcopy(draw(json_values))
         elif action == "wrap":
             container[key] = [value]
         elif action == "nudge" and type(value) is int:
