@@ -18,7 +18,7 @@ DOC, RUN = ROOT / "docs" / "reliability.md", ROOT / "docs" / "reliability-run.js
 
 def _renderer():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location(
-        "render_report", Path(__file__).with_name("render_report.py")
+        "render_report", ROOT / "tests" / "torture" / "render_report.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
