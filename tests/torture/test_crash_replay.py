@@ -33,10 +33,10 @@ from ckptvault.catalog.registry import Registry
 from ckptvault.storage import local
 from ckptvault.storage.chunkstore import collect_garbage
 from ckptvault.testing import FaultInjector, crashsim
-from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers, visible_checkpoints
+from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers
 
 from .conftest import Figures, pick
-from .test_fault_loops import CHUNK, _manager, _small_train_state, _steps, _train, changed, state_of
+from .test_fault_loops import CHUNK, _retention_case, changed, state_of
 
 EVERY_M = pick(False, True)
 
@@ -92,50 +92,18 @@ def _save_replay(name: str, *, incremental: bool = False, overwrite: bool = Fals
 
 
 def _retention_replay() -> ReplayCase:
-    names = ["run/step_00000001", "run/step_00000002", "run/step_00000003"]
-
-    def build(root: Path) -> dict[str, Any]:
-        state = _small_train_state(0)
-        with _manager(root) as manager:
-            for _ in range(2):
-                _train(state)
-                manager.step(state)
-        return {"before": {n: cv.load(root / n) for n in _steps(visible_checkpoints(root))}}
-
-    def operation(root: Path, ctx: dict[str, Any]) -> None:
-        state = _small_train_state(0)
-        with _manager(root) as manager:
-            manager.restore(state)
-            _train(state)
-            manager.step(state)
-
-    def check(root: Path, ctx: dict[str, Any]) -> list[str]:
-        expected = {n: [s] for n, s in ctx["before"].items()}
-        problems = check_checkpoints(root, expected=expected, must_exist=names[1:2], may_exist=names)
-        visible = visible_checkpoints(root)
-        if names[0] not in visible and names[2] not in visible:
-            problems.append("step 1 deleted although step 3 is not durable")
-        return problems
-
-    def next_operation(root: Path, ctx: dict[str, Any]) -> None:
-        state = _small_train_state(0)
-        with _manager(root) as manager:
-            info = manager.restore(state)
-            assert info is not None and info.step in (2, 3), info
-            _train(state)
-            manager.step(state)
-        with _manager(root) as manager:  # reopened: the index lists exactly what is on disk
-            listed = sorted(f"run/{r.name}" for r in manager.checkpoints())
-        visible = _steps(visible_checkpoints(root))
-        assert listed == visible, f"manager lists {listed}, disk has {visible}"
-
-    def after(root: Path, ctx: dict[str, Any]) -> list[str]:
-        problems = check_checkpoints(root)
-        if len(_steps(visible_checkpoints(root))) != 2:
-            problems.append(f"keep_last=2 but {visible_checkpoints(root)}")
-        return problems
-
-    return ReplayCase("retention", build, operation, check, next_operation, after, catalog=True)
+    """The fault loops' retention path (restore, train, a step that makes retention delete step 1):
+    its checks for a failed run are exactly the checks for any crash state."""
+    case = _retention_case()
+    return ReplayCase(
+        "retention",
+        case.build,
+        case.operation,
+        lambda root, ctx: case.check(root, ctx, False),
+        case.next_operation,
+        case.check_after_next,
+        catalog=True,
+    )
 
 
 def _gc_replay() -> ReplayCase:
