@@ -33,10 +33,10 @@ from ckptvault.catalog.registry import Registry
 from ckptvault.storage import local
 from ckptvault.storage.chunkstore import collect_garbage
 from ckptvault.testing import FaultInjector, crashsim
-from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers
+from ckptvault.testing.invariants import check_catalog, check_checkpoints
 
 from .conftest import Figures, pick
-from .test_fault_loops import CHUNK, _retention_case, changed, state_of
+from .test_fault_loops import CHUNK, _reclaimable_leftovers, _retention_case, changed, state_of
 
 EVERY_M = pick(False, True)
 
@@ -181,14 +181,6 @@ CASES = [
 ]
 
 
-def _reclaimable(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    with monkeypatch.context() as patch:
-        patch.setattr(local, "_UNLOCKED_GRACE_SECONDS", 0.0)
-        for current, _dirs, _files in os.walk(root):
-            local.sweep_staging(Path(current))
-    return leftovers(root)
-
-
 def _record(case: ReplayCase, root: Path) -> tuple[crashsim.Snapshot, list[Any], dict[str, Any]]:
     ctx = case.build(root)
     snapshot = crashsim.Snapshot.take(root)
@@ -218,7 +210,7 @@ def test_every_crash_state_keeps_the_promises(
             problems.append(f"the next operation failed: {type(exc).__name__}: {exc}")
         else:
             problems += case.check_after_next(root, ctx)
-            problems += [f"leftover {p}" for p in _reclaimable(root, monkeypatch)]
+            problems += [f"leftover {p}" for p in _reclaimable_leftovers(root, monkeypatch)]
         failures += [f"{case.name}: {where}: {p}" for p in problems]
     figures.add("crash_replay.operations_recorded", len(log))
     figures.add(f"crash_replay.{case.name}.states", states)
