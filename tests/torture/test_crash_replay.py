@@ -36,7 +36,7 @@ from ckptvault.testing import FaultInjector, crashsim
 from ckptvault.testing.invariants import check_catalog, check_checkpoints
 
 from .conftest import Figures, pick
-from .test_fault_loops import CHUNK, _reclaimable_leftovers, _retention_case, changed, state_of
+from .test_fault_loops import CHUNK, _retention_case, changed, next_operation_problems, state_of
 
 EVERY_M = pick(False, True)
 
@@ -204,13 +204,7 @@ def test_every_crash_state_keeps_the_promises(
         problems = case.check(root, ctx)
         if case.catalog:
             problems += check_catalog(root)
-        try:
-            case.next_operation(root, ctx)
-        except Exception as exc:
-            problems.append(f"the next operation failed: {type(exc).__name__}: {exc}")
-        else:
-            problems += case.check_after_next(root, ctx)
-            problems += [f"leftover {p}" for p in _reclaimable_leftovers(root, monkeypatch)]
+        problems += next_operation_problems(case, root, ctx, monkeypatch)
         failures += [f"{case.name}: {where}: {p}" for p in problems]
     figures.add("crash_replay.operations_recorded", len(log))
     figures.add(f"crash_replay.{case.name}.states", states)

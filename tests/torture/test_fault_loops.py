@@ -424,6 +424,22 @@ def _reclaimable_leftovers(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[
     return leftovers(root)
 
 
+def next_operation_problems(
+    case: Any, root: Path, ctx: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """Promise 4 for a fault-loop ``Case`` or a crash-replay case: the next operation succeeds, its
+    own checks hold, nothing is left behind that a sweep would keep, the catalog equals a rebuild."""
+    try:
+        case.next_operation(root, ctx)
+    except Exception as exc:
+        return [f"the next operation failed: {type(exc).__name__}: {exc}"]
+    problems: list[str] = case.check_after_next(root, ctx)
+    problems += [f"leftover {p}" for p in _reclaimable_leftovers(root, monkeypatch)]
+    if case.catalog:
+        problems += check_catalog(root)
+    return problems
+
+
 def _fresh(template: Path, work: Path) -> Path:
     if work.exists():
         shutil.rmtree(work)
@@ -476,15 +492,7 @@ def test_fault_at_every_operation(
             problems = case.check(work, ctx, error is None)
             if case.catalog:
                 problems += check_catalog(work)
-            try:
-                case.next_operation(work, ctx)
-            except Exception as exc:
-                problems.append(f"the next operation failed: {type(exc).__name__}: {exc}")
-            else:
-                problems += case.check_after_next(work, ctx)
-                problems += [f"leftover {p}" for p in _reclaimable_leftovers(work, monkeypatch)]
-                if case.catalog:
-                    problems += check_catalog(work)
+            problems += next_operation_problems(case, work, ctx, monkeypatch)
             failures += [f"{where}: {p}" for p in problems]
             if not problems:
                 figures.add("fault_loops.nothing_lost_checks")

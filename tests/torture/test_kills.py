@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import os
 import random
 import shutil
@@ -63,23 +62,9 @@ from ckptvault.catalog.store import Catalog
 from ckptvault.storage.chunkstore import STORE_NAME, collect_garbage
 from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers, visible_checkpoints
 
+from . import _strace_target as st
 from .conftest import pick
 
-HERE = Path(__file__).resolve().parent
-
-
-def _helper() -> Any:
-    name = "_ckptvault_strace_target"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "_strace_target.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-st = _helper()
 ONE_THREAD = {"CKPTVAULT_IO_THREADS": "1"}
 
 

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,23 +37,9 @@ from ckptvault.catalog.store import Catalog
 from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore, collect_garbage
 from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers, visible_checkpoints
 
+from . import _strace_target as st
 from .conftest import pick
 
-HERE = Path(__file__).resolve().parent
-
-
-def _helper() -> Any:
-    name = "_ckptvault_strace_target"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "_strace_target.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-st = _helper()
 CHUNKED = {"incremental": True, "chunk_bytes": st.CHUNK_BYTES}
 
 
