@@ -23,9 +23,10 @@ SIGTERM ends the benchmark instead of triggering a preemption save):
 
 * ``checksum``: synchronous saves, no validation beyond the digests computed while writing (baseline);
 * ``readback``: + each checkpoint re-read and re-hashed in a background thread of this process;
-* ``full``: + each checkpoint loaded in a separate process (nice 10, one thread), the model rebuilt
-  from its factory, run on the probe and compared bit for bit (the probe's expected output is
-  computed in the loop at save time, which is part of the cost);
+* ``full``: + each checkpoint loaded in a separate process (nice 10, one thread: a child forked by
+  the run's validation server, which the manager starts at construction and which imports torch
+  once), the model rebuilt from its factory, run on the probe and compared bit for bit (the probe's
+  expected output is computed in the loop at save time, which is part of the cost);
 * ``async checksum`` / ``async full``: the same with ``async_save=True`` (``--async-reps`` runs,
   default 1); ``async full`` is compared with ``async checksum``.
 
@@ -33,11 +34,11 @@ Timed: the loop's wall time (``time.perf_counter``, gc collected before, left en
 loop runs with it), excluding the final ``manager.wait_validation()``, which is timed separately.
 Also recorded: every step's duration; per checkpoint the validation result (``passed``, level,
 seconds, when it finished, so whether it finished inside the loop); the CPU time of the validation
-subprocesses (``getrusage(RUSAGE_CHILDREN)`` over the run, read after ``wait_validation``: the
-workers are waited-for children) and of this process (``RUSAGE_SELF``, training + any in-process
-validation thread). Repetitions alternate the contenders and rotate their order (drift on a noisy
-machine hits all alike); medians of ``--reps`` are reported with the samples, and per-rep paired
-overheads (contender / checksum of the same rep).
+processes (``getrusage(RUSAGE_CHILDREN)`` over the run, read after ``wait_validation`` and after the
+validation server is stopped: it and, through it, its children are then reaped) and of this process
+(``RUSAGE_SELF``, training + any in-process validation thread). Repetitions alternate the contenders
+and rotate their order (drift on a noisy machine hits all alike); medians of ``--reps`` are reported
+with the samples, and per-rep paired overheads (contender / checksum of the same rep).
 
 Steps are classed as save steps, steps overlapping a validation (its interval is [finished -
 seconds, finished]) and plain steps (the save step of ``full`` includes the probe forward, timed
@@ -57,13 +58,15 @@ times, the within-run cost of the validations (quiet overlapping minus quiet pla
 run, times the overlapping steps) and a noise-imputed loop time. On a dedicated machine none of this
 costs anything.
 
-Profile (always printed): one full-validation worker's phases, run alone (nice 10, one thread, no
+Profile (always printed): a one-shot worker's phases, run alone (nice 10, one thread, no
 training): interpreter + ``import torch``, ckptvault imports, readback (re-hash of the whole
-checkpoint), model rebuild + weight load, probe. Wall and CPU seconds per phase.
+checkpoint), model rebuild + weight load, probe; then the whole one-shot worker, the library's
+first validation of a run (server start) and a later one (the warm server forks a child). Wall and
+CPU seconds.
 
-What-ifs (``--what-if R``: R runs each, none by default), to say what would meet the target:
-full validation with the library's worker run under SCHED_IDLE instead of nice 10, and with one
-persistent worker per training run (torch imported once, before the loop); see "what-ifs" below.
+What-if (``--what-if R``: R runs, none by default): full validation by a fresh one-shot worker per
+checkpoint (``CKPTVAULT_VALIDATION_PROCESS=spawn``), i.e. the library before its validation server,
+so that what the server buys is measured in the same session; see "what-ifs" below.
 
 Default ``--reps 2`` (not 3): each run is ~60 s, so 3 sync contenders x 3 reps + 2 async runs would
 take ~12 minutes; 2 reps keep the whole benchmark near 9-10 minutes on a quiet machine (longer when
@@ -92,7 +95,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -112,12 +114,11 @@ CONTENDERS = {  # name -> (validate, async_save, what-if variant of the full-val
     "full": ("full", False, None),
     "async checksum": ("checksum", True, None),
     "async full": ("full", True, None),
-    "what-if full, SCHED_IDLE worker": ("full", False, "sched_idle"),
-    "what-if full, persistent worker": ("full", False, "persistent"),
+    "what-if full, one-shot worker": ("full", False, "spawn"),
 }
 MAIN = ("checksum", "readback", "full")
 ASYNC = ("async checksum", "async full")
-WHAT_IF = ("what-if full, SCHED_IDLE worker", "what-if full, persistent worker")
+WHAT_IF = ("what-if full, one-shot worker",)
 BASELINE = {name: "async checksum" if name in ASYNC else "checksum" for name in CONTENDERS}
 
 
@@ -131,8 +132,9 @@ def main() -> None:
         "--what-if",
         type=int,
         default=0,
-        help="runs of each what-if contender (full validation with a SCHED_IDLE worker; with a "
-        "persistent worker that imports torch once); 0 = none",
+        help="runs of the what-if contender (full validation by a fresh one-shot worker per "
+        "checkpoint, CKPTVAULT_VALIDATION_PROCESS=spawn: the library before its validation server); "
+        "0 = none",
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="target wall time of one run's loop")
     parser.add_argument("--saves", type=int, default=5, help="checkpoints per run")
@@ -234,9 +236,9 @@ def main() -> None:
     profile = worker_profile(args.dir / "profile", kwargs, pool)
     ab: dict[str, dict[str, Any]] = {}
     if args.ab_pairs:
-        variants: list[tuple[str, str | None]] = [("full (library: nice 10 subprocess)", None)]
+        variants: list[tuple[str, str | None]] = [("full (library: a child of the validation server)", None)]
         if args.what_if:
-            variants += [("full, SCHED_IDLE worker", "sched_idle"), ("full, persistent worker", "persistent")]
+            variants += [("full, one-shot worker (spawn)", "spawn")]
         ab = ab_interleaved(kwargs, pool, Path(profile["path"]), args.ab_pairs, variants, args.quiet_timeout)
     shutil.rmtree(args.dir / "profile", ignore_errors=True)
     total_s = time.perf_counter() - started_all
@@ -354,7 +356,8 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         "overhead: vs checksum (sync) or async checksum (async); paired = each rep's ratio to its own "
         f"baseline; quiet runs = only runs during which other processes used <= {args.max_other} cores "
         "(how many); validation s = median duration of those that finished during the loop / after it; "
-        "child CPU = validation subprocesses per run; parent CPU = this process over the loop; "
+        "child CPU = validation processes per run (server start included); parent CPU = this process "
+        "over the loop; "
         f"other procs = cores used on average by everything else during each run (loop + wait; a run "
         f"over {args.max_other} cores is retried, up to {args.attempts} tries, the quietest kept; "
         "* = still over)"
@@ -373,15 +376,35 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     )
     print()
     print(
-        "## one full-validation worker alone (nice 10, 1 thread, no training running; "
+        "## one full validation alone (nice 10, 1 thread, no training running; phases of a one-shot worker, "
+        "then the library's server; "
         f"checkpoint {profile['checkpoint_bytes'] / MIB:.0f} MiB)"
     )
     if "error" in profile:
         print(f"profile failed: {profile['error']}")
     else:
         prow = [[k, f"{v['wall']:.2f}", f"{v['cpu']:.2f}"] for k, v in profile["phases"].items()]
-        prow.append(["whole worker (as the manager runs it)", f"{profile['manager_seconds']:.2f}", "-"])
-        prow.append(["  its CPU (RUSAGE_CHILDREN)", "-", f"{profile['manager_child_cpu_s']:.2f}"])
+        prow.append(
+            [
+                "whole one-shot worker (spawn mode)",
+                f"{profile['oneshot_s']:.2f}",
+                f"{profile['oneshot_cpu_s']:.2f}",
+            ]
+        )
+        prow.append(
+            [
+                "library: first validation of a run (server start overlapped with the save)",
+                f"{profile['manager_seconds']:.2f}",
+                f"{profile['server_start_cpu_s']:.2f} (server start, once per process)",
+            ]
+        )
+        prow.append(
+            [
+                "library: each later validation (warm server forks a child)",
+                f"{profile['served_s']:.2f}",
+                f"{profile['served_cpu_s']:.2f}",
+            ]
+        )
         prow.append(
             ["in the loop at each save: the probe's expected output", f"{profile['probe_file_s']:.3f}", "-"]
         )
@@ -521,19 +544,22 @@ def _busy_s() -> float:
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user + system CPU seconds) of a process from ``/proc/PID/stat``; None if gone."""
+    """(parent pid, CPU seconds) of a process from ``/proc/PID/stat``; None if gone. The CPU is its
+    own user + system time plus that of the children it has reaped (the validation server's
+    children): a live process's descendants are counted once, by themselves or by their reaper."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
             fields = fh.read().rpartition(")")[2].split()
     except OSError:
         return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[1]), sum(int(f) for f in fields[11:15]) / _TICK
 
 
 class _OwnTree:
-    """CPU seconds of this process and its children, live ones included (the validation workers run
-    during a step; ``RUSAGE_CHILDREN`` only has them once reaped). New children are found cheaply:
-    process ids only grow (barring wrap-around), so each call reads only the stat of new ids."""
+    """CPU seconds of this process and its descendants, live ones included (the validation server
+    and its children run during a step; ``RUSAGE_CHILDREN`` only has them once reaped). New
+    descendants are found cheaply: process ids only grow (barring wrap-around), so each call reads
+    only the stat of new ids."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -542,13 +568,12 @@ class _OwnTree:
         self._scan(0)
 
     def _scan(self, above: int) -> None:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) > above:
-                pid = int(entry)
-                self.watermark = max(self.watermark, pid)
-                info = _stat(pid)
-                if info is not None and info[0] == self.pid:
-                    self.live.add(pid)
+        # ascending: a parent (the validation server) is found before the children it forks
+        for pid in sorted(int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) > above):
+            self.watermark = max(self.watermark, pid)
+            info = _stat(pid)
+            if info is not None and (info[0] == self.pid or info[0] in self.live):
+                self.live.add(pid)
 
     def cpu(self) -> float:
         self._scan(self.watermark)
@@ -634,7 +659,9 @@ def _run_loop(
     waited = time.perf_counter()
     manager.wait_validation()
     wait_s = time.perf_counter() - waited
-    _PERSISTENT.stop()  # a what-if's persistent worker: its CPU (one import + all work) counts below
+    # The validation server is reaped here, so its CPU (one torch import, and through its reaped
+    # children every validation) is in RUSAGE_CHILDREN below: each run pays its own server start.
+    cv_validation._SERVER.stop()
     child_cpu = _cpu(resource.RUSAGE_CHILDREN) - child0
     # everyone else's CPU over the loop and the final wait: the machine is shared
     other_cpu = _busy_s() - busy0 - (tree.cpu() - tree0)
@@ -823,29 +850,10 @@ def step_rows(runs: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
 
 # --------------------------------------------------------------------------- what-ifs
 #
-# Two ways full validation could cost the loop less, measured by swapping ckptvault.validation.full
-# for the run (the library is not changed): (1) the same worker under SCHED_IDLE instead of nice 10
-# (it runs only when a core would otherwise idle); (2) one long-lived worker per training run, started
-# (and its torch import paid) before the loop, validating each checkpoint with the library's own
-# ``_worker`` function; its CPU is read when it exits after ``wait_validation``.
-
-_SERVER = textwrap.dedent(
-    """
-    import json, os, sys
-    os.nice(10)
-    import torch
-    torch.set_num_threads(1)
-    from ckptvault import validation as v
-    os.nice = lambda increment: 0  # niced once above: _worker's own os.nice(10) must not stack
-    print("ready", flush=True)
-    for line in sys.stdin:
-        try:
-            doc = v._worker(line.strip())
-        except Exception as exc:
-            doc = {"problems": [f"{type(exc).__name__}: {exc}"], "checks": []}
-        print(json.dumps(doc), flush=True)
-    """
-)
+# The library's full validation forks a fresh child per checkpoint from a validation server that
+# imported torch once. The what-if runs the library as it was before that server: a fresh
+# ``python -m ckptvault.validation --worker`` per checkpoint (``CKPTVAULT_VALIDATION_PROCESS=spawn``,
+# the library's own fallback), so the figure the server buys is measured in the same session.
 
 
 def _worker_env() -> dict[str, str]:
@@ -854,82 +862,31 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-class _Persistent:
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=_worker_env(),
-        )
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the persistent validation worker did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            self.proc.wait()
-            self.proc = None
-
-    def full(self, path: str, *, timeout: float = 900.0) -> cv_validation.ValidationResult:
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        if not cv_validation.has_probe(path):
-            return cv_validation.readback(path, "full", "no probe; ran readback")
-        started = time.perf_counter()
-        self.proc.stdin.write(os.fspath(path) + "\n")
-        self.proc.stdin.flush()
-        doc = json.loads(self.proc.stdout.readline())
-        problems, checks = tuple(doc["problems"]), tuple(doc["checks"])
-        seconds = time.perf_counter() - started
-        return cv_validation.ValidationResult(
-            path, "full", "full", not problems, problems, seconds, "", checks, time.time()
-        )
-
-
-_PERSISTENT = _Persistent()
-
-
-def _run_sched_idle(*popenargs: Any, **kwargs: Any) -> Any:
-    def idle() -> None:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-    return subprocess.run(*popenargs, preexec_fn=idle, **kwargs)  # type: ignore[call-overload]
-
-
-@contextmanager
-def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
 @contextmanager
 def what_if(variant: str | None) -> Iterator[None]:
-    """The library as is (None), or full validation changed for one run as the section above says."""
+    """The library as is (None), or full validation by one-shot workers (``"spawn"``)."""
     if variant is None:
         yield
-    elif variant == "sched_idle":
-        shim = SimpleNamespace(run=_run_sched_idle, TimeoutExpired=subprocess.TimeoutExpired)
-        with _patched(cv_validation, "subprocess", shim):
-            yield
-    elif variant == "persistent":
-        _PERSISTENT.start()
+    elif variant == "spawn":
+        saved = os.environ.get(cv_validation.PROCESS_ENV)
+        os.environ[cv_validation.PROCESS_ENV] = "spawn"
+        cv_validation._SERVER.stop()
         try:
-            with _patched(cv_validation, "full", _PERSISTENT.full):
-                yield
+            yield
         finally:
-            _PERSISTENT.stop()
+            if saved is None:
+                os.environ.pop(cv_validation.PROCESS_ENV, None)
+            else:
+                os.environ[cv_validation.PROCESS_ENV] = saved
     else:
         raise ValueError(variant)
+
+
+def _server_cpu() -> float:
+    """CPU seconds of the live validation server and the children it reaped (0 when none runs)."""
+    pid = cv_validation._SERVER.pid
+    info = _stat(pid) if pid is not None else None
+    return info[1] if info is not None else 0.0
 
 
 # --------------------------------------------------------------------------- interleaved A/B
@@ -937,12 +894,13 @@ def what_if(variant: str | None) -> Iterator[None]:
 # The machine's speed drifts by 10-30% between runs and by ~10% within one, invisibly to /proc/stat
 # (a VM's neighbours), which swamps a 5% effect in run-vs-run comparisons. So the slowdown of
 # training *while a full validation runs* is also measured with alternating windows in one training
-# loop: ON = the library's ``validation.full(checkpoint)`` (the manager's background call: the
-# nice-10 subprocess) runs in a thread, the loop steps until it returns; OFF = as many steps with
-# nothing running. Pairs alternate ON-OFF / OFF-ON, so drift hits both sides alike. Per pair the
-# slowdown is mean(quiet ON step) / mean(quiet OFF step) - 1; the median over pairs is reported.
-# Overhead at the benchmark's cadence = slowdown x the share of the loop a validation is running
-# (validation time under load / save interval, at most 1: beyond that the validator falls behind).
+# loop: ON = the library's ``validation.full(checkpoint)`` (the manager's background call: a nice-10
+# child forked by the warm validation server) runs in a thread, the loop steps until it returns; OFF
+# = as many steps with nothing running. Pairs alternate ON-OFF / OFF-ON, so drift hits both sides
+# alike. Per pair the slowdown is mean(quiet ON step) / mean(quiet OFF step) - 1; the median over
+# pairs is reported. Overhead at the benchmark's cadence = slowdown x the share of the loop a
+# validation is running (validation time under load / save interval, at most 1: beyond that the
+# validator falls behind).
 
 
 def _window(
@@ -993,9 +951,11 @@ def ab_interleaved(
         train_step(state, *pool[i % len(pool)]).item()
     results: dict[str, dict[str, Any]] = {}
     for label, variant in variants:
-        wait_quiet(quiet_timeout)
-        child0 = _cpu(resource.RUSAGE_CHILDREN)
         with what_if(variant):
+            if variant is None:  # a training process starts its server with its manager: warm
+                cv_validation.full(str(path))
+            wait_quiet(quiet_timeout)
+            child0, server0 = _cpu(resource.RUSAGE_CHILDREN), _server_cpu()
             windows = []
             n_prev = 0
             for k in range(pairs):
@@ -1007,7 +967,9 @@ def ab_interleaved(
                     on = _window(state, pool, None, path)
                 n_prev = len(on["durations"])
                 windows.append((on, off))
-        child_cpu = _cpu(resource.RUSAGE_CHILDREN) - child0
+            # one-shot workers are reaped children; the server's children are in its own counters
+            child_cpu = _cpu(resource.RUSAGE_CHILDREN) - child0 + _server_cpu() - server0
+        cv_validation._SERVER.stop()
         slowdowns = []
         for on, off in windows:
             m_on, m_off = _quiet_mean(on), _quiet_mean(off)
@@ -1114,15 +1076,32 @@ def worker_profile(
         probe_times.append(time.perf_counter() - started)
     info = manager.save(state, {"loss": 1.0})
     manager.wait_validation()
-    child_cpu = _cpu(resource.RUSAGE_CHILDREN) - child0
     name = Path(info.path).name
     doc = manager.validation_result(name) or {}
     manager.close()
     path = run_dir / name
+    served_wall, served_cpu = [], []
+    for _ in range(3):  # the steady state: the warm server forks a child per checkpoint
+        started, cpu0 = time.perf_counter(), _server_cpu()
+        served = cv_validation.full(str(path))
+        served_wall.append(time.perf_counter() - started)
+        served_cpu.append(_server_cpu() - cpu0)
+        if not served.passed:
+            raise SystemExit(f"full validation by the server failed: {served.problems}")
+    cv_validation._SERVER.stop()
+    server_cpu = _cpu(resource.RUSAGE_CHILDREN) - child0  # its start + the 4 validations
+    started, cpu0 = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
+    oneshot = cv_validation.full(str(path), process="spawn")
+    oneshot_wall, oneshot_cpu = time.perf_counter() - started, _cpu(resource.RUSAGE_CHILDREN) - cpu0
     out: dict[str, Any] = {
         "manager_seconds": float(doc.get("seconds", float("nan"))),
         "manager_passed": doc.get("passed"),
-        "manager_child_cpu_s": child_cpu,
+        "served_s": median(served_wall),
+        "served_cpu_s": median(served_cpu),
+        "server_start_cpu_s": server_cpu - sum(served_cpu) - median(served_cpu),
+        "oneshot_s": oneshot_wall,
+        "oneshot_cpu_s": oneshot_cpu,
+        "oneshot_passed": oneshot.passed,
         "probe_file_s": median(probe_times),
         "checkpoint_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
     }

@@ -6,6 +6,9 @@ They live in an importable module (``tests.models_for_validation``) because full
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Any
 
 import torch
@@ -92,3 +95,29 @@ def output_of(model: Any, probe: torch.Tensor) -> torch.Tensor:
             return model(probe)
     finally:
         torch.set_num_threads(threads)
+
+
+class Misbehaving(nn.Module):
+    """A model that misbehaves when it is rebuilt in a process other than ``home`` (the one that made
+    it), i.e. inside a validation child: it logs its pid, prints, aborts or sleeps. It tests how the
+    validation server contains what a model's own code does."""
+
+    def __init__(self, width: int, action: str = "", arg: str = "", home: int = 0) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        if os.getpid() == home:
+            return
+        if action == "log_pid":
+            with open(arg, "a", encoding="utf-8") as log:
+                log.write(f"{os.getpid()} {os.getppid()}\n")
+        elif action == "print":
+            print(arg, flush=True)
+            print(arg, file=sys.stderr, flush=True)
+        elif action == "abort":
+            print("about to abort", file=sys.stderr, flush=True)
+            os.abort()
+        elif action == "sleep":
+            time.sleep(float(arg))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)

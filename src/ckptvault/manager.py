@@ -520,6 +520,8 @@ class CheckpointManager:
         self._writer = BackgroundWriter() if async_save else None
         self._validate = validation.check_level(validate)
         self._validator = _Validator()
+        if self._validate == "full":
+            validation.start_server()  # its one torch import overlaps the run's setup
         self._validation_passed: dict[str, bool] = {}
         self._chunking = api.chunk_options(incremental, compression, chunk_bytes)
         self._hints = HintCache() if self._chunking is not None and trust_version_counter else None
