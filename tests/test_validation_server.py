@@ -152,14 +152,18 @@ def test_spawn_mode_and_a_bad_mode(
         validation.full(str(misbehaving(tmp_path / "b")))
 
 
-def test_a_full_manager_starts_the_server_and_reuses_it(server: validation._Server, tmp_path: Path) -> None:
+def test_a_full_manager_starts_the_server_at_its_first_probe_and_reuses_it(
+    server: validation._Server, tmp_path: Path
+) -> None:
     from tests.models_for_validation import trained_mlp
 
     model = trained_mlp([4, 8, 3])
     state = cv.TrainState(model, model_kwargs={"sizes": [4, 8, 3]}, probe=torch.randn(2, 4))
     with cv.CheckpointManager(tmp_path / "run", validate="full", every_n_steps=1) as manager:
-        assert server.pid is not None  # started at construction, before any save
-        for _ in range(3):
+        assert server.pid is None  # a run that never writes a probe never pays for a server
+        manager.step(state)
+        assert server.pid is not None  # started by the save that wrote the first probe
+        for _ in range(2):
             manager.step(state)
         manager.wait_validation()
         assert [r.valid for r in manager.checkpoints()] == [True, True, True]

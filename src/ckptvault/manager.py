@@ -520,8 +520,6 @@ class CheckpointManager:
         self._writer = BackgroundWriter() if async_save else None
         self._validate = validation.check_level(validate)
         self._validator = _Validator()
-        if self._validate == "full":
-            validation.start_server()  # its one torch import overlaps the run's setup
         self._validation_passed: dict[str, bool] = {}
         self._chunking = api.chunk_options(incremental, compression, chunk_bytes)
         self._hints = HintCache() if self._chunking is not None and trust_version_counter else None
@@ -804,6 +802,9 @@ class CheckpointManager:
             if self._validate == "full" and state.probe is not None:
                 (model,) = state.parts["model"].values()
                 extra[validation.PROBE_FILE] = validation.make_probe_file(model, state.probe, metrics)
+                # Started at the first save that will need it (not for runs that never make a probe):
+                # its one torch import overlaps this save and the steps before its validation.
+                validation.start_server()
         if background and self._writer is not None:
             pending = self._writer.submit_save(
                 path,

@@ -305,9 +305,13 @@ class _Server:
         self.starts = 0
 
     def start(self) -> None:
-        """Starts the server without waiting for it (its torch import overlaps the caller's work)."""
-        with self._lock:
-            self._start_locked()
+        """Starts the server without waiting for it (its torch import overlaps the caller's work).
+        Never blocks: if the lock is taken, a validation is running, so the server is up already."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._start_locked()
+            finally:
+                self._lock.release()
 
     def _start_locked(self) -> None:
         if self._proc is not None or self.disabled:
@@ -417,8 +421,9 @@ atexit.register(_SERVER.stop)
 
 
 def start_server() -> None:
-    """Starts the validation server now, so that its one ``import torch`` overlaps the caller's
-    setup instead of delaying the first validation (the manager calls it for ``validate="full"``)."""
+    """Starts the validation server now (without waiting), so that its one ``import torch``
+    overlaps the caller's work instead of delaying the first validation (the manager calls it when
+    it writes its first probe)."""
     if check_process(os.environ.get(PROCESS_ENV, "")) == "fork":
         _SERVER.start()
 
@@ -605,9 +610,9 @@ def _fork_check(path: str, timeout: float, cwd: str, protocol_fd: int) -> dict[s
                 os.close(protocol_fd)
                 os.dup2(log.fileno(), 1)
                 os.dup2(log.fileno(), 2)
-                if cwd:
-                    os.chdir(cwd)
                 try:
+                    if cwd:
+                        os.chdir(cwd)
                     doc = _check(path)
                 except Exception as exc:  # every failure is a finding
                     doc = {"problems": [f"{type(exc).__name__}: {exc}"], "checks": []}
