@@ -191,3 +191,24 @@ def test_the_server_exits_with_the_process_that_started_it(tmp_path: Path) -> No
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(pid)
+
+
+def test_a_forked_child_does_not_share_the_parents_server(server: validation._Server, tmp_path: Path) -> None:
+    assert validation.full(str(misbehaving(tmp_path / "a"))).passed
+    parent_server = server.pid
+    other = str(misbehaving(tmp_path / "b"))
+    pid = os.fork()
+    if pid == 0:  # a data-loader worker, say: it must not write into the parent's server pipe
+        code = 1
+        try:
+            forgot = server.pid is None and server.starts == 0
+            result = validation.full(other)  # starts a server of its own
+            own = server.pid
+            server.stop()
+            code = 0 if forgot and result.passed and own not in (None, parent_server) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert validation.full(other).passed  # the parent's server and pipes are untouched
+    assert server.pid == parent_server and server.starts == 1

@@ -353,6 +353,19 @@ class _Server:
             self._log.close()
             self._log = None
 
+    def forget_after_fork(self) -> None:
+        """In a forked child of the training process (a data-loader worker, a user's fork): the
+        server and its pipes belong to the parent, so this process must not talk to it (two
+        writers would interleave requests) or stop it; it starts its own if it ever validates."""
+        self._lock = threading.Lock()  # the parent's may have been copied taken
+        proc, self._proc, self._log, self._ready, self._pending = self._proc, None, None, False, b""
+        self.starts = 0
+        if proc is not None:
+            for pipe in (proc.stdin, proc.stdout):  # our copies only; the parent keeps its own
+                if pipe is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        pipe.close()
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -417,7 +430,9 @@ class _Server:
 
 
 _SERVER = _Server()
-atexit.register(_SERVER.stop)
+atexit.register(lambda: _SERVER.stop())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _SERVER.forget_after_fork())
 
 
 def start_server() -> None:
