@@ -7,6 +7,7 @@ one-shot workers, and it exits with the process that started it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -128,14 +129,16 @@ def test_a_killed_server_is_replaced(server: validation._Server, tmp_path: Path)
 
 
 def test_a_module_that_starts_a_thread_at_import_turns_the_server_off(
-    server: validation._Server, tmp_path: Path
+    server: validation._Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from tests.models_thread_at_import import Threaded
 
     path = tmp_path / "t"
     cv.save_model(path, Threaded(4), kwargs={"width": 4}, probe=torch.randn(2, 4), validate="checksum")
-    result = validation.full(str(path))
+    with caplog.at_level(logging.WARNING, logger="ckptvault"):
+        result = validation.full(str(path))
     assert result.passed, result.problems  # by a one-shot worker
+    assert "validation server off for this process" in caplog.text
     assert "started a thread" in server.disabled and server.pid is None
     assert validation.full(str(misbehaving(tmp_path / "b"))).passed
     assert server.starts == 1 and server.pid is None  # off for the rest of this process
@@ -212,3 +215,14 @@ def test_a_forked_child_does_not_share_the_parents_server(server: validation._Se
     assert os.waitstatus_to_exitcode(status) == 0
     assert validation.full(other).passed  # the parent's server and pipes are untouched
     assert server.pid == parent_server and server.starts == 1
+
+
+def test_ctrl_c_of_the_terminal_does_not_take_the_server_down(
+    server: validation._Server, tmp_path: Path
+) -> None:
+    assert validation.full(str(misbehaving(tmp_path / "a"))).passed
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)  # what the terminal sends to every process of the foreground group
+    assert validation.full(str(misbehaving(tmp_path / "b"))).passed
+    assert server.pid == pid and server.starts == 1

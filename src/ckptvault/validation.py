@@ -26,6 +26,7 @@ import argparse
 import atexit
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -220,10 +221,10 @@ def full(path: str, *, timeout: float = 900.0, process: str | None = None) -> Va
 
     * ``"fork"``: a per-process validation server (started once, torch imported once) forks a fresh
       child for each validation. The child is as isolated as a new process (a crash, a leak, a
-      module-level global of the model's code die with it) but costs ~0.4 CPU s instead of ~3.6:
-      the interpreter start and ``import torch`` (2.2 s of CPU) are paid once per training process.
-      That difference is what keeps full validation under 5% of a loop that saves every ~10 s on a
-      small machine (README, "Validation on creation").
+      module-level global of the model's code die with it) but a 96 MiB model's check costs 0.35
+      CPU s instead of 2.4: the interpreter start and ``import torch`` (2.0 s of CPU) are paid once
+      per training process. That difference is what keeps full validation under 5% of a loop that
+      saves every ~10 s on a small machine (README, "Validation on creation").
     * ``"spawn"``: a fresh ``python -m ckptvault.validation --worker`` per validation (the fallback
       when the server cannot start, dies, or was made unsafe to fork by the model's module).
     """
@@ -408,6 +409,7 @@ class _Server:
                 hello = self._line(time.monotonic() + self.STARTUP_S)
                 if hello is None or "ready" not in hello:
                     self.disabled = f"the validation server did not start: {self._log_tail()[-300:]}"
+                    logging.getLogger("ckptvault").warning("%s; using one-shot workers", self.disabled)
                     self._stop_locked(kill=True)
                     return None
                 self._ready = True
@@ -424,6 +426,11 @@ class _Server:
                 return None
             if "tainted" in reply:
                 self.disabled = str(reply["tainted"])
+                logging.getLogger("ckptvault").warning(
+                    "validation server off for this process (%s): each full validation now starts "
+                    "a fresh Python process",
+                    self.disabled,
+                )
                 self._stop_locked(kill=False)
                 return None
             return {"problems": list(reply["problems"]), "checks": list(reply["checks"])}
@@ -553,6 +560,11 @@ def _serve() -> None:
     imported; if that import started a thread or initialised CUDA -- either makes fork unsafe --
     it answers ``tainted`` and exits, and the client falls back to one-shot workers.
     """
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group: the training process decides what it
+    # means (a final save, say, which should still be validated); the server ends when stdin closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints (of imports, of the model's code) must not corrupt the protocol
     _prepare_worker_process()
