@@ -61,7 +61,7 @@ from .policy import (
     step_trigger,
 )
 from .storage.chunkstore import STORE_NAME, collect_garbage
-from .storage.local import _HOST_TAG, STAGING_MARK
+from .storage.local import _HOST_TAG, STAGING_MARK, atomic_write_json
 from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
 from .types import CheckpointInfo
@@ -177,46 +177,13 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {key: value for key, value in numbers.items() if value is not None}
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sweep_temp_files(run_dir: Path) -> None:
-    """Removes what a writer killed inside :func:`_atomic_write_json` left: its temporary files of
-    the run's own JSON files. Called with the run lock held, so no live writer owns one of them."""
+    """Removes what a writer killed inside ``atomic_write_json`` left: its temporary files of the
+    run's own JSON files. Called with the run lock held, so no live writer owns one of them."""
     for name in ("run.json", "pins.json", INDEX_NAME):
         for path in run_dir.glob(f".{name}.*.tmp"):
             with contextlib.suppress(OSError):
                 path.unlink()
-
-
-def _atomic_write_json(path: Path, doc: Any, *, durable: bool = True) -> None:
-    """Replaces ``path`` atomically; ``durable=False`` skips the fsync for derived data (the index),
-    which a crash may lose or truncate and which is then rebuilt from the manifests."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(
-                doc,
-                handle,
-                indent=1 if durable else None,
-                separators=None if durable else (",", ":"),
-                default=str,
-            )
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # already renamed, or the disk is gone
-            os.unlink(temp)
-        raise
-    if durable:
-        _fsync_directory(path.parent)  # the rename itself is durable too
 
 
 def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
@@ -586,7 +553,7 @@ class CheckpointManager:
         else:
             run = capture_provenance(config=config, data_version=data_version)
         run["scopes"] = settings  # the retention in force, for `ckptvault ls`
-        _atomic_write_json(path, run)
+        atomic_write_json(path, run)
         return run
 
     @typed_os_errors
@@ -947,7 +914,7 @@ class CheckpointManager:
         records = sorted(self._records.values(), key=lambda r: (r.scope, r.step))
         triggers = {scope: stream.state.to_dict() for scope, stream in self._streams.items()}
         doc = {"records": [_record_to_json(r) for r in records], "triggers": triggers}
-        _atomic_write_json(self.directory / INDEX_NAME, doc, durable=False)
+        atomic_write_json(self.directory / INDEX_NAME, doc, durable=False)
 
     def _load_trigger_states(self, index: Mapping[str, Any]) -> None:
         """Best-so-far values survive a restart, so a resumed run does not mistake its first metric
@@ -965,12 +932,12 @@ class CheckpointManager:
     def pin(self, step: int) -> None:
         """Keeps the checkpoints of ``step`` (every scope) whatever the retention policy says."""
         self._pins.add(int(step))
-        _atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
+        atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
 
     @typed_os_errors
     def unpin(self, step: int) -> None:
         self._pins.discard(int(step))
-        _atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
+        atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
         for scope in self._streams:
             self._apply_retention(scope)
         self._write_index()

@@ -164,16 +164,13 @@ def results_path(checkpoint: str | os.PathLike[str]) -> Path:
 
 
 def record_result(result: ValidationResult) -> None:
-    """Writes the result beside the run (atomically: a reader sees the old or the new one)."""
+    """Writes the result beside the run (atomically: a reader sees the old or the new one; not
+    fsynced: a result lost in a crash is only a validation to repeat)."""
+    from .storage.local import atomic_write_json
+
     target = results_path(result.checkpoint)
     target.parent.mkdir(exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(result.as_dict(), indent=1))
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_json(target, result.as_dict(), durable=False)
 
 
 def read_result(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ References: ``registry://NAME`` (newest version), ``registry://NAME@3`` (version
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import getpass
 import json
@@ -29,6 +28,7 @@ from typing import Any
 
 from ..config import MANIFEST_NAME
 from ..errors import CheckpointError, CheckpointNotFoundError, typed_os_errors
+from ..storage.local import atomic_write_json
 from .store import CATALOG_DIR, read_manifest
 
 REGISTRY_DIR = "registry"
@@ -57,25 +57,6 @@ def _who() -> dict[str, str]:
     except Exception:  # no user database entry (containers): not worth failing a registration
         user = str(os.getuid())
     return {"host": socket.gethostname(), "user": user}
-
-
-def _atomic_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(doc, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # already renamed, or the disk is gone
-            os.unlink(tmp)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @typed_os_errors
@@ -184,7 +165,7 @@ class Registry:
             self._pin(rel, name, number)
             if alias is not None:
                 self._move(doc, alias, number, f"registered version {number}")
-            _atomic_json(path, doc)
+            atomic_write_json(path, doc, sort_keys=True, sweep=True)
         self._notify(name, number, doc)
         return version
 
@@ -195,7 +176,7 @@ class Registry:
             doc = self._load(name)
             self._version(doc, version)
             self._move(doc, alias, version, why)
-            _atomic_json(self._file(name), doc)
+            atomic_write_json(self._file(name), doc, sort_keys=True, sweep=True)
         self._notify(name, version, doc)
 
     def _move(self, doc: dict[str, Any], alias: str, version: int, why: str | None) -> None:
@@ -221,7 +202,7 @@ class Registry:
         refs = entries.setdefault(checkpoint.name, [])
         if [name, version] not in refs:
             refs.append([name, version])
-        _atomic_json(marker, doc)
+        atomic_write_json(marker, doc, sort_keys=True, sweep=True)
 
     def _pins_from_versions(self, run_dir: Path) -> dict[str, Any]:
         """The pin list of ``run_dir`` rebuilt from this registry's versions (a damaged pin file

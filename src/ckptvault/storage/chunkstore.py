@@ -36,8 +36,8 @@ from pathlib import Path
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
 from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError, typed_os_errors
-from .local import _fsync_dir
 from .local import _storage_error as _error
+from .local import fsync_dir
 
 STORE_NAME = ".ckptvault-store"
 CODECS = ("raw", "zstd", "lz4")
@@ -211,7 +211,7 @@ class ChunkStore:
         # Deepest first: a new directory's own entries before the entry naming it.
         for directory in sorted(dirty, key=lambda p: len(p.parts), reverse=True):
             try:
-                _fsync_dir(directory)
+                fsync_dir(directory)
             except OSError as exc:
                 raise _error("syncing", directory, exc) from exc
 
@@ -380,5 +380,5 @@ def collect_garbage(run_dir: str | Path, *, dry_run: bool = False) -> GcReport:
                 deleted += 1
                 freed += size
         for directory in touched:
-            _fsync_dir(directory)
+            fsync_dir(directory)
     return GcReport(checkpoints, kept, deleted, freed, temporary)

@@ -20,7 +20,9 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import glob
 import hashlib
+import json
 import mmap
 import os
 import secrets
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
 from ..errors import (
@@ -58,12 +61,48 @@ def _storage_error(action: str, path: Path | str, exc: OSError) -> StorageError:
     return err
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write_json(
+    path: Path, doc: Any, *, durable: bool = True, sort_keys: bool = False, sweep: bool = False
+) -> None:
+    """Replaces a small JSON file (run.json, pins, registry entries) atomically: readers see the old
+    or the new document, and a failure leaves no temporary file. ``durable=False`` skips the fsyncs
+    for derived data (the run index), which a crash may lose and which is then rebuilt. Temporary
+    names are ``.NAME.<random>.tmp``, which the manager's sweep and the torture leftover check know.
+    ``sweep=True`` first removes such files of ``path`` left by a writer killed mid-write; only for
+    callers holding a lock every writer of ``path`` takes (no live writer owns one then)."""
+    if sweep:
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with suppress(FileNotFoundError):
+                stale.unlink()
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(
+                doc,
+                handle,
+                indent=1 if durable else None,
+                separators=None if durable else (",", ":"),
+                sort_keys=sort_keys,
+                default=str,
+            )
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with suppress(OSError):  # already renamed, or the disk is gone
+            os.unlink(temp)
+        raise
+    if durable:
+        fsync_dir(path.parent)  # the rename itself is durable too
 
 
 def _load_renameat2() -> object | None:
@@ -357,7 +396,7 @@ class LocalWriteTransaction:
             os.fsync(self._lock_fd)  # the staging directory's entries are durable
             old = self._publish()
             published = True
-            _fsync_dir(self.target.parent)
+            fsync_dir(self.target.parent)
         except OSError as exc:
             if published:  # the rename is not known durable: a failed save must leave no checkpoint
                 self._unpublish(old)
