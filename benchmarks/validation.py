@@ -856,12 +856,6 @@ def step_rows(runs: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
 # the library's own fallback), so the figure the server buys is measured in the same session.
 
 
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-    return env
-
-
 @contextmanager
 def what_if(variant: str | None) -> Iterator[None]:
     """The library as is (None), or full validation by one-shot workers (``"spawn"``)."""
@@ -1105,7 +1099,7 @@ def worker_profile(
         "probe_file_s": median(probe_times),
         "checkpoint_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
     }
-    env = _worker_env()
+    env = cv_validation._worker_env()  # what the library gives its workers
     started, cpu0 = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, "-c", _PHASES, str(path)], capture_output=True, text=True, env=env, check=False
