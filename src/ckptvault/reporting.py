@@ -18,23 +18,19 @@ pull in a plotting stack. It is imported only when a picture is drawn, and only 
 canvas and ``Figure`` (never pyplot): no display is needed, no global figure state is touched, and
 with matplotlib's default style and no timestamps the same run gives the same PNG bytes.
 
-The report is ONE file with no network access (inline CSS, inline JS, PNGs as ``data:`` URIs). Every
-value from the data (checkpoint names, metric names, tags, config, aliases) passes ``html.escape``;
-a Content-Security-Policy that allows only the report's own script (by hash) is a second line of
-defence should anything ever slip through.
+The HTML report itself is :mod:`ckptvault.report_html`. Text from the data drawn into a picture
+(metric names, run names) has its control, bidi and surrogate characters spelled out
+(:func:`ckptvault.visible.visible_str`). A checkpoint whose values no picture can hold (a step or
+metric beyond any float) is left out of the curves like a damaged one.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import html
 import io
 import json
 import math
 import os
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,14 +40,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import api
-from .catalog.registry import Registry, RegistryError, registered_in
-from .catalog.store import Catalog, CatalogRow, read_manifest
+from .catalog.registry import registered_in
+from .catalog.store import CatalogRow, read_manifest
 from .config import MANIFEST_NAME
 from .errors import CheckpointError
 from .manager import load_pins, read_events
 from .training.history import MetricsHistory, as_number
 from .training.state import FULL, WEIGHTS
 from .validation import read_result
+from .visible import visible_str
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -67,7 +64,6 @@ FAILED = "failed validation"
 STATUSES = (KEPT, DELETED, BEST, PINNED, REGISTERED, FAILED)
 
 MAX_SUBPLOTS = 16  # more metrics than this make unreadable strips; --metric picks others
-_MAX_METRIC_COLUMNS = 12  # beyond this, the report's table puts the rest in one column
 
 
 class ReportError(CheckpointError):
@@ -114,10 +110,18 @@ def _finite_metrics(metrics: Any) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        number = as_number(value)
+        try:
+            number = as_number(value)
+        except OverflowError:  # an integer beyond any float: no place on a curve either
+            continue
         if number is not None and math.isfinite(number):
             out[str(key)] = number
     return out
+
+
+def _plottable_step(step: Any) -> bool:
+    """A step an axis can place: an int in int64 (a manifest may declare 10**4000)."""
+    return isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**63
 
 
 def _read_run_json(run_dir: Path) -> dict[str, Any]:
@@ -205,7 +209,10 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
     if not root.is_dir():
         raise ReportError(f"{root} is not a directory")
     run = _read_run_json(root)
-    events = read_events(root)
+    try:
+        events = read_events(root)
+    except ValueError:  # an event log that is not UTF-8: the directory's checkpoints still count
+        events = []
     existing = _committed_names(root)
     if not existing and not any(e.get("event") == "commit" for e in events):
         raise ReportError(f"{root}: no checkpoints and no commit events: not a run directory")
@@ -216,7 +223,7 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
     commits: dict[str, dict[str, Any]] = {}
     for event in events:
         name = event.get("name")
-        if isinstance(name, str) and isinstance(event.get("step"), int) and event.get("event") == "commit":
+        if isinstance(name, str) and _plottable_step(event.get("step")) and event.get("event") == "commit":
             commits[name] = event
 
     try:
@@ -237,6 +244,8 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
                 manifest, metadata = read_manifest(root / name)
             except (CheckpointError, OSError, ValueError):
                 continue  # damaged or unreadable now: not a checkpoint anyone can load
+            if not _plottable_step(manifest.step):
+                continue  # a step no axis can hold: hostile, left out of the picture
             step, scope, checkpoint_id = manifest.step, _scope_of(name, metadata), manifest.checkpoint_id
             metrics = _finite_metrics(metadata.get("metrics")) or _finite_metrics(commit.get("metrics"))
             statuses.add(KEPT)
@@ -320,7 +329,7 @@ _STYLE: dict[str, tuple[str, str, float, str, str, int]] = {
 def _text(value: str) -> str:
     """Text from the data, shown as is: a ``$`` would otherwise start matplotlib's math mode (and an
     unbalanced one fails the whole picture)."""
-    return value.replace("$", r"\$")
+    return visible_str(value).replace("$", r"\$")
 
 
 def _png(figure: Figure) -> bytes:
@@ -420,7 +429,7 @@ def plot_png(traj: Trajectory, metrics: Sequence[str] | None = None, *, title: s
             pad = max(0.5, 0.03 * (high - low))
             axes[-1].set_xlim(low - pad, high + pad)
         heading = title or f"{traj.run_dir.name}" + (f"  (run {traj.run_id})" if traj.run_id else "")
-        figure.suptitle(_text(f"{heading}\ncurves from {traj.source}"), fontsize=10)
+        figure.suptitle(_text(heading) + "\n" + _text(f"curves from {traj.source}"), fontsize=10)
         handles = []
         for status in STATUSES:
             if status in present:
@@ -501,358 +510,3 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
-
-
-# -- the HTML report -----------------------------------------------------------------------------------
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value:.6g}"
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _tags(catalog: Catalog) -> dict[str, dict[str, str]]:
-    """Tags per checkpoint path. The catalog's rows do not carry them, so its database is read
-    directly (read-only); a catalog without them (another schema) just shows none."""
-    tags: dict[str, dict[str, str]] = {}
-    try:
-        db = sqlite3.connect(f"{catalog.path.as_uri()}?mode=ro", uri=True)
-        try:
-            for path, key, value in db.execute(
-                "SELECT c.path, t.key, t.value FROM tags t JOIN checkpoints c ON c.id = t.checkpoint"
-            ):
-                tags.setdefault(str(path), {})[str(key)] = "" if value is None else str(value)
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return {}
-    return tags
-
-
-@dataclass(frozen=True)
-class _Registered:
-    model: str
-    version: int
-    checkpoint: str
-    step: Any
-    aliases: tuple[str, ...]
-
-
-def _registry(root: Path) -> tuple[list[_Registered], list[str]]:
-    """Every registered version with its aliases, and the problems met reading the registry."""
-    registry = Registry(root)
-    entries: list[_Registered] = []
-    problems: list[str] = []
-    for name in registry.names():
-        try:
-            doc = registry.show(name)
-        except RegistryError as exc:
-            problems.append(str(exc))
-            continue
-        aliases = doc.get("aliases") if isinstance(doc.get("aliases"), dict) else {}
-        for version in doc["versions"]:
-            if not isinstance(version, dict) or not isinstance(version.get("version"), int):
-                continue
-            number = version["version"]
-            entries.append(
-                _Registered(
-                    model=name,
-                    version=number,
-                    checkpoint=str(version.get("checkpoint", "")),
-                    step=version.get("step"),
-                    aliases=tuple(sorted(a for a, v in (aliases or {}).items() if v == number)),
-                )
-            )
-    return entries, problems
-
-
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1400px;
-padding:0 1em;color:#222}
-h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.5em 0;font-variant-numeric:tabular-nums}
-th,td{border-bottom:1px solid #eee;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f6f6f6;position:sticky;top:0}
-table.sortable th{cursor:pointer;user-select:none}
-th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-td.num{text-align:right}tr[hidden]{display:none}
-.failed{color:#b00020;font-weight:bold}.ok{color:#1a7f37}.muted{color:#888}
-.alias{background:#efe7fb;border-radius:3px;padding:0 .3em;white-space:nowrap}
-input#filter{font:inherit;padding:.3em .5em;width:28em}
-img{max-width:100%;height:auto;border:1px solid #eee}
-pre{margin:0;white-space:pre-wrap;max-width:50em}
-#checkpoints td{white-space:nowrap}.scroll{overflow-x:auto}
-code{font-size:.92em}
-"""
-
-# The report's only script. No data is ever placed in it (the data is in the escaped HTML), so its
-# hash is fixed and the Content-Security-Policy can allow exactly it.
-_JS = """
-(function () {
-  "use strict";
-  var table = document.getElementById("checkpoints");
-  if (!table) { return; }
-  var body = table.tBodies[0];
-  var input = document.getElementById("filter");
-  var shown = document.getElementById("shown");
-  var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
-  function key(row, index, numeric) {
-    var cell = row.cells[index];
-    var raw = cell.getAttribute("data-v");
-    if (numeric) { return raw === null || raw === "" ? NaN : parseFloat(raw); }
-    return (raw === null ? cell.textContent : raw).toLowerCase();
-  }
-  function sortBy(index, descending) {
-    var numeric = headers[index].getAttribute("data-type") === "num";
-    var sign = descending ? -1 : 1;
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = key(a, index, numeric), y = key(b, index, numeric);
-      if (numeric) {
-        if (isNaN(x) || isNaN(y)) { return isNaN(x) === isNaN(y) ? 0 : (isNaN(x) ? 1 : -1); }
-        return (x - y) * sign;
-      }
-      return x < y ? -sign : (x > y ? sign : 0);
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-    headers.forEach(function (th, i) {
-      if (i === index) { th.setAttribute("aria-sort", descending ? "descending" : "ascending"); }
-      else { th.removeAttribute("aria-sort"); }
-    });
-  }
-  function filter(text) {
-    var needle = text.trim().toLowerCase();
-    var visible = 0;
-    Array.prototype.forEach.call(body.rows, function (row) {
-      var match = needle === "" || row.textContent.toLowerCase().indexOf(needle) !== -1;
-      row.hidden = !match;
-      if (match) { visible += 1; }
-    });
-    shown.textContent = visible + " of " + body.rows.length + " checkpoints shown";
-  }
-  function fromFragment() {
-    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
-    var sort = params.get("sort");
-    if (sort) {
-      var descending = sort.charAt(0) === "-";
-      var name = descending ? sort.slice(1) : sort;
-      headers.forEach(function (th, i) {
-        if (th.getAttribute("data-key") === name) { sortBy(i, descending); }
-      });
-    }
-    var text = params.get("filter");
-    if (text !== null) { input.value = text; }
-    filter(input.value);
-  }
-  headers.forEach(function (th, i) {
-    th.addEventListener("click", function () { sortBy(i, th.getAttribute("aria-sort") === "ascending"); });
-  });
-  input.addEventListener("input", function () {
-    filter(input.value);
-    try {
-      var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
-      if (input.value) { params.set("filter", input.value); } else { params.delete("filter"); }
-      history.replaceState(null, "", "#" + params.toString());
-    } catch (e) { /* a file: URL may refuse; the filter works without it */ }
-  });
-  window.addEventListener("hashchange", fromFragment);
-  fromFragment();
-})();
-"""
-
-
-def _csp() -> str:
-    digest = base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()
-    style = base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode()
-    return f"default-src 'none'; img-src data:; style-src 'sha256-{style}'; script-src 'sha256-{digest}'"
-
-
-def _validation_cell(row: CatalogRow) -> str:
-    if row.validation_passed is None:
-        return '<td data-v="-" class="muted">-</td>'
-    level = _e(row.validation_level or "")
-    if row.validation_passed:
-        return f'<td data-v="ok" class="ok" title="{level}">ok</td>'
-    return f'<td data-v="FAILED" class="failed" title="{level}">FAILED</td>'
-
-
-def build_report(root: str | os.PathLike[str], *, curves: bool = True) -> str:
-    """The HTML report of every checkpoint under ``root`` (see the module docstring)."""
-    with Catalog(root) as catalog:
-        rows = catalog.find(sort="run_dir,step")
-        runs = catalog.runs()
-        tags = _tags(catalog)
-        base = catalog.root
-    rows.sort(key=lambda r: (r.run_dir, r.step, r.name))
-    registered, registry_problems = _registry(base)
-    aliases_of: dict[str, list[str]] = {}
-    for entry in registered:
-        labels = [f"{entry.model}@{a}" for a in entry.aliases] or [f"{entry.model} v{entry.version}"]
-        aliases_of.setdefault(entry.checkpoint, []).extend(labels)
-
-    trajectories: dict[str, Trajectory] = {}
-    for run in runs:
-        with contextlib.suppress(ReportError):
-            trajectories[run["run_dir"]] = trajectory(base / run["run_dir"])
-    status_of: dict[str, frozenset[str]] = {}
-    for run_dir, traj in trajectories.items():
-        for mark in traj.marks:
-            status_of[f"{run_dir}/{mark.name}" if run_dir else mark.name] = mark.statuses
-
-    metric_names = sorted({k for r in rows for k in r.metrics})
-    columns, extra_metrics = metric_names[:_MAX_METRIC_COLUMNS], metric_names[_MAX_METRIC_COLUMNS:]
-    failed = sum(1 for r in rows if r.validation_passed is False)
-    total = sum(r.size_bytes for r in rows)
-    parts: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_e(_csp())}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>ckptvault report: {_e(base)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Checkpoints under <code>{_e(base)}</code></h1>",
-        f'<p id="summary">{len(rows)} checkpoints in {len(runs)} runs, {_e(_human(total))} kept; '
-        + (f'<span class="failed">{failed} FAILED validation</span>' if failed else "none failed validation")
-        + "</p>",
-        '<p><a href="#runs">runs</a> · <a href="#registry">registry</a> · '
-        '<a href="#checkpoints-section">checkpoints</a> · <a href="#storage">storage</a> · '
-        '<a href="#curves">metric curves</a></p>',
-    ]
-
-    # Runs.
-    parts.append('<h2 id="runs">Runs</h2><table id="runs-table"><thead><tr>')
-    parts.append("<th>run directory</th><th>run id</th><th>git commit</th><th>checkpoints</th>")
-    parts.append("<th>size</th><th>config</th></tr></thead><tbody>")
-    for run in runs:
-        mine = [r for r in rows if r.run_dir == run["run_dir"]]
-        config = run.get("config")
-        config_html = (
-            "<details><summary>config</summary><pre>"
-            + _e(json.dumps(config, indent=1, sort_keys=True, default=str))
-            + "</pre></details>"
-            if config
-            else '<span class="muted">-</span>'
-        )
-        parts.append(
-            f"<tr><td><code>{_e(run['run_dir'] or '.')}</code></td><td>{_e(run.get('run_id') or '-')}</td>"
-            f"<td><code>{_e(run.get('git_commit') or '-')}</code></td><td class=num>{len(mine)}</td>"
-            f"<td class=num>{_e(_human(sum(r.size_bytes for r in mine)))}</td><td>{config_html}</td></tr>"
-        )
-    parts.append("</tbody></table>")
-
-    # Registry.
-    parts.append('<h2 id="registry">Registry</h2>')
-    if registered:
-        parts.append('<table id="registry-table"><thead><tr><th>model</th><th>version</th><th>aliases</th>')
-        parts.append("<th>checkpoint</th><th>step</th></tr></thead><tbody>")
-        for entry in registered:
-            alias_html = " ".join(
-                f'<span class="alias">{_e(entry.model)}@{_e(alias)}</span> &rarr; '
-                f"<code>{_e(entry.checkpoint)}</code>"
-                for alias in entry.aliases
-            )
-            parts.append(
-                f"<tr><td>{_e(entry.model)}</td><td class=num>{entry.version}</td><td>{alias_html}</td>"
-                f"<td><code>{_e(entry.checkpoint)}</code></td><td class=num>{_e(entry.step)}</td></tr>"
-            )
-        parts.append("</tbody></table>")
-    else:
-        parts.append('<p class="muted">no registered models</p>')
-    for problem in registry_problems:
-        parts.append(f'<p class="failed">{_e(problem)}</p>')
-
-    # Checkpoints.
-    parts.append('<h2 id="checkpoints-section">Checkpoints</h2>')
-    parts.append(
-        '<p><input id="filter" type="search" placeholder="filter: any text in a row" '
-        'aria-label="filter checkpoints"> <span id="shown"></span> '
-        '<span class="muted">(click a header to sort; <code>#filter=TEXT&amp;sort=-step</code> in the '
-        "address presets both)</span></p>"
-    )
-    header = [
-        ("checkpoint", "text"),
-        ("run", "text"),
-        ("step", "num"),
-        ("epoch", "num"),
-        ("scope", "text"),
-        ("created", "text"),
-        ("size", "num"),
-        ("validation", "text"),
-        ("status", "text"),
-        ("registry", "text"),
-    ]
-    parts.append('<div class="scroll"><table id="checkpoints" class="sortable"><thead><tr>')
-    for name, kind in header:
-        parts.append(f'<th data-key="{name}" data-type="{kind}">{name}</th>')
-    for name in columns:
-        parts.append(f'<th data-key="{_e(name)}" data-type="num">{_e(name)}</th>')
-    if extra_metrics:
-        parts.append('<th data-key="other metrics" data-type="text">other metrics</th>')
-    parts.append('<th data-key="tags" data-type="text">tags</th></tr></thead><tbody>')
-    for row in rows:
-        statuses = status_of.get(row.path, frozenset())
-        status_text = ", ".join(s for s in STATUSES if s in statuses and s not in (KEPT, FAILED))
-        labels = aliases_of.get(row.path, [])
-        created = row.created_at.replace("T", " ")[:19]
-        cells = [
-            f'<td data-v="{_e(row.path)}"><code>{_e(row.path)}</code></td>',
-            f"<td>{_e(row.run_id or '-')}</td>",
-            f'<td class=num data-v="{row.step}">{row.step}</td>',
-            f'<td class=num data-v="{"" if row.epoch is None else row.epoch}">{_e(row.epoch)}</td>',
-            f"<td>{_e(row.scope or '')}</td>",
-            f'<td data-v="{_e(row.created_at)}">{_e(created)}</td>',
-            f'<td class=num data-v="{row.size_bytes}">{_e(_human(row.size_bytes))}</td>',
-            _validation_cell(row),
-            f"<td>{_e(status_text)}</td>",
-            "<td>" + " ".join(f'<span class="alias">{_e(label)}</span>' for label in labels) + "</td>",
-        ]
-        for name in columns:
-            value = row.metrics.get(name)
-            exact = "" if value is None else repr(value)  # sorts by the exact value, shows 6 digits
-            cells.append(f'<td class=num data-v="{_e(exact)}">{_e(_number(value))}</td>')
-        if extra_metrics:
-            rest = ", ".join(f"{k}={_number(row.metrics[k])}" for k in extra_metrics if k in row.metrics)
-            cells.append(f"<td>{_e(rest)}</td>")
-        row_tags = tags.get(row.path, {})
-        cells.append("<td>" + _e(", ".join(f"{k}={v}" for k, v in sorted(row_tags.items()))) + "</td>")
-        parts.append(f'<tr data-path="{_e(row.path)}">' + "".join(cells) + "</tr>")
-    parts.append("</tbody></table></div>")
-
-    # Storage and curves.
-    parts.append('<h2 id="storage">Storage used over time</h2>')
-    parts.append(
-        '<p class="muted">Cumulative size of the checkpoints kept now, by creation time (deleted ones '
-        "are gone from the catalog; chunks shared between checkpoints are counted in each).</p>"
-    )
-    if rows:
-        parts.append(_img(storage_png(rows), "cumulative bytes of kept checkpoints per run"))
-    parts.append('<h2 id="curves">Metric curves</h2>')
-    if not curves:
-        parts.append('<p class="muted">left out (--no-curves)</p>')
-    for run in runs:
-        run_dir = run["run_dir"]
-        parts.append(
-            f"<h3><code>{_e(run_dir or '.')}</code> <span class=muted>{_e(run.get('run_id'))}</span></h3>"
-        )
-        found = trajectories.get(run_dir)
-        if found is None:
-            parts.append('<p class="muted">no trajectory</p>')
-        elif curves:
-            parts.append(_img(plot_png(found, title=run_dir or "."), f"metric curves of {run_dir or '.'}"))
-    parts.append(f"<script>{_JS}</script></body></html>\n")
-    return "\n".join(parts)

@@ -1,27 +1,27 @@
 """``ckptvault find``, ``ckptvault catalog ...`` and ``ckptvault registry ...``: the tree-wide commands.
 
 Registry commands act on the tree given by ``--root``, else ``CKPTVAULT_ROOT``, else the current
-directory.
+directory. Catalog rows and registry files are not trusted: every value is shown inert
+(``cli/inert.py``), and one damaged registry file or entry is a row with its error, never the end
+of a listing.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..catalog.registry import Registry, default_root
 from ..catalog.store import Catalog
 from ..errors import CheckpointError
+from ..visible import visible
+from .inert import console, emit_json, error_text, human_bytes, inert, message_of, metric_text, timestamp
 
-out = Console()
-err = Console(stderr=True)
+out = console()
+err = console(stderr=True)
 catalog_app = typer.Typer(help="The SQLite catalog of every checkpoint under a root.", no_args_is_help=True)
 registry_app = typer.Typer(help="Named models, their versions and aliases.", no_args_is_help=True)
 RootOpt = Annotated[
@@ -32,16 +32,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def _fail(exc: CheckpointError) -> typer.Exit:
-    err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
+    err.print(f"[red]error:[/red] {error_text(exc)}")
     return typer.Exit(1)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def find(
@@ -58,7 +50,7 @@ def find(
     except CheckpointError as exc:
         raise _fail(exc) from exc
     if as_json:
-        out.print_json(json.dumps([r.as_dict() for r in rows], default=str))
+        emit_json([r.as_dict() for r in rows])
         return
     if not rows:
         out.print("no checkpoint matches")
@@ -66,21 +58,15 @@ def find(
     metric_names = sorted({k for r in rows for k in r.metrics})[:6]
     table = Table(show_edge=False, header_style="bold")
     for col in ("checkpoint", "step", "size", "created", "validation", *metric_names):
-        table.add_column(col, overflow="fold")
+        table.add_column(inert(col), overflow="fold")
     for r in rows:
-        created = datetime.fromisoformat(r.created_at).strftime("%Y-%m-%d %H:%M")
         status = (
             "-" if r.validation_passed is None else ("ok" if r.validation_passed else "[red]FAILED[/red]")
         )
-        values = [_fmt(r.metrics.get(m)) for m in metric_names]
-        table.add_row(escape(r.path), str(r.step), _human(r.size_bytes), created, status, *values)
+        values = [metric_text(r.metrics.get(m)) or "-" for m in metric_names]
+        created = timestamp(r.created_at, "%Y-%m-%d %H:%M")
+        table.add_row(inert(r.path), metric_text(r.step), human_bytes(r.size_bytes), created, status, *values)
     out.print(table)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 @catalog_app.command("rebuild")
@@ -91,7 +77,7 @@ def catalog_rebuild(root: Path) -> None:
             count = catalog.rebuild()
     except CheckpointError as exc:
         raise _fail(exc) from exc
-    out.print(f"indexed {count} checkpoints under {escape(str(root))}")
+    out.print(f"indexed {count} checkpoints under {inert(root)}")
 
 
 @catalog_app.command("sync")
@@ -102,7 +88,7 @@ def catalog_sync(root: Path) -> None:
             count = catalog.count()
     except CheckpointError as exc:
         raise _fail(exc) from exc
-    out.print(f"{count} checkpoints under {escape(str(root))}")
+    out.print(f"{count} checkpoints under {inert(root)}")
 
 
 @registry_app.command("register")
@@ -118,7 +104,7 @@ def registry_register(
         version = Registry(root or default_root()).register(name, checkpoint, alias=alias, note=note)
     except CheckpointError as exc:
         raise _fail(exc) from exc
-    out.print(f"{escape(name)} version {version['version']} -> {escape(version['checkpoint'])}")
+    out.print(f"{inert(name)} version {inert(version['version'])} -> {inert(version['checkpoint'])}")
 
 
 @registry_app.command("alias")
@@ -134,31 +120,44 @@ def registry_alias(
         Registry(root or default_root()).alias(name, version, alias, why=why)
     except CheckpointError as exc:
         raise _fail(exc) from exc
-    out.print(f"{escape(name)}@{escape(alias)} -> version {version}")
+    out.print(f"{inert(name)}@{inert(alias)} -> version {version}")
 
 
 @registry_app.command("ls")
 def registry_ls(root: RootOpt = None, as_json: JsonOpt = False) -> None:
-    """Registered models, their newest version and their aliases."""
+    """Registered models, their number of versions and their aliases (a damaged one: its error)."""
     registry = Registry(root or default_root())
     try:
-        docs = [registry.show(n) for n in registry.names()]
+        names = registry.names()
     except CheckpointError as exc:
         raise _fail(exc) from exc
+    rows = [_model_row(registry, name) for name in names]
     if as_json:
-        out.print_json(
-            json.dumps(
-                [{k: d[k] for k in ("name", "aliases")} | {"versions": len(d["versions"])} for d in docs]
-            )
-        )
+        emit_json(rows)
         return
     table = Table(show_edge=False, header_style="bold")
     for col in ("model", "versions", "aliases"):
         table.add_column(col)
-    for d in docs:
-        aliases = ", ".join(f"{a}->v{v}" for a, v in sorted(d["aliases"].items()))
-        table.add_row(escape(d["name"]), str(len(d["versions"])), escape(aliases))
+    for row in rows:
+        if "error" in row:
+            table.add_row(inert(row["name"]), "[red]damaged[/red]", inert(row["error"], 200))
+            continue
+        aliases = ", ".join(f"{visible(a)}->v{visible(v)}" for a, v in sorted(row["aliases"].items()))
+        table.add_row(inert(row["name"]), str(row["versions"]), inert(aliases))
     out.print(table)
+
+
+def _model_row(registry: Registry, name: str) -> dict[str, Any]:
+    """One model of ``registry ls``: named by its file (the only name the registry resolves), with
+    the number of versions and the aliases; a file that cannot be read: its error."""
+    try:
+        doc = registry.show(name)
+    except CheckpointError as exc:
+        return {"name": name, "error": message_of(exc)}
+    aliases = doc.get("aliases")
+    if not isinstance(aliases, dict):
+        return {"name": name, "error": "damaged registry file: aliases are not a mapping"}
+    return {"name": name, "aliases": aliases, "versions": len(doc["versions"])}
 
 
 @registry_app.command("show")
@@ -169,21 +168,26 @@ def registry_show(name: str, root: RootOpt = None, as_json: JsonOpt = False) -> 
     except CheckpointError as exc:
         raise _fail(exc) from exc
     if as_json:
-        out.print_json(json.dumps(doc))
+        emit_json(doc)
         return
+    found = doc.get("aliases")
+    aliases: dict[Any, Any] = found if isinstance(found, dict) else {}
     table = Table(show_edge=False, header_style="bold")
     for col in ("version", "checkpoint", "step", "registered", "by", "aliases"):
         table.add_column(col, overflow="fold")
     for v in doc["versions"]:
-        aliases = ", ".join(sorted(a for a, n in doc["aliases"].items() if n == v["version"]))
-        by = f"{v.get('user')}@{v.get('host')}"
+        if not isinstance(v, dict):
+            table.add_row("?", f"[red]damaged entry[/red] {inert(v, 80)}", "", "", "", "")
+            continue
+        number = v.get("version")
+        names = ", ".join(sorted(str(a) for a, n in aliases.items() if n == number))
         table.add_row(
-            str(v["version"]),
-            escape(v["checkpoint"]),
-            str(v.get("step")),
-            v["registered_at"],
-            escape(by),
-            aliases,
+            inert(number),
+            inert(v.get("checkpoint")),
+            inert(v.get("step")),
+            inert(v.get("registered_at")),
+            inert(f"{visible(v.get('user'))}@{visible(v.get('host'))}"),
+            inert(names),
         )
     out.print(table)
 
@@ -192,14 +196,20 @@ def registry_show(name: str, root: RootOpt = None, as_json: JsonOpt = False) -> 
 def registry_history(name: str, root: RootOpt = None, as_json: JsonOpt = False) -> None:
     """Every alias move of NAME: when, from, to, why, by whom."""
     try:
-        history = Registry(root or default_root()).history(name)
+        history: list[Any] = Registry(root or default_root()).history(name)
     except CheckpointError as exc:
         raise _fail(exc) from exc
+    except (KeyError, TypeError) as exc:  # a registry file without a history list
+        raise _fail(CheckpointError(f"registry file of {name!r} is damaged: no history")) from exc
     if as_json:
-        out.print_json(json.dumps(history))
+        emit_json(history)
         return
     for h in history:
-        came = f"v{h['from']}" if h.get("from") is not None else "(new)"
-        why = f"  ({escape(str(h['why']))})" if h.get("why") else ""
-        by = f"{h.get('user')}@{h.get('host')}"
-        out.print(f"{h['when']}  {escape(h['alias'])}: {came} -> v{h['to']}  by {by}{why}")
+        if not isinstance(h, dict):
+            out.print(f"[red]damaged entry[/red] {inert(h, 80)}")
+            continue
+        came = f"v{visible(h['from'])}" if h.get("from") is not None else "(new)"
+        why = f"  ({visible(h['why'])})" if h.get("why") else ""
+        by = f"{visible(h.get('user'))}@{visible(h.get('host'))}"
+        move = f"{visible(h.get('alias'))}: {came} -> v{visible(h.get('to'))}"
+        out.print(inert(f"{visible(h.get('when'))}  {move}  by {by}{why}"))

@@ -2,24 +2,20 @@
 
 Every command prints a human table by default and exact JSON with ``--json`` (for scripts), and
 exits non-zero when what it checks fails: 1 for a failed check or a damaged checkpoint, 2 for a
-usage error. Library errors are shown as one clear line, never as a traceback.
+usage error. Library errors are shown as one clear line, never as a traceback. Everything a
+checkpoint, run or catalog says is shown inert (``cli/inert.py``): control characters escaped,
+rich markup literal, no hyperlinks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -29,8 +25,8 @@ from ..engine.reader import CheckpointReader, verify_checkpoint
 from ..errors import CheckpointError
 from ..storage.chunkstore import collect_garbage
 from ..storage.local import LocalStorage
-from ..validation import read_result
-from . import catalog_cmds, pictures
+from . import catalog_cmds, listing, pictures
+from .inert import UNREADABLE, console, emit_json, error_text, human_bytes, inert
 
 app = typer.Typer(
     name="ckptvault",
@@ -39,33 +35,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = console()
+err = console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _emit_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+_human_bytes = human_bytes
+_emit_json = emit_json
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def _errors(hostile: bool = False) -> Iterator[None]:
+    """Library errors as one inert line and exit 1. ``hostile``: the command reads one checkpoint's
+    values, so whatever its damage raises (``inert.UNREADABLE``) is reported the same way."""
     try:
         yield
     except CheckpointError as exc:
-        # Messages hold paths and names like ckptvault[onnx]: never let rich read them as markup.
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
+        # Messages hold paths, names like ckptvault[onnx] and file content: made inert.
+        err.print(f"[red]error:[/red] {error_text(exc)}")
         raise typer.Exit(1) from exc
-    except FileNotFoundError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
+    except OSError as exc:
+        err.print(f"[red]error:[/red] {error_text(exc, with_type=False)}")
+        raise typer.Exit(1) from exc
+    except UNREADABLE as exc:
+        if not hostile:
+            raise
+        err.print(f"[red]error:[/red] {error_text(exc)}")
         raise typer.Exit(1) from exc
 
 
@@ -74,7 +67,7 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int],
     if not enabled or total < 64 * 1024 * 1024:
         yield lambda _n: None
         return
-    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    columns = (TextColumn(inert(label)), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
@@ -83,7 +76,7 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int],
 @app.command()
 def show(checkpoint: Path, as_json: JsonOpt = False) -> None:
     """Metadata and the tensor table (name, dtype, shape, bytes) of one checkpoint."""
-    with _errors(), CheckpointReader(LocalStorage(), str(checkpoint)) as reader:
+    with _errors(hostile=True), CheckpointReader(LocalStorage(), str(checkpoint)) as reader:
         manifest = reader.manifest
         metadata = reader.decode_metadata()
         leaves = iter_leaves(manifest.tree, path=str(checkpoint))
@@ -112,106 +105,28 @@ def show(checkpoint: Path, as_json: JsonOpt = False) -> None:
     if as_json:
         _emit_json({**summary, "tensors": tensors})
         return
-    out.print(f"[bold]{checkpoint}[/bold]  step {manifest.step}  id {manifest.checkpoint_id}")
     out.print(
-        f"created {manifest.created_at}  size {_human_bytes(manifest.total_bytes)}  "
-        f"{len(tensors)} tensors  digest {manifest.digest_algorithm}  schema {manifest.schema_version}"
+        f"[bold]{inert(checkpoint)}[/bold]  step {inert(manifest.step)}  id {inert(manifest.checkpoint_id)}"
+    )
+    out.print(
+        f"created {inert(manifest.created_at)}  "
+        f"size {_human_bytes(manifest.total_bytes)}  {len(tensors)} tensors  "
+        f"digest {inert(manifest.digest_algorithm)}  schema {manifest.schema_version}"
     )
     for key, value in metadata.items():
-        out.print(f"  {key}: {value}")
+        out.print(f"  {inert(key)}: {inert(value)}")
     table = Table(show_edge=False, header_style="bold")
     for col, justify in (("name", "left"), ("dtype", "left"), ("shape", "left"), ("bytes", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in tensors:
         size = row["bytes"]
         table.add_row(
-            row["name"], row["dtype"], str(tuple(row["shape"])), _human_bytes(size) if size else "0 B"
+            inert(row["name"]),
+            inert(row["dtype"]),
+            inert(tuple(row["shape"])),
+            _human_bytes(size) if size else "0 B",
         )
     out.print(table)
-
-
-@app.command("ls")
-def list_(directory: Path, as_json: JsonOpt = False) -> None:
-    """Committed checkpoints under a directory: step, size, time, key metrics."""
-    rows: list[dict[str, Any]] = []
-    with _errors():
-        for path in api.list_checkpoints(directory):
-            try:
-                info = api.info(path)
-            except CheckpointError as exc:
-                rows.append({"path": path, "error": str(exc)})
-                continue
-            rows.append(
-                {
-                    "path": path,
-                    "step": info.step,
-                    "size_bytes": info.size_bytes,
-                    "created_at": info.created_at,
-                    "metrics": info.metrics,
-                    "validation": _validation_status(path, info.checkpoint_id),
-                }
-            )
-    rows.sort(key=lambda r: (r.get("step", -1), r["path"]))
-    reasons = _kept_reasons(directory)
-    if reasons is not None:
-        for row in rows:
-            row["kept_because"] = list(reasons.get(Path(row["path"]).name, ()))
-    if as_json:
-        _emit_json(rows)
-        return
-    if not rows:
-        out.print(f"no checkpoints under {directory}")
-        return
-    metric_names = sorted({k for r in rows for k in r.get("metrics", {})})[:6]
-    extra = ["kept because"] if reasons is not None else []
-    table = Table(show_edge=False, header_style="bold")
-    for col in ("checkpoint", "step", "size", "created", "validation", *metric_names, *extra):
-        justify = "right" if col not in ("checkpoint", "created", "validation", "kept because") else "left"
-        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for row in rows:
-        cells = [_relative(row["path"], directory)]
-        if "error" in row:
-            cells += [
-                "[red]unreadable[/red]",
-                "",
-                row["error"][:60],
-                "",
-                *[""] * (len(metric_names) + len(extra)),
-            ]
-        else:
-            created = datetime.fromisoformat(row["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
-            cells += [
-                str(row["step"]),
-                _human_bytes(row["size_bytes"]),
-                created,
-                _fmt_validation(row["validation"]),
-            ]
-            cells += [_fmt_metric(row["metrics"].get(m)) for m in metric_names]
-            if extra:
-                cells.append(", ".join(row["kept_because"]) or "[red]to be deleted[/red]")
-        table.add_row(*cells)
-    out.print(table)
-    failed = [r for r in rows if (r.get("validation") or {}).get("passed") is False]
-    for row in failed:
-        err.print(
-            f"[red bold]FAILED validation[/red bold] {_relative(row['path'], directory)}: "
-            + "; ".join(row["validation"].get("problems", []))[:300]
-        )
-
-
-def _validation_status(path: str, checkpoint_id: str) -> dict[str, Any] | None:
-    result = read_result(path)
-    if result is None or result.get("checkpoint_id") != checkpoint_id:
-        return None  # never validated, or the result of an older checkpoint of that name
-    return {k: result.get(k) for k in ("level", "passed", "problems", "seconds", "note")}
-
-
-def _fmt_validation(status: dict[str, Any] | None) -> str:
-    if status is None:
-        return "-"
-    if status.get("passed"):
-        return f"{status.get('level')} ok"
-    return f"[red bold]{status.get('level')} FAILED[/red bold]"
 
 
 @app.command()
@@ -220,46 +135,29 @@ def validate(
     level: Annotated[
         str, typer.Option("--level", help="checksum, readback or full (rebuild the model, run the probe).")
     ] = "full",
+    trust: Annotated[
+        list[str] | None,
+        typer.Option("--trust", help="Trust this model module (and submodules) to be imported."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate a checkpoint now; exits 1 when it fails (the result is recorded beside it)."""
     with _errors():
-        result = api.validate(checkpoint, level)
+        result = api.validate(checkpoint, level, trusted_modules=trust)
     if as_json:
         _emit_json(result.as_dict())
     else:
         verdict = "[green]OK[/green]" if result.passed else "[red bold]FAILED[/red bold]"
-        out.print(f"{verdict}  {checkpoint}  {result.level} validation in {result.seconds:.2f} s")
+        out.print(
+            f"{verdict}  {inert(checkpoint)}  {inert(result.level)} validation in {result.seconds:.2f} s"
+        )
         for line in (result.note, *result.checks):
             if line:
-                out.print(f"   {line}")
+                out.print(f"   {inert(line)}")
         for problem in result.problems:
-            out.print(f"   [red]{problem}[/red]")
+            out.print(f"   [red]{inert(problem)}[/red]")
     if not result.passed:
         raise typer.Exit(1)
-
-
-def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
-    """Retention reasons when ``directory`` is a CheckpointManager run (it has a run.json)."""
-    if not (directory / "run.json").is_file():
-        return None
-    from ..manager import kept_reasons
-
-    try:
-        return kept_reasons(directory)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-
-
-def _relative(path: str, root: Path) -> str:
-    relative = os.path.relpath(path, root)
-    return path if relative.startswith("..") else relative
-
-
-def _fmt_metric(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else str(value)
 
 
 @app.command()
@@ -281,15 +179,15 @@ def verify(
         for report in reports:
             if report.ok:
                 out.print(
-                    f"[green]OK[/green]   {report.path}  {report.files_checked} files, "
+                    f"[green]OK[/green]   {inert(report.path)}  {report.files_checked} files, "
                     f"{report.tensors_checked} tensors, {_human_bytes(report.bytes_checked)} "
                     f"in {report.seconds:.2f} s"
                 )
             else:
-                out.print(f"[red]FAIL[/red] {report.path}")
+                out.print(f"[red]FAIL[/red] {inert(report.path)}")
                 for problem in report.problems:
                     where = " / ".join(x for x in (problem.file, problem.tensor) if x)
-                    out.print(f"     [{problem.kind}] {where}: {problem.message}")
+                    out.print(f"     {inert(f'[{problem.kind}] {where}: {problem.message}')}")
     if not all(r.ok for r in reports):
         raise typer.Exit(1)
 
@@ -322,8 +220,8 @@ def diff(
         for row in shown:
             colour = colours.get(row.status, "white")
             table.add_row(
-                row.path,
-                f"[{colour}]{row.status}[/{colour}] {row.detail}".rstrip(),
+                inert(row.path),
+                f"[{colour}]{inert(row.status)}[/{colour}] {inert(row.detail)}".rstrip(),
                 "" if row.max_abs is None else f"{row.max_abs:.4g}",
                 "" if row.max_rel is None else f"{row.max_rel:.4g}",
             )
@@ -355,6 +253,10 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="hf: replace an earlier export directory.")
     ] = False,
+    trust: Annotated[
+        list[str] | None,
+        typer.Option("--trust", help="onnx: trust this model module (and submodules) to be imported."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export for other tools: safetensors, torch (.pt), a Hugging Face directory, or ONNX (checked)."""
@@ -362,7 +264,7 @@ def export(
 
     if fmt not in FORMATS:
         err.print(
-            f"[red]error:[/red] unknown export format {escape(repr(fmt))}; supported: {', '.join(FORMATS)}"
+            f"[red]error:[/red] unknown export format {inert(repr(fmt))}; supported: {', '.join(FORMATS)}"
         )
         raise typer.Exit(2)
     misplaced = [
@@ -376,14 +278,14 @@ def export(
         if given and fmt != owner
     ]
     if misplaced:
-        err.print(f"[red]error:[/red] {', '.join(misplaced)} does not apply to --format {fmt}")
+        err.print(f"[red]error:[/red] {', '.join(misplaced)} does not apply to --format {inert(fmt)}")
         raise typer.Exit(2)
     try:
         shard_size = parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     except ValueError as exc:
-        err.print(f"[red]error:[/red] --max-shard-size: {escape(str(exc))}")
+        err.print(f"[red]error:[/red] --max-shard-size: {inert(str(exc))}")
         raise typer.Exit(2) from exc
-    # Not _errors(): its markup would swallow the "[onnx]" of an install hint, so messages are escaped.
+    # Not _errors(): a FileNotFoundError here names the checkpoint or probe, so it gets no type name.
     try:
         total = api.info(checkpoint).tensor_bytes
         with _progress(total, f"export {checkpoint.name}", not as_json) as advance:
@@ -396,18 +298,19 @@ def export(
                 opset=opset,
                 overwrite=overwrite,
                 progress=advance,
+                trusted_modules=trust,
             )
     except (CheckpointError, FileNotFoundError) as exc:
         name = f"{type(exc).__name__}: " if isinstance(exc, CheckpointError) else ""
-        err.print(f"[red]error:[/red] {escape(name + str(exc))}")
+        err.print(f"[red]error:[/red] {inert(name + str(exc))}")
         raise typer.Exit(1) from exc
     if as_json:
         _emit_json(result.as_dict())
         return
-    out.print(f"wrote {escape(str(output))} ({_human_bytes(result.size_bytes)})")
+    out.print(f"wrote {inert(output)} ({_human_bytes(result.size_bytes)})")
     if fmt != "safetensors":
         extra = f"; max abs diff {result.max_abs_diff:.3g}" if result.max_abs_diff is not None else ""
-        out.print(f"   {result.num_tensors} tensors from {escape(result.source)}{extra}")
+        out.print(f"   {result.num_tensors} tensors from {inert(result.source)}{extra}")
 
 
 @app.command()
@@ -423,7 +326,7 @@ def gc(
     """
     with _errors():
         if not directory.is_dir():
-            err.print(f"[red]error:[/red] {directory} is not a directory")
+            err.print(f"[red]error:[/red] {inert(directory)} is not a directory")
             raise typer.Exit(2)
         report = collect_garbage(directory, dry_run=dry_run)
     if as_json:
@@ -449,7 +352,8 @@ def import_(
     with _errors():
         info = import_legacy(source, target, overwrite=overwrite)
     out.print(
-        f"imported {source} -> {info.path} ({info.num_tensors} tensors, {_human_bytes(info.size_bytes)})"
+        f"imported {inert(source)} -> {inert(info.path)} "
+        f"({info.num_tensors} tensors, {_human_bytes(info.size_bytes)})"
     )
 
 
@@ -467,18 +371,19 @@ def check_resume_command(
     try:
         result = check_resume(command, kills=kills, seed=seed, workdir=str(workdir) if workdir else None)
     except (RuntimeError, CheckpointError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {error_text(exc, with_type=False)}")
         raise typer.Exit(2) from exc
     if as_json:
         _emit_json(result.__dict__)
     elif result.exact:
         out.print(f"[green]exact[/green]: killed {result.kills} times and resumed; final state bit-identical")
     else:
-        out.print(f"[red]differs[/red] after {result.kills} kills: {result.first_difference}")
+        out.print(f"[red]differs[/red] after {result.kills} kills: {inert(result.first_difference)}")
     if not result.exact:
         raise typer.Exit(1)
 
 
+app.command("ls")(listing.list_)
 app.command()(catalog_cmds.find)
 app.add_typer(catalog_cmds.catalog_app, name="catalog")
 app.add_typer(catalog_cmds.registry_app, name="registry")

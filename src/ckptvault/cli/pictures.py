@@ -1,7 +1,8 @@
 """``ckptvault plot RUN`` and ``ckptvault report ROOT``: a run's trajectory as a PNG, a tree as HTML.
 
-Thin commands over :mod:`ckptvault.reporting`, which is imported only when one of them runs: the
-other commands must not pay for (or need) matplotlib.
+Thin commands over :mod:`ckptvault.reporting` and :mod:`ckptvault.report_html`, imported only when
+one of them runs: the other commands must not pay for (or need) matplotlib. Every path or message
+printed is made inert (``cli/inert.py``).
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from ..errors import CheckpointError
+from .inert import console, error_text, inert
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = console()
+err = console(stderr=True)
 
 
 def _fail(exc: CheckpointError, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    err.print(f"[red]error:[/red] {error_text(exc, with_type=False)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -46,7 +46,7 @@ def plot(
         raise _fail(exc) from exc
     reporting.write_atomically(output, png)
     drawn = len(metric or traj.metric_names()[: reporting.MAX_SUBPLOTS])
-    out.print(f"wrote {escape(str(output))}: {drawn} metrics, {len(traj.marks)} checkpoints", soft_wrap=True)
+    out.print(f"wrote {inert(output)}: {drawn} metrics, {len(traj.marks)} checkpoints", soft_wrap=True)
 
 
 def report(
@@ -59,13 +59,13 @@ def report(
 ) -> None:
     """Write ONE self-contained HTML page: runs, a sortable and filterable checkpoint table,
     metric curves, storage over time, validation status and registry aliases."""
-    from .. import reporting
+    from .. import report_html, reporting
 
     if not root.is_dir():
         raise _fail(CheckpointError(f"{root} is not a directory"))
     try:
-        page = reporting.build_report(root, curves=curves)
+        page = report_html.build_report(root, curves=curves)
     except CheckpointError as exc:
         raise _fail(exc) from exc
     reporting.write_atomically(output, page.encode("utf-8"))
-    out.print(f"wrote {escape(str(output))} ({len(page) // 1024} KiB)", soft_wrap=True)
+    out.print(f"wrote {inert(output)} ({len(page) // 1024} KiB)", soft_wrap=True)

@@ -1,0 +1,156 @@
+"""``ckptvault ls DIRECTORY``: one row per committed checkpoint, whatever state each one is in.
+
+A listing is how a user finds the damaged checkpoint, so one damaged checkpoint must never hide the
+others: each row is read and formatted on its own, and a checkpoint that cannot be read (or shown)
+becomes a row marked ``unreadable`` with its error. ``ls`` exits 0 whenever it could list the
+directory; ``verify`` is the command whose exit code judges checkpoints. Every text in a row is
+made inert (``cli/inert.py``) before rich sees it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .. import api
+from ..validation import read_result
+from .inert import (
+    UNREADABLE,
+    console,
+    emit_json,
+    error_text,
+    human_bytes,
+    inert,
+    message_of,
+    metric_text,
+    timestamp,
+)
+
+out = console()
+err = console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+_MAX_METRIC_COLUMNS = 6
+
+
+def list_(directory: Path, as_json: JsonOpt = False) -> None:
+    """Committed checkpoints under a directory: step, size, time, key metrics.
+
+    A checkpoint that cannot be read is listed as unreadable, with its error; exits 0 when the
+    directory could be listed (``verify`` judges checkpoints)."""
+    try:
+        paths = api.list_checkpoints(directory)
+    except UNREADABLE as exc:
+        err.print(f"[red]error:[/red] {error_text(exc)}")
+        raise typer.Exit(1) from exc
+    rows = [_row(path) for path in paths]
+    rows.sort(key=lambda r: (r.get("step", -1), r["path"]))
+    reasons = _kept_reasons(directory)
+    if reasons is not None:
+        for row in rows:
+            row["kept_because"] = list(reasons.get(Path(row["path"]).name, ()))
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        out.print(f"no checkpoints under {inert(directory)}")
+        return
+    metric_names = sorted({str(k) for r in rows for k in r.get("metrics", {})})[:_MAX_METRIC_COLUMNS]
+    extra = ["kept because"] if reasons is not None else []
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("checkpoint", "step", "size", "created", "validation", *metric_names, *extra):
+        justify = "right" if col not in ("checkpoint", "created", "validation", "kept because") else "left"
+        table.add_column(inert(col), justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*_cells(row, directory, metric_names, bool(extra)))
+    out.print(table)
+    for row in rows:
+        validation = row.get("validation") or {}
+        if validation.get("passed") is False:
+            problems = validation.get("problems")
+            text = "; ".join(map(str, problems)) if isinstance(problems, list) else str(problems or "")
+            err.print(
+                f"[red bold]FAILED validation[/red bold] {inert(_relative(row['path'], directory))}: "
+                + inert(text, 300)
+            )
+
+
+def _row(path: str) -> dict[str, Any]:
+    """One checkpoint's row; what cannot be read (or would fail to print) becomes its ``error``."""
+    try:
+        info = api.info(path)
+        row = {
+            "path": path,
+            "step": info.step,
+            "size_bytes": info.size_bytes,
+            "created_at": info.created_at,
+            "metrics": _metrics_of(info.metadata),
+            "validation": _validation_status(path, info.checkpoint_id),
+        }
+        return row
+    except UNREADABLE as exc:
+        return {"path": path, "error": message_of(exc)}
+
+
+def _metrics_of(metadata: dict[str, Any]) -> dict[str, Any]:
+    metrics = metadata.get("metrics")
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _cells(row: dict[str, Any], directory: Path, metric_names: list[str], kept_column: bool) -> list[str]:
+    cells = [inert(_relative(row["path"], directory))]
+    if "error" in row:
+        return [
+            *cells,
+            "[red]unreadable[/red]",
+            "",
+            inert(row["error"], 120),
+            "",
+            *[""] * (len(metric_names) + int(kept_column)),
+        ]
+    metrics = {str(k): v for k, v in row["metrics"].items()}
+    cells += [
+        metric_text(row["step"]),
+        human_bytes(row["size_bytes"]),
+        timestamp(row["created_at"]),
+        _fmt_validation(row["validation"]),
+    ]
+    cells += [metric_text(metrics.get(m)) for m in metric_names]
+    if kept_column:
+        cells.append(inert(", ".join(row["kept_because"])) or "[red]to be deleted[/red]")
+    return cells
+
+
+def _validation_status(path: str, checkpoint_id: str) -> dict[str, Any] | None:
+    result = read_result(path)
+    if result is None or result.get("checkpoint_id") != checkpoint_id:
+        return None  # never validated, or the result of an older checkpoint of that name
+    return {k: result.get(k) for k in ("level", "passed", "problems", "seconds", "note")}
+
+
+def _fmt_validation(status: dict[str, Any] | None) -> str:
+    if status is None:
+        return "-"
+    if status.get("passed"):
+        return f"{inert(status.get('level'), 20)} ok"
+    return f"[red bold]{inert(status.get('level'), 20)} FAILED[/red bold]"
+
+
+def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
+    """Retention reasons when ``directory`` is a CheckpointManager run (it has a run.json)."""
+    if not (directory / "run.json").is_file():
+        return None
+    from ..manager import kept_reasons
+
+    try:
+        return kept_reasons(directory)
+    except UNREADABLE:
+        return None
+
+
+def _relative(path: str, root: Path) -> str:
+    relative = os.path.relpath(path, root)
+    return path if relative.startswith("..") else relative
