@@ -92,3 +92,30 @@ def test_hostile_tree_is_reported_not_crashed(run_dir: Path) -> None:
     for command in ("show", "verify"):
         done = run(command, str(target), ok=False)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_trust_is_passed_to_validate_and_onnx_export_only(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--trust MODULE`` (repeatable) is ``trusted_modules=[...]``; absent, None (the environment
+    variable then applies); on an export format that builds no model it is a usage error."""
+    from typer.testing import CliRunner
+
+    from ckptvault.cli import main as cli_main
+
+    seen: list[object] = []
+
+    def fake_validate(path: object, level: str, *, trusted_modules: list[str] | None = None) -> object:
+        seen.append(trusted_modules)
+        raise cv.CheckpointError("stopped here")
+
+    monkeypatch.setattr(cli_main.api, "validate", fake_validate)
+    target = str(run_dir / "step_00000010")
+    runner = CliRunner()
+    runner.invoke(cli_main.app, ["validate", target, "--trust", "mypkg.models", "--trust", "other"])
+    runner.invoke(cli_main.app, ["validate", target])
+    assert seen == [["mypkg.models", "other"], None]
+    done = runner.invoke(
+        cli_main.app, ["export", target, str(tmp_path / "x.safetensors"), "--trust", "mypkg"]
+    )
+    assert done.exit_code == 2 and "--trust does not apply to --format safetensors" in done.output

@@ -38,6 +38,17 @@ app = typer.Typer(
 out = console()
 err = console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+# trusted_modules= on the command line: the user, never the checkpoint, names what may be imported.
+# Absent: None, so CKPTVAULT_TRUSTED_MODULES applies; given: the list replaces it.
+TrustOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trust",
+        metavar="MODULE",
+        help="Trust MODULE (and its submodules) to build the model: it may be imported. Repeatable; "
+        "replaces $CKPTVAULT_TRUSTED_MODULES.",
+    ),
+]
 _human_bytes = human_bytes
 _emit_json = emit_json
 
@@ -135,13 +146,13 @@ def validate(
     level: Annotated[
         str, typer.Option("--level", help="checksum, readback or full (rebuild the model, run the probe).")
     ] = "full",
-    trust: Annotated[
-        list[str] | None,
-        typer.Option("--trust", help="Trust this model module (and submodules) to be imported."),
-    ] = None,
+    trust: TrustOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate a checkpoint now; exits 1 when it fails (the result is recorded beside it)."""
+    """Validate a checkpoint now; exits 1 when it fails (the result is recorded beside it).
+
+    ``full`` rebuilds the model from the factory the checkpoint records, whose module is imported
+    only when trusted (already imported, or ``--trust MODULE``); the failure says how to trust it."""
     with _errors():
         result = api.validate(checkpoint, level, trusted_modules=trust)
     if as_json:
@@ -253,10 +264,7 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="hf: replace an earlier export directory.")
     ] = False,
-    trust: Annotated[
-        list[str] | None,
-        typer.Option("--trust", help="onnx: trust this model module (and submodules) to be imported."),
-    ] = None,
+    trust: TrustOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export for other tools: safetensors, torch (.pt), a Hugging Face directory, or ONNX (checked)."""
@@ -274,6 +282,7 @@ def export(
             ("--overwrite", overwrite, "hf"),
             ("--probe", probe is not None, "onnx"),
             ("--opset", opset is not None, "onnx"),
+            ("--trust", trust is not None, "onnx"),  # only onnx rebuilds the model
         )
         if given and fmt != owner
     ]
