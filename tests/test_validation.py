@@ -110,7 +110,8 @@ def test_save_model_full_validation_passes_and_a_fresh_process_reproduces_the_ou
         "import sys, torch, ckptvault as cv\n"
         "from safetensors.torch import load_file, save_file\n"
         "torch.set_num_threads(1)\n"
-        "model = cv.load_model(sys.argv[1])\n"
+        # the one thing the fresh process must be told: which module it may import for the model
+        "model = cv.load_model(sys.argv[1], trusted_modules=['tests.models_for_validation'])\n"
         # a fresh (aligned) copy: MKL's results depend on the input's 16-byte alignment, and
         # load_file maps the probe at whatever offset the file header leaves
         "probe = load_file(sys.argv[2])['probe'].clone()\n"

@@ -179,6 +179,7 @@ def test_the_server_exits_with_the_process_that_started_it(tmp_path: Path) -> No
     code = (
         "import os, signal, sys\n"
         "from ckptvault import validation\n"
+        "import tests.models_for_validation\n"  # the program's own model module: trusted
         "assert validation.full(sys.argv[1]).passed\n"
         "print(validation._SERVER.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"  # no atexit, no cleanup: only the pipe closes

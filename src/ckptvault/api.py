@@ -218,38 +218,42 @@ def load_model(
     *,
     map_location: Any = "cpu",
     verify: bool = True,
+    trusted_modules: list[str] | None = None,
     allowed_modules: list[str] | None = None,
 ) -> Any:
     """Rebuilds the checkpoint's model from its recorded factory and loads its weights (eval mode).
 
+    The factory's module is imported only if this program trusts it: it is imported already, or
+    ``trusted_modules`` (default: ``CKPTVAULT_TRUSTED_MODULES``, comma-separated) names it or a
+    package above it -- and even then never from the current directory or the checkpoint's
+    directories. ``allowed_modules`` narrows instead: only those modules, imported or not. The
+    model is first built on the meta device and every shape compared with the checkpoint's before
+    any real memory is allocated; the checkpoint is decoded as strictly as by :func:`load`.
+
     Raises :class:`~ckptvault.training.architecture.ArchitectureError` when no factory is recorded,
-    it cannot be imported or it is not a model class or marked factory, and
+    its module is not trusted (the message says how to trust it) or fails to import, it is not a
+    model class or marked factory, or building raises (``SystemExit`` included);
     :class:`~ckptvault.training.architecture.ModelMismatchError` listing missing/unexpected keys and
-    shape mismatches when the weights do not fit.
+    shape mismatches when the weights do not fit; :class:`CorruptCheckpointError` as :func:`load`.
     """
-    from .training.architecture import ArchitectureError, ModelSpec, build, check_fit
+    from .training.rebuild import rebuild_model
+    from .training.trust import TrustPolicy
 
-    with open(path, map_location=map_location, verify=verify) as view:
-        spec = ModelSpec.from_metadata(view.metadata.get("architecture"))
-        node: Any = view
-        try:
-            for key in spec.weights:
-                node = node[key]
-        except (KeyError, TypeError) as exc:
-            raise ArchitectureError(f"the checkpoint has no weights at {list(spec.weights)}") from exc
-        weights = node.load() if hasattr(node, "load") else node
-    if not isinstance(weights, dict):
-        raise ArchitectureError(f"the weights at {list(spec.weights)} are not a state dict")
-    model = build(spec, allowed_modules=allowed_modules)
-    check_fit(model, weights)
-    model.load_state_dict(weights, strict=True)
-    return model.eval()
+    policy = TrustPolicy.create(trusted_modules, allowed_modules)
+    storage, target = storage_for(path)
+    return rebuild_model(storage, target, map_location=map_location, verify=verify, policy=policy)
 
 
-def validate(path: PathLike, level: str = "full") -> ValidationResult:
-    """Validates a committed checkpoint now at ``level`` and records the result beside it."""
+def validate(
+    path: PathLike, level: str = "full", *, trusted_modules: list[str] | None = None
+) -> ValidationResult:
+    """Validates a committed checkpoint now at ``level`` and records the result beside it.
+
+    ``"full"`` rebuilds the model in another process, which imports the factory's module only when
+    this process trusts it (imported here, or in ``trusted_modules``; see :func:`load_model`).
+    """
     _, target = storage_for(path)
-    result = run_validation(target, level)
+    result = run_validation(target, level, trusted_modules=trusted_modules)
     record_result(result)
     return result
 

@@ -22,8 +22,9 @@ recorded architecture, since a config or a graph cannot be made from weights alo
 Every export is atomic: files go to a temporary name beside the output, are fsynced and renamed
 into place, so a failure or a crash never leaves a partial output where the caller looks. Reading
 goes through the checkpoint's digests; nothing from the checkpoint is unpickled or executed (the
-ONNX export does import the recorded model factory, under the rules of
-``ckptvault.training.architecture``).
+ONNX export does rebuild the model from the recorded factory, as :func:`ckptvault.load_model` does:
+its module is imported only when trusted -- imported already, or named by ``trusted_modules`` /
+``--trust`` -- and never from the current directory or the checkpoint's directories).
 """
 
 from __future__ import annotations
@@ -127,8 +128,10 @@ def export_checkpoint(
     opset: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    trusted_modules: list[str] | None = None,
 ) -> ExportResult:
-    """Exports ``checkpoint`` to ``out`` in ``format`` (one of :data:`FORMATS`); see the module doc."""
+    """Exports ``checkpoint`` to ``out`` in ``format`` (one of :data:`FORMATS`); see the module doc.
+    ``trusted_modules`` (onnx, which rebuilds the model) is :func:`ckptvault.load_model`'s."""
     if format == "safetensors":
         return export_safetensors_file(checkpoint, out, progress=progress)
     if format == "torch":
@@ -138,7 +141,7 @@ def export_checkpoint(
             checkpoint, out, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress
         )
     if format == "onnx":
-        return export_onnx(checkpoint, out, probe=probe, opset=opset)
+        return export_onnx(checkpoint, out, probe=probe, opset=opset, trusted_modules=trusted_modules)
     raise ExportError(f"unknown export format {format!r}; supported: {', '.join(FORMATS)}")
 
 
@@ -648,7 +651,12 @@ def _run_exporter(
 
 
 def export_onnx(
-    checkpoint: PathLike, out: PathLike, *, probe: PathLike | None = None, opset: int | None = None
+    checkpoint: PathLike,
+    out: PathLike,
+    *,
+    probe: PathLike | None = None,
+    opset: int | None = None,
+    trusted_modules: list[str] | None = None,
 ) -> ExportResult:
     """The rebuilt model as an ONNX graph, proven against the model on the probe.
 
@@ -658,7 +666,9 @@ def export_onnx(
     run through onnxruntime on it; each output must match the model's within rtol 1e-4, atol 1e-5
     (:class:`ExportMismatchError` otherwise). When the probe also records ``expected.N`` outputs,
     the rebuilt model must reproduce them first, so what is exported is the model that was saved.
-    Needs the ``onnx`` extra (``pip install 'ckptvault[onnx]'``).
+    Needs the ``onnx`` extra (``pip install 'ckptvault[onnx]'``). The model is rebuilt by
+    :func:`ckptvault.load_model` (``trusted_modules`` as there: an untrusted factory module is an
+    :class:`~ckptvault.training.architecture.ArchitectureError`, nothing imported).
     """
     import numpy as np
     import torch
@@ -672,7 +682,7 @@ def export_onnx(
     with open_checkpoint(checkpoint) as view:
         _, source, _ = _model_weights(view, need_architecture="onnx")
     inputs, expected = _load_probe(source_path, probe)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, trusted_modules=trusted_modules)
     if expected:
         # The recorded outputs are in the probe's own order (dict outputs by sorted key).
         recorded = run_probe(model, inputs)

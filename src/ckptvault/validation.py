@@ -36,10 +36,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 from .format.strictjson import dumps
+
+if TYPE_CHECKING:
+    from .training.trust import TrustPolicy
 
 LEVELS = ("checksum", "readback", "full")
 PROBE_FILE = "validation-probe.safetensors"
@@ -210,7 +213,13 @@ def has_probe(path: str) -> bool:
         return PROBE_FILE in reader.manifest.files and "architecture" in reader.decode_metadata()
 
 
-def full(path: str, *, timeout: float = 900.0, process: str | None = None) -> ValidationResult:
+def full(
+    path: str,
+    *,
+    timeout: float = 900.0,
+    process: str | None = None,
+    trusted_modules: list[str] | None = None,
+) -> ValidationResult:
     """Full validation in another process; falls back to readback (saying why) when the checkpoint
     has no probe or no recorded architecture.
 
@@ -224,16 +233,23 @@ def full(path: str, *, timeout: float = 900.0, process: str | None = None) -> Va
       saves every ~10 s on a small machine (README, "Validation on creation").
     * ``"spawn"``: a fresh ``python -m ckptvault.validation --worker`` per validation (the fallback
       when the server cannot start, dies, or was made unsafe to fork by the model's module).
+
+    Either imports the factory's module only if this process trusts it (imported here, or named by
+    ``trusted_modules`` / ``CKPTVAULT_TRUSTED_MODULES``): the trust goes with the request
+    (:meth:`~ckptvault.training.trust.TrustPolicy.for_worker`), and the worker trusts nothing else.
     """
     if not has_probe(path):
         note = "full validation needs a recorded architecture and a probe; ran readback"
         return readback(path, "full", note)
     path = os.path.abspath(path)
     mode = check_process(process if process is not None else os.environ.get(PROCESS_ENV, ""))
+    from .training.trust import TrustPolicy
+
+    trust = TrustPolicy.create(trusted_modules).for_worker(_recorded_module(path))
     started = time.perf_counter()
-    doc = _SERVER.validate(path, timeout) if mode == "fork" else None
+    doc = _SERVER.validate(path, timeout, trust) if mode == "fork" else None
     if doc is None:
-        doc = _spawn(path, timeout)
+        doc = _spawn(path, timeout, trust)
     problems, checks = tuple(doc["problems"]), tuple(doc["checks"])
     seconds = time.perf_counter() - started
     return ValidationResult(path, "full", "full", not problems, problems, seconds, "", checks, time.time())
@@ -259,14 +275,14 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _spawn(path: str, timeout: float) -> dict[str, Any]:
+def _spawn(path: str, timeout: float, trust: TrustPolicy) -> dict[str, Any]:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "ckptvault.validation", "--worker", os.fspath(path)],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=_worker_env(),
+            env={**_worker_env(), **trust.to_env()},
         )
     except subprocess.TimeoutExpired:
         return {"problems": [f"validation process ran over {timeout:.0f} s"], "checks": []}
@@ -396,7 +412,7 @@ class _Server:
         self._log.seek(max(0, self._log.tell() - 1500))
         return str(self._log.read().decode("utf-8", "replace")).strip()
 
-    def validate(self, path: str, timeout: float) -> dict[str, Any] | None:
+    def validate(self, path: str, timeout: float, trust: TrustPolicy) -> dict[str, Any] | None:
         with self._lock:
             if self.disabled:
                 return None
@@ -410,7 +426,13 @@ class _Server:
                     self._stop_locked(kill=True)
                     return None
                 self._ready = True
-            request = {"path": path, "timeout": timeout, "cwd": os.getcwd(), "sys_path": _paths()}
+            request = {
+                "path": path,
+                "timeout": timeout,
+                "cwd": os.getcwd(),
+                "sys_path": _paths(),
+                "trust": trust.to_doc(),
+            }
             try:
                 self._proc.stdin.write(json.dumps(request).encode() + b"\n")
                 self._proc.stdin.flush()
@@ -451,7 +473,7 @@ def _paths() -> list[str]:
     return [p for p in sys.path if p and os.path.isdir(p)]
 
 
-def validate(path: str, level: str) -> ValidationResult:
+def validate(path: str, level: str, *, trusted_modules: list[str] | None = None) -> ValidationResult:
     """Runs ``level`` on a committed checkpoint now (in this thread; full in another process)."""
     import dataclasses
 
@@ -468,7 +490,7 @@ def validate(path: str, level: str) -> ValidationResult:
     elif level == "readback":
         result = readback(path)
     else:
-        result = full(path)
+        result = full(path, trusted_modules=trusted_modules)
     return dataclasses.replace(result, checkpoint_id=checkpoint_id)
 
 
@@ -479,21 +501,34 @@ def _prepare_worker_process() -> None:
 
 
 def _worker(path: str) -> dict[str, Any]:
-    """The one-shot worker (``--worker PATH``)."""
+    """The one-shot worker (``--worker PATH``): trusts what the environment hands it."""
+    from .training.trust import TrustPolicy
+
     _prepare_worker_process()
-    return _check(path)
+    return _check(path, TrustPolicy.from_worker_env())
 
 
-def _check(path: str) -> dict[str, Any]:
+def _recorded_module(path: str) -> str | None:
+    """The module of the checkpoint's recorded factory, if it records one."""
+    from .engine.reader import CheckpointReader
+    from .storage.local import LocalStorage
+
+    with CheckpointReader(LocalStorage(), path) as reader:
+        architecture = reader.decode_metadata().get("architecture")
+    factory = architecture.get("factory") if isinstance(architecture, dict) else None
+    return factory.partition(":")[0] if isinstance(factory, str) else None
+
+
+def _check(path: str, trust: TrustPolicy) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
     from safetensors.torch import load as st_load
 
-    from .api import load_model
     from .engine.reader import CheckpointReader
     from .engine.sidecar import sidecar_name
     from .storage.local import LocalStorage
+    from .training.rebuild import rebuild_model
 
     problems: list[str] = []
     checks: list[str] = []
@@ -509,7 +544,7 @@ def _check(path: str) -> dict[str, Any]:
     count = sum(k.startswith("input.") for k in tensors)
     inputs = [tensors[f"input.{i}"].clone() for i in range(count)]  # aligned, as at save time
     expected = [tensors[f"expected.{i}"] for i in range(sum(k.startswith("expected.") for k in tensors))]
-    model = load_model(path, map_location="cpu")
+    model = rebuild_model(LocalStorage(), path, map_location="cpu", verify=True, policy=trust)
     checks.append(f"rebuilt {type(model).__qualname__} and loaded its weights")
     outputs = run_probe(model, inputs)
     exact = not str(meta.get("device", "cpu")).startswith(("cuda", "mps", "xpu"))
@@ -572,6 +607,11 @@ def _serve() -> None:
 
     from . import api as _api  # noqa: F401
     from .engine import reader as _reader  # noqa: F401
+    from .training import rebuild as _rebuild  # noqa: F401
+    from .training.trust import TrustPolicy
+
+    # What this server imported for itself; a request's model module must be trusted by the request.
+    own_modules = frozenset(sys.modules)
 
     protocol.write(json.dumps({"ready": os.getpid()}) + "\n")
     for line in sys.stdin:
@@ -579,13 +619,14 @@ def _serve() -> None:
             request = json.loads(line)
             path, timeout = str(request["path"]), float(request["timeout"])
             cwd, paths = str(request.get("cwd", "")), [str(p) for p in request.get("sys_path", [])]
+            trust = TrustPolicy.from_doc(request.get("trust"), cwds=(cwd,), imported=own_modules)
         except (ValueError, KeyError, TypeError):
             protocol.write(
                 json.dumps({"problems": ["bad request to the validation server"], "checks": []}) + "\n"
             )
             continue
         sys.path.extend(p for p in paths if p not in sys.path)
-        _preimport(path)
+        _preimport(path, trust)
         tainted = ""
         if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             tainted = "the model's module initialised CUDA when imported; forking is not safe"
@@ -594,32 +635,26 @@ def _serve() -> None:
         if tainted:
             protocol.write(json.dumps({"tainted": tainted}) + "\n")
             return
-        reply = _fork_check(path, timeout, cwd, protocol.fileno())
+        reply = _fork_check(path, timeout, cwd, protocol.fileno(), trust)
         protocol.write(json.dumps(reply) + "\n")
 
 
-def _preimport(path: str) -> None:
+def _preimport(path: str, trust: TrustPolicy) -> None:
     """Imports the module of the checkpoint's recorded factory, the same import ``load_model``
-    makes in the child (so nothing more is run here than there); any failure is left to the child,
-    which reports it as the validation's finding."""
-    import importlib
-
-    from .engine.reader import CheckpointReader
-    from .storage.local import LocalStorage
-    from .training.architecture import _REFERENCE, ModelSpec
+    makes in the child and under the same rules (only if the request trusts it, never from the
+    current directory or the checkpoint's); any failure, ``SystemExit`` included, is left to the
+    child, which repeats the import and reports it as the validation's finding."""
+    from .training.architecture import _REFERENCE, import_trusted
 
     try:
-        with CheckpointReader(LocalStorage(), path) as reader:
-            spec = ModelSpec.from_metadata(reader.decode_metadata().get("architecture"))
-        if _REFERENCE.match(spec.factory) and len(spec.factory) <= 512:
-            module = spec.factory.partition(":")[0]
-            if module not in sys.modules:
-                importlib.import_module(module)
-    except Exception:  # reported by the child, which repeats the import
+        module = _recorded_module(path)
+        if module is not None and _REFERENCE.match(f"{module}:x") and trust.refusal(module) is None:
+            import_trusted(module, trust, path)
+    except BaseException:  # reported by the child, which repeats the import
         pass
 
 
-def _fork_check(path: str, timeout: float, cwd: str, protocol_fd: int) -> dict[str, Any]:
+def _fork_check(path: str, timeout: float, cwd: str, protocol_fd: int, trust: TrustPolicy) -> dict[str, Any]:
     import signal
     import tempfile
 
@@ -637,7 +672,7 @@ def _fork_check(path: str, timeout: float, cwd: str, protocol_fd: int) -> dict[s
                 try:
                     if cwd:
                         os.chdir(cwd)
-                    doc = _check(path)
+                    doc = _check(path, trust)
                 except Exception as exc:  # every failure is a finding
                     doc = {"problems": [f"{type(exc).__name__}: {exc}"], "checks": []}
                 view = memoryview(json.dumps(doc).encode())
@@ -705,6 +740,8 @@ def _main() -> None:
     group.add_argument("--worker", help="validate this checkpoint and print the result as JSON")
     group.add_argument("--serve", action="store_true", help="serve requests on stdin (see _Server)")
     args = parser.parse_args()
+    if sys.path and sys.path[0] and os.path.realpath(sys.path[0]) == os.path.realpath(os.getcwd()):
+        del sys.path[0]  # `-m` put the current directory first: nothing is imported from there
     if args.serve:
         _serve()
         return
