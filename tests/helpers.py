@@ -1,8 +1,12 @@
-"""Exact-equality helpers: bit-for-bit comparison of nested states (NaN payloads included)."""
+"""Exact-equality helpers: bit-for-bit comparison of nested states (NaN payloads included).
+
+Every float is compared by its bits -- tensors and arrays by their bytes, Python floats and complex
+numbers by ``struct.pack`` -- so two NaNs with different payloads or signs are different values
+here, as the format promises to keep them (DESIGN invariant 4).
+"""
 
 from __future__ import annotations
 
-import math
 import struct
 from collections import OrderedDict
 from typing import Any
@@ -31,10 +35,11 @@ def assert_exact(a: Any, b: Any, path: str = "state") -> None:
         assert a.tobytes() == b.tobytes(), f"{path}: array bytes differ"
     elif isinstance(a, np.generic):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: numpy scalar differs"
-    elif isinstance(a, float):
-        assert struct.pack(">d", a) == struct.pack(">d", b) or (math.isnan(a) and math.isnan(b)), (
-            f"{path}: {a} != {b}"
-        )
+    elif isinstance(a, float):  # the bits: NaN payload and sign included, -0.0 is not 0.0
+        assert struct.pack(">d", a) == struct.pack(">d", b), f"{path}: {a!r} != {b!r} (bits differ)"
+    elif isinstance(a, complex):
+        bits_a = struct.pack(">dd", a.real, a.imag)
+        assert bits_a == struct.pack(">dd", b.real, b.imag), f"{path}: {a!r} != {b!r} (bits differ)"
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)[:5]} != {list(b)[:5]}"
         for key in a:

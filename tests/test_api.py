@@ -123,10 +123,31 @@ def test_lazy_open_reads_only_what_is_asked(ckpt_dir: Path) -> None:
 
 
 def test_map_location_and_original_device(ckpt_dir: Path) -> None:
-    cv.save(ckpt_dir / "m", {"t": torch.ones(2)})
+    """Every form of ``map_location`` has an observable effect: "meta" differs from the default
+    ("cpu") on any machine, so a loader that ignored the argument would fail here."""
+    state = {"t": torch.ones(2), "i": torch.arange(3, dtype=torch.int16), "shared": None}
+    state["shared"] = state["t"]
+    cv.save(ckpt_dir / "m", state)
     assert cv.load(ckpt_dir / "m", map_location="cpu")["t"].device.type == "cpu"
-    assert cv.load(ckpt_dir / "m", map_location=None)["t"].device.type == "cpu"
+    assert cv.load(ckpt_dir / "m", map_location=None)["t"].device.type == "cpu"  # saved on the CPU
     assert cv.load(ckpt_dir / "m", map_location=torch.device("cpu"))["t"].device.type == "cpu"
+    for location in ("meta", torch.device("meta"), {"cpu": "meta"}):
+        for mmap in (True, False):
+            back = cv.load(ckpt_dir / "m", map_location=location, mmap=mmap)
+            assert {k: v.device.type for k, v in back.items()} == {"t": "meta", "i": "meta", "shared": "meta"}
+            assert back["i"].dtype == torch.int16 and tuple(back["t"].shape) == (2,)
+    unmapped = cv.load(ckpt_dir / "m", map_location={"cuda:0": "meta"})  # no entry for "cpu": stays
+    assert unmapped["t"].device.type == "cpu" and torch.equal(unmapped["t"], torch.ones(2))
+    with cv.open(ckpt_dir / "m", map_location="meta") as view:
+        assert view["t"].device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_map_location_none_keeps_the_saved_device(ckpt_dir: Path) -> None:
+    cv.save(ckpt_dir / "g", {"t": torch.ones(2, device="cuda")})
+    assert cv.load(ckpt_dir / "g", map_location=None)["t"].device.type == "cuda"
+    assert cv.load(ckpt_dir / "g")["t"].device.type == "cpu"  # the default maps to the CPU
+    assert cv.load(ckpt_dir / "g", map_location={"cuda:0": "cpu"})["t"].device.type == "cpu"
 
 
 def test_sha256_checkpoints_verify(ckpt_dir: Path) -> None:

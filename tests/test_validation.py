@@ -26,6 +26,7 @@ from ckptvault import validation
 from ckptvault.cli.main import app
 from ckptvault.engine import writer
 from ckptvault.engine.sidecar import sidecar_name
+from ckptvault.restore_skips import RestoreRefusedError
 from ckptvault.testing import serialization_bug
 from ckptvault.training.state import probe_from_batch
 
@@ -448,7 +449,13 @@ def test_a_crashed_validation_stays_a_failure_after_reopening(
     (run / ".ckptvault-index.json").unlink()  # derived data: documented as rebuilt when lost
     with cv.CheckpointManager(run, validate="checksum") as reopened:
         assert [r.valid for r in reopened.checkpoints()] == [False]
-        assert reopened.restore(make_state(seed=3)) is None
+        # The bytes verify; only the (crashed) validation failed: restore refuses a silent fresh
+        # start (issue 13) and says how to load it anyway.
+        with (
+            pytest.warns(UserWarning, match="step_00000001"),
+            pytest.raises(RestoreRefusedError, match="which=1"),
+        ):
+            reopened.restore(make_state(seed=3))
 
 
 def test_retention_keeps_a_valid_checkpoint_until_the_next_one_passes(tmp_path: Path) -> None:

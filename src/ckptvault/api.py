@@ -113,6 +113,7 @@ def save(
     :class:`~ckptvault.validation.ValidationFailedError`, and the failure is recorded beside it.
     """
     check_level(validate)
+    _raise_unobserved_async_failure()
     storage, target = storage_for(path)
     settings = Settings.from_env()
     if digest is not None:
@@ -317,6 +318,13 @@ _ASYNC_WRITER: BackgroundWriter | None = None
 _ASYNC_STAGING = StagingBuffer()
 
 
+def _raise_unobserved_async_failure() -> None:
+    """Raises (once) the failure of a finished :func:`save_async` nobody waited on; never blocks."""
+    writer = _ASYNC_WRITER
+    if writer is not None:
+        writer.raise_unobserved()
+
+
 def save_async(
     path: PathLike,
     state: Any,
@@ -338,6 +346,11 @@ def save_async(
     bytes beyond the budget are written, and a background failure meanwhile is raised by the call
     itself. A budget smaller than two pieces (4 KiB, or two chunks when chunking) raises
     ``StagingBudgetError`` before anything is written. Pending saves are finished at interpreter exit.
+
+    A background failure nobody saw (no ``wait()`` raised it, no ``exception()`` returned it) is
+    raised once by the next ``save_async`` (which then saves nothing) or by the next :func:`save`
+    once it has finished, and printed on stderr if it is still unseen at interpreter exit: a lost
+    checkpoint is never silent.
     """
     global _ASYNC_WRITER
     with _ASYNC_LOCK:

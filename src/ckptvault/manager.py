@@ -51,6 +51,7 @@ from .errors import (
     StorageError,
     typed_os_errors,
 )
+from .index_check import confirm_scope
 from .policy import (
     CheckpointRecord,
     RetentionPolicy,
@@ -60,11 +61,13 @@ from .policy import (
     retention_reasons,
     step_trigger,
 )
+from .restore_skips import Skip, refuse_fresh_start, warn_skipped, why_invalid
 from .storage.chunkstore import STORE_NAME, collect_garbage
 from .storage.local import _HOST_TAG, STAGING_MARK, atomic_write_json
 from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
 from .types import CheckpointInfo
+from .validation_ids import result_for, validate_bound
 
 RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
 logger = logging.getLogger("ckptvault")
@@ -196,6 +199,7 @@ def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
         "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in record.metrics.items()},
         "pinned": record.pinned,
         "valid": record.valid,
+        "checkpoint_id": record.checkpoint_id,
     }
 
 
@@ -219,6 +223,7 @@ def _record_from_json(doc: Mapping[str, Any]) -> CheckpointRecord:
         metrics=metrics,
         pinned=bool(doc.get("pinned", False)),
         valid=bool(doc.get("valid", True)),
+        checkpoint_id=str(doc.get("checkpoint_id", "")),
     )
 
 
@@ -237,6 +242,7 @@ def record_from_info(name: str, info: CheckpointInfo) -> CheckpointRecord:
         created=float(created),
         scope=scope,
         metrics=_numeric(info.metrics),
+        checkpoint_id=info.checkpoint_id,
     )
 
 
@@ -288,17 +294,19 @@ class _Validator:
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
-        self._futures: list[Future[validation.ValidationResult]] = []
+        self._futures: list[Future[validation.ValidationResult | None]] = []
 
-    def submit(self, path: str, level: str) -> None:
+    def submit(self, path: str, level: str, checkpoint_id: str) -> None:
+        """Validates checkpoint ``checkpoint_id`` at ``path``; a stale outcome (the path holds
+        another checkpoint by then) is dropped: see :mod:`ckptvault.validation_ids`."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-validate")
-        self._futures.append(self._pool.submit(_validate_and_record, path, level))
+        self._futures.append(self._pool.submit(validate_bound, path, level, checkpoint_id))
 
     def drain(self) -> list[validation.ValidationResult]:
         done = [f for f in self._futures if f.done()]
         self._futures = [f for f in self._futures if not f.done()]
-        return [f.result() for f in done]
+        return [result for f in done if (result := f.result()) is not None]
 
     def join(self) -> None:
         for future in list(self._futures):
@@ -308,26 +316,6 @@ class _Validator:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-def _validate_and_record(path: str, level: str) -> validation.ValidationResult:
-    try:
-        result = validation.validate(path, level)
-    except CheckpointNotFoundError:  # deleted (by retention or by hand) before it was checked
-        return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
-    except Exception as exc:  # a checkpoint deleted by retention meanwhile, or a broken environment
-        if not Path(path).exists():
-            return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
-        checkpoint_id = ""
-        with contextlib.suppress(CheckpointError):
-            checkpoint_id = api.info(path).checkpoint_id
-        result = validation.ValidationResult(
-            path, level, level, False, (f"{type(exc).__name__}: {exc}",), checkpoint_id=checkpoint_id
-        )
-    if not Path(path).is_dir():  # deleted by retention while it was checked: nothing to report
-        return validation.ValidationResult(path, level, level, True, (), 0.0, "deleted before validation")
-    validation.record_result(result)
-    return result
 
 
 def load_pins(run_dir: Path) -> set[int]:
@@ -487,7 +475,8 @@ class CheckpointManager:
         self._writer = BackgroundWriter() if async_save else None
         self._validate = validation.check_level(validate)
         self._validator = _Validator()
-        self._validation_passed: dict[str, bool] = {}
+        self._validation_passed: dict[str, bool] = {}  # by name, for the record's current id only
+        self._confirmed: set[str] = set()  # records whose facts come from their manifest (index_check)
         self._chunking = api.chunk_options(incremental, compression, chunk_bytes)
         self._hints = HintCache() if self._chunking is not None and trust_version_counter else None
         self._staging = StagingBuffer(max_staging_bytes)
@@ -619,6 +608,9 @@ class CheckpointManager:
         scopes: set[str] = set()
         for result in self._validator.drain():
             name = Path(result.checkpoint).name
+            current = self._records.get(name)
+            if current is None or current.checkpoint_id != result.checkpoint_id:
+                continue  # deleted, or re-saved under the same name since: says nothing about it
             if name in self._records:  # one entry per live record: results of deleted ones would pile up
                 self._validation_passed[name] = result.passed
                 scopes.add(self._records[name].scope)
@@ -806,14 +798,17 @@ class CheckpointManager:
 
     def _committed(self, record: CheckpointRecord, info: CheckpointInfo | None = None) -> None:
         """A durable commit: only now do "latest", retention and the index move on."""
+        if info is not None:
+            record = dataclasses.replace(record, checkpoint_id=info.checkpoint_id)
         self._records[record.name] = record
+        self._confirmed.add(record.name)  # written by this process: its facts are the manifest's
         self._validation_passed.pop(record.name, None)  # a result of the checkpoint this one replaced
         if info is not None:  # before retention, which may delete the checkpoint just committed
             path = str(self.directory / record.name)
             self._track("on_checkpoint", path, info, record.scope, record.step, record.metrics)
         self._event("commit", record.name, record.step, epoch=record.epoch, metrics=record.metrics)
         if self._validate != "checksum":
-            self._validator.submit(str(self.directory / record.name), self._validate)
+            self._validator.submit(str(self.directory / record.name), self._validate, record.checkpoint_id)
         self._apply_retention(record.scope)
         self._write_index()
 
@@ -836,12 +831,11 @@ class CheckpointManager:
         except CheckpointError as exc:  # unknown pins: deleting now could delete a registered one
             warnings.warn(f"retention skipped: {exc}", stacklevel=3)
             return
-        records = [
-            dataclasses.replace(r, pinned=True) if r.name in registered else _with_pin(r, self._pins)
-            for r in self._records.values()
-            if r.scope == scope
-        ]
-        reasons = retention_reasons(records, self._streams[scope].retention, now=time.time())
+        reasons = self._retention_reasons(scope, registered)
+        if any(not why for why in reasons.values()) and self._needs_confirming(scope):
+            if not self._confirm_records(scope):
+                return  # a record could not be checked against its manifest: delete nothing now
+            reasons = self._retention_reasons(scope, registered)  # decided again on manifest facts
         deleted = False
         fallback = self._last_validated(scope)
         for name, why in reasons.items():
@@ -850,6 +844,26 @@ class CheckpointManager:
                 deleted = True
         if deleted and (self.directory / STORE_NAME).is_dir():
             collect_garbage(self.directory)  # chunks only the deleted checkpoints used
+
+    def _retention_reasons(self, scope: str, registered: set[str]) -> dict[str, tuple[str, ...]]:
+        records = [
+            dataclasses.replace(r, pinned=True) if r.name in registered else _with_pin(r, self._pins)
+            for r in self._records.values()
+            if r.scope == scope
+        ]
+        return retention_reasons(records, self._streams[scope].retention, now=time.time())
+
+    def _needs_confirming(self, scope: str) -> bool:
+        return any(r.scope == scope and r.name not in self._confirmed for r in self._records.values())
+
+    def _confirm_records(self, scope: str) -> bool:
+        """The scope's records from the index, checked against their manifests (index_check)."""
+        confirmed, changed = confirm_scope(
+            self.directory, self._records, self._confirmed, scope, record_from_info
+        )
+        if changed:
+            self._write_index()
+        return confirmed
 
     def _track(self, hook: str, *args: Any) -> None:
         """Calls a tracker hook; a tracker failure is a warning, never a failed training step (a
@@ -883,8 +897,8 @@ class CheckpointManager:
         for record in newest_first[:64]:  # bounded: a result file is read per unknown record
             passed = self._validation_passed.get(record.name)
             if passed is None:
-                result = validation.read_result(self.directory / record.name)
-                passed = None if result is None else bool(result.get("passed"))
+                result = result_for(self.directory / record.name, record.checkpoint_id)
+                passed = None if result is None else result.get("passed") is True
             if passed:
                 return record.name
         return None
@@ -893,6 +907,7 @@ class CheckpointManager:
         """Renames the checkpoint out of sight first, so a half-deleted one is never loadable."""
         record = self._records.pop(name, None)
         self._validation_passed.pop(name, None)  # one entry per live record, or a long run grows
+        self._confirmed.discard(name)
         if record is not None:
             self._event("delete", name, record.step)
         source = self.directory / name
@@ -972,12 +987,20 @@ class CheckpointManager:
         self, state: TrainState, which: Literal["latest", "best"] | int = "latest", *, partial: bool = False
     ) -> CheckpointInfo | None:
         """Restores the newest checkpoint that verifies (or the best, or a given step) into
-        ``state``; None for a fresh run. A newer checkpoint that fails verification is skipped
-        with a warning naming it, and marked invalid."""
+        ``state``; None for a fresh run.
+
+        Never quietly (:mod:`ckptvault.restore_skips`): each checkpoint it skips is named in a
+        warning and the log with why -- it fails verification now (then it is marked invalid), or
+        it was found invalid or failed its validation before. When nothing is restored although a
+        checkpoint skipped only for a failed validation verifies, it raises
+        :class:`~ckptvault.restore_skips.RestoreRefusedError` instead of returning None: the caller
+        would start fresh and retention would then delete that work. ``which=STEP`` restores that
+        step's checkpoint whatever its validation said."""
         state._on_epoch_end = self._on_epoch_end
         scope = FULL if any(r.scope == FULL for r in self._records.values()) else WEIGHTS
+        explicit = not isinstance(which, str)
         if which == "latest":
-            candidates = [r for r in reversed(self.checkpoints(scope)) if r.valid]
+            candidates = list(reversed(self.checkpoints(scope)))  # invalid ones: skipped, loudly
         elif which == "best":
             best = self._best_record(scope)
             candidates = [best] if best else []
@@ -985,12 +1008,18 @@ class CheckpointManager:
             candidates = [r for r in self._records.values() if r.step == int(which) and r.scope == scope]
             if not candidates:
                 raise CheckpointNotFoundError(f"{self.directory}: no {scope} checkpoint at step {which}")
+        skipped: list[Skip] = []
         for record in candidates:
             path = self.directory / record.name
+            if not record.valid and not explicit:
+                skipped.append(why_invalid(self.directory, record))
+                warn_skipped(self.directory, skipped[-1])
+                continue
             try:
                 tree = api.load(path)
             except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
+                skipped.append(Skip(record, f"it fails verification: {exc}", False))
+                warn_skipped(self.directory, skipped[-1])
                 self._records[record.name] = dataclasses.replace(record, valid=False)
                 continue
             state.restore(tree, partial=partial)
@@ -999,4 +1028,11 @@ class CheckpointManager:
                 stream.state.last_save_epoch = state.epoch
                 stream.state.last_save_time = time.time()
             return api.info(path)
+        if not explicit:
+            reported = {s.record.name for s in skipped}
+            for record in self.checkpoints(scope):  # ("best" never had the invalid ones as candidates)
+                if not record.valid and record.name not in reported:
+                    skipped.append(why_invalid(self.directory, record))
+                    warn_skipped(self.directory, skipped[-1])
+            refuse_fresh_start(self.directory, skipped)
         return None

@@ -9,6 +9,11 @@ Invariants (numbered as in the brief the policy was written to):
 5. exactly one entry per input record;
 6. deleting what was not kept and deciding again deletes nothing more (and changes no reason);
 7. every reason is justified by the rule it names; nothing else is kept.
+
+The oracle is independent of the code under test: ``expected_reasons`` re-derives every record's
+reasons by brute force (pairwise counting, no sorting) straight from the documented rules, with its
+own metric reading (``number``) and duration text (``duration_text``); every property compares the
+policy's answer with it exactly, reasons and their order included.
 """
 
 from __future__ import annotations
@@ -33,10 +38,8 @@ from ckptvault.policy import (
     KEEP_PINNED,
     CheckpointRecord,
     RetentionPolicy,
-    format_duration,
     retention_reasons,
 )
-from ckptvault.policy.records import metric_value
 
 MONITORS = ("loss", "acc")
 # few distinct values, so ties, NaN, infinities and non-numbers all turn up often
@@ -45,6 +48,7 @@ metric_values = st.one_of(
     st.floats(-10, 10, allow_nan=False),
     st.integers(-3, 3),
     st.just("n/a"),
+    st.booleans(),  # not a number here, though bool is an int subclass
 )
 metric_dicts = st.dictionaries(st.sampled_from(MONITORS), metric_values, max_size=2)
 
@@ -90,7 +94,109 @@ def record_lists(draw: st.DrawFn) -> list[CheckpointRecord]:
 nows = st.floats(0, 160)
 
 
-# -- the oracle: each invariant written out directly --------------------------------------------------
+# -- the oracle: the documented rules, re-derived by brute force ----------------------------------------
+def number(metrics: object, name: str) -> float | None:
+    """The documented metric rule: an int or float (never a bool), NaN counting as absent."""
+    value = metrics.get(name) if isinstance(metrics, dict) else None
+    if type(value) not in (int, float):
+        return None
+    as_float = float(value)  # type: ignore[arg-type]
+    return None if as_float != as_float else as_float
+
+
+def duration_text(seconds: float) -> str:
+    """The documented age text: whole days/hours/minutes in that unit, else seconds (whole from 10 s)."""
+    value = float(round(seconds)) if seconds >= 10 else float(seconds)
+    if value > 0 and value == int(value):
+        whole = int(value)
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+            if whole % size == 0:
+                return f"{whole // size}{unit}"
+    return f"{value:g}s"
+
+
+def newer(a: CheckpointRecord, b: CheckpointRecord) -> bool:
+    """``a`` is newer than ``b``: step first, then commit time, then name."""
+    return (a.step, a.created, a.name) > (b.step, b.created, b.name)
+
+
+def expected_reasons(
+    records: Sequence[CheckpointRecord], policy: RetentionPolicy, now: float
+) -> dict[str, tuple[str, ...]]:
+    """Each record's reasons, rule by rule, in the documented order (pinned, latest, best, last,
+    every n steps, every n epochs, newer than; or "all kept" when no keep_* rule is set)."""
+    valid = [r for r in records if r.valid]
+    configured = any(
+        value is not None
+        for value in (
+            policy.keep_last,
+            policy.keep_best,
+            policy.keep_every_n_steps,
+            policy.keep_every_n_epochs,
+            policy.keep_newer_than,
+        )
+    )
+    out: dict[str, tuple[str, ...]] = {}
+    for r in records:
+        why: list[str] = []
+        if r.pinned:
+            why.append("pinned")
+        if r.valid and not any(newer(o, r) for o in valid):
+            why.append("latest")
+        value = number(r.metrics, policy.monitor) if policy.monitor is not None else None
+        if r.valid and value is not None:
+            count = policy.keep_best or 1
+            ahead = 0
+            for o in valid:
+                other = number(o.metrics, policy.monitor)  # type: ignore[arg-type]
+                if o is r or other is None:
+                    continue
+                better = other < value if policy.mode == "min" else other > value
+                if better or (other == value and newer(o, r)):
+                    ahead += 1
+            if ahead < count:
+                why.append(
+                    f"best {policy.monitor}"
+                    if count == 1
+                    else f"best {policy.monitor} ({ahead + 1} of {count})"
+                )
+        if not configured:
+            why.append("all kept (no retention policy)")
+        elif r.valid:
+            n = policy.keep_last
+            if n is not None and sum(newer(o, r) for o in valid) < n:
+                why.append(f"last {n}")
+            n = policy.keep_every_n_steps
+            if n is not None and r.step % n == 0:
+                why.append(f"every {n} steps")
+            n = policy.keep_every_n_epochs
+            if (
+                n is not None
+                and r.epoch > 0
+                and r.epoch % n == 0
+                and not any(o.epoch == r.epoch and newer(r, o) for o in valid)
+            ):
+                why.append(f"every {n} epochs")
+            age = policy.keep_newer_than
+            if age is not None and r.created >= now - age:
+                why.append(f"newer than {duration_text(age)}")
+        out[r.name] = tuple(why)
+    return out
+
+
+def check_against_oracle(
+    records: Sequence[CheckpointRecord],
+    policy: RetentionPolicy,
+    now: float,
+    reasons: dict[str, tuple[str, ...]],
+) -> None:
+    expected = expected_reasons(records, policy, now)
+    assert list(reasons) == list(expected)
+    for name, why in expected.items():
+        assert reasons[name] == why, (name, reasons[name], why, policy)
+
+
+# -- the invariants, each written out directly ---------------------------------------------------------
 def newest_valid(records: Sequence[CheckpointRecord]) -> CheckpointRecord | None:
     valid = [r for r in records if r.valid]
     return max(valid, key=lambda r: (r.step, r.created, r.name)) if valid else None
@@ -100,7 +206,7 @@ def best_candidates(records: Sequence[CheckpointRecord], policy: RetentionPolicy
     assert policy.monitor is not None
     out = []
     for r in records:
-        value = metric_value(r.metrics, policy.monitor)
+        value = number(r.metrics, policy.monitor)
         if r.valid and value is not None:
             out.append((value, r.name))
     return out
@@ -160,8 +266,7 @@ def check_best(
     if candidates:
         top = min(v for v, _ in candidates) if policy.mode == "min" else max(v for v, _ in candidates)
         assert any(
-            metric_value(next(r for r in records if r.name == n).metrics, policy.monitor) == top
-            for n in holders
+            number(next(r for r in records if r.name == n).metrics, policy.monitor) == top for n in holders
         )
 
 
@@ -182,7 +287,7 @@ def justified(
     if reason == KEEP_LATEST:
         return record is newest_valid(records)
     if policy.monitor is not None and reason in best_texts(policy):
-        value = metric_value(record.metrics, policy.monitor)
+        value = number(record.metrics, policy.monitor)
         if value is None:
             return False
         better = [v for v, _ in best_candidates(records, policy) if strictly_better(v, value, policy)]
@@ -228,7 +333,7 @@ def _rule_text(template: str, policy: RetentionPolicy) -> str | None:
     if template == KEEP_EVERY_N_EPOCHS and policy.keep_every_n_epochs is not None:
         return KEEP_EVERY_N_EPOCHS.format(n=policy.keep_every_n_epochs)
     if template == KEEP_NEWER_THAN and policy.keep_newer_than is not None:
-        return KEEP_NEWER_THAN.format(age=format_duration(policy.keep_newer_than))
+        return KEEP_NEWER_THAN.format(age=duration_text(policy.keep_newer_than))
     return None
 
 
@@ -243,6 +348,12 @@ def survivors(
 @given(record_lists(), retention_policies(), nows)
 def test_invariants_hold(records, policy, now):
     check_invariants(records, policy, now, retention_reasons(records, policy, now=now))
+
+
+@settings(max_examples=400, deadline=None)
+@given(record_lists(), retention_policies(), nows)
+def test_reasons_equal_the_brute_force_oracle(records, policy, now):
+    check_against_oracle(records, policy, now, retention_reasons(records, policy, now=now))
 
 
 @settings(max_examples=200, deadline=None)
@@ -355,6 +466,7 @@ class RetentionRun(RuleBasedStateMachine):
         records = list(self.records.values())
         reasons = retention_reasons(records, self.policy, now=self.now)
         check_invariants(records, self.policy, self.now, reasons)
+        check_against_oracle(records, self.policy, self.now, reasons)
         kept = survivors(records, reasons)
         assert retention_reasons(kept, self.policy, now=self.now) == {r.name: reasons[r.name] for r in kept}
         if self.settled:  # right after a pass nothing is left that no rule keeps

@@ -2,14 +2,21 @@
 
 One worker thread per :class:`BackgroundWriter`, so at most one save is in flight per writer: a
 new save first waits for the previous one (back-pressure instead of unbounded staging memory). A
-failure in the background is kept by its :class:`PendingSave` and re-raised by ``wait()``. At
-interpreter exit every writer finishes its pending save (it commits or is cleanly aborted by the
-storage transaction: never half-committed).
+failure in the background is kept by its :class:`PendingSave` and re-raised by ``wait()``.
+
+A failure is never lost: until someone has seen it (``wait()`` raised it, or ``exception()``
+returned it), the writer's next ``submit``/``submit_save`` raises it instead of starting the next
+save, and :meth:`BackgroundWriter.raise_unobserved` raises a finished one for a caller that saves by
+other means (``cv.save``).
+At interpreter exit every writer finishes its pending save (it commits or is cleanly aborted by the
+storage transaction: never half-committed), and a failure still unseen then is printed on stderr.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -29,17 +36,38 @@ class PendingSave:
     def __init__(self, future: Future[CheckpointInfo], path: str) -> None:
         self._future = future
         self.path = path
+        self._observed = False  # whether a caller has been given the outcome (success or failure)
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo:
         """The committed checkpoint's info; re-raises the background failure, if any."""
-        return self._future.result(timeout)
+        try:
+            info = self._future.result(timeout)
+        except TimeoutError:
+            raise  # still running: nothing was observed
+        except BaseException:
+            self._observed = True
+            raise
+        self._observed = True
+        return info
 
     def exception(self) -> BaseException | None:
-        """The background failure once done (None while running or after success)."""
-        return self._future.exception() if self._future.done() else None
+        """The background failure once done (None while running or after success). A failure
+        returned here counts as seen: it is not raised again by the next save."""
+        if not self._future.done():
+            return None
+        self._observed = True
+        return self._future.exception()
+
+    def unobserved_failure(self) -> BaseException | None:
+        """The failure of this finished save if no caller has seen it yet (blocks until done)."""
+        error = self._future.exception()
+        return None if self._observed else error
+
+    def mark_observed(self) -> None:
+        self._observed = True
 
 
 _WRITERS: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
@@ -54,9 +82,22 @@ class BackgroundWriter:
             _WRITERS.add(self)
 
     def wait_idle(self) -> None:
-        """Blocks until the pending save (if any) finished; does not raise its failure."""
-        if self.pending is not None:
-            self.pending._future.exception()
+        """Blocks until the pending save (if any) finished; raises its failure if nobody saw it.
+
+        Raised once: the failure is then marked seen, so the caller's retry proceeds."""
+        pending = self.pending
+        if pending is None:
+            return
+        error = pending.unobserved_failure()
+        if error is not None:
+            pending.mark_observed()
+            raise error
+
+    def raise_unobserved(self) -> None:
+        """Raises the failure of a *finished* save nobody saw (once); never waits for one in flight."""
+        pending = self.pending
+        if pending is not None and pending.done():
+            self.wait_idle()
 
     def submit(self, path: str, job: Callable[[], CheckpointInfo]) -> PendingSave:
         self.wait_idle()
@@ -104,10 +145,26 @@ class BackgroundWriter:
 
 
 def _finish_pending_saves() -> None:
+    """At exit: lets every pending save finish, and reports on stderr each failure nobody saw
+    (raising from an exit hook would only print a traceback of this hook, not the save's)."""
     with _WRITERS_LOCK:
         writers = list(_WRITERS)
     for writer in writers:
-        writer.wait_idle()
+        try:
+            writer.wait_idle()
+        except BaseException as exc:  # reported, never raised from an exit hook
+            path = writer.pending.path if writer.pending is not None else "?"
+            _report_lost_failure(path, exc)
+
+
+def _report_lost_failure(path: str, error: BaseException) -> None:
+    with contextlib.suppress(Exception):
+        print(
+            f"ckptvault: the asynchronous save to {path} FAILED and nobody waited for it: "
+            f"{type(error).__name__}: {error} (that checkpoint was not committed)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # The commit of a pending save starts thread pools (hashing, fsync). concurrent.futures refuses new

@@ -29,6 +29,9 @@ class CheckpointRecord:
     decisions keyed by it. ``created`` is the unix time of the commit. ``metrics`` may hold anything a
     manifest held; the policies use only the numbers in it. ``valid=False`` marks a checkpoint that
     failed verification: it is never the newest or the best and is kept only while pinned.
+    ``checkpoint_id`` is the id in the checkpoint's manifest (``""`` when not known): a validation
+    result or an index entry counts for this record only if it names the same id, because a
+    same-step re-save puts another checkpoint under the same name. The policies never read it.
     """
 
     name: str
@@ -39,6 +42,7 @@ class CheckpointRecord:
     metrics: Mapping[str, float]
     pinned: bool = False
     valid: bool = True
+    checkpoint_id: str = ""
 
     def newness(self) -> tuple[int, float, str]:
         """The sort key for "newer": step first, then commit time, then name (always a total order)."""
