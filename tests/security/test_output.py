@@ -172,6 +172,9 @@ def test_find_diff_verify_are_inert(hostile_root: Path, colour: bool) -> None:
     code, out = cli("verify", run / HOSTILE_NAME, colour=colour)
     assert code == 1, out
     assert_inert(out, colour=colour, literals=("[bold red]M_", r"\x1b[2J"))
+    code, out = cli("validate", run / HOSTILE_NAME, "--level", "readback", colour=colour)
+    assert code == 1, out
+    assert_inert(out, colour=colour, literals=("[bold red]M_", r"\x1b[2J"))
 
 
 @pytest.mark.parametrize("colour", [False, True], ids=["pipe", "forced-colour"])
@@ -288,6 +291,7 @@ def run_with_bad(tmp_path: Path) -> Path:
         cv.save(run / name, {"w": torch.zeros(2)}, metadata={"metrics": {"loss": 0.5}})
     for name, spoil in BAD.items():
         spoil(run / name)
+    (run / ".ckptvault-events.jsonl").write_bytes(b'{"event": "commit"}\n\xff\xfe not UTF-8\n')
     return run
 
 
@@ -330,3 +334,22 @@ def test_bad_checkpoints_never_abort_report_or_plot(run_with_bad: Path, tmp_path
     code, out = cli("plot", run, "-o", tmp_path / "run.png", colour=False)
     assert code == 0, out
     assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_library_warnings_and_log_records_reach_stderr_inert() -> None:
+    """While a command runs, the library may warn or log text quoting paths and file content (a
+    skipped checkpoint, a corrected index): the CLI shows those inert as well."""
+    script = (
+        "import logging, sys, warnings\n"
+        "from ckptvault.cli.inert import install_inert_diagnostics\n"
+        "install_inert_diagnostics()\n"
+        "text = sys.argv[1]\n"
+        "warnings.warn(text, stacklevel=1)\n"
+        "logging.getLogger('ckptvault.manager').warning('skipped %s', text)\n"
+        "logging.getLogger('ckptvault.manager').info('not shown %s', text)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, HOSTILE], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    err = done.stderr.decode("utf-8")
+    assert_inert(err, colour=False)
+    assert err.count(r"\x1b[2J") == 2 and "skipped" in err and "not shown" not in err

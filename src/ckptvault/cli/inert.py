@@ -8,6 +8,9 @@ escaped (:func:`ckptvault.visible.visible`) and markup brackets escaped. The con
 :func:`console` never interpret emoji codes or highlight. The only escape sequences in the output
 are then the colours the CLI itself writes in its own markup.
 
+Warnings and log records the library emits while a command runs quote paths and file content
+too; :func:`install_inert_diagnostics` (run before every command) makes them inert on stderr.
+
 ``--json`` output goes through :func:`json_text`: ASCII-only (every control, bidi and non-ASCII
 character is a ``\\uXXXX`` escape), never colourised, and able to hold integers too long for
 ``str()`` (written as a string in scientific notation).
@@ -16,15 +19,17 @@ character is a ``\\uXXXX`` escape), never colourised, and able to hold integers 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from rich.console import Console
 from rich.markup import escape
 
 from ..errors import CheckpointError
-from ..visible import number_text, visible
+from ..visible import number_text, visible, visible_str
 
 # What reading and showing one hostile checkpoint may raise besides CheckpointError: an unreadable
 # file (OSError), values of the wrong type or size (ValueError, TypeError, OverflowError, KeyError),
@@ -114,3 +119,50 @@ def json_text(value: Any) -> str:
 def emit_json(value: Any) -> None:
     """Writes :func:`json_text` to stdout, bypassing rich (which would colour it on a terminal)."""
     sys.stdout.write(json_text(value) + "\n")
+
+
+# -- warnings and log records ----------------------------------------------------------------------
+def _lines(text: str) -> str:
+    """Multi-line diagnostics keep their line breaks; each line is made visible."""
+    return "\n".join(visible_str(line) for line in text.rstrip("\n").split("\n")) + "\n"
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    stream = file if file is not None else sys.stderr
+    stream.write(_lines(warnings.formatwarning(message, category, filename, lineno, line)))
+
+
+class _InertFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _lines(super().format(record)).rstrip("\n")
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the ``sys.stderr`` of the moment (a test runner swaps it), not the one at creation."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def install_inert_diagnostics() -> None:
+    """Warnings and the library's log records reach stderr inert (idempotent).
+
+    Replaces ``warnings.showwarning``, and gives the ``ckptvault`` logger a stderr handler at
+    WARNING (what Python's last-resort handler would print) whose lines are made visible, unless the
+    program configured logging itself."""
+    warnings.showwarning = _show_warning
+    logger = logging.getLogger("ckptvault")
+    if logger.handlers or logging.getLogger().handlers:
+        return  # installed already, or the program decides where records go
+    handler = _StderrHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_InertFormatter("%(levelname)s: %(name)s: %(message)s"))
+    logger.addHandler(handler)

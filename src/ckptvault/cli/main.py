@@ -26,7 +26,7 @@ from ..errors import CheckpointError
 from ..storage.chunkstore import collect_garbage
 from ..storage.local import LocalStorage
 from . import catalog_cmds, listing, pictures
-from .inert import UNREADABLE, console, emit_json, error_text, human_bytes, inert
+from .inert import UNREADABLE, console, emit_json, error_text, human_bytes, inert, install_inert_diagnostics
 
 app = typer.Typer(
     name="ckptvault",
@@ -38,6 +38,14 @@ app = typer.Typer(
 out = console()
 err = console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+@app.callback()
+def _before_every_command() -> None:
+    # Library warnings and log records quote paths and file content: inert on stderr too.
+    install_inert_diagnostics()
+
+
 # trusted_modules= on the command line: the user, never the checkpoint, names what may be imported.
 # Absent: None, so CKPTVAULT_TRUSTED_MODULES applies; given: the list replaces it.
 TrustOpt = Annotated[
