@@ -10,6 +10,7 @@ script can guard a whole save or restore with one ``except``. The tree::
     │   └── UnsafeCheckpointError    a name or path tries to leave the checkpoint (.., /, symlink)
     ├── IncompatibleCheckpointError  written by a newer format version than this library reads
     ├── UnsupportedStateError        a value in the state cannot be saved safely (names its path)
+    ├── ResourceLimitError           reading would allocate or work beyond the caller's byte cap
     ├── StorageError                 the storage failed (disk full, permission, I/O error)
     │   └── ConcurrentWriteError     another writer holds the target
     └── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
@@ -85,6 +86,20 @@ class UnsupportedStateError(CheckpointError, TypeError):
         super().__init__(f"{path}: {message}")
         self.state_path = path
         self.reason = message
+
+
+class ResourceLimitError(CheckpointError):
+    """Reading would allocate (or compare, decode, write) more bytes than the cap allows.
+
+    Raised *before* the allocation: a checkpoint or legacy file can declare sizes far beyond the
+    bytes it actually stores (one chunk referenced a million times, a stride-0 view, an expanded
+    tensor). ``needed`` and ``limit`` are byte counts; pass a larger ``max_bytes=`` to proceed.
+    """
+
+    def __init__(self, message: str, *, needed: int, limit: int) -> None:
+        super().__init__(f"{message}: needs {needed} bytes, the cap is {limit} (max_bytes=)")
+        self.needed = needed
+        self.limit = limit
 
 
 class StorageError(CheckpointError, OSError):
