@@ -407,7 +407,9 @@ def test_export_program_round_trip(ckpt_dir: Path) -> None:
     model = trained_mlp(SIZES, seed=0).eval()
     probe = probe_for(0)
     cv.save_model(ckpt_dir / "m", model, kwargs=KWARGS, probe=probe, export_program=True)
-    program = cv.load_program(ckpt_dir / "m")
+    with pytest.raises(cv.UnsafeCheckpointError, match="trusted=True"):
+        cv.load_program(ckpt_dir / "m")  # a program is code: never loaded without the caller's word
+    program = cv.load_program(ckpt_dir / "m", trusted=True)
     with torch.no_grad():
         got = program.module()(probe)
     assert torch.equal(got, output_of(model, probe))
@@ -417,7 +419,7 @@ def test_export_program_round_trip(ckpt_dir: Path) -> None:
         cv.save_model(ckpt_dir / "np", model, kwargs=KWARGS, export_program=True)
     cv.save_model(ckpt_dir / "plain", model, kwargs=KWARGS)
     with pytest.raises(cv.CheckpointNotFoundError, match="no exported program"):
-        cv.load_program(ckpt_dir / "plain")
+        cv.load_program(ckpt_dir / "plain", trusted=True)
 
 
 # -- bugs found -------------------------------------------------------------------------------------------

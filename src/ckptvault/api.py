@@ -20,7 +20,7 @@ from .engine.lazy import CheckpointView
 from .engine.reader import CheckpointReader, read_checkpoint, verify_checkpoint
 from .engine.staging import StagingBuffer
 from .engine.writer import write_checkpoint
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, UnsafeCheckpointError
 from .format.manifest import Manifest
 from .storage.base import Storage
 from .storage.local import LocalStorage
@@ -196,12 +196,16 @@ def export_program_bytes(model: Any, probe: Any) -> bytes:
     return buffer.getvalue()
 
 
-def load_program(path: PathLike) -> Any:
-    """The stored ``torch.export`` program (digest checked). Loading one runs torch's own
-    deserializer, which is not held to this library's no-code rule: load programs you trust."""
-    import io
+def load_program(path: PathLike, *, trusted: bool = False) -> Any:
+    """The stored ``torch.export`` program (digest checked), only with ``trusted=True``.
 
-    import torch
+    ``torch.export.load`` is not data-only: a ``.pt2`` archive may mark weights and constants as
+    pickled, and torch then calls ``torch.load(weights_only=False)`` or ``pickle.loads`` on them (its
+    sample inputs even fall back to ``weights_only=False`` when the safe load fails). A checkpoint is
+    untrusted input, so reading its program is refused unless the caller says it trusts the file;
+    the digest check only proves the file is the one the manifest names, not who wrote it.
+    """
+    import io
 
     storage, target = storage_for(path)
     with CheckpointReader(storage, target) as reader:
@@ -211,6 +215,15 @@ def load_program(path: PathLike) -> Any:
             raise CheckpointNotFoundError(
                 f"{target} stores no exported program (save with export_program=True)"
             ) from None
+    if not trusted:
+        raise UnsafeCheckpointError(
+            f"{target}: loading its torch.export program runs torch's deserializer, which may unpickle "
+            "(and so run code); pass trusted=True only for a checkpoint you trust",
+            path=target,
+            file=PROGRAM_FILE,
+        )
+    import torch
+
     return torch.export.load(io.BytesIO(data))
 
 
