@@ -58,7 +58,7 @@ def find(
     metric_names = sorted({k for r in rows for k in r.metrics})[:6]
     table = Table(show_edge=False, header_style="bold")
     for col in ("checkpoint", "step", "size", "created", "validation", *metric_names):
-        table.add_column(inert(col), overflow="fold")
+        table.add_column(inert(col, 40), overflow="fold")
     for r in rows:
         status = (
             "-" if r.validation_passed is None else ("ok" if r.validation_passed else "[red]FAILED[/red]")

@@ -63,7 +63,7 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
     table = Table(show_edge=False, header_style="bold")
     for col in ("checkpoint", "step", "size", "created", "validation", *metric_names, *extra):
         justify = "right" if col not in ("checkpoint", "created", "validation", "kept because") else "left"
-        table.add_column(inert(col), justify=justify, overflow="fold")  # type: ignore[arg-type]
+        table.add_column(inert(col, 40), justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
         table.add_row(*_cells(row, directory, metric_names, bool(extra)))
     out.print(table)
