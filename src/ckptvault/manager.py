@@ -64,6 +64,7 @@ from .policy import (
 from .restore_skips import Skip, refuse_fresh_start, warn_skipped, why_invalid
 from .storage.chunkstore import STORE_NAME, collect_garbage
 from .storage.local import _HOST_TAG, STAGING_MARK, atomic_write_json
+from .storage.safeopen import append_text, open_file, read_file
 from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
 from .types import CheckpointInfo
@@ -158,7 +159,10 @@ def _finite(doc: Mapping[str, Any]) -> bool:
 def read_events(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The run's event log (commits and deletions, oldest first); damaged lines are skipped."""
     events: list[dict[str, Any]] = []
-    with contextlib.suppress(OSError), open(Path(run_dir) / EVENTS_NAME) as handle:
+    with (
+        contextlib.suppress(OSError),
+        os.fdopen(open_file(Path(run_dir) / EVENTS_NAME, os.O_RDONLY)) as handle,
+    ):
         for line in handle:
             with contextlib.suppress(ValueError):
                 doc = json.loads(line)
@@ -206,7 +210,7 @@ def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
 def read_index(run_dir: Path) -> dict[str, Any]:
     """The run's derived index document, or an empty one when it is missing or damaged."""
     try:
-        doc = json.loads((run_dir / INDEX_NAME).read_text(encoding="utf-8"))
+        doc = json.loads(read_file(run_dir / INDEX_NAME))
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
@@ -323,7 +327,7 @@ def load_pins(run_dir: Path) -> set[int]:
     (StorageError / CheckpointError) -- taking it for "no pins" would let retention delete them."""
     path = run_dir / "pins.json"
     try:
-        pins = json.loads(path.read_text(encoding="utf-8"))
+        pins = json.loads(read_file(path))
     except FileNotFoundError:
         return set()
     except OSError as exc:
@@ -338,7 +342,7 @@ def load_pins(run_dir: Path) -> set[int]:
 def kept_reasons(run_dir: str | os.PathLike[str]) -> dict[str, tuple[str, ...]]:
     """Why each checkpoint of a run is kept, under the retention settings recorded in run.json."""
     root = Path(run_dir)
-    run = json.loads((root / "run.json").read_text(encoding="utf-8"))
+    run = json.loads(read_file(root / "run.json"))
     pins = load_pins(root)
     records = [_with_pin(r, pins) for r in load_records(root).values()]
     reasons: dict[str, tuple[str, ...]] = {}
@@ -508,7 +512,7 @@ class CheckpointManager:
                 )
             path = self.directory / LOCK_NAME
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = open_file(path, os.O_RDWR | os.O_CREAT)  # never through a symlink or into a FIFO
             except OSError as exc:
                 raise StorageError(exc.errno or 0, f"cannot open {path}: {exc.strerror}") from exc
             try:
@@ -536,7 +540,7 @@ class CheckpointManager:
         path = self.directory / "run.json"
         settings = {name: asdict(scope) for name, scope in scopes.items()}
         if path.exists():
-            run: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            run: dict[str, Any] = json.loads(read_file(path))
             resumes = [*run.get("resumes", []), {"at": time.time(), "pid": os.getpid()}]
             run["resumes"] = resumes[-100:]  # the most recent restarts; bounded
         else:
@@ -599,7 +603,12 @@ class CheckpointManager:
         self._apply_validation_results()
 
     def validation_result(self, name: str) -> dict[str, Any] | None:
-        """The recorded validation result of a checkpoint of this run (by directory name)."""
+        """The recorded validation result of a checkpoint of this run (by directory name): of the
+        checkpoint now under that name only (a stale result of a replaced one is not returned);
+        for a name no longer in the run, whatever was recorded last."""
+        record = self._records.get(name)
+        if record is not None and record.checkpoint_id:
+            return result_for(self.directory / name, record.checkpoint_id)
         return validation.read_result(self.directory / name)
 
     def _apply_validation_results(self) -> None:
@@ -611,9 +620,8 @@ class CheckpointManager:
             current = self._records.get(name)
             if current is None or current.checkpoint_id != result.checkpoint_id:
                 continue  # deleted, or re-saved under the same name since: says nothing about it
-            if name in self._records:  # one entry per live record: results of deleted ones would pile up
-                self._validation_passed[name] = result.passed
-                scopes.add(self._records[name].scope)
+            self._validation_passed[name] = result.passed  # live records only, or a long run grows
+            scopes.add(current.scope)
             if result.passed:
                 continue
             logger.error(
@@ -882,8 +890,8 @@ class CheckpointManager:
         mark on a picture, so it is appended without fsync."""
         doc = {"event": kind, "name": name, "step": step, "time": time.time(), **extra}
         line = json.dumps(doc, default=str, allow_nan=False) if _finite(doc) else json.dumps(doc, default=str)
-        with contextlib.suppress(OSError), open(self.directory / EVENTS_NAME, "a") as handle:
-            handle.write(line + "\n")
+        with contextlib.suppress(OSError):
+            append_text(self.directory / EVENTS_NAME, line + "\n")
 
     def _last_validated(self, scope: str) -> str | None:
         """The newest checkpoint that passed validation, while newer ones are still being validated
