@@ -31,7 +31,6 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -68,7 +67,7 @@ from .storage.safeopen import append_text, open_file, read_file
 from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
 from .types import CheckpointInfo
-from .validation_ids import result_for, validate_bound
+from .validation_ids import BackgroundValidator, result_for
 
 RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
 logger = logging.getLogger("ckptvault")
@@ -292,36 +291,6 @@ def load_records(run_dir: Path, index: Mapping[str, Any] | None = None) -> dict[
     return records
 
 
-class _Validator:
-    """One background thread that validates committed checkpoints in order; results are collected
-    by the loop's thread with :meth:`drain`. Never blocks the caller of :meth:`submit`."""
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._futures: list[Future[validation.ValidationResult | None]] = []
-
-    def submit(self, path: str, level: str, checkpoint_id: str) -> None:
-        """Validates checkpoint ``checkpoint_id`` at ``path``; a stale outcome (the path holds
-        another checkpoint by then) is dropped: see :mod:`ckptvault.validation_ids`."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-validate")
-        self._futures.append(self._pool.submit(validate_bound, path, level, checkpoint_id))
-
-    def drain(self) -> list[validation.ValidationResult]:
-        done = [f for f in self._futures if f.done()]
-        self._futures = [f for f in self._futures if not f.done()]
-        return [result for f in done if (result := f.result()) is not None]
-
-    def join(self) -> None:
-        for future in list(self._futures):
-            future.exception()
-
-    def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-
 def load_pins(run_dir: Path) -> set[int]:
     """The pinned steps. Only a missing file means none: an unreadable or damaged one raises
     (StorageError / CheckpointError) -- taking it for "no pins" would let retention delete them."""
@@ -478,7 +447,7 @@ class CheckpointManager:
         self._inflight: tuple[PendingSave, CheckpointRecord] | None = None
         self._writer = BackgroundWriter() if async_save else None
         self._validate = validation.check_level(validate)
-        self._validator = _Validator()
+        self._validator = BackgroundValidator()
         self._validation_passed: dict[str, bool] = {}  # by name, for the record's current id only
         self._confirmed: set[str] = set()  # records whose facts come from their manifest (index_check)
         self._chunking = api.chunk_options(incremental, compression, chunk_bytes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from . import api, validation
@@ -78,3 +79,34 @@ def failure_text(result: dict[str, Any]) -> str:
     if isinstance(problems, list) and len(problems) > 3:
         shown += f"; and {len(problems) - 3} more"
     return f"failed {result.get('level', '?')} validation: {shown or 'no details recorded'}"
+
+
+class BackgroundValidator:
+    """One background thread that validates committed checkpoints in order (the manager's); results
+    are collected by the loop's thread with :meth:`drain`. Never blocks the caller of :meth:`submit`.
+    Only results that still belong to the checkpoint at their path come back (:func:`validate_bound`)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future[validation.ValidationResult | None]] = []
+
+    def submit(self, path: str, level: str, checkpoint_id: str) -> None:
+        """Validates checkpoint ``checkpoint_id`` at ``path``; a stale outcome (the path holds
+        another checkpoint by then) is dropped."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-validate")
+        self._futures.append(self._pool.submit(validate_bound, path, level, checkpoint_id))
+
+    def drain(self) -> list[validation.ValidationResult]:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        return [result for f in done if (result := f.result()) is not None]
+
+    def join(self) -> None:
+        for future in list(self._futures):
+            future.exception()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
