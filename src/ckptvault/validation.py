@@ -168,16 +168,19 @@ def results_path(checkpoint: str | os.PathLike[str]) -> Path:
 def record_result(result: ValidationResult) -> None:
     """Writes the result beside the run (atomically: a reader sees the old or the new one; not
     fsynced: a result lost in a crash is only a validation to repeat)."""
-    from .storage.local import atomic_write_json
+    from .storage.safeopen import atomic_write_json
 
     target = results_path(result.checkpoint)
-    target.parent.mkdir(exist_ok=True)
-    atomic_write_json(target, result.as_dict(), durable=False)
+    # base: the results directory is created if missing and refused if it is a symlink.
+    atomic_write_json(target, result.as_dict(), durable=False, base=target.parent.parent)
 
 
 def read_result(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(results_path(checkpoint).read_text())
+    from .storage.safeopen import read_file
+
+    path = results_path(checkpoint)
+    try:  # never through a symlink (file or directory), never blocking on a FIFO
+        doc = json.loads(read_file(path, base=path.parent.parent))
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None

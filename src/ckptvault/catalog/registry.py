@@ -9,6 +9,11 @@ never lose an update. A registered checkpoint is pinned: the registry lists it i
 
 References: ``registry://NAME`` (newest version), ``registry://NAME@3`` (version 3),
 ``registry://NAME@production`` (an alias); :func:`resolve_reference` turns one into a path.
+
+A registry's files are untrusted input like any run directory (docs/security.md): its directories
+and files are opened without following symlinks or blocking on FIFOs (``storage.safeopen``), a
+version whose path leaves the root is refused, and a version pins its checkpoint id -- resolving it
+when its path now holds another checkpoint raises :class:`ReplacedCheckpointError`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 from ..config import MANIFEST_NAME
 from ..errors import CheckpointError, CheckpointNotFoundError, typed_os_errors
-from ..storage.local import atomic_write_json
+from ..storage.safeopen import atomic_write_json, check_dir, open_dir, open_file, read_file
 from .store import CATALOG_DIR, read_manifest
 
 REGISTRY_DIR = "registry"
@@ -40,6 +45,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class RegistryError(CheckpointError):
     """A registry operation is impossible: unknown model/version/alias, bad name, foreign path."""
+
+
+class ReplacedCheckpointError(RegistryError):
+    """A registered version's path now holds another checkpoint than the one registered."""
 
 
 def default_root() -> Path:
@@ -67,7 +76,7 @@ def registered_in(run_dir: Path) -> set[str]:
     (``StorageError`` / ``RegistryError``), because retention taking it for "no pins" would
     delete registered checkpoints."""
     try:
-        text = (run_dir / REGISTERED_NAME).read_text()
+        text = read_file(run_dir / REGISTERED_NAME)
     except FileNotFoundError:
         return set()
     try:
@@ -90,8 +99,11 @@ class Registry:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        dir_fd = open_dir(self.root, Path(CATALOG_DIR, REGISTRY_DIR), create=True)
+        try:
+            fd = open_file(".lock", os.O_RDWR | os.O_CREAT, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -108,7 +120,11 @@ class Registry:
     def _load(self, name: str) -> dict[str, Any]:
         path = self._file(name)
         try:
-            doc = json.loads(path.read_text())
+            dir_fd = open_dir(self.root, Path(CATALOG_DIR, REGISTRY_DIR))
+            try:
+                doc = json.loads(read_file(path.name, dir_fd=dir_fd))
+            finally:
+                os.close(dir_fd)
         except FileNotFoundError:
             raise RegistryError(f"no registered model {name!r} under {self.root}") from None
         except ValueError as exc:
@@ -165,7 +181,7 @@ class Registry:
             self._pin(rel, name, number)
             if alias is not None:
                 self._move(doc, alias, number, f"registered version {number}")
-            atomic_write_json(path, doc, sort_keys=True, sweep=True)
+            atomic_write_json(path, doc, sort_keys=True, sweep=True, base=self.root)
         self._notify(name, number, doc)
         return version
 
@@ -176,7 +192,7 @@ class Registry:
             doc = self._load(name)
             self._version(doc, version)
             self._move(doc, alias, version, why)
-            atomic_write_json(self._file(name), doc, sort_keys=True, sweep=True)
+            atomic_write_json(self._file(name), doc, sort_keys=True, sweep=True, base=self.root)
         self._notify(name, version, doc)
 
     def _move(self, doc: dict[str, Any], alias: str, version: int, why: str | None) -> None:
@@ -191,7 +207,11 @@ class Registry:
         checkpoint = self.root / rel
         marker = checkpoint.parent / REGISTERED_NAME
         try:
-            doc = json.loads(marker.read_text())
+            dir_fd = open_dir(self.root, Path(rel).parent)
+            try:
+                doc = json.loads(read_file(REGISTERED_NAME, dir_fd=dir_fd))
+            finally:
+                os.close(dir_fd)
         except FileNotFoundError:
             doc = {}
         except ValueError:
@@ -202,7 +222,7 @@ class Registry:
         refs = entries.setdefault(checkpoint.name, [])
         if [name, version] not in refs:
             refs.append([name, version])
-        atomic_write_json(marker, doc, sort_keys=True, sweep=True)
+        atomic_write_json(marker, doc, sort_keys=True, sweep=True, base=self.root)
 
     def _pins_from_versions(self, run_dir: Path) -> dict[str, Any]:
         """The pin list of ``run_dir`` rebuilt from this registry's versions (a damaged pin file
@@ -242,9 +262,10 @@ class Registry:
 
     @typed_os_errors
     def names(self) -> list[str]:
-        if not self.directory.is_dir():
+        if not check_dir(self.root, Path(CATALOG_DIR, REGISTRY_DIR)):
             return []
-        return sorted(p.stem for p in self.directory.glob("*.json") if _NAME.fullmatch(p.stem))
+        stems = (n[: -len(".json")] for n in os.listdir(self.directory) if n.endswith(".json"))
+        return sorted(stem for stem in stems if _NAME.fullmatch(stem))
 
     @typed_os_errors
     def show(self, name: str) -> dict[str, Any]:
@@ -268,7 +289,31 @@ class Registry:
             entry = self._version(doc, int(doc["aliases"][ref]))
         else:
             raise RegistryError(f"{name!r} has no alias {ref!r} (aliases: {sorted(doc['aliases'])})")
-        return self.root / str(entry["checkpoint"])
+        return self._checked_path(name, entry)
+
+    def _checked_path(self, name: str, entry: dict[str, Any]) -> Path:
+        """The path of a version, after checking it is inside the root and still holds the
+        checkpoint registered (same checkpoint id): the registry file is untrusted input, and a
+        path may have been overwritten by another checkpoint since."""
+        label = f"{name!r} version {entry.get('version')}"
+        rel, pinned = entry.get("checkpoint"), entry.get("checkpoint_id")
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise RegistryError(f"{label}: path {str(rel)[:200]!r} is not inside the root {self.root}")
+        path = self.root / rel
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise RegistryError(f"{label}: {rel!r} resolves outside the root {self.root}")
+        if not isinstance(pinned, str) or not pinned:
+            raise RegistryError(f"{label}: the entry records no checkpoint id; register the checkpoint again")
+        try:
+            manifest, _ = read_manifest(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointNotFoundError(f"{label}: {path} no longer holds a checkpoint") from None
+        if manifest.checkpoint_id != pinned:
+            raise ReplacedCheckpointError(
+                f"{label}: {path} now holds checkpoint {manifest.checkpoint_id}, not the registered "
+                f"{pinned}; it was overwritten since it was registered"
+            )
+        return path
 
 
 def _check_alias(alias: str) -> None:

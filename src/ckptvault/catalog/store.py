@@ -31,16 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
-from ..errors import CheckpointError, CorruptCheckpointError, typed_os_errors
-from ..format.manifest import Manifest, parse_manifest
-from ..format.tree import TreeDecodeError, TreeDecoder
+from ..config import MANIFEST_NAME
+from ..errors import CheckpointError, typed_os_errors
+from .files import CATALOG_DIR as CATALOG_DIR
+from .files import CATALOG_NAME as CATALOG_NAME
+from .files import VALIDATION_DIR as VALIDATION_DIR
+from .files import check_catalog_files, read_run_doc, validation_of
+from .files import optional_text as _text
+from .files import read_manifest as read_manifest
 from .query import DEFAULT_SORT, compile_filter, compile_sort, single_metric_sort
 
 SCHEMA_VERSION = 1
-CATALOG_DIR = ".ckptvault"
-CATALOG_NAME = "catalog.sqlite"
-VALIDATION_DIR = ".ckptvault-validation"
 _RACY_NS = 2_000_000_000
 _SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 _COLUMNS = (
@@ -71,16 +72,6 @@ def _typed_db_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
             raise CatalogError(f"catalog database: {exc}") from exc
 
     return wrapper
-
-
-class _PlainValues:
-    """Metadata holds no tensors; a leaf in it means a damaged manifest (parse_manifest checks)."""
-
-    def encode_leaf(self, value: Any, path: str, name: str) -> dict[str, Any] | None:
-        return None
-
-    def decode_leaf(self, node: dict[str, Any], path: str) -> Any:
-        raise ValueError(f"{path}: metadata cannot hold arrays or tensors")
 
 
 @dataclass(frozen=True)
@@ -117,7 +108,7 @@ class Catalog:
         if not self.root.is_dir():
             raise CatalogError(f"{self.root} is not a directory")
         self.path = self.root / CATALOG_DIR / CATALOG_NAME
-        self.path.parent.mkdir(exist_ok=True)
+        check_catalog_files(self.root)
         self._db = self._connect()
         if sync:
             try:
@@ -277,7 +268,7 @@ class Catalog:
             for cid, name, checkpoint_id in self._db.execute(
                 "SELECT id, name, checkpoint_id FROM checkpoints WHERE run_dir = ?", (rel,)
             ).fetchall():
-                level, passed = _validation(self.root / rel / name, checkpoint_id)
+                level, passed = validation_of(self.root / rel / name, checkpoint_id)
                 self._db.execute(
                     "UPDATE checkpoints SET validation_level = ?, validation_passed = ? WHERE id = ?",
                     (level, passed, cid),
@@ -289,13 +280,7 @@ class Catalog:
         return path
 
     def _index_run(self, rel: str) -> None:
-        run: dict[str, Any] = {}
-        try:
-            raw = (self.root / rel / "run.json").read_bytes()
-            doc = json.loads(raw) if len(raw) < MAX_MANIFEST_BYTES else {}
-            run = doc if isinstance(doc, dict) else {}
-        except (OSError, ValueError):
-            run = {}
+        run = read_run_doc(self.root / rel)
         git = run.get("git")
         self._db.execute(
             "INSERT OR REPLACE INTO runs (run_dir, run_id, config_json, git_commit, data_version) "
@@ -333,7 +318,7 @@ class Catalog:
             return  # not readable now (damaged, newer format): not a checkpoint `find` can return
         git = metadata.get("git")
         config = metadata.get("config")
-        level, passed = _validation(directory, manifest.checkpoint_id)
+        level, passed = validation_of(directory, manifest.checkpoint_id)
         epoch = metadata.get("epoch")
         cursor = db.execute(
             "INSERT INTO checkpoints (path, run_dir, name, checkpoint_id, step, epoch, scope, created_at, "
@@ -481,38 +466,6 @@ class Catalog:
         return self.root / row.path
 
 
-def read_manifest(directory: Path) -> tuple[Manifest, dict[str, Any]]:
-    """A checkpoint's parsed manifest and decoded metadata, read with the format's limits."""
-    path = directory / MANIFEST_NAME
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        size = os.fstat(fd).st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise CatalogError(f"{path} is larger than any manifest may be")
-        data = os.read(fd, size + 1)
-    finally:
-        os.close(fd)
-    manifest = parse_manifest(data, path=str(directory))
-    try:
-        metadata = TreeDecoder(_PlainValues()).decode(manifest.metadata, "metadata")
-    except TreeDecodeError as exc:
-        raise CorruptCheckpointError(
-            f"metadata: {exc}", path=str(directory), file=MANIFEST_NAME, kind="bad-manifest"
-        ) from exc
-    return manifest, metadata if isinstance(metadata, dict) else {}
-
-
-def _validation(directory: Path, checkpoint_id: str) -> tuple[str | None, int | None]:
-    try:
-        doc = json.loads((directory.parent / VALIDATION_DIR / f"{directory.name}.json").read_text())
-    except (OSError, ValueError):
-        return None, None
-    if not isinstance(doc, dict) or doc.get("checkpoint_id") != checkpoint_id:
-        return None, None
-    passed = doc.get("passed")
-    return _text(doc.get("level")), (None if not isinstance(passed, bool) else int(passed))
-
-
 _SKIP = object()
 
 
@@ -537,10 +490,6 @@ def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
     elif prefix:
         yield prefix, value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
 
 
 def _is_validation(path: str) -> bool:

@@ -278,6 +278,7 @@ def read_chunked(
             try:
                 codec.decode_into(stored, target)
             except codec.CodecError as exc:
+                store.report_bad(ref.digest, ref.codec)  # the next save writes a fresh copy
                 raise CorruptCheckpointError(
                     f"chunk {ref.digest[:16]}….{ref.codec} does not decode: {exc}",
                     path=where,
@@ -285,6 +286,7 @@ def read_chunked(
                     kind="bad-chunk",
                 ) from exc
         if verify and digest_bytes(algorithm, memoryview(target.data)) != ref.digest:
+            store.report_bad(ref.digest, ref.codec)  # the next save writes a fresh copy
             raise CorruptCheckpointError(
                 f"chunk {ref.digest[:16]}….{ref.codec} does not match its digest (bit rot or tampering)",
                 path=where,

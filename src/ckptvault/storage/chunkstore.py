@@ -36,8 +36,9 @@ from pathlib import Path
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
 from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError, typed_os_errors
+from .badlist import BadList
 from .local import _storage_error as _error
-from .local import fsync_dir
+from .safeopen import UnsafeFileError, fsync_dir, open_dir, open_file, read_file
 
 STORE_NAME = ".ckptvault-store"
 CODECS = ("raw", "zstd", "lz4")
@@ -74,12 +75,18 @@ def _write_direct(fd: int, view: memoryview) -> None:
 
 
 def _frame_size(path: Path, raw_len: int) -> int | None:
-    """The file size a compressed chunk's frame header promises (format §11.3); None if unreadable."""
+    """The file size a compressed chunk's frame header promises (format §11.3); None if unreadable
+    (a symlink or FIFO swapped in after the caller's lstat included: never followed, never waited on)."""
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(16 + 8 * 9)
+        fd = open_file(path, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        head = os.pread(fd, 16 + 8 * 9, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if len(head) < 16 or head[:4] != b"CKVC" or int.from_bytes(head[8:16], "little") != raw_len:
         return None
     nplanes = head[6]
@@ -96,13 +103,25 @@ def store_for(checkpoint: str | Path) -> Path:
 
 
 class ChunkStore:
-    """One run's chunk store on local disk. Thread-safe: a save puts chunks from a thread pool."""
+    """One run's chunk store on local disk. Thread-safe: a save puts chunks from a thread pool.
+
+    The store's parent (the run directory) is taken as named; the store, ``chunks`` and every shard
+    directory must be real directories -- a symlink among them raises
+    :class:`~ckptvault.storage.safeopen.UnsafeFileError` before anything is read, written or
+    deleted through it (a run directory is untrusted input, docs/security.md).
+
+    Chunks that a reader found bad are listed by :meth:`report_bad` (:mod:`.badlist`); :meth:`find`
+    and :meth:`has` treat a listed file as absent, so the next save writes a fresh copy instead of
+    referencing the bad one again.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.chunks = self.root / "chunks"
         self._dirty: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        self._real: set[Path] = set()  # directories checked to be real (not symlinks) in this store
+        self.bad = BadList(self.root)
         self.direct_io = Settings.from_env().direct_io
 
     @classmethod
@@ -127,13 +146,15 @@ class ChunkStore:
         """
         for codec in CODECS:
             path = self.path(digest, codec)
+            if not self._real_dir(path.parent, create=False):
+                return None
             try:
                 st = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise _error("checking chunk", path, exc) from exc
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode) or self._is_bad(path.name, st):
                 continue
             if codec == "raw" and st.st_size == raw_len:
                 return codec, st.st_size
@@ -142,17 +163,63 @@ class ChunkStore:
         return None
 
     def has(self, digest: str, codec: str, stored_len: int) -> bool:
+        path = self.path(digest, codec)
+        if not self._real_dir(path.parent, create=False):
+            return False
         try:
-            st = os.stat(self.path(digest, codec), follow_symlinks=False)
+            st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == stored_len
+        return stat.S_ISREG(st.st_mode) and st.st_size == stored_len and not self._is_bad(path.name, st)
+
+    # -- chunks found bad ---------------------------------------------------------------------
+    def _is_bad(self, name: str, st: os.stat_result) -> bool:
+        return self.bad.contains(name, st)
+
+    def report_bad(self, digest: str, codec: str) -> None:
+        """Records that the chunk file now under this name holds bytes that do not match its
+        digest, so no later save references it again (see :mod:`.badlist`)."""
+        path = self.path(digest, codec)
+        with suppress(OSError):
+            if self._real_dir(path.parent, create=False):
+                self.bad.add(path)
 
     # -- writing ------------------------------------------------------------------------------
-    def _ensure_dir(self, directory: Path) -> None:
-        """Creates ``directory`` (and the store) if needed, remembering which parents to fsync."""
+    def _real_dir(self, directory: Path, *, create: bool) -> bool:
+        """Checks that ``directory`` (the store or one below it) and every directory between it
+        and the run directory is a real directory, never a symlink (UnsafeFileError); creates
+        missing ones when ``create`` (remembering which parents to fsync), else returns False."""
+        if directory in self._real:
+            return True
+        probe = base = self.root.parent
+        if create and base not in self._real:
+            self._make_run_dir(base)
+        for part in directory.relative_to(base).parts:
+            child = probe / part
+            if child not in self._real:
+                try:
+                    os.close(open_dir(probe, part))
+                except FileNotFoundError:
+                    if not create:
+                        return False
+                    try:
+                        os.mkdir(child, 0o755)
+                    except FileExistsError:
+                        pass
+                    except OSError as exc:
+                        raise _error("creating", child, exc) from exc
+                    with self._dirty_lock:
+                        self._dirty.add(probe)
+                    os.close(open_dir(probe, part))
+                with self._dirty_lock:
+                    self._real.add(child)
+            probe = child
+        return True
+
+    def _make_run_dir(self, base: Path) -> None:
+        """Creates the run directory (the caller's path, followed) and missing parents."""
         missing = []
-        probe = directory
+        probe = base
         while not probe.is_dir():
             missing.append(probe)
             probe = probe.parent
@@ -165,6 +232,11 @@ class ChunkStore:
                 raise _error("creating", path, exc) from exc
             with self._dirty_lock:
                 self._dirty.add(path.parent)
+        with self._dirty_lock:
+            self._real.add(base)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        self._real_dir(directory, create=True)
 
     def put(self, digest: str, codec: str, data: memoryview | bytes) -> int:
         """Stores one chunk durably under its final name; returns its stored size."""
@@ -232,7 +304,10 @@ class ChunkStore:
     def _read(self, digest: str, codec: str, stored_len: int, where: str | None) -> bytearray:
         path = self.path(digest, codec)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            if not self._real_dir(path.parent, create=False):
+                raise FileNotFoundError(errno.ENOENT, "no shard directory", str(path.parent))
+            # O_NONBLOCK: a FIFO planted in place of a chunk must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CorruptCheckpointError(
                 f"chunk {digest[:16]}….{codec} is missing from the chunk store {self.root}",
@@ -247,6 +322,7 @@ class ChunkStore:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafeCheckpointError(f"chunk {path.name} is not a regular file", path=where)
+            os.set_blocking(fd, True)
             if st.st_size != stored_len:
                 kind = "truncated" if st.st_size < stored_len else "size-mismatch"
                 raise CorruptCheckpointError(
@@ -276,7 +352,9 @@ class ChunkStore:
         """The store lock: shared for a save (first chunk to commit), exclusive for GC."""
         self._ensure_dir(self.root)
         try:
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = open_file(self.root / "lock", os.O_RDWR | os.O_CREAT)
+        except UnsafeFileError:
+            raise
         except OSError as exc:
             raise _error("opening lock of", self.root, exc) from exc
         try:
@@ -286,8 +364,10 @@ class ChunkStore:
             os.close(fd)  # releases the lock
 
     def iter_files(self) -> Iterator[tuple[Path, str | None]]:
-        """Every file under ``chunks/`` with its digest, or None for temporary and foreign files."""
-        if not self.chunks.is_dir():
+        """Every file under ``chunks/`` with its digest, or None for temporary and foreign files.
+
+        A symlinked store or ``chunks`` directory raises UnsafeFileError: its files are not ours."""
+        if not self._real_dir(self.chunks, create=False):
             return
         for sub in os.scandir(self.chunks):
             if not sub.is_dir(follow_symlinks=False):
@@ -336,7 +416,7 @@ def live_digests(run_dir: Path) -> tuple[set[str], int]:
                 errno.EFBIG, f"{manifest} is larger than any manifest can be; refusing to collect garbage"
             )
         try:
-            text = manifest.read_bytes()
+            text = read_file(manifest, cap=MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             continue  # deleted since the stat (retention renames it away, no store lock): it needs nothing
         live.update(m.decode() for m in _HEX64_ANYWHERE.findall(text))
@@ -353,7 +433,7 @@ def collect_garbage(run_dir: str | Path, *, dry_run: bool = False) -> GcReport:
     """
     run = Path(run_dir)
     store = ChunkStore(run / STORE_NAME)
-    if not store.root.is_dir():
+    if not store._real_dir(store.root, create=False):  # a symlinked store raises: never swept
         return GcReport(0, 0, 0, 0, 0)
     with store.locked(exclusive=True):
         live, checkpoints = live_digests(run)
@@ -381,4 +461,6 @@ def collect_garbage(run_dir: str | Path, *, dry_run: bool = False) -> GcReport:
                 freed += size
         for directory in touched:
             fsync_dir(directory)
+        if not dry_run:
+            store.bad.prune(store.chunks)
     return GcReport(checkpoints, kept, deleted, freed, temporary)

@@ -20,9 +20,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import glob
 import hashlib
-import json
 import mmap
 import os
 import secrets
@@ -34,7 +32,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
 from ..errors import (
@@ -45,6 +42,10 @@ from ..errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+
+# Re-exported for existing importers; their home is storage.safeopen.
+from .safeopen import atomic_write_json as atomic_write_json
+from .safeopen import fsync_dir as fsync_dir
 
 STAGING_MARK = ".ckptvault-tmp."
 # A staging directory whose owner is alive but has not locked it yet is younger than this.
@@ -59,50 +60,6 @@ def _storage_error(action: str, path: Path | str, exc: OSError) -> StorageError:
     err = StorageError(exc.errno or 0, f"{action} {path}: {exc.strerror or exc}")
     err.__cause__ = exc
     return err
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(
-    path: Path, doc: Any, *, durable: bool = True, sort_keys: bool = False, sweep: bool = False
-) -> None:
-    """Replaces a small JSON file (run.json, pins, registry entries) atomically: readers see the old
-    or the new document, and a failure leaves no temporary file. ``durable=False`` skips the fsyncs
-    for derived data (the run index), which a crash may lose and which is then rebuilt. Temporary
-    names are ``.NAME.<random>.tmp``, which the manager's sweep and the torture leftover check know.
-    ``sweep=True`` first removes such files of ``path`` left by a writer killed mid-write; only for
-    callers holding a lock every writer of ``path`` takes (no live writer owns one then)."""
-    if sweep:
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            with suppress(FileNotFoundError):
-                stale.unlink()
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(
-                doc,
-                handle,
-                indent=1 if durable else None,
-                separators=None if durable else (",", ":"),
-                sort_keys=sort_keys,
-                default=str,
-            )
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with suppress(OSError):  # already renamed, or the disk is gone
-            os.unlink(temp)
-        raise
-    if durable:
-        fsync_dir(path.parent)  # the rename itself is durable too
 
 
 def _load_renameat2() -> object | None:

@@ -1,0 +1,252 @@
+"""Opening the files beside checkpoints without trusting the directory they lie in.
+
+A run directory, a chunk store and a registry are inputs a stranger may have crafted (a run copied
+from a shared disk, an unpacked archive): its ``run.json`` can be a symlink to the user's
+``~/.bashrc``, its lock file a FIFO, its ``.ckptvault-store`` a symlink to another project's
+directory. The library only ever *names* such files; these helpers are what it opens them with, so
+that naming a hostile one is harmless:
+
+* never through a symbolic link in the last component (``O_NOFOLLOW``), and, below a directory the
+  caller named, never through a symlinked directory either (:func:`open_dir` walks each component
+  with ``O_DIRECTORY | O_NOFOLLOW`` and later opens are relative to the descriptor it returns);
+* never blocking: every open is ``O_NONBLOCK`` (a FIFO or a device opens at once), and anything
+  that is not a regular file is refused after ``fstat`` before a byte is read or written;
+* never allocating more than the file holds, nor more than a cap (:func:`read_file`);
+* writes replace a file by renaming a private temporary file over it (:func:`atomic_write_json`),
+  inside a directory held by descriptor: a symlink planted at the destination is replaced, never
+  written through, and nothing is created outside the directory checked.
+
+A refusal is :class:`UnsafeFileError` -- a :class:`~ckptvault.errors.StorageError`, hence also an
+``OSError``: callers that already treat an unreadable bookkeeping file as "skip it" or "refuse to
+act" (retention, the run index, the event log) keep doing so, and public entry points surface it
+as a typed ``CheckpointError``. Only the directory the caller names (the run directory, the
+catalog root) is followed: the user chose it, symlinks and all.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import stat
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from ..errors import StorageError
+
+# No bookkeeping document (run.json, index, pins, registry entry, validation result) comes near this;
+# a file larger than it is hostile or damaged and is refused before anything is allocated.
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+_READ_BLOCK = 1 << 20
+
+PathArg = str | os.PathLike[str]
+
+
+class UnsafeFileError(StorageError):
+    """A bookkeeping file or directory is a symbolic link, a FIFO, socket or device, or larger than
+    any such file may be: refused without following it, blocking on it or reading it whole."""
+
+
+def _refuse(code: int, path: PathArg, why: str) -> UnsafeFileError:
+    return UnsafeFileError(code, f"{os.fspath(path)} {why}; refusing to use it")
+
+
+def open_file(path: PathArg, flags: int, mode: int = 0o644, *, dir_fd: int | None = None) -> int:
+    """A descriptor of the regular file ``path`` (relative to ``dir_fd`` when given), opened with
+    ``flags`` but never through a symlink and never blocking; the descriptor is left blocking.
+
+    A missing file raises ``FileNotFoundError`` as ``os.open`` does (callers tell "absent" from
+    "hostile"); a symlink, FIFO, socket or device raises :class:`UnsafeFileError`."""
+    extra = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | extra, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse(errno.ELOOP, path, "is a symbolic link") from exc
+        if exc.errno in (errno.ENXIO, errno.ENODEV):  # a socket, or a FIFO with no reader
+            raise _refuse(exc.errno, path, "is not a regular file") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _refuse(errno.EINVAL, path, "is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_fd(fd: int, path: PathArg, *, cap: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """All bytes of an open regular file, refusing one larger than ``cap`` before allocating, and
+    reading at most ``cap + 1`` bytes (a file growing while read is caught too)."""
+    size = os.fstat(fd).st_size
+    if size > cap:
+        raise _refuse(errno.EFBIG, path, f"has {size} bytes, more than the {cap} such a file may have")
+    parts: list[bytes] = []
+    got = 0
+    while True:
+        block = os.read(fd, min(cap + 1 - got, max(size + 1 - got, _READ_BLOCK)))
+        if not block:
+            return b"".join(parts)
+        parts.append(block)
+        got += len(block)
+        if got > cap:
+            raise _refuse(errno.EFBIG, path, f"grew past the {cap} bytes such a file may have")
+
+
+def read_file(
+    path: PathArg, *, cap: int = MAX_DOCUMENT_BYTES, dir_fd: int | None = None, base: PathArg | None = None
+) -> bytes:
+    """The bytes of a small bookkeeping file (see :func:`open_file` and :func:`read_fd`). With
+    ``base``, every directory between ``base`` and the file must be a real one (:func:`open_dir`)."""
+    if base is not None:
+        target = Path(path)
+        parent_fd = open_dir(base, target.parent.relative_to(base))
+        try:
+            return read_file(target.name, cap=cap, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+    fd = open_file(path, os.O_RDONLY, dir_fd=dir_fd)
+    try:
+        return read_fd(fd, path, cap=cap)
+    finally:
+        os.close(fd)
+
+
+def open_dir(base: PathArg, rel: PathArg = "", *, create: bool = False) -> int:
+    """A descriptor of the directory ``base/rel``.
+
+    ``base`` is opened as named (the caller chose it, symlinks and all); every component of ``rel``
+    must be a real directory -- a symlink, or a file where a directory belongs, raises
+    :class:`UnsafeFileError`. ``create`` makes missing components (mode 0755); otherwise a missing
+    one raises ``FileNotFoundError``."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in Path(rel).parts:
+            if part in (".", "..") or os.sep in part:
+                raise _refuse(errno.EINVAL, Path(base) / rel, "leaves its base directory")
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                try:
+                    child = os.open(part, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    child = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    why = "is a symbolic link or not a directory"
+                    raise _refuse(exc.errno, Path(base) / rel, why) from exc
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_dir(base: PathArg, rel: PathArg) -> bool:
+    """True when ``base/rel`` exists and every component of ``rel`` is a real directory; False when
+    it is missing; :class:`UnsafeFileError` when a component is a symlink or not a directory."""
+    try:
+        fd = open_dir(base, rel)
+    except FileNotFoundError:
+        return False
+    os.close(fd)
+    return True
+
+
+def fsync_dir(path: PathArg) -> None:
+    """Makes the entries of a directory durable (new names, renames, deletions)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parent_fd(path: Path, base: PathArg | None) -> int:
+    if base is None:
+        return open_dir(path.parent)
+    return open_dir(base, path.parent.relative_to(base), create=True)
+
+
+def append_text(path: PathArg, text: str, *, base: PathArg | None = None) -> None:
+    """Appends ``text`` to a regular file (created if missing), never through a link or into a FIFO.
+    ``base``: as for :func:`atomic_write_json`."""
+    target = Path(path)
+    dir_fd = _parent_fd(target, base)
+    try:
+        fd = open_file(target.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        view = memoryview(text.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(
+    path: PathArg,
+    doc: Any,
+    *,
+    durable: bool = True,
+    sort_keys: bool = False,
+    sweep: bool = False,
+    base: PathArg | None = None,
+) -> None:
+    """Replaces a small JSON file (run.json, pins, registry entries) atomically: readers see the old
+    or the new document, and a failure leaves no temporary file. ``durable=False`` skips the fsyncs
+    for derived data (the run index), which a crash may lose and which is then rebuilt. Temporary
+    names are ``.NAME.<random>.tmp``, which the manager's sweep and the torture leftover check know.
+    ``sweep=True`` first removes such files of ``path`` left by a writer killed mid-write; only for
+    callers holding a lock every writer of ``path`` takes (no live writer owns one then).
+
+    The parent directory is held by descriptor for the whole write, so the temporary file and the
+    rename stay in it; a symlink at ``path`` is replaced, never written through. ``base`` names the
+    directory the caller trusts: every directory between it and ``path`` must be a real one (created
+    if missing); without it the parent is opened as named."""
+    target = Path(path)
+    name = target.name
+    payload = json.dumps(
+        doc,
+        indent=1 if durable else None,
+        separators=None if durable else (",", ":"),
+        sort_keys=sort_keys,
+        default=str,
+    ).encode("utf-8")
+    dir_fd = _parent_fd(target, base)
+    try:
+        if sweep:
+            for stale in os.listdir(dir_fd):
+                if stale.startswith(f".{name}.") and stale.endswith(".tmp"):
+                    with suppress(FileNotFoundError):
+                        os.unlink(stale, dir_fd=dir_fd)
+        temp = f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with suppress(OSError):  # already renamed, or the disk is gone
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+        if durable:
+            os.fsync(dir_fd)  # the rename itself is durable too
+    finally:
+        os.close(dir_fd)
