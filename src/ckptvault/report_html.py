@@ -27,7 +27,8 @@ from typing import Any
 
 from .catalog.registry import Registry, RegistryError
 from .catalog.store import Catalog, CatalogRow
-from .reporting import FAILED, KEPT, STATUSES, ReportError, Trajectory, plot_png, storage_png, trajectory
+from .errors import CheckpointError
+from .reporting import FAILED, KEPT, STATUSES, Trajectory, plot_png, storage_png, trajectory
 from .visible import number_text, visible_str
 
 _MAX_METRIC_COLUMNS = 12  # beyond this, the report's table puts the rest in one column
@@ -41,18 +42,37 @@ def _e(value: Any) -> str:
     return html.escape(visible_str(text), quote=True)
 
 
-def _human(n: float) -> str:
+def _human(n: Any) -> str:
+    if not _is_number(n):
+        return str(n)  # a catalog row of the wrong type: shown as it is (then escaped)
+    if isinstance(n, int) and n.bit_length() > 60:
+        return f"{number_text(n)} B"
+    value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
-def _number(value: float | None) -> str:
+def _number(value: Any) -> str:
     if value is None:
         return ""
-    return f"{value:.6g}"
+    return number_text(value) if _is_number(value) else str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _size(value: Any) -> int:
+    """A size to add up; a catalog row whose size is not an integer counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _order(value: Any) -> tuple[int, Any]:
+    """A sort key for values of any type (the catalog is a file anyone could have edited)."""
+    return (0, value) if _is_number(value) else (1, str(value))
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -229,13 +249,18 @@ def _validation_cell(row: CatalogRow) -> str:
 
 def build_report(root: str | os.PathLike[str], *, curves: bool = True) -> str:
     """The HTML report of every checkpoint under ``root`` (see the module docstring)."""
+    problems: list[str] = []
     with Catalog(root) as catalog:
         rows = catalog.find(sort="run_dir,step")
-        runs = catalog.runs()
+        try:
+            runs = [r for r in catalog.runs() if isinstance(r.get("run_dir"), str)]
+        except ValueError as exc:  # a run's config in the catalog is not JSON
+            runs, problems = [], [f"the catalog's runs cannot be read: {exc}"]
         tags = _tags(catalog)
         base = catalog.root
-    rows.sort(key=lambda r: (r.run_dir, r.step, r.name))
+    rows.sort(key=lambda r: (_order(r.run_dir), _order(r.step), _order(r.name)))
     registered, registry_problems = _registry(base)
+    registry_problems += problems
     aliases_of: dict[str, list[str]] = {}
     for entry in registered:
         labels = [f"{entry.model}@{a}" for a in entry.aliases] or [f"{entry.model} v{entry.version}"]
@@ -243,17 +268,18 @@ def build_report(root: str | os.PathLike[str], *, curves: bool = True) -> str:
 
     trajectories: dict[str, Trajectory] = {}
     for run in runs:
-        with contextlib.suppress(ReportError):
+        # A run that cannot be read shows "no trajectory"; it never fails the page.
+        with contextlib.suppress(CheckpointError, OSError, ValueError, TypeError, OverflowError):
             trajectories[run["run_dir"]] = trajectory(base / run["run_dir"])
     status_of: dict[str, frozenset[str]] = {}
     for run_dir, traj in trajectories.items():
         for mark in traj.marks:
             status_of[f"{run_dir}/{mark.name}" if run_dir else mark.name] = mark.statuses
 
-    metric_names = sorted({k for r in rows for k in r.metrics})
+    metric_names = sorted({str(k) for r in rows for k in r.metrics})
     columns, extra_metrics = metric_names[:_MAX_METRIC_COLUMNS], metric_names[_MAX_METRIC_COLUMNS:]
     failed = sum(1 for r in rows if r.validation_passed is False)
-    total = sum(r.size_bytes for r in rows)
+    total = sum(_size(r.size_bytes) for r in rows)
     parts: list[str] = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -276,6 +302,7 @@ def build_report(root: str | os.PathLike[str], *, curves: bool = True) -> str:
     parts.append("<th>size</th><th>config</th></tr></thead><tbody>")
     for run in runs:
         mine = [r for r in rows if r.run_dir == run["run_dir"]]
+        size = sum(_size(r.size_bytes) for r in mine)
         config = run.get("config")
         config_html = (
             "<details><summary>config</summary><pre>"
@@ -287,7 +314,7 @@ def build_report(root: str | os.PathLike[str], *, curves: bool = True) -> str:
         parts.append(
             f"<tr><td><code>{_e(run['run_dir'] or '.')}</code></td><td>{_e(run.get('run_id') or '-')}</td>"
             f"<td><code>{_e(run.get('git_commit') or '-')}</code></td><td class=num>{len(mine)}</td>"
-            f"<td class=num>{_e(_human(sum(r.size_bytes for r in mine)))}</td><td>{config_html}</td></tr>"
+            f"<td class=num>{_e(_human(size))}</td><td>{config_html}</td></tr>"
         )
     parts.append("</tbody></table>")
 
@@ -344,25 +371,26 @@ def build_report(root: str | os.PathLike[str], *, curves: bool = True) -> str:
         statuses = status_of.get(row.path, frozenset())
         status_text = ", ".join(s for s in STATUSES if s in statuses and s not in (KEPT, FAILED))
         labels = aliases_of.get(row.path, [])
-        created = row.created_at.replace("T", " ")[:19]
+        created = str(row.created_at).replace("T", " ")[:19]
         cells = [
             f'<td data-v="{_e(row.path)}"><code>{_e(row.path)}</code></td>',
             f"<td>{_e(row.run_id or '-')}</td>",
-            f'<td class=num data-v="{row.step}">{row.step}</td>',
-            f'<td class=num data-v="{"" if row.epoch is None else row.epoch}">{_e(row.epoch)}</td>',
+            f'<td class=num data-v="{_e(row.step)}">{_e(row.step)}</td>',
+            f'<td class=num data-v="{_e(row.epoch)}">{_e(row.epoch)}</td>',
             f"<td>{_e(row.scope or '')}</td>",
             f'<td data-v="{_e(row.created_at)}">{_e(created)}</td>',
-            f'<td class=num data-v="{row.size_bytes}">{_e(_human(row.size_bytes))}</td>',
+            f'<td class=num data-v="{_e(row.size_bytes)}">{_e(_human(row.size_bytes))}</td>',
             _validation_cell(row),
             f"<td>{_e(status_text)}</td>",
             "<td>" + " ".join(f'<span class="alias">{_e(label)}</span>' for label in labels) + "</td>",
         ]
+        metrics = {str(k): v for k, v in row.metrics.items()}
         for name in columns:
-            value = row.metrics.get(name)
+            value = metrics.get(name)
             exact = "" if value is None else repr(value)  # sorts by the exact value, shows 6 digits
             cells.append(f'<td class=num data-v="{_e(exact)}">{_e(_number(value))}</td>')
         if extra_metrics:
-            rest = ", ".join(f"{k}={_number(row.metrics[k])}" for k in extra_metrics if k in row.metrics)
+            rest = ", ".join(f"{k}={_number(metrics[k])}" for k in extra_metrics if k in metrics)
             cells.append(f"<td>{_e(rest)}</td>")
         row_tags = tags.get(row.path, {})
         cells.append("<td>" + _e(", ".join(f"{k}={v}" for k, v in sorted(row_tags.items()))) + "</td>")
@@ -389,6 +417,11 @@ def build_report(root: str | os.PathLike[str], *, curves: bool = True) -> str:
         if found is None:
             parts.append('<p class="muted">no trajectory</p>')
         elif curves:
-            parts.append(_img(plot_png(found, title=run_dir or "."), f"metric curves of {run_dir or '.'}"))
+            try:
+                png = plot_png(found, title=run_dir or ".")
+            except (ValueError, TypeError, OverflowError) as exc:  # values no axis can hold
+                parts.append(f'<p class="failed">curves cannot be drawn: {_e(exc)}</p>')
+                continue
+            parts.append(_img(png, f"metric curves of {run_dir or '.'}"))
     parts.append(f"<script>{_JS}</script></body></html>\n")
     return "\n".join(parts)

@@ -460,6 +460,8 @@ def storage_png(rows: Sequence[CatalogRow]) -> bytes:
 
     by_run: dict[str, list[tuple[datetime, int]]] = {}
     for row in rows:
+        if not isinstance(row.created_at, str) or type(row.size_bytes) is not int:
+            continue  # a catalog row of the wrong types (the file is not trusted): not on the axis
         with contextlib.suppress(ValueError):
             when = datetime.fromisoformat(row.created_at.replace("Z", "+00:00"))
             if when.tzinfo is not None:  # UTC without a zone: comparable, and what numpy takes

@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +354,39 @@ def test_library_warnings_and_log_records_reach_stderr_inert() -> None:
     err = done.stderr.decode("utf-8")
     assert_inert(err, colour=False)
     assert err.count(r"\x1b[2J") == 2 and "skipped" in err and "not shown" not in err
+
+
+def test_type_confused_catalog_rows_are_shown_inert(tmp_path: Path) -> None:
+    """The catalog is a file anyone could have edited, and SQLite keeps text in an INTEGER column:
+    ``find`` and the report show such values escaped instead of failing or pasting them as HTML."""
+    pytest.importorskip("matplotlib")
+    import sqlite3
+
+    root = tmp_path / "root"
+    for step in (1, 2):
+        cv.save(root / "run" / f"step_{step}", {"w": torch.zeros(2)}, metadata={"metrics": {"loss": 0.5}})
+    past = time.time() - 600  # not "just written": the catalog trusts its rows for these
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (past, past))
+    assert cli("find", root, colour=False)[0] == 0  # builds the catalog
+    injected = '"><meta http-equiv=refresh content="0;url=http://evil.example/">'
+    db = sqlite3.connect(root / ".ckptvault" / "catalog.sqlite")
+    with db:
+        db.execute(
+            "UPDATE checkpoints SET step = ?, size_bytes = 'big', created_at = 5, epoch = ?, "
+            "validation_level = ? WHERE name = 'step_1'",
+            (injected, injected, injected),
+        )
+        last = "(SELECT max(id) FROM checkpoints)"
+        db.execute(f"UPDATE metrics SET value = ? WHERE checkpoint = {last}", (injected,))
+    db.close()
+    code, out = cli("find", root, colour=True)
+    assert code == 0 and "step_1" in out and "step_2" in out, out
+    assert_inert(out, colour=True, literals=("<meta http-equiv=refresh",))
+    code, out = cli("find", root, "--json", colour=False)
+    assert code == 0 and len(json.loads(out)) == 2, out
+    page = tmp_path / "report.html"
+    code, out = cli("report", root, "-o", page, colour=False)
+    assert code == 0, out
+    text = page.read_text(encoding="utf-8")
+    assert "<meta http-equiv=refresh" not in text and "&lt;meta http-equiv=refresh" in text

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..catalog.registry import Registry, default_root
-from ..catalog.store import Catalog
+from ..catalog.store import Catalog, CatalogRow
 from ..errors import CheckpointError
 from ..visible import visible
 from .inert import console, emit_json, error_text, human_bytes, inert, message_of, metric_text, timestamp
@@ -55,18 +55,23 @@ def find(
     if not rows:
         out.print("no checkpoint matches")
         return
-    metric_names = sorted({k for r in rows for k in r.metrics})[:6]
+    metric_names = sorted({str(k) for r in rows for k in r.metrics})[:6]
     table = Table(show_edge=False, header_style="bold")
     for col in ("checkpoint", "step", "size", "created", "validation", *metric_names):
         table.add_column(inert(col, 40), overflow="fold")
     for r in rows:
-        status = (
-            "-" if r.validation_passed is None else ("ok" if r.validation_passed else "[red]FAILED[/red]")
-        )
-        values = [metric_text(r.metrics.get(m)) or "-" for m in metric_names]
-        created = timestamp(r.created_at, "%Y-%m-%d %H:%M")
-        table.add_row(inert(r.path), metric_text(r.step), human_bytes(r.size_bytes), created, status, *values)
+        table.add_row(*_find_cells(r, metric_names))
     out.print(table)
+
+
+def _find_cells(r: CatalogRow, metric_names: list[str]) -> list[str]:
+    """A row of ``find``. The catalog is a file anyone could have edited: any value of any type is
+    shown inert rather than trusted to be what the schema says."""
+    status = "-" if r.validation_passed is None else ("ok" if r.validation_passed else "[red]FAILED[/red]")
+    metrics = {str(k): v for k, v in r.metrics.items()}
+    values = [metric_text(metrics.get(m)) or "-" for m in metric_names]
+    created = timestamp(r.created_at, "%Y-%m-%d %H:%M")
+    return [inert(r.path), metric_text(r.step), human_bytes(r.size_bytes), created, status, *values]
 
 
 @catalog_app.command("rebuild")

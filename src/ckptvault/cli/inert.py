@@ -62,8 +62,11 @@ def message_of(exc: BaseException) -> str:
         return type(exc).__name__
 
 
-def human_bytes(n: int | float) -> str:
-    """``2.1 KiB``; any size a manifest may declare, however large, without overflowing."""
+def human_bytes(n: Any) -> str:
+    """``2.1 KiB``; any size a manifest may declare, however large, without overflowing (and
+    anything else a catalog row may hold, inert)."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        return inert(n, 40)
     if isinstance(n, int) and n.bit_length() > 60:
         return f"{number_text(n)} B"
     value = float(n)
