@@ -989,9 +989,13 @@ class CheckpointManager:
         for record in candidates:
             path = self.directory / record.name
             if not record.valid and not explicit:
-                skipped.append(why_invalid(self.directory, record))
-                warn_skipped(self.directory, skipped[-1])
-                continue
+                skip = why_invalid(self.directory, record)
+                if skip.validation_only:
+                    skipped.append(skip)
+                    warn_skipped(self.directory, skip)
+                    continue
+                # Marked invalid with no failed validation of this id on record (an index entry, an
+                # earlier failed read): the bytes decide, and api.load verifies every one of them.
             try:
                 tree = api.load(path)
             except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
@@ -999,6 +1003,8 @@ class CheckpointManager:
                 warn_skipped(self.directory, skipped[-1])
                 self._records[record.name] = dataclasses.replace(record, valid=False)
                 continue
+            if not record.valid:
+                self._records[record.name] = dataclasses.replace(record, valid=True)  # verified now
             state.restore(tree, partial=partial)
             for stream in self._streams.values():
                 stream.state.last_save_step = state.step

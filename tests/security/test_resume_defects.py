@@ -162,6 +162,23 @@ def test_restore_refuses_a_silent_fresh_start_when_only_validation_failed(tmp_pa
         assert info is not None and info.checkpoint_id == second.checkpoint_id and fresh.step == 2
 
 
+def test_restore_does_not_trust_an_invalid_mark_without_evidence(tmp_path: Path) -> None:
+    """A run hit by the same-step race before the fix: the index says invalid, the recorded failure
+    belongs to the replaced checkpoint. The bytes verify, so restore loads it."""
+    run = tmp_path / "run"
+    _, second = _two_checkpoints(run)
+    stale = dataclasses.replace(second, checkpoint_id="0" * 32)  # the id of the replaced checkpoint
+    _record_failed_validation(stale)
+    doc = json.loads((run / INDEX).read_text())
+    for record in doc["records"]:
+        record["valid"] = False
+    (run / INDEX).write_text(json.dumps(doc))
+    with cv.CheckpointManager(run, validate="checksum") as manager:
+        info = manager.restore(make_state(seed=3))
+        assert info is not None and info.checkpoint_id == second.checkpoint_id
+        assert manager.latest() is not None and manager.latest().checkpoint_id == second.checkpoint_id
+
+
 def test_restore_returns_none_loudly_when_nothing_verifies(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _, second = _two_checkpoints(run)
