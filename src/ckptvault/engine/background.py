@@ -45,10 +45,9 @@ class PendingSave:
         """The committed checkpoint's info; re-raises the background failure, if any."""
         try:
             info = self._future.result(timeout)
-        except TimeoutError:
-            raise  # still running: nothing was observed
         except BaseException:
-            self._observed = True
+            if self._future.done():  # the save's own failure (not a timeout of this wait): seen now
+                self._observed = True
             raise
         self._observed = True
         return info
