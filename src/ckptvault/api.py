@@ -272,13 +272,31 @@ def validate(
     return result
 
 
-def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True, mmap: bool = True) -> Any:
+def load(
+    path: PathLike,
+    *,
+    map_location: Any = "cpu",
+    verify: bool = True,
+    mmap: bool = False,
+    max_bytes: int | None = None,
+) -> Any:
     """Loads a whole checkpoint; with ``verify`` (the default) every byte is checked first.
 
-    With ``mmap`` (the default) CPU tensors are backed by private copy-on-write maps of the data
-    files, as with ``safetensors.load_file`` or torch.load with ``mmap=True``: loading copies nothing,
-    pages come from the page cache, and writing a tensor copies only the page written (the file
-    never changes). ``mmap=False`` gives tensors in fresh anonymous memory, read with ``pread``.
+    What comes back is exactly the bytes that were verified: each tensor is read (``pread``) into
+    fresh anonymous memory, hashed there and returned, so a later change to the files cannot alter
+    it and truncating them cannot crash the process.
+
+    ``mmap=True`` opts into zero-copy tensors backed by private copy-on-write maps of the data
+    files (like ``safetensors.load_file`` or torch.load with ``mmap=True``): less memory and no copy,
+    but pages the program has not written still show the *file*, so a later overwrite of the file in
+    place changes the tensor after it was verified, and truncating the file turns the next access
+    into SIGBUS. Use it only for files nobody else writes.
+
+    ``max_bytes`` caps what the load may allocate, and the logical size of every tensor it returns
+    (a stride-0 view included); past it :class:`~ckptvault.errors.ResourceLimitError` is raised before
+    anything is allocated. The default is the larger of 64 GiB and the bytes the checkpoint actually
+    stores (its files plus each distinct chunk it references once): an honest checkpoint always
+    loads, a hostile manifest cannot turn a few stored bytes into more than 64 GiB.
 
     ``map_location`` is a device (``"cpu"``, ``"cuda:0"``, a ``torch.device``), ``None`` for each
     tensor's original device, or a dict mapping saved device strings to new ones. Raises
@@ -294,21 +312,38 @@ def load(path: PathLike, *, map_location: Any = "cpu", verify: bool = True, mmap
         verify=verify,
         threads=Settings.from_env().io_threads,
         mapped=mmap,
+        max_bytes=max_bytes,
     )
 
 
-def open(path: PathLike, *, map_location: Any = "cpu", verify: bool = True) -> CheckpointView:
-    """A lazy read-only view: the manifest is read now, each tensor when it is indexed.
+def open(
+    path: PathLike,
+    *,
+    map_location: Any = "cpu",
+    verify: bool = True,
+    mmap: bool = False,
+    max_bytes: int | None = None,
+) -> CheckpointView:
+    """A lazy read-only view: the manifest is read (and its whole tree checked) now, each tensor when
+    it is indexed.
 
-    ``with ckptvault.open(p) as ck: w = ck["model"]["fc.weight"]`` reads only that tensor's bytes
-    (through ``mmap``) and checks their digest.
+    ``with ckptvault.open(p) as ck: w = ck["model"]["fc.weight"]`` reads only that tensor's bytes into
+    fresh memory and checks their digest; ``mmap`` and ``max_bytes`` mean what they mean for
+    :func:`load` (the cap counts every tensor the view reads).
     """
     storage, target = storage_for(path)
-    return CheckpointView(storage, target, map_location=map_location, verify=verify)
+    return CheckpointView(
+        storage, target, map_location=map_location, verify=verify, mmap=mmap, max_bytes=max_bytes
+    )
 
 
 def verify(path: PathLike) -> VerifyReport:
-    """Checks every file and tensor digest and the format's rules; reports all problems, raises none."""
+    """Checks every file and tensor digest and the format's rules; reports all problems, raises none.
+
+    Memory stays one block or chunk whatever the checkpoint declares, and a chunk referenced many
+    times is read once. Also reported: metrics in the manifest that disagree with the digested
+    sidecar (``metadata-mismatch``), and tensors a default :func:`load` would refuse to allocate
+    (``resource-limit``)."""
     storage, target = storage_for(path)
     return verify_checkpoint(storage, target)
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import MAX_NDIM
 from ..errors import UnsupportedStateError
 from ..format.dtypes import TORCH_DTYPES, StoredForm, numpy_stored_form, parse_numpy_dtype, torch_stored_form
 from ..format.tree import TreeDecodeError
+from .leaves import LeafChecker as LeafChecker
+from .leaves import _checked_view, _numel, _shape, leaf_nbytes_check
 
 _DEVICE_RE = re.compile(r"^[a-z_]{1,16}(:[0-9]{1,4})?$")
 
@@ -259,9 +260,12 @@ class BlobReader:
     caller's policy). Blobs are fetched once and shared by every leaf that references them.
     """
 
-    def __init__(self, fetch: Callable[[str], np.ndarray], map_location: Any = "cpu") -> None:
+    def __init__(
+        self, fetch: Callable[[str], np.ndarray], map_location: Any = "cpu", max_leaf_bytes: int | None = None
+    ) -> None:
         self._fetch = fetch
         self._map_location = map_location
+        self.max_leaf_bytes = max_leaf_bytes  # logical bytes one returned tensor may claim
         self._numpy: dict[str, np.ndarray] = {}
         self._torch: dict[tuple[str, str], Any] = {}
 
@@ -296,9 +300,9 @@ class BlobReader:
     def _numpy_leaf(self, node: dict[str, Any], path: str) -> Any:
         dtype = parse_numpy_dtype(node.get("dtype"))  # type: ignore[arg-type]
         shape = _shape(node, path)
+        expected = _numel(shape) * dtype.itemsize  # Python ints: a hostile shape cannot wrap around
         raw = self._bytes(node.get("tensor"))
         stored = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
         if raw.nbytes != expected:
             raise TreeDecodeError(f"{path}: {raw.nbytes} stored bytes, dtype and shape need {expected}")
         array = raw.view(stored).reshape(shape) if raw.nbytes else np.empty(shape, dtype=stored)
@@ -311,9 +315,9 @@ class BlobReader:
             raise TreeDecodeError(f"{path}: tensor dtype {str(node.get('dtype'))[:30]!r} has no stored form")
         dtype = torch_dtype(node.get("dtype"), path)
         shape = _shape(node, path)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
         device = self._device_for(node, path)
         base = self._base(node.get("tensor"), device)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
         view = node.get("view")
         if view is None:
             expected = itemsize * _numel(shape)
@@ -325,6 +329,10 @@ class BlobReader:
                 else torch.empty(shape, dtype=dtype, device=device)
             )
         else:
+            # A view allocates nothing here, but whoever uses it may (a stride-0 view of 4 bytes can
+            # claim a TiB): every view handed out is one the cap would let its user materialise.
+            _checked_view(view, itemsize, shape, base.numel(), path)
+            leaf_nbytes_check(itemsize * _numel(shape), self.max_leaf_bytes, path)
             tensor = _strided_view(base, dtype, itemsize, shape, view, path)
         if node.get("parameter") is True:
             return torch.nn.Parameter(tensor, requires_grad=bool(node.get("requires_grad", False)))
@@ -359,88 +367,12 @@ class BlobReader:
         return base
 
 
-def _shape(node: dict[str, Any], path: str) -> tuple[int, ...]:
-    shape = node.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
-        raise TreeDecodeError(f"{path}: bad shape")
-    return tuple(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _strided_view(base: Any, dtype: Any, itemsize: int, shape: tuple[int, ...], view: Any, path: str) -> Any:
     """A view into a shared byte span, bounds-checked before ``as_strided`` touches memory."""
     offset, stride = _checked_view(view, itemsize, shape, base.numel(), path)
     usable = base.numel() - base.numel() % itemsize
     typed = base[:usable].view(dtype)
     return typed.as_strided(shape, stride, offset // itemsize)
-
-
-def _checked_view(
-    view: Any, itemsize: int, shape: tuple[int, ...], stored: int, path: str
-) -> tuple[int, list[int]]:
-    if not isinstance(view, dict) or set(view) != {"byte_offset", "stride"}:
-        raise TreeDecodeError(f"{path}: bad view")
-    offset, stride = view["byte_offset"], view["stride"]
-    if type(offset) is not int or offset < 0 or offset % itemsize:
-        raise TreeDecodeError(f"{path}: bad view offset")
-    if (
-        not isinstance(stride, list)
-        or len(stride) != len(shape)
-        or not all(type(s) is int and s >= 0 for s in stride)
-    ):
-        raise TreeDecodeError(f"{path}: bad view strides")
-    extent = (
-        0 if 0 in shape else (sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1) * itemsize
-    )
-    if offset + extent > stored:
-        raise TreeDecodeError(f"{path}: view reaches past the stored bytes")
-    return offset, stride
-
-
-class LeafChecker:
-    """Validates leaves against the stored tensor sizes without reading data or importing torch.
-
-    ``verify`` uses it so that checking a checkpoint's structure costs milliseconds, not a torch
-    import; it applies the same rules :class:`BlobReader` applies before building anything.
-    """
-
-    def __init__(self, stored_nbytes: Callable[[str], int]) -> None:
-        self._stored_nbytes = stored_nbytes
-
-    def decode_leaf(self, node: dict[str, Any], path: str) -> Any:
-        tag = node["t"]
-        if tag in ("torch.dtype", "torch.device", "torch.Size"):
-            return None
-        shape = _shape(node, path)
-        name = node.get("tensor")
-        if not isinstance(name, str):
-            raise TreeDecodeError(f"{path}: leaf must name its tensor")
-        stored = self._stored_nbytes(name)
-        dtype_name = node.get("dtype")
-        if tag == "ndarray":
-            itemsize = parse_numpy_dtype(dtype_name).itemsize  # type: ignore[arg-type]
-        else:
-            form = TORCH_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-            if form is None:
-                raise TreeDecodeError(f"{path}: tensor dtype {str(dtype_name)[:30]!r} has no stored form")
-            itemsize = form.itemsize
-        if "view" in node and tag == "torch.Tensor":
-            _checked_view(node["view"], itemsize, shape, stored, path)
-        elif stored != itemsize * _numel(shape):
-            raise TreeDecodeError(
-                f"{path}: {stored} stored bytes, dtype and shape need {itemsize * _numel(shape)}"
-            )
-        return None
 
 
 _TORCH_DTYPES_BY_NAME: dict[str, Any] = {}

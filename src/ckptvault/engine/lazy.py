@@ -1,9 +1,14 @@
 """A lazy, read-only view of a checkpoint: reads the manifest on open, tensors only when asked.
 
-Indexing walks the encoded tree without decoding it; a container comes back as another lazy node
-and a leaf is decoded on the spot. A tensor is a zero-copy view of a private copy-on-write
-``mmap`` of its file (writable; writes never reach the file; valid after the view is closed),
-returned only after its file's header has been validated and its digest checked.
+Opening checks the whole encoded tree with the same strict rules as ``load`` (unknown fields,
+duplicate or hash-flooding keys, depth and node limits, shapes and views against the stored sizes)
+without reading a tensor, so the lazy and the eager reader accept exactly the same checkpoints.
+Indexing then walks the tree; a container comes back as another lazy node and a leaf is decoded on
+the spot. A tensor is read into fresh memory and returned only after its file's header has been
+validated and its digest checked: exactly the verified bytes, unaffected by later changes to the
+file. ``mmap=True`` instead returns zero-copy views of private copy-on-write maps (see
+:func:`ckptvault.open` for what that gives up). Every tensor read is charged to the view's byte
+budget (:mod:`.budget`) before it is allocated.
 """
 
 from __future__ import annotations
@@ -18,26 +23,53 @@ from ..format.tree import TreeDecodeError, TreeDecoder, shared_leaves
 from ..storage.base import Storage
 from ..types import CheckpointInfo
 from .arrays import BlobReader
-from .reader import CheckpointReader
+from .budget import ByteBudget
+from .leaves import LeafChecker
+from .reader import CheckpointReader, _stored_nbytes
 
 
 class CheckpointView:
     """``with ckptvault.open(path) as ck: ck["model"]["fc.weight"]`` — see :func:`ckptvault.open`."""
 
     def __init__(
-        self, storage: Storage, path: str, *, map_location: Any = "cpu", verify: bool = True
+        self,
+        storage: Storage,
+        path: str,
+        *,
+        map_location: Any = "cpu",
+        verify: bool = True,
+        mmap: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self._reader = CheckpointReader(storage, path)
         self._verify = verify
+        self._mmap = mmap
+        self._max_bytes = max_bytes
+        self._budget: ByteBudget | None = None
         self._blobs = BlobReader(self._fetch, map_location)
         try:
             self._shared = shared_leaves(self._reader.manifest.tree)
+            self._reader.decode_tree(LeafChecker(_stored_nbytes(self._reader.manifest)))
         except TreeDecodeError as exc:
             self._reader.close()
             raise CorruptCheckpointError(
                 f"state tree: {exc}", path=path, file="manifest.json", kind="bad-manifest"
             ) from exc
+        except BaseException:
+            self._reader.close()
+            raise
         self.path = path
+
+    def stored_bytes(self) -> int:
+        """Bytes the checkpoint really holds on storage (see :mod:`.budget`)."""
+        return self._reader.stored_bytes()
+
+    def budget(self) -> ByteBudget:
+        """This view's byte budget, computed at the first tensor read (file and chunk sizes)."""
+        if self._budget is None:
+            self._budget = self._reader.budget(self._max_bytes)
+            self._blobs.max_leaf_bytes = self._budget.limit
+        return self._budget
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> CheckpointView:
@@ -95,12 +127,17 @@ class CheckpointView:
         return decode_node(self, node, path)
 
     def _fetch(self, name: str) -> np.ndarray:
-        # Zero-copy from the file's private map: the returned tensor stays valid after close().
-        return self._reader.fetch(name, verify=self._verify, mapped=True)
+        # Fresh memory by default (stays valid and unchanged after close()); the caller's BlobReader
+        # caches it, so each stored tensor is charged once.
+        entry = self._reader.manifest.tensors.get(name)
+        if entry is not None and (entry.chunks is not None or not self._mmap):
+            self.budget().charge(entry.nbytes, f"reading tensor {name[:80]!r}")
+        return self._reader.fetch(name, verify=self._verify, mapped=self._mmap)
 
 
 def decode_node(view: CheckpointView, node: Any, path: str) -> Any:
     """Decodes one encoded node of ``view``'s tree, reading the tensors it references."""
+    view.budget()
     try:
         return TreeDecoder(view._blobs, view._shared).decode(node, path)
     except TreeDecodeError as exc:

@@ -6,6 +6,12 @@ manifest lists (same dtype, shape, byte range) for this checkpoint id; only then
 buffer allocated, of a size already proven to fit in the file. Loading checks the digest of every
 tensor it returns; :func:`verify_checkpoint` additionally re-hashes whole files and lists every
 problem instead of stopping at the first.
+
+What a load returns is exactly the bytes it verified: by default each tensor is read (``pread``)
+into fresh anonymous memory and hashed there, so no later change to the file can alter it and no
+truncation can turn an access into SIGBUS. File maps are an explicit opt-in (``mapped``). Every
+allocation is charged to a :class:`~.budget.ByteBudget` first, and ``verify`` streams: it never
+holds more than one block or chunk, and reads a chunk the manifest repeats only once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..config import MANIFEST_NAME
-from ..errors import CheckpointError, CorruptCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, ResourceLimitError
 from ..format.digest import data_file_digest, digest_bytes, new_hasher
 from ..format.manifest import Manifest, check_file_name, parse_manifest
 from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
@@ -27,8 +33,12 @@ from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
 from ..storage.base import ReadHandle, Storage
 from ..storage.chunkstore import ChunkStore
 from ..types import Problem, TensorEntry, VerifyReport
-from .arrays import BlobReader, LeafChecker
+from .arrays import BlobReader
+from .budget import ByteBudget, limit_for, stored_bytes
 from .chunks import read_chunked
+from .consistency import sidecar_problems
+from .leaves import LeafChecker, leaf_nbytes_check
+from .streams import iter_stored_bytes, verify_chunked
 from .writer import NO_LEAVES
 
 _READ_CHUNK = 64 * 1024 * 1024
@@ -48,6 +58,34 @@ class CheckpointReader:
         self._headers: dict[str, ParsedHeader] = {}
         self._maps: dict[str, Any] = {}
         self._store: ChunkStore | None = None
+        self._by_file: dict[str, list[TensorEntry]] | None = None
+
+    @property
+    def algorithm(self) -> str:
+        return self.manifest.digest_algorithm
+
+    def tensors_in(self, file: str) -> list[TensorEntry]:
+        """The tensors of one data file in offset order (indexed once: linear in the manifest)."""
+        if self._by_file is None:
+            index: dict[str, list[TensorEntry]] = {}
+            for entry in self.manifest.tensors.values():
+                if entry.chunks is None:
+                    index.setdefault(entry.file, []).append(entry)
+            for entries in index.values():
+                entries.sort(key=lambda t: t.offsets)
+            self._by_file = index
+        return self._by_file.get(file, [])
+
+    def _store_if_chunked(self) -> ChunkStore | None:
+        return self.store if any(t.chunks is not None for t in self.manifest.tensors.values()) else None
+
+    def stored_bytes(self) -> int:
+        """Bytes this checkpoint really holds on storage (files, distinct existing chunks)."""
+        return stored_bytes(self.manifest, self.handle, self._store_if_chunked())
+
+    def budget(self, max_bytes: int | None) -> ByteBudget:
+        """The byte budget of one read of this checkpoint (see :mod:`.budget`)."""
+        return limit_for(max_bytes, self.manifest, self.handle, self._store_if_chunked())
 
     @property
     def store(self) -> ChunkStore:
@@ -122,7 +160,7 @@ class CheckpointReader:
                 "foreign-file",
                 file=name,
             )
-        expected = {t.name: t for t in self.manifest.tensors.values() if t.file == name}
+        expected = {t.name: t for t in self.tensors_in(name)}
         if set(header.entries) != set(expected):
             odd = sorted(set(header.entries) ^ set(expected))[:3]
             raise self._corrupt(
@@ -182,8 +220,17 @@ class CheckpointReader:
                 tensor=entry.name,
             )
 
-    def fetch_all(self, *, verify: bool, threads: int, mapped: bool) -> dict[str, np.ndarray]:
-        """Every tensor's bytes, read (and hashed) in parallel; big tensors first to balance threads."""
+    def fetch_all(
+        self, *, verify: bool, threads: int, mapped: bool, budget: ByteBudget | None = None
+    ) -> dict[str, np.ndarray]:
+        """Every tensor's bytes, read (and hashed) in parallel; big tensors first to balance threads.
+
+        The whole allocation is charged to ``budget`` before the first byte is read."""
+        if budget is not None:
+            unmapped = sum(
+                t.nbytes for t in self.manifest.tensors.values() if t.chunks is not None or not mapped
+            )
+            budget.charge(unmapped, "loading this checkpoint's tensors")
         for name in self.manifest.files:
             if self.manifest.files[name].header_size is not None:
                 self.header(name)
@@ -239,18 +286,31 @@ _REPLACED_RETRIES = 5
 
 
 def read_checkpoint(
-    storage: Storage, path: str, *, map_location: Any, verify: bool, threads: int, mapped: bool
+    storage: Storage,
+    path: str,
+    *,
+    map_location: Any,
+    verify: bool,
+    threads: int,
+    mapped: bool,
+    max_bytes: int | None = None,
 ) -> Any:
     """Loads a whole checkpoint. When an overwrite replaces it mid-read (files of the old one vanish
-    under us), the load starts again on the new one instead of failing."""
+    under us), the load starts again on the new one instead of failing.
+
+    Refuses with :class:`~ckptvault.errors.ResourceLimitError` before allocating when the tensors
+    (or any one logical tensor, views included) exceed ``max_bytes`` (default: see :mod:`.budget`).
+    """
     for attempt in range(_REPLACED_RETRIES + 1):
         with CheckpointReader(storage, path) as reader:
             try:
                 if verify:
                     reader.check_listing()
                     reader.check_sidecars()
-                data = reader.fetch_all(verify=verify, threads=threads, mapped=mapped)
-                return reader.decode_tree(BlobReader(data.__getitem__, map_location))
+                budget = reader.budget(max_bytes)
+                reader.decode_tree(LeafChecker(_stored_nbytes(reader.manifest), budget.limit))
+                data = reader.fetch_all(verify=verify, threads=threads, mapped=mapped, budget=budget)
+                return reader.decode_tree(BlobReader(data.__getitem__, map_location, budget.limit))
             except CorruptCheckpointError:
                 if attempt == _REPLACED_RETRIES or not reader.handle.is_stale():
                     raise
@@ -298,26 +358,25 @@ def verify_checkpoint(
                 continue
             if entry.header_size is not None:
                 clean = True
-                for tensor in sorted(manifest.tensors.values(), key=lambda t: t.offsets):
-                    if tensor.file != name:
-                        continue
+                for tensor in reader.tensors_in(name):
                     tensors_checked += 1
                     try:
-                        reader.fetch(tensor.name, verify=True, mapped=True)
+                        _check_streamed(reader, tensor)
                     except CheckpointError as exc:
                         clean = False
                         note(exc, _kind(exc))
                     if progress is not None:
                         progress(tensor.nbytes)
-                if clean and not _data_digest_consistent(manifest, name):
+                if clean and not _data_digest_consistent(reader, name):
                     problems.append(Problem("digest-mismatch", "file digest disagrees with its parts", name))
             bytes_checked += entry.size
+        checked: dict[tuple[str, str, int, int], CorruptCheckpointError | None] = {}
         for tensor in manifest.tensors.values():
             if tensor.chunks is None:
                 continue
             tensors_checked += 1
             try:
-                reader.fetch(tensor.name, verify=True)
+                verify_chunked(reader.store, tensor, algorithm=reader.algorithm, where=path, checked=checked)
             except CheckpointError as exc:
                 note(exc, _kind(exc))
             bytes_checked += sum(c.stored_len for c in tensor.chunks)
@@ -325,8 +384,12 @@ def verify_checkpoint(
                 progress(tensor.nbytes)
         if not problems:
             try:
-                reader.decode_metadata()
-                reader.decode_tree(LeafChecker(_stored_nbytes(manifest)))
+                metadata = reader.decode_metadata()
+                problems += sidecar_problems(manifest.step, set(manifest.files), reader.read_file, metadata)
+                # What a default load would refuse, verify reports (no bytes read for it).
+                limit = reader.budget(None).limit
+                leaf_nbytes_check(manifest.tensor_bytes, limit, "loading this checkpoint's tensors")
+                reader.decode_tree(LeafChecker(_stored_nbytes(manifest), limit))
             except CheckpointError as exc:
                 note(exc, _kind(exc))
     return VerifyReport(
@@ -344,10 +407,17 @@ def _stored_nbytes(manifest: Manifest) -> Callable[[str], int]:
     return size
 
 
-def _data_digest_consistent(manifest: Manifest, name: str) -> bool:
+def _check_streamed(reader: CheckpointReader, tensor: TensorEntry) -> None:
+    """A data-file tensor's digest, read in blocks: memory stays one block whatever its size."""
+    for _ in iter_stored_bytes(reader, tensor):
+        pass
+
+
+def _data_digest_consistent(reader: CheckpointReader, name: str) -> bool:
     """The recorded file digest equals the one combined from its (verified) header and tensors."""
+    manifest = reader.manifest
     entry = manifest.files[name]
-    parts = sorted((t for t in manifest.tensors.values() if t.file == name), key=lambda t: t.offsets)
+    parts = reader.tensors_in(name)
     combined = data_file_digest(
         manifest.digest_algorithm, entry.size, str(entry.header_digest), [t.digest for t in parts]
     )
@@ -373,4 +443,6 @@ def _check_whole_file_digest(reader: CheckpointReader, name: str) -> int:
 
 
 def _kind(exc: CheckpointError) -> str:
+    if isinstance(exc, ResourceLimitError):
+        return "resource-limit"
     return exc.kind if isinstance(exc, CorruptCheckpointError) else type(exc).__name__

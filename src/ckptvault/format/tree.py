@@ -266,7 +266,7 @@ class TreeDecoder:
             ) from exc
         if "id" in node and tag in ("ndarray", "torch.Tensor"):
             ident = node["id"]
-            if type(ident) is not int or ident in self._shared:
+            if not _is_shared_id(ident) or ident in self._shared:
                 raise TreeDecodeError(f"{path}: bad or repeated shared-object id")
             self._shared[ident] = value
         return value
@@ -306,9 +306,11 @@ class TreeDecoder:
             return parse_numpy_dtype(_field(node, "v", str))
         if tag == "ref":
             ident = node.get("id")
-            if type(ident) is int and ident not in self._shared and ident in self._shared_nodes:
+            if not _is_shared_id(ident):
+                raise TreeDecodeError(f"{path}: bad shared-object id")
+            if ident not in self._shared and ident in self._shared_nodes:
                 return self._decode(self._shared_nodes[ident], path, depth)
-            if type(ident) is not int or ident not in self._shared:
+            if ident not in self._shared:
                 raise TreeDecodeError(f"{path}: reference to an unknown shared object")
             return self._shared[ident]
         return self._leaf_codec.decode_leaf(node, path)
@@ -318,7 +320,12 @@ class TreeDecoder:
             items = [
                 self._decode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(_field(node, "v", list))
             ]
-            return tuple(items) if tag == "tuple" else set(items) if tag == "set" else frozenset(items)
+            if tag == "tuple":
+                return tuple(items)
+            guard = HashGuard(path)
+            for item in items:
+                guard.add(item)
+            return set(items) if tag == "set" else frozenset(items)
         out: dict[Any, Any] = OrderedDict() if tag == "odict" else {}
         if ("v" in node) == ("items" in node):
             raise TreeDecodeError(f"{path}: a dict node has exactly one of 'v' and 'items'")
@@ -326,10 +333,12 @@ class TreeDecoder:
             for key, value in _field(node, "v", dict).items():
                 out[key] = self._decode(value, _key_path(path, key), depth + 1)
         else:
+            guard = HashGuard(path)
             for pair in _field(node, "items", list):
                 if not isinstance(pair, list) or len(pair) != 2:
                     raise TreeDecodeError(f"{path}: dict items must be [key, value] pairs")
                 key = self._decode(pair[0], f"{path}.<key>", depth + 1)
+                guard.add(key)
                 if key in out:
                     raise TreeDecodeError(f"{path}: duplicate dict key {key!r}"[:200])
                 out[key] = self._decode(pair[1], _key_path(path, key), depth + 1)
@@ -338,6 +347,41 @@ class TreeDecoder:
                 raise TreeDecodeError(f"{path}: only odict nodes carry meta")
             out._metadata = self._decode(node["meta"], f"{path}._metadata", depth + 1)  # type: ignore[attr-defined]
         return out
+
+
+# Members of one dict or set that may share a hash value. Python hashes an int as its value modulo
+# 2**61 - 1, so a hostile tree can give 100k distinct keys one hash (multiples of that prime, tuples
+# of -1 and -2, complex numbers a + b*1000003j...) and make building the dict quadratic. Honest
+# states never come near this; counting per hash keeps decoding linear in the manifest's size.
+MAX_HASH_COLLISIONS = 32
+
+
+class HashGuard:
+    """Refuses a container whose members collide in Python's hash beyond ``MAX_HASH_COLLISIONS``.
+
+    The counter's own keys are hash values (ints below 2**63 in magnitude), which at most a handful
+    of share a hash in turn: counting costs O(1) per member whatever the input.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._counts: dict[int, int] = {}
+
+    def add(self, member: Any) -> None:
+        value = hash(member)  # TypeError for an unhashable member: the caller's malformed-node error
+        seen = self._counts.get(value, 0) + 1
+        if seen > MAX_HASH_COLLISIONS:
+            raise TreeDecodeError(
+                f"{self._path}: more than {MAX_HASH_COLLISIONS} members collide in one hash value "
+                "(a hash-flooding tree)"
+            )
+        self._counts[value] = seen
+
+
+def _is_shared_id(ident: Any) -> bool:
+    # Writers number shared objects 0, 1, 2...; a bounded id also keeps the id tables free of
+    # hash-colliding integers (see MAX_HASH_COLLISIONS).
+    return type(ident) is int and 0 <= ident <= INT64_MAX
 
 
 def _field(node: dict[str, Any], name: str, kind: type) -> Any:
@@ -391,4 +435,10 @@ def _key_text(key: Any, depth: int) -> str:
 
 def shared_leaves(tree: Any) -> dict[int, dict[str, Any]]:
     """Leaves that other places reference by id, for decoding a subtree on its own."""
-    return {leaf["id"]: leaf for _, leaf in iter_leaves(tree) if type(leaf.get("id")) is int}
+    shared: dict[int, dict[str, Any]] = {}
+    for _, leaf in iter_leaves(tree):
+        if "id" in leaf:
+            if not _is_shared_id(leaf["id"]):
+                raise TreeDecodeError("bad shared-object id")
+            shared[leaf["id"]] = leaf
+    return shared
