@@ -29,7 +29,7 @@ from .catalog.registry import Registry, RegistryError
 from .catalog.store import Catalog, CatalogRow
 from .errors import CheckpointError
 from .reporting import FAILED, KEPT, STATUSES, Trajectory, plot_png, storage_png, trajectory
-from .visible import number_text, visible_str
+from .visible import number_text, size_text, visible_str
 
 _MAX_METRIC_COLUMNS = 12  # beyond this, the report's table puts the rest in one column
 
@@ -43,16 +43,8 @@ def _e(value: Any) -> str:
 
 
 def _human(n: Any) -> str:
-    if not _is_number(n):
-        return str(n)  # a catalog row of the wrong type: shown as it is (then escaped)
-    if isinstance(n, int) and n.bit_length() > 60:
-        return f"{number_text(n)} B"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+    # A catalog row of the wrong type is shown as it is (then escaped by the caller).
+    return size_text(n) if _is_number(n) else str(n)
 
 
 def _number(value: Any) -> str:

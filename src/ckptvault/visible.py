@@ -11,7 +11,8 @@ the output device receives only printable text. The CLI adds rich-markup escapin
 (``cli/inert.py``); the HTML report adds ``html.escape``.
 
 :func:`number_text` formats any number a manifest may hold, including integers with thousands of
-digits, which ``str()`` refuses beyond 4,300 digits and ``float()`` beyond 1e308.
+digits, which ``str()`` refuses beyond 4,300 digits and ``float()`` beyond 1e308; :func:`size_text`
+does the same for byte counts.
 
 Only the standard library: the lowest layer, usable by every module that shows data.
 """
@@ -63,6 +64,18 @@ def number_text(value: int | float) -> str:
     exponent = math.floor(exponent10)
     mantissa = 10 ** (exponent10 - exponent)
     return f"{'-' if value < 0 else ''}{mantissa:.5f}e+{exponent}"
+
+
+def size_text(n: int | float) -> str:
+    """``2.1 KiB``: any byte count a manifest may declare, however large, without overflowing."""
+    if isinstance(n, int) and abs(n).bit_length() > 60:
+        return f"{number_text(n)} B"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def visible(value: Any, limit: int | None = None) -> str:

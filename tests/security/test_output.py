@@ -390,3 +390,35 @@ def test_type_confused_catalog_rows_are_shown_inert(tmp_path: Path) -> None:
     assert code == 0, out
     text = page.read_text(encoding="utf-8")
     assert "<meta http-equiv=refresh" not in text and "&lt;meta http-equiv=refresh" in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain [text]", "plain [text]"),
+        ("\x1b[2J", r"\x1b[2J"),
+        ("a\rb\nc\td\x07\x00\x7f\x9b", r"a\rb\nc\td\x07\x00\x7f\x9b"),
+        ("\u202eexe.txt\u202c \u2066x\u2069", r"\u202eexe.txt\u202c \u2066x\u2069"),
+        ("\u200bz\ufeff\u00ad", r"\u200bz\ufeff\xad"),
+        ("line\u2028sep \ud800 \U000e0041", r"line\u2028sep \ud800 \U000e0041"),
+        ("ünïcode 名前 🙂", "ünïcode 名前 🙂"),  # printable text stays as it is
+    ],
+)
+def test_visible_spells_out_every_acting_character(raw: str, shown: str) -> None:
+    from ckptvault.visible import visible
+
+    assert visible(raw) == shown
+
+
+def test_numbers_and_json_of_any_size() -> None:
+    from ckptvault.cli.inert import inert, json_text
+    from ckptvault.visible import number_text, size_text, visible
+
+    assert number_text(10**5000) == "1.00000e+5000" and number_text(-(10**80)) == "-1.00000e+80"
+    assert number_text(2**64) == str(2**64) and number_text(0.1234567) == "0.123457"
+    assert size_text(10**4000) == "1.00000e+4000 B" and size_text(2200) == "2.1 KiB"
+    assert visible({"k\x1b": [10**5000, ("t",)]}) == r"{'k\x1b': [1.00000e+5000, ('t',)]}"
+    assert inert("[bold]x[/bold]") == r"\[bold]x\[/bold]"
+    doc = json.loads(json_text({"\x1b\u202e": 10**5000, ("a", 1): None, 7: 2**70}))
+    assert doc == {"\x1b\u202e": "1.00000e+5000", "('a', 1)": None, "7": 2**70}
+    assert json_text("\x1b\u202e\ud800").isascii()

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import CheckpointError
-from ..visible import number_text, visible, visible_str
+from ..visible import number_text, size_text, visible, visible_str
 
 # What reading and showing one hostile checkpoint may raise besides CheckpointError: an unreadable
 # file (OSError), values of the wrong type or size (ValueError, TypeError, OverflowError, KeyError),
@@ -63,18 +63,11 @@ def message_of(exc: BaseException) -> str:
 
 
 def human_bytes(n: Any) -> str:
-    """``2.1 KiB``; any size a manifest may declare, however large, without overflowing (and
-    anything else a catalog row may hold, inert)."""
+    """``2.1 KiB`` for any size (:func:`ckptvault.visible.size_text`); anything else a catalog row
+    may hold, inert."""
     if isinstance(n, bool) or not isinstance(n, (int, float)):
         return inert(n, 40)
-    if isinstance(n, int) and n.bit_length() > 60:
-        return f"{number_text(n)} B"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+    return size_text(n)
 
 
 def metric_text(value: Any) -> str:
