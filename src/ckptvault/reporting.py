@@ -48,7 +48,7 @@ from .manager import load_pins, read_events
 from .training.history import MetricsHistory, as_number
 from .training.state import FULL, WEIGHTS
 from .validation import read_result
-from .visible import visible_str
+from .visible import visible
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -326,10 +326,10 @@ _STYLE: dict[str, tuple[str, str, float, str, str, int]] = {
 }
 
 
-def _text(value: str) -> str:
+def _text(value: str, limit: int = 90) -> str:
     """Text from the data, shown as is: a ``$`` would otherwise start matplotlib's math mode (and an
-    unbalanced one fails the whole picture)."""
-    return visible_str(value).replace("$", r"\$")
+    unbalanced one fails the whole picture); acting characters spelled out; cut to fit the picture."""
+    return visible(value, limit).replace("$", r"\$")
 
 
 def _png(figure: Figure) -> bytes:
@@ -391,7 +391,7 @@ def plot_png(traj: Trajectory, metrics: Sequence[str] | None = None, *, title: s
                 steps, values = traj.curves[metric]
                 axis.plot(steps, values, color="#555555", linewidth=1.2, zorder=1)
                 label = metric + ("  (monitor)" if metric == traj.monitor else "")
-                axis.set_ylabel(_text(label))
+                axis.set_ylabel(_text(label, 40))
             else:
                 steps, values = [], []
                 axis.set_yticks([])
