@@ -93,6 +93,25 @@ def test_load_refuses_a_chunk_referenced_100k_times(tmp_path: Path) -> None:
     assert time.perf_counter() - started < 30
 
 
+def test_export_refuses_a_chunk_referenced_100k_times(tmp_path: Path) -> None:
+    # Exporting writes every reference out in full: 1 MiB stored must not become a 100 GiB file.
+    ckpt = _repeated_chunk_checkpoint(tmp_path, 100_000)
+    out = _run_limited(
+        f"""
+        from ckptvault.engine.inspect import export_safetensors
+        from ckptvault.storage.local import LocalStorage
+        try:
+            export_safetensors(LocalStorage(), {str(ckpt)!r}, {str(tmp_path / "x.safetensors")!r})
+        except Exception as exc:
+            print(type(exc).__name__)
+        else:
+            print("exported")
+        """
+    )
+    assert out == "ResourceLimitError"
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_max_bytes_is_settable_and_typed(tmp_path: Path) -> None:
     ckpt = tmp_path / "c"
     cv.save(ckpt, {"w": np.zeros(MIB, dtype=np.uint8)})

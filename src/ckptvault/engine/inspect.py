@@ -111,16 +111,24 @@ def diff_checkpoints(storage: Storage, a: str, b: str, *, max_bytes: int | None 
 
 
 def export_safetensors(
-    storage: Storage, checkpoint: str, out: str, *, progress: Callable[[int], None] | None = None
+    storage: Storage,
+    checkpoint: str,
+    out: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    max_bytes: int | None = None,
 ) -> int:
     """Writes every stored tensor into one standalone safetensors file; returns its size.
 
     Tensors are streamed one at a time, each digest-checked as it is read, into a temporary file
     next to ``out`` that is fsynced and renamed into place — a crash never leaves a partial export.
+    The bytes written are capped like a load's (``max_bytes``; :mod:`.budget`): chunks the manifest
+    repeats are written out in full, so a few stored bytes must not become a disk-filling export.
     """
     target = Path(out)
     with CheckpointReader(storage, checkpoint) as reader:
         manifest = reader.manifest
+        reader.budget(max_bytes).charge(manifest.tensor_bytes, "exporting this checkpoint's tensors")
         entries = sorted(manifest.tensors.values(), key=lambda t: (t.file, t.offsets))
         header = build_header(
             [(t.name, t.dtype, t.shape, t.nbytes) for t in entries],
