@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import re
 import secrets
@@ -37,6 +36,7 @@ from pathlib import Path
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
 from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError, typed_os_errors
 from .badlist import BadList
+from .chunkfiles import DIRECT_MIN, frame_size, write_direct
 from .local import _storage_error as _error
 from .safeopen import UnsafeFileError, fsync_dir, open_dir, open_file, read_file
 
@@ -45,56 +45,6 @@ CODECS = ("raw", "zstd", "lz4")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX64_ANYWHERE = re.compile(rb"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
-
-
-# Chunks are written with O_DIRECT (as data files are, storage/local.py): buffered writes cost this
-# kind of machine more kernel CPU than the hashing of the same bytes. O_DIRECT needs aligned memory,
-# so each writer thread copies through its own page-aligned bounce buffer (a 4 MiB memcpy is a small
-# fraction of writing 4 MiB).
-_DIRECT_ALIGN = 4096
-_DIRECT_MIN = 256 * 1024
-_bounce = threading.local()
-
-
-def _write_direct(fd: int, view: memoryview) -> None:
-    padded = -(-len(view) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-    buffer = getattr(_bounce, "buffer", None)
-    if buffer is None or len(buffer) < padded:
-        buffer = _bounce.buffer = mmap.mmap(-1, max(padded, 4 * 1024 * 1024))
-    buffer[: len(view)] = view
-    buffer[len(view) : padded] = bytes(padded - len(view))
-    out = memoryview(buffer)[:padded]
-    try:
-        written = 0
-        while written < padded:
-            written += os.write(fd, out[written:])
-    finally:
-        out.release()
-    if padded != len(view):
-        os.ftruncate(fd, len(view))
-
-
-def _frame_size(path: Path, raw_len: int) -> int | None:
-    """The file size a compressed chunk's frame header promises (format §11.3); None if unreadable
-    (a symlink or FIFO swapped in after the caller's lstat included: never followed, never waited on)."""
-    try:
-        fd = open_file(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        head = os.pread(fd, 16 + 8 * 9, 0)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(head) < 16 or head[:4] != b"CKVC" or int.from_bytes(head[8:16], "little") != raw_len:
-        return None
-    nplanes = head[6]
-    table_end = 16 + 9 * nplanes
-    if nplanes not in (1, 2, 4, 8) or len(head) < table_end:
-        return None
-    stored = sum(int.from_bytes(head[16 + 9 * i + 1 : 16 + 9 * i + 9], "little") for i in range(nplanes))
-    return table_end + stored
 
 
 def store_for(checkpoint: str | Path) -> Path:
@@ -158,7 +108,7 @@ class ChunkStore:
                 continue
             if codec == "raw" and st.st_size == raw_len:
                 return codec, st.st_size
-            if codec != "raw" and 0 < st.st_size <= raw_len and _frame_size(path, raw_len) == st.st_size:
+            if codec != "raw" and 0 < st.st_size <= raw_len and frame_size(path, raw_len) == st.st_size:
                 return codec, st.st_size
         return None
 
@@ -246,7 +196,7 @@ class ChunkStore:
         tmp = directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         view = memoryview(data).cast("B")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        direct = self.direct_io and len(view) >= _DIRECT_MIN and hasattr(os, "O_DIRECT")
+        direct = self.direct_io and len(view) >= DIRECT_MIN and hasattr(os, "O_DIRECT")
         try:
             fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
         except OSError as exc:
@@ -260,7 +210,7 @@ class ChunkStore:
         try:
             try:
                 if direct:
-                    _write_direct(fd, view)
+                    write_direct(fd, view)
                 else:
                     while view:
                         view = view[os.write(fd, view) :]
