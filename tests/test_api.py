@@ -25,6 +25,7 @@ def test_public_surface_is_pinned() -> None:
         "CheckpointError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
         "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError",
         "IncompatibleCheckpointError", "IncompleteStateError", "PendingSave", "Problem", "Scope",
+        "ResourceLimitError", "RestoreRefusedError",
         "StagingBudgetError", "StorageError",
         "TrainState", "UnsafeCheckpointError", "UnsafeLegacyFileError", "UnsupportedStateError",
         "VerifyReport", "__version__", "fingerprint", "info", "list_checkpoints", "load", "open",
@@ -202,3 +203,24 @@ def test_import_refuses_malicious_pickle_and_names_globals(ckpt_dir: Path, tmp_p
     assert "system" in str(caught.value)  # posix.system / os.system named
     assert not (tmp_path / "pwned-by-pickle").exists()
     assert not (ckpt_dir / "evil").exists()
+
+
+def test_every_checkpoint_error_is_drawn_in_the_errors_tree() -> None:
+    """errors.py's module docstring is where a user learns what to catch: every subclass counts."""
+    import importlib
+    import pkgutil
+
+    import ckptvault.errors
+
+    for module in pkgutil.walk_packages(cv.__path__, "ckptvault."):
+        if not module.name.startswith(("ckptvault.integrations", "ckptvault.testing")):
+            importlib.import_module(module.name)
+    pending, seen = [cv.CheckpointError], set()
+    while pending:
+        cls = pending.pop()
+        for sub in cls.__subclasses__():
+            if sub.__module__.startswith("ckptvault.") and sub not in seen:
+                seen.add(sub)
+                pending.append(sub)
+    missing = sorted(c.__name__ for c in seen if c.__name__ not in (ckptvault.errors.__doc__ or ""))
+    assert not missing, f"not drawn in errors.py: {missing}"

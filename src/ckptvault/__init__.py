@@ -38,12 +38,14 @@ from .errors import (
     ConcurrentWriteError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    ResourceLimitError,
     StorageError,
     UnsafeCheckpointError,
     UnsafeLegacyFileError,
     UnsupportedStateError,
 )
 from .manager import CheckpointManager, Scope
+from .restore_skips import RestoreRefusedError
 from .training.architecture import ArchitectureError, ModelMismatchError, model_factory
 from .training.fingerprint import fingerprint
 from .training.state import IncompleteStateError, TrainState
@@ -64,6 +66,8 @@ __all__ = [
     "ModelMismatchError",
     "PendingSave",
     "Problem",
+    "ResourceLimitError",
+    "RestoreRefusedError",
     "Scope",
     "StagingBudgetError",
     "StorageError",

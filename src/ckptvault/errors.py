@@ -13,7 +13,15 @@ script can guard a whole save or restore with one ``except``. The tree::
     ├── ResourceLimitError           reading would allocate or work beyond the caller's byte cap
     ├── StorageError                 the storage failed (disk full, permission, I/O error)
     │   └── ConcurrentWriteError     another writer holds the target
-    └── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
+    ├── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
+    └── declared beside the code that raises them (each a direct subclass unless noted):
+        ArchitectureError, ModelMismatchError (training.architecture: the model cannot be rebuilt
+        or does not fit), RestoreRefusedError (restore_skips: only checkpoints that failed
+        validation remain), ValidationFailedError (validation), IncompleteStateError
+        (training.state), StagingBudgetError (engine.staging), ExportError > ExportMismatchError
+        (export), RegistryError > ReplacedCheckpointError (catalog.registry), CatalogError
+        (catalog.store), QueryError (catalog.query), ReportError (reporting), UnsafeFileError
+        (storage.safeopen, a StorageError: a bookkeeping file is a link or not a regular file)
 
 Corruption errors carry ``file`` and ``tensor`` so a user knows *where* without parsing text.
 """
