@@ -155,16 +155,26 @@ def _finite(doc: Mapping[str, Any]) -> bool:
     return all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
 
 
+_MAX_EVENT_LINE = 1 << 20  # an event is a few hundred bytes; a longer line is damage, never allocated whole
+
+
 def read_events(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The run's event log (commits and deletions, oldest first); damaged lines are skipped."""
+    """The run's event log (commits and deletions, oldest first); damaged lines are skipped.
+
+    The log is untrusted like every file of a run directory: a line that is not UTF-8 JSON, or is
+    longer than any event, is skipped (read in bounded pieces, never whole), not a failure."""
     events: list[dict[str, Any]] = []
     with (
         contextlib.suppress(OSError),
-        os.fdopen(open_file(Path(run_dir) / EVENTS_NAME, os.O_RDONLY)) as handle,
+        os.fdopen(open_file(Path(run_dir) / EVENTS_NAME, os.O_RDONLY), "rb") as handle,
     ):
-        for line in handle:
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
+        while line := handle.readline(_MAX_EVENT_LINE + 1):
+            if len(line) > _MAX_EVENT_LINE:
+                while line and not line.endswith(b"\n"):  # skip the rest of the over-long line
+                    line = handle.readline(_MAX_EVENT_LINE)
+                continue
+            with contextlib.suppress(ValueError):  # UnicodeDecodeError and JSONDecodeError included
+                doc = json.loads(line.decode("utf-8"))
                 if isinstance(doc, dict):
                     events.append(doc)
     return events
