@@ -153,6 +153,50 @@ def legit_tensor_pickle(numel: int = 4, storage_numel: int | None = None) -> byt
     return b"\x80\x02}(" + pickle_str("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(" + args + b"tRu."
 
 
+def pickle_long(value: int) -> bytes:
+    """LONG1: an integer of any size (BININT holds only 32 bits)."""
+    n = (value.bit_length() + 8) // 8
+    return b"\x8a" + bytes([n]) + value.to_bytes(n, "little", signed=True)
+
+
+def expanded_tensor_pickle(numel: int) -> bytes:
+    """``{"w": torch.zeros(1).expand(numel)}`` as torch.save pickles it: one stored float, stride 0."""
+    storage = b"(" + pickle_str("storage") + b"ctorch\nFloatStorage\n" + pickle_str("0") + pickle_str("cpu")
+    storage += pickle_long(1) + b"tQ"
+    args = storage + b"K\x00" + pickle_long(numel) + b"\x85" + b"K\x00\x85" + b"\x89"
+    args += b"ccollections\nOrderedDict\n)R"
+    return b"\x80\x02}(" + pickle_str("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(" + args + b"tRu."
+
+
+def shared_list_bomb_pickle(levels: int, fanout: int) -> bytes:
+    """A list holding the previous level's list ``fanout`` times, ``levels`` deep, through pickle's
+    memo (BINPUT/BINGET): a few KB that stand for ``fanout ** levels`` paths."""
+    out = b"\x80\x02]q\x00"
+    for i in range(1, levels + 1):
+        out += b"]q" + bytes([i]) + b"(" + (b"h" + bytes([i - 1])) * fanout + b"e"
+    return out + b"."
+
+
+def zstd_rle_frame_long(size: int, byte: int) -> bytes:
+    """A zstd frame of ``size`` copies of ``byte`` in RLE blocks of 128 KiB (the format's maximum)."""
+    fhd = 0b11_1_0_0_0_00
+    block = 128 * 1024
+    out = b"\x28\xb5\x2f\xfd" + bytes([fhd]) + struct.pack("<Q", size)
+    for start in range(0, size, block):
+        n = min(block, size - start)
+        last = 1 if start + n == size else 0
+        out += (last | (1 << 1) | (n << 3)).to_bytes(3, "little") + bytes([byte])
+    return out
+
+
+def zeros_digest(size: int) -> str:
+    hasher = blake3.blake3()
+    step = bytes(1 << 20)
+    for start in range(0, size, len(step)):
+        hasher.update(step[: min(len(step), size - start)])
+    return hasher.hexdigest()
+
+
 def legacy_records(pkl: bytes, data: bytes | None = None) -> list[tuple[str, bytes]]:
     records = [("data.pkl", pkl), ("byteorder", b"little")]
     if data is not None:
@@ -436,6 +480,7 @@ CORRUPT = "CorruptCheckpointError"
 UNSAFE = "UnsafeCheckpointError"
 INCOMPATIBLE = "IncompatibleCheckpointError"
 NOT_FOUND = "CheckpointNotFoundError"
+RESOURCE = "ResourceLimitError"
 
 
 def case(
@@ -1493,6 +1538,7 @@ def _(w: CaseWriter) -> None:
 @_chunk_case(
     "chunk_manifest_claims_1tib_raw",
     "1024 references to raw chunks of 2^30 bytes (a 1 TiB tensor) with no such chunk files",
+    error=RESOURCE,
     regression="engine/chunks.py read_chunked: MemoryError (the promised size) escaped load and verify",
 )
 def _(w: CaseWriter) -> None:
@@ -1512,6 +1558,7 @@ def _(w: CaseWriter) -> None:
 @_chunk_case(
     "chunk_manifest_claims_1tib_zstd",
     "1024 references to one 11-byte zstd chunk said to hold 2^30 bytes (a 1 TiB tensor)",
+    error=RESOURCE,
     regression="engine/chunks.py read_chunked: MemoryError escaped load and verify",
 )
 def _(w: CaseWriter) -> None:
@@ -1633,6 +1680,146 @@ def _(w: CaseWriter) -> None:
 )
 def _(w: CaseWriter) -> None:
     w.write("model.safetensors", struct.pack("<Q", 2**63) + b"{}")
+
+
+# Amplification and reader agreement (issue 13, classes 3, 5 and 6).
+P61 = 2**61 - 1  # Python hashes an int modulo this prime: its multiples share one hash value
+
+
+@_chunk_case(
+    "chunk_one_zstd_chunk_referenced_as_100_gib",
+    "one 2 KiB zstd chunk of 64 MiB of zeros, really stored, referenced 1600 times (a 100 GiB tensor "
+    "from 2 KiB): refused before allocating, verify reads the chunk once",
+    error=RESOURCE,
+)
+def _(w: CaseWriter) -> None:
+    size, refs = 2**26, 1600
+    big = frame(size, 1, [(1, zstd_rle_frame_long(size, 0))])
+    d = zeros_digest(size)
+    w.write(f"run/{chunk_path(d, 'zstd')}", big)
+
+    def hook(doc: dict[str, Any]) -> None:
+        t = doc["tensors"]["w"]
+        t["chunks"] = [[d, size, len(big), "zstd"]] * refs
+        t["dtype"], t["shape"] = "U8", [refs * size]
+        t["digest"] = chunked_tensor_digest(refs * size, [d] * refs)
+        doc["tree"]["v"]["w"].update(dtype="|u1", shape=[refs * size])
+
+    Chunked().write(w, doc_hook=hook)
+
+
+def _torch_view_tree(shape: list[int], stride: list[int]) -> dict[str, Any]:
+    view = {"byte_offset": 0, "stride": stride}
+    leaf = {
+        "t": "torch.Tensor",
+        "tensor": "a",
+        "dtype": "float32",
+        "shape": shape,
+        "device": "cpu",
+        "view": view,
+    }
+    return {"t": "dict", "v": {"a": leaf, "b": {"t": "ndarray", "tensor": "b", "dtype": "<i8", "shape": [8]}}}
+
+
+@case(
+    "tree_view_stride0_claims_1tib",
+    "a float32 view of 64 stored bytes with stride 0 and 2^38 elements (1 TiB logical)",
+    error=RESOURCE,
+)
+def _(w: CaseWriter) -> None:
+    ck = Ckpt()
+    ck.tree = _torch_view_tree([2**38], [0])
+    ck.write(w)
+
+
+@case(
+    "tree_view_stride0_claims_1tib_open",
+    "the 1 TiB stride-0 view through the lazy reader: refused when the tensor is fetched",
+    api="open",
+    error=RESOURCE,
+)
+def _(w: CaseWriter) -> None:
+    ck = Ckpt()
+    ck.tree = _torch_view_tree([2**19, 2**19], [0, 0])
+    ck.write(w)
+
+
+@case(
+    "tree_dict_keys_hash_flood",
+    "a dict of 40,000 integer keys that are all multiples of 2^61-1 (one hash value: quadratic)",
+    max_seconds=6.0,
+)
+def _(w: CaseWriter) -> None:
+    items = [[{"t": "int", "hex": hex(k * P61)}, k] for k in range(1, 40_001)]
+    ck = Ckpt()
+    ck.tree = {"t": "dict", "items": items}
+    ck.write(w)
+
+
+@case(
+    "tree_set_members_hash_flood",
+    "a set of 2^15 tuples of -1 and -2 (which hash alike): one hash value for every member",
+    api="open",
+    max_seconds=6.0,
+)
+def _(w: CaseWriter) -> None:
+    members = [{"t": "tuple", "v": [-1 - ((k >> i) & 1) for i in range(15)]} for k in range(2**15)]
+    ck = Ckpt()
+    ck.tree = {"t": "dict", "v": {"s": {"t": "set", "v": members}, "a": Ckpt().tree["v"]["a"]}}
+    ck.write(w)
+
+
+@case("tree_shared_id_beyond_int64", "a shared-object id that is a 40-digit multiple of 2^61-1", api="open")
+def _(w: CaseWriter) -> None:
+    ck = Ckpt()
+    ident = P61 * 2**80
+    ck.tree["v"]["a"]["id"] = ident
+    ck.tree["v"]["c"] = {"t": "ref", "id": ident}
+    ck.write(w)
+
+
+@case(
+    "tree_duplicate_int_keys_open",
+    "a dict node listing the key 1 twice: the lazy reader must refuse it as load does",
+    api="open",
+)
+def _(w: CaseWriter) -> None:
+    ck = Ckpt()
+    ck.tree = {"t": "dict", "items": [[1, ck.tree["v"]["a"]], [1, ck.tree["v"]["b"]]]}
+    ck.write(w)
+
+
+@case(
+    "metadata_metrics_disagree_with_sidecar",
+    "a manifest whose metrics say loss 0.01 while its digested sidecar says 1.25",
+    api="verify",
+    expect="not-ok",
+    error="metadata-mismatch",
+)
+def _(w: CaseWriter) -> None:
+    ck = Ckpt()
+    sidecar = {"checkpoint_id": ID_A, "step": 1, "metrics": {"loss": 1.25}}
+    ck.extra_files["checkpoint_00000001.meta.json"] = json.dumps(sidecar).encode()
+    ck.metadata = {"t": "dict", "v": {"step": 1, "metrics": {"t": "dict", "v": {"loss": 0.01}}}}
+    ck.write(w)
+
+
+@_legacy(
+    "legacy_pt_shared_list_bomb",
+    "a 40 KB pickle of a list holding one list 1000 times, 20 levels deep (1000^20 paths to encode)",
+    error=RESOURCE,
+)
+def _(w: CaseWriter) -> None:
+    w.write("model.pt", torch_zip(legacy_records(shared_list_bomb_pickle(20, 1000))))
+
+
+@_legacy(
+    "legacy_pt_expanded_tensor",
+    "a tensor of one stored float expanded (stride 0) to 2^36 elements: 256 GiB when saved",
+    error=RESOURCE,
+)
+def _(w: CaseWriter) -> None:
+    w.write("model.pt", torch_zip(legacy_records(expanded_tensor_pickle(2**36), _floats(1, 0.0))))
 
 
 # The catalog: a hostile checkpoint must be left out of the index, never break the sync.
