@@ -4,8 +4,10 @@
 Input: JSON text of a tree node (what a manifest's ``tree`` or ``metadata`` holds). It is parsed
 with the format's strict JSON, then decoded as verify (``LeafChecker``), load (``BlobReader``
 over zero-filled tensors named ``a``, ``b`` and ``empty``) and metadata (no leaves) decode it, and
-walked as ``open`` walks it (``iter_leaves``, ``shared_leaves``). A crash is any exception but
-``TreeDecodeError`` (``StrictJSONError`` for text that is not strict JSON). Run as
+walked as ``open`` walks it (``iter_leaves``, ``shared_leaves``), the leaf codecs also under a
+32-byte cap on a tensor's logical size. A crash is any exception but ``TreeDecodeError`` and
+``ResourceLimitError`` (``StrictJSONError`` for text that is not strict JSON); a hash-flooding
+dict or set that decodes slowly shows up as a libFuzzer timeout. Run as
 ``python fuzz/fuzz_tree.py [libFuzzer flags] CORPUS_DIR``.
 """
 
@@ -22,6 +24,7 @@ import _common
 with atheris.instrument_imports(include=["ckptvault"]):
     from ckptvault.engine.arrays import BlobReader, LeafChecker
     from ckptvault.engine.writer import NO_LEAVES
+    from ckptvault.errors import ResourceLimitError
     from ckptvault.format.strictjson import StrictJSONError, loads
     from ckptvault.format.tree import TreeDecodeError, TreeDecoder, iter_leaves, shared_leaves
 
@@ -45,10 +48,12 @@ def test_one_input(data: bytes) -> None:
         return
     for decoder in (
         TreeDecoder(LeafChecker(_stored)),
+        TreeDecoder(LeafChecker(_stored, 32)),
         TreeDecoder(BlobReader(_fetch)),
+        TreeDecoder(BlobReader(_fetch, max_leaf_bytes=32)),
         TreeDecoder(NO_LEAVES),
     ):
-        with contextlib.suppress(TreeDecodeError):
+        with contextlib.suppress(TreeDecodeError, ResourceLimitError):
             decoder.decode(node)
     with contextlib.suppress(TreeDecodeError):
         list(iter_leaves(node))

@@ -6,9 +6,10 @@ The decoders and the typed error each may raise (the engine wraps the last three
 * the manifest decoder, ``format.manifest.parse_manifest`` -- ``CheckpointError`` itself;
 * the tensor-file header parser, ``format.tensorfile.header_length`` / ``parse_header`` --
   ``HeaderError``;
-* the state-tree decoder, ``format.tree.TreeDecoder`` (with the leaf codecs verify and load use)
-  and the leaf walkers ``iter_leaves`` / ``shared_leaves`` that ``open`` runs first --
-  ``TreeDecodeError``;
+* the state-tree decoder, ``format.tree.TreeDecoder`` (with the leaf codecs verify and load use,
+  with and without a byte cap) and the leaf walkers ``iter_leaves`` / ``shared_leaves`` that
+  ``open`` runs first -- ``TreeDecodeError`` (``ResourceLimitError`` past a cap); members whose
+  hashes collide are refused past ``MAX_HASH_COLLISIONS`` and accepted below it;
 * the chunk-frame decoder, ``format.codec.decode_into`` -- ``CodecError``.
 
 Each gets arbitrary bytes, structured mutations of valid inputs (valid JSON with wrong types,
@@ -41,13 +42,21 @@ from hypothesis import strategies as st
 
 from ckptvault.engine.arrays import BlobReader, LeafChecker
 from ckptvault.engine.writer import NO_LEAVES
-from ckptvault.errors import CheckpointError
+from ckptvault.errors import CheckpointError, ResourceLimitError
 from ckptvault.format import codec
 from ckptvault.format.dtypes import SAFETENSORS_ITEMSIZE
 from ckptvault.format.manifest import parse_manifest
 from ckptvault.format.strictjson import dumps, loads
 from ckptvault.format.tensorfile import HeaderError, build_header, header_length, parse_header
-from ckptvault.format.tree import TAGS, TreeDecodeError, TreeDecoder, TreeEncoder, iter_leaves, shared_leaves
+from ckptvault.format.tree import (
+    MAX_HASH_COLLISIONS,
+    TAGS,
+    TreeDecodeError,
+    TreeDecoder,
+    TreeEncoder,
+    iter_leaves,
+    shared_leaves,
+)
 
 from .conftest import FULL, Figures, pick
 
@@ -450,10 +459,12 @@ def _decode_tree_or_typed(node: Any) -> None:
     EXECUTIONS["tree"] += 1
     for decoder in (
         TreeDecoder(LeafChecker(_stored)),
+        TreeDecoder(LeafChecker(_stored, 32)),  # a cap below some views' logical size
         TreeDecoder(BlobReader(_fetch)),
+        TreeDecoder(BlobReader(_fetch, max_leaf_bytes=32)),
         TreeDecoder(NO_LEAVES),
     ):
-        with contextlib.suppress(TreeDecodeError):
+        with contextlib.suppress(TreeDecodeError, ResourceLimitError):
             decoder.decode(node)
     with contextlib.suppress(TreeDecodeError):
         list(iter_leaves(node))
@@ -466,11 +477,102 @@ def test_tree_arbitrary_nodes(node: Any) -> None:
     _decode_tree_or_typed(node)
 
 
+_P61 = 2**61 - 1
+# Families of distinct encoded members that all share one Python hash value.
+COLLIDING: dict[str, Any] = {
+    "bigint": lambda k: {"t": "int", "hex": hex((k + 1) * _P61)},
+    "tuple": lambda k: {"t": "tuple", "v": [-1 - ((k >> i) & 1) for i in range(12)]},
+    "complex": lambda k: {"t": "complex", "re": float(k * 1000003), "im": float(-k)},
+}
+
+
+@fuzz_settings(ci=120, full=1000)
+@given(
+    st.sampled_from(sorted(COLLIDING)),
+    st.sampled_from(["dict", "set", "frozenset"]),
+    st.integers(1, 3 * MAX_HASH_COLLISIONS),
+    st.integers(0, 8),
+)
+def test_tree_colliding_members(family: str, container: str, count: int, noise: int) -> None:
+    """Refused exactly when more than MAX_HASH_COLLISIONS members share a hash, whatever else is
+    in the container; accepted (and all kept) below it."""
+    EXECUTIONS["tree"] += 1
+    members = [COLLIDING[family](k) for k in range(count)] + [f"other{i}" for i in range(noise)]
+    node = (
+        {"t": "dict", "items": [[m, i] for i, m in enumerate(members)]}
+        if container == "dict"
+        else {"t": container, "v": members}
+    )
+    colliding = sum(1 for m in members if not isinstance(m, str))
+    try:
+        value = TreeDecoder(NO_LEAVES).decode(node)
+    except TreeDecodeError as exc:
+        assert "collide" in str(exc) and colliding > MAX_HASH_COLLISIONS, exc
+    else:
+        hashes = Counter(hash(k) for k in value)
+        assert max(hashes.values()) <= MAX_HASH_COLLISIONS
+        assert len(value) == len(members)
+
+
 @fuzz_settings(ci=150, full=1500)
 @given(st.data())
 def test_tree_mutated_valid_trees(data: st.DataObject) -> None:
     node = TreeEncoder(NO_LEAVES).encode(data.draw(py_values))
     _decode_tree_or_typed(data.draw(mutated({"root": node})).get("root"))
+
+
+@pytest.fixture(scope="module")
+def agreement_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]]:
+    """A small real checkpoint (tensors, int keys, a set, a tuple) and its manifest document."""
+    import ckptvault
+
+    path = tmp_path_factory.mktemp("agree") / "ckpt"
+    ckptvault.save(path, {"a": np.arange(4.0), 3: {"x": (1, 2), "b": np.ones(2, np.int8)}, "s": {1, 2}})
+    return path, json.loads((path / "manifest.json").read_text())
+
+
+def _reader_outcome(action: Any) -> str:
+    try:
+        action()
+    except CheckpointError as exc:
+        return f"refused:{type(exc).__name__}"
+    return "ok"
+
+
+def _walk_lazily(path: Any) -> None:
+    import ckptvault
+    from ckptvault.engine.lazy import LazyNode
+
+    with ckptvault.open(path) as view:
+        keys = view.keys()  # the view's own method: CheckpointView is not iterable
+        for key in keys:
+            child = view[key]
+            if isinstance(child, LazyNode):
+                for sub in list(child):
+                    child[sub]
+        view.load()
+
+
+@fuzz_settings(ci=80, full=800)
+@given(st.data())
+def test_lazy_and_eager_readers_agree(
+    agreement_checkpoint: tuple[Any, dict[str, Any]], data: st.DataObject
+) -> None:
+    """Every reader agrees (issue 13, class 6): for a mutated tree, ``load`` and a full walk of the
+    lazy view either both accept it or both refuse it with the same typed error."""
+    import os
+
+    import ckptvault
+
+    EXECUTIONS["tree"] += 1
+    path, doc = agreement_checkpoint
+    mutated_doc = {**doc, "tree": data.draw(mutated({"root": doc["tree"]})).get("root")}
+    temp = path / "manifest.json.tmp"
+    temp.write_text(json.dumps(mutated_doc))
+    os.replace(temp, path / "manifest.json")
+    eager = _reader_outcome(lambda: ckptvault.load(path))
+    lazy = _reader_outcome(lambda: _walk_lazily(path))
+    assert eager == lazy, (eager, lazy)
 
 
 @fuzz_settings(ci=150, full=2000)
