@@ -17,7 +17,8 @@ from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave
 from .engine.chunks import ChunkOptions, HintCache
 from .engine.lazy import CheckpointView
-from .engine.reader import CheckpointReader, read_checkpoint, verify_checkpoint
+from .engine.loading import read_checkpoint
+from .engine.reader import CheckpointReader, verify_checkpoint
 from .engine.staging import StagingBuffer
 from .engine.writer import write_checkpoint
 from .errors import CheckpointNotFoundError, UnsafeCheckpointError

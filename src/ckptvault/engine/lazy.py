@@ -24,8 +24,8 @@ from ..storage.base import Storage
 from ..types import CheckpointInfo
 from .arrays import BlobReader
 from .budget import ByteBudget
-from .leaves import LeafChecker
-from .reader import CheckpointReader, _stored_nbytes
+from .leaves import LeafChecker, stored_nbytes_of
+from .reader import CheckpointReader
 
 
 class CheckpointView:
@@ -49,7 +49,7 @@ class CheckpointView:
         self._blobs = BlobReader(self._fetch, map_location)
         try:
             self._shared = shared_leaves(self._reader.manifest.tree)
-            self._reader.decode_tree(LeafChecker(_stored_nbytes(self._reader.manifest)))
+            self._reader.decode_tree(LeafChecker(stored_nbytes_of(self._reader.manifest)))
         except TreeDecodeError as exc:
             self._reader.close()
             raise CorruptCheckpointError(

@@ -13,6 +13,7 @@ from typing import Any
 from ..config import MAX_NDIM
 from ..errors import ResourceLimitError
 from ..format.dtypes import TORCH_DTYPES, parse_numpy_dtype
+from ..format.manifest import Manifest
 from ..format.tree import TreeDecodeError
 
 
@@ -98,3 +99,15 @@ def leaf_nbytes_check(nbytes: int, limit: int | None, what: str) -> None:
     """Refuses a tensor (or a total) of ``nbytes`` logical bytes past ``limit`` (None: no cap)."""
     if limit is not None and nbytes > limit:
         raise ResourceLimitError(f"{what[:200]}: declared size too large", needed=nbytes, limit=limit)
+
+
+def stored_nbytes_of(manifest: Manifest) -> Callable[[str], int]:
+    """The stored size of each tensor a tree names, for :class:`LeafChecker` (unknown: refused)."""
+
+    def size(name: str) -> int:
+        entry = manifest.tensors.get(name)
+        if entry is None:
+            raise TreeDecodeError(f"tree references unknown tensor {name[:80]!r}")
+        return entry.nbytes
+
+    return size

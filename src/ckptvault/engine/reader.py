@@ -33,15 +33,15 @@ from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
 from ..storage.base import ReadHandle, Storage
 from ..storage.chunkstore import ChunkStore
 from ..types import Problem, TensorEntry, VerifyReport
-from .arrays import BlobReader
 from .budget import ByteBudget, limit_for, stored_bytes
 from .chunks import read_chunked
 from .consistency import sidecar_problems
-from .leaves import LeafChecker, leaf_nbytes_check
+from .leaves import LeafChecker, leaf_nbytes_check, stored_nbytes_of
 from .streams import iter_stored_bytes, verify_chunked
 from .writer import NO_LEAVES
 
 _READ_CHUNK = 64 * 1024 * 1024
+_HASH_PIECE = 1024 * 1024  # read, then hash while the piece is still in the CPU cache
 
 
 class CheckpointReader:
@@ -205,11 +205,30 @@ class CheckpointReader:
             buffer: np.ndarray = np.frombuffer(mapping, dtype=np.uint8, count=entry.nbytes, offset=start)
         else:
             buffer = np.empty(entry.nbytes, dtype=np.uint8)
+            if verify:  # read and hash piece by piece: each piece is hashed while still in cache
+                self._read_hashed(entry, start, memoryview(buffer.data))
+                return buffer
             if entry.nbytes:
                 self.handle.read_into(entry.file, start, memoryview(buffer.data))
         if verify:
             self.check_digest(entry, memoryview(buffer.data))
         return buffer
+
+    def _read_hashed(self, entry: TensorEntry, start: int, out: memoryview) -> None:
+        """Fills ``out`` and checks the digest of exactly the bytes now in ``out`` (what is returned
+        is what was verified, whatever happens to the file afterwards)."""
+        hasher = new_hasher(self.manifest.digest_algorithm)  # one thread: the pool runs tensors in parallel
+        for lo in range(0, len(out), _HASH_PIECE):
+            piece = out[lo : lo + _HASH_PIECE]
+            self.handle.read_into(entry.file, start + lo, piece)
+            hasher.update(piece)
+        if hasher.hexdigest() != entry.digest:
+            raise self._corrupt(
+                "tensor bytes do not match their digest (bit rot or tampering)",
+                "digest-mismatch",
+                file=entry.file,
+                tensor=entry.name,
+            )
 
     def check_digest(self, entry: TensorEntry, data: memoryview) -> None:
         if digest_bytes(self.manifest.digest_algorithm, data) != entry.digest:
@@ -280,41 +299,6 @@ class CheckpointReader:
         if not isinstance(value, dict):
             raise self._corrupt("metadata must be a dict", "bad-manifest", file=MANIFEST_NAME)
         return value
-
-
-_REPLACED_RETRIES = 5
-
-
-def read_checkpoint(
-    storage: Storage,
-    path: str,
-    *,
-    map_location: Any,
-    verify: bool,
-    threads: int,
-    mapped: bool,
-    max_bytes: int | None = None,
-) -> Any:
-    """Loads a whole checkpoint. When an overwrite replaces it mid-read (files of the old one vanish
-    under us), the load starts again on the new one instead of failing.
-
-    Refuses with :class:`~ckptvault.errors.ResourceLimitError` before allocating when the tensors
-    (or any one logical tensor, views included) exceed ``max_bytes`` (default: see :mod:`.budget`).
-    """
-    for attempt in range(_REPLACED_RETRIES + 1):
-        with CheckpointReader(storage, path) as reader:
-            try:
-                if verify:
-                    reader.check_listing()
-                    reader.check_sidecars()
-                budget = reader.budget(max_bytes)
-                reader.decode_tree(LeafChecker(_stored_nbytes(reader.manifest), budget.limit))
-                data = reader.fetch_all(verify=verify, threads=threads, mapped=mapped, budget=budget)
-                return reader.decode_tree(BlobReader(data.__getitem__, map_location, budget.limit))
-            except CorruptCheckpointError:
-                if attempt == _REPLACED_RETRIES or not reader.handle.is_stale():
-                    raise
-    raise AssertionError("unreachable")
 
 
 def verify_checkpoint(
@@ -389,22 +373,12 @@ def verify_checkpoint(
                 # What a default load would refuse, verify reports (no bytes read for it).
                 limit = reader.budget(None).limit
                 leaf_nbytes_check(manifest.tensor_bytes, limit, "loading this checkpoint's tensors")
-                reader.decode_tree(LeafChecker(_stored_nbytes(manifest), limit))
+                reader.decode_tree(LeafChecker(stored_nbytes_of(manifest), limit))
             except CheckpointError as exc:
                 note(exc, _kind(exc))
     return VerifyReport(
         path, tuple(problems), files_checked, tensors_checked, bytes_checked, time.perf_counter() - started
     )
-
-
-def _stored_nbytes(manifest: Manifest) -> Callable[[str], int]:
-    def size(name: str) -> int:
-        entry = manifest.tensors.get(name)
-        if entry is None:
-            raise TreeDecodeError(f"tree references unknown tensor {name[:80]!r}")
-        return entry.nbytes
-
-    return size
 
 
 def _check_streamed(reader: CheckpointReader, tensor: TensorEntry) -> None:
