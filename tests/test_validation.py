@@ -263,13 +263,17 @@ def test_full_validation_compares_the_sidecar_metrics(
         )
     result = caught.value.result
     assert result.level == "full" and not result.passed
-    assert len(result.problems) == 1, result.problems
-    assert "metric 'acc'" in result.problems[0] and "0.9" in result.problems[0]
+    # two findings: the checksum level (verify) sees the manifest contradict its digested sidecar,
+    # and the probe level names the metric the save was given
+    assert len(result.problems) == 2, result.problems
+    assert result.problems[0].startswith("metadata-mismatch")
+    assert "metric 'acc'" in result.problems[1] and "0.9" in result.problems[1]
     assert "metric 'acc'" in str(caught.value)
-    # the injection did what it should: the sidecar (digest-listed) says 0.5, the checkpoint verifies
+    # the injection did what it should: the sidecar (digest-listed) says 0.5, and verify says so too
     sidecar = json.loads((path / sidecar_name(0)).read_text())
     assert sidecar["metrics"] == {"loss": 0.25, "acc": 0.5}
-    assert cv.verify(path).ok
+    report = cv.verify(path)
+    assert not report.ok and [p.kind for p in report.problems] == ["metadata-mismatch"]
     recorded = validation.read_result(path)
     assert recorded is not None and recorded["passed"] is False
 
