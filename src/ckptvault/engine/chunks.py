@@ -32,6 +32,7 @@ from ..storage.chunkstore import ChunkStore
 from ..types import ChunkRef, TensorEntry
 from .arrays import Blob
 from .feed import PieceFeed
+from .fresh import fresh_bytes
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # measured: 4 MiB files write as fast as one big file with 4 threads
 _SAMPLE_WINDOWS = 32
@@ -258,7 +259,7 @@ def read_chunked(
 ) -> np.ndarray:
     """A chunked tensor's bytes, each chunk decoded into place and (if ``verify``) digest-checked."""
     try:
-        out = np.empty(entry.nbytes, dtype=np.uint8)
+        out = fresh_bytes(entry.nbytes)
     except MemoryError as exc:  # the size is the manifest's word: 1024 tiny chunks can claim a TiB
         raise CorruptCheckpointError(
             f"the manifest promises {entry.nbytes} bytes for this tensor, more than can be allocated",

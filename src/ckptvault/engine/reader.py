@@ -36,12 +36,13 @@ from ..types import Problem, TensorEntry, VerifyReport
 from .budget import ByteBudget, limit_for, stored_bytes
 from .chunks import read_chunked
 from .consistency import sidecar_problems
+from .fresh import fresh_bytes
 from .leaves import LeafChecker, leaf_nbytes_check, stored_nbytes_of
 from .streams import iter_stored_bytes, verify_chunked
 from .writer import NO_LEAVES
 
 _READ_CHUNK = 64 * 1024 * 1024
-_HASH_PIECE = 1024 * 1024  # read, then hash while the piece is still in the CPU cache
+_HASH_PIECE = 1024 * 1024  # read, then hash while still in cache (best of 256 KiB..4 MiB here)
 
 
 class CheckpointReader:
@@ -182,12 +183,15 @@ class CheckpointReader:
             self._maps[file] = self.handle.mmap(file, copy_on_write=True)
         return self._maps[file]
 
-    def fetch(self, name: str, *, verify: bool = True, mapped: bool = False) -> np.ndarray:
+    def fetch(
+        self, name: str, *, verify: bool = True, mapped: bool = False, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """A uint8 array with the stored bytes of one tensor, digest-checked if ``verify``.
 
         ``mapped`` returns a zero-copy view of the file's copy-on-write map (writes stay private);
-        otherwise a fresh array filled with ``pread``. A chunked tensor is always a fresh array,
-        assembled from its chunks.
+        otherwise a fresh array (``out`` when given: :meth:`fetch_all` allocates on the calling
+        thread) filled with ``pread``. A chunked tensor is always a fresh array, assembled from its
+        chunks.
         """
         entry = self.manifest.tensors.get(name)
         if entry is None:
@@ -204,7 +208,7 @@ class CheckpointReader:
         if mapping is not None:
             buffer: np.ndarray = np.frombuffer(mapping, dtype=np.uint8, count=entry.nbytes, offset=start)
         else:
-            buffer = np.empty(entry.nbytes, dtype=np.uint8)
+            buffer = fresh_bytes(entry.nbytes) if out is None else out
             if verify:  # read and hash piece by piece: each piece is hashed while still in cache
                 self._read_hashed(entry, start, memoryview(buffer.data))
                 return buffer
@@ -257,9 +261,18 @@ class CheckpointReader:
                 if mapping is not None and hasattr(mmap, "MADV_WILLNEED"):
                     mapping.madvise(mmap.MADV_WILLNEED)  # start read-ahead of the whole file now
         names = sorted(self.manifest.tensors, key=lambda n: -self.manifest.tensors[n].nbytes)
+        # Destinations are allocated here, on the calling thread: glibc gives each reading thread
+        # its own arena, whose memory a later load on another thread cannot reuse, so buffers
+        # allocated by the pool would pay fresh page faults on every load (see fresh_bytes).
+        outs: dict[str, np.ndarray] = {}
+        if not mapped:
+            for name in names:
+                entry = self.manifest.tensors[name]
+                if entry.chunks is None:
+                    outs[name] = fresh_bytes(entry.nbytes)
 
         def one(name: str) -> np.ndarray:
-            return self.fetch(name, verify=verify, mapped=mapped)
+            return self.fetch(name, verify=verify, mapped=mapped, out=outs.get(name))
 
         if threads <= 1 or len(names) < 2 or (mapped and not verify):
             return {n: one(n) for n in names}  # zero-copy and nothing to hash: threads only cost
