@@ -22,7 +22,7 @@ KB each. ``--check`` compares those by content, because another liblzma may comp
 bytes differently.
 
 Each case is a directory ``cases/<name>/``; ``index.json`` lists for it what it attacks, the API
-to apply (``load``, ``verify``, ``open``, ``info``, ``import_legacy`` or ``catalog``), the path
+to apply (``load``, ``verify``, ``open``, ``info``, ``import_legacy``, ``load_model`` or ``catalog``), the path
 inside the case to apply it to and the expected outcome (``error`` with the expected
 ``CheckpointError`` subclass, ``ok``, ``not-ok`` for a verify report, or ``skipped`` for a
 checkpoint the catalog must leave out). ``tests/corpus/run_cases.py`` applies them.
@@ -1820,6 +1820,74 @@ def _(w: CaseWriter) -> None:
 )
 def _(w: CaseWriter) -> None:
     w.write("model.pt", torch_zip(legacy_records(expanded_tensor_pickle(2**36), _floats(1, 0.0))))
+
+
+# Model factories (load_model): a checkpoint names code to rebuild its model; naming is not trusting.
+PLANTED = f"open({MARKER!r}, 'w').write('pwned')\nimport torch\nclass Net(torch.nn.Module):\n    pass\n"
+ARCHITECTURE = "ArchitectureError"
+
+
+def _architecture(factory: str) -> Ckpt:
+    """A valid checkpoint whose model weights (``model``) would fit ``factory``, were it trusted."""
+    ck = Ckpt()
+    ck.tree = {"t": "dict", "v": {"model": {"t": "dict", "v": dict(ck.tree["v"], n=None)}}}
+    del ck.tree["v"]["model"]["v"]["n"]
+    ck.metadata = {
+        "t": "dict",
+        "v": {
+            "step": 1,
+            "architecture": {
+                "t": "dict",
+                "v": {"factory": factory, "kwargs": {"t": "dict", "v": {}}, "weights": ["model"]},
+            },
+        },
+    }
+    return ck
+
+
+@case(
+    "architecture_factory_planted_in_cwd",
+    "load_model of a checkpoint naming module 'planted_factory', a file the attacker left in the "
+    "working directory (an interactive session has '' on sys.path)",
+    api="load_model",
+    error=ARCHITECTURE,
+)
+def _(w: CaseWriter) -> None:
+    w.write(".cwd/planted_factory.py", PLANTED)
+    _architecture("planted_factory:Net").write(w)
+
+
+@case(
+    "architecture_factory_planted_beside_checkpoint",
+    "load_model of a checkpoint naming a module file that lies next to the checkpoint directory",
+    api="load_model",
+    error=ARCHITECTURE,
+)
+def _(w: CaseWriter) -> None:
+    w.write("planted_factory.py", PLANTED)
+    _architecture("planted_factory:Net").write(w)
+
+
+@case(
+    "architecture_factory_planted_inside_checkpoint",
+    "load_model of a checkpoint naming a module file stored inside the checkpoint directory itself",
+    api="load_model",
+    error=ARCHITECTURE,
+)
+def _(w: CaseWriter) -> None:
+    ck = _architecture("planted_factory:Net")
+    ck.extra_files["planted_factory.py"] = PLANTED.encode()  # listed and digested: it passes verify
+    ck.write(w)
+
+
+@case(
+    "architecture_factory_os_system",
+    "load_model of a checkpoint naming os:system (imported already, but not a model factory)",
+    api="load_model",
+    error=ARCHITECTURE,
+)
+def _(w: CaseWriter) -> None:
+    _architecture("os:system").write(w)
 
 
 # The catalog: a hostile checkpoint must be left out of the index, never break the sync.

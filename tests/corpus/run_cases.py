@@ -74,7 +74,7 @@ def materialize(corpus: Path, entry: dict[str, Any], work: Path) -> Path:
                 handle.truncate(item["size"])
         else:
             raise ValueError(f"{entry['name']}: unknown materialisation {item['kind']!r}")
-    (target / ".cwd").mkdir()
+    (target / ".cwd").mkdir(exist_ok=True)  # a case may plant files in the working directory
     return target
 
 
@@ -154,6 +154,13 @@ def apply(api: str, case_dir: Path, target: Path) -> dict[str, Any]:
                 left = out.exists()
             ckptvault.load(out)
             result = {"outcome": "ok", "left_target": left}
+        elif api == "load_model":
+            sys.path.insert(0, "")  # as in an interactive session or `python -c`: the cwd is importable
+            try:
+                ckptvault.load_model(target)
+            finally:
+                sys.path.remove("")
+            result = {"outcome": "ok"}
         elif api == "catalog":
             from ckptvault.catalog.store import Catalog
 

@@ -92,6 +92,7 @@ REQUIRED = {
     "manifests copied from other checkpoints": "manifest_copied_from_",
     "chunk frames with lying sizes": "chunk_frame_",
     "a malicious legacy pickle": "legacy_pt_reduce_os_system",
+    "a model factory module planted where a checkpoint can name it": "architecture_factory_planted_",
 }
 
 
@@ -99,7 +100,7 @@ def test_corpus_covers_the_attack_list() -> None:
     missing = [what for what, fragment in REQUIRED.items() if not any(fragment in name for name in CASES)]
     assert not missing, f"no corpus case for: {missing}"
     apis = {entry["api"] for entry in CASES.values()}
-    assert apis == {"load", "verify", "open", "info", "import_legacy", "catalog"}, apis
+    assert apis == {"load", "verify", "open", "info", "import_legacy", "catalog", "load_model"}, apis
 
 
 def _check_primary(entry: dict[str, Any], call: dict[str, Any]) -> None:
