@@ -22,8 +22,8 @@ KB each. ``--check`` compares those by content, because another liblzma may comp
 bytes differently.
 
 Each case is a directory ``cases/<name>/``; ``index.json`` lists for it what it attacks, the API
-to apply (``load``, ``verify``, ``open``, ``info``, ``import_legacy``, ``load_model`` or ``catalog``), the path
-inside the case to apply it to and the expected outcome (``error`` with the expected
+to apply (``load``, ``verify``, ``open``, ``info``, ``import_legacy``, ``load_model`` or
+``catalog``), the path inside the case to apply it to and the expected outcome (``error`` with the expected
 ``CheckpointError`` subclass, ``ok``, ``not-ok`` for a verify report, or ``skipped`` for a
 checkpoint the catalog must leave out). ``tests/corpus/run_cases.py`` applies them.
 """
@@ -1823,7 +1823,15 @@ def _(w: CaseWriter) -> None:
 
 
 # Model factories (load_model): a checkpoint names code to rebuild its model; naming is not trusting.
-PLANTED = f"open({MARKER!r}, 'w').write('pwned')\nimport torch\nclass Net(torch.nn.Module):\n    pass\n"
+PLANTED = f"""import torch
+
+with open("{MARKER}", "w") as marker:
+    marker.write("pwned")
+
+
+class Net(torch.nn.Module):
+    pass
+"""
 ARCHITECTURE = "ArchitectureError"
 
 

@@ -1,4 +1,8 @@
-open('CORPUS_PWNED_MARKER', 'w').write('pwned')
 import torch
+
+with open("CORPUS_PWNED_MARKER", "w") as marker:
+    marker.write("pwned")
+
+
 class Net(torch.nn.Module):
     pass
