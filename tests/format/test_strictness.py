@@ -96,3 +96,13 @@ def test_hostile_manifests_give_typed_errors(ckpt_dir: Path, change: object) -> 
 def test_digest_of_known_vector() -> None:
     # BLAKE3 of the empty input (from the BLAKE3 specification's test vectors).
     assert digest_bytes("blake3", b"") == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+
+
+def test_header_refuses_a_dimension_beyond_int64_beside_a_zero() -> None:
+    """Found by the full fuzz run: shape [2**64, 0] has no bytes, so only a per-dimension bound
+    catches it -- safetensors (usize), numpy (intp) and torch (int64) all refuse such a shape."""
+    body = json.dumps({"t": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}}).encode()
+    with pytest.raises(HeaderError, match="2\\*\\*63"):
+        parse_header(body, 8 + len(body))
+    body = json.dumps({"t": {"dtype": "F32", "shape": [2**63 - 1, 0], "data_offsets": [0, 0]}}).encode()
+    assert parse_header(body, 8 + len(body)).entries["t"].shape == (2**63 - 1, 0)

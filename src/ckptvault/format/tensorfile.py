@@ -75,11 +75,16 @@ def header_length(prefix: bytes, file_size: int) -> int:
     return size
 
 
+_MAX_DIM = 2**63 - 1  # a dimension numpy (intp) and torch (int64) can hold
+
+
 def _checked_shape(name: str, raw: Any, limit: int) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > MAX_NDIM:
         raise HeaderError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} integers")
     if any(type(dim) is not int or dim < 0 for dim in raw):
         raise HeaderError(f"tensor {name!r}: shape has a non-integer or negative dimension")
+    if any(dim > _MAX_DIM for dim in raw):  # even beside a 0: numpy, torch and safetensors refuse it
+        raise HeaderError(f"tensor {name!r}: a shape dimension exceeds 2**63 - 1")
     if 0 in raw:
         return tuple(raw)  # empty tensor: any other dimensions are harmless
     elements = 1
