@@ -33,6 +33,7 @@ from ..types import ChunkRef, TensorEntry
 from .arrays import Blob
 from .feed import PieceFeed
 from .fresh import fresh_bytes
+from .streams import read_chunk
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # measured: 4 MiB files write as fast as one big file with 4 threads
 _SAMPLE_WINDOWS = 32
@@ -272,28 +273,7 @@ def read_chunked(
 
     def one(ref: ChunkRef, cursor: int) -> None:
         target = out[cursor : cursor + ref.raw_len]
-        stored = store.read(ref.digest, ref.codec, ref.stored_len, where=where, tensor=entry.name)
-        if ref.codec == "raw":
-            target[:] = np.frombuffer(stored, dtype=np.uint8)
-        else:
-            try:
-                codec.decode_into(stored, target)
-            except codec.CodecError as exc:
-                store.report_bad(ref.digest, ref.codec)  # the next save writes a fresh copy
-                raise CorruptCheckpointError(
-                    f"chunk {ref.digest[:16]}….{ref.codec} does not decode: {exc}",
-                    path=where,
-                    tensor=entry.name,
-                    kind="bad-chunk",
-                ) from exc
-        if verify and digest_bytes(algorithm, memoryview(target.data)) != ref.digest:
-            store.report_bad(ref.digest, ref.codec)  # the next save writes a fresh copy
-            raise CorruptCheckpointError(
-                f"chunk {ref.digest[:16]}….{ref.codec} does not match its digest (bit rot or tampering)",
-                path=where,
-                tensor=entry.name,
-                kind="digest-mismatch",
-            )
+        read_chunk(store, ref, algorithm=algorithm, where=where, tensor=entry.name, out=target, verify=verify)
 
     if len(refs) > 1 and threads > 1:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptvault-read") as pool:

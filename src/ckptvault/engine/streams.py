@@ -41,26 +41,40 @@ class TensorSource(Protocol):
 
 
 def read_chunk(
-    store: ChunkStore, ref: ChunkRef, *, algorithm: str, where: str | None, tensor: str | None
+    store: ChunkStore,
+    ref: ChunkRef,
+    *,
+    algorithm: str,
+    where: str | None,
+    tensor: str | None,
+    out: np.ndarray | None = None,
+    verify: bool = True,
 ) -> np.ndarray:
-    """One chunk's raw bytes, decoded and checked against its digest."""
+    """One chunk's raw bytes, decoded (into ``out`` when given) and, if ``verify``, checked against
+    its digest. A chunk that does not decode or match is reported to the store, so the next save
+    writes a fresh copy instead of referencing it again."""
     stored = store.read(ref.digest, ref.codec, ref.stored_len, where=where, tensor=tensor)
     if ref.codec == "raw":
-        out = np.frombuffer(stored, dtype=np.uint8)
+        raw = np.frombuffer(stored, dtype=np.uint8)
+        if out is None:
+            out = raw
+        else:
+            out[:] = raw
     else:
-        out = np.empty(ref.raw_len, dtype=np.uint8)
+        if out is None:
+            out = np.empty(ref.raw_len, dtype=np.uint8)
         try:
             codec.decode_into(stored, out)
         except codec.CodecError as exc:
-            store.report_bad(ref.digest, ref.codec)  # the next save writes a fresh copy
+            store.report_bad(ref.digest, ref.codec)
             raise CorruptCheckpointError(
                 f"chunk {ref.digest[:16]}….{ref.codec} does not decode: {exc}",
                 path=where,
                 tensor=tensor,
                 kind="bad-chunk",
             ) from exc
-    if digest_bytes(algorithm, memoryview(out.data)) != ref.digest:
-        store.report_bad(ref.digest, ref.codec)  # the next save writes a fresh copy
+    if verify and digest_bytes(algorithm, memoryview(out.data)) != ref.digest:
+        store.report_bad(ref.digest, ref.codec)
         raise CorruptCheckpointError(
             f"chunk {ref.digest[:16]}….{ref.codec} does not match its digest (bit rot or tampering)",
             path=where,
