@@ -19,7 +19,8 @@ from tests.models_for_export import MLP, TiedLM, TwoHeads
 from typer.testing import CliRunner
 
 import ckptvault as cv
-import ckptvault.export as ex
+import ckptvault.export.hf as ex_hf
+import ckptvault.export.onnx_graph as ex_onnx
 from ckptvault.cli.main import app
 from ckptvault.export import ExportError, ExportMismatchError, export_checkpoint, parse_size, plan_shards
 
@@ -251,7 +252,7 @@ def test_failures_never_leave_a_partial_output(
     mlp_ckpt: tuple[Path, MLP], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt, _ = mlp_ckpt
-    real_write = ex._write_safetensors
+    real_write = ex_hf._write_safetensors
     calls: list[Path] = []
 
     def disk_full_on_second_shard(path: Path, *args: Any) -> int:
@@ -260,7 +261,7 @@ def test_failures_never_leave_a_partial_output(
             raise OSError(28, "No space left on device")
         return real_write(path, *args)
 
-    monkeypatch.setattr(ex, "_write_safetensors", disk_full_on_second_shard)
+    monkeypatch.setattr(ex_hf, "_write_safetensors", disk_full_on_second_shard)
     with pytest.raises(cv.StorageError, match="No space left"):
         export_checkpoint(ckpt, tmp_path / "hf", format="hf", max_shard_size=140)
     assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
@@ -370,14 +371,14 @@ def test_onnx_mismatch_is_typed_and_writes_nothing(
     mlp_ckpt: tuple[Path, MLP], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt, _ = mlp_ckpt
-    real_export = ex._run_exporter
+    real_export = ex_onnx._run_exporter
 
     def export_a_different_model(model: Any, *args: Any) -> str:
         with torch.no_grad():
             model.fc2.bias += 0.01  # the graph no longer computes what the checkpoint's model does
         return real_export(model, *args)
 
-    monkeypatch.setattr(ex, "_run_exporter", export_a_different_model)
+    monkeypatch.setattr(ex_onnx, "_run_exporter", export_a_different_model)
     with pytest.raises(ExportMismatchError, match="differs from the torch model") as info:
         export_checkpoint(ckpt, tmp_path / "m.onnx", format="onnx")
     assert info.value.max_abs_diff == pytest.approx(0.01, rel=1e-3)
