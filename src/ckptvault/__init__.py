@@ -14,8 +14,6 @@ and for training loops, ``CheckpointManager`` + ``TrainState`` (triggers, retent
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .api import (
     info,
     list_checkpoints,
@@ -51,6 +49,7 @@ from .training.fingerprint import fingerprint
 from .training.state import IncompleteStateError, TrainState
 from .types import CheckpointInfo, Problem, VerifyReport
 from .validation import ValidationFailedError, ValidationResult
+from .version import __version__
 
 __all__ = [
     "ArchitectureError",

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .catalog.registry import SCHEME as REGISTRY_SCHEME
 from .catalog.registry import resolve_reference
 from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave
+from .engine.checkpoint_info import info_from_manifest as info_from_manifest  # its old home
 from .engine.chunks import ChunkOptions, HintCache
 from .engine.lazy import CheckpointView
 from .engine.loading import read_checkpoint
@@ -22,19 +23,16 @@ from .engine.reader import CheckpointReader, verify_checkpoint
 from .engine.staging import StagingBuffer
 from .engine.writer import write_checkpoint
 from .errors import CheckpointNotFoundError, UnsafeCheckpointError
-from .format.manifest import Manifest
 from .storage.base import Storage
-from .storage.local import LocalStorage
+from .storage.resolve import storage_for as storage_for_location
 from .types import CheckpointInfo, VerifyReport
-from .validation import (
-    PROBE_FILE,
-    ValidationFailedError,
-    ValidationResult,
-    check_level,
-    make_probe_file,
-    record_result,
-)
-from .validation import validate as run_validation
+
+if TYPE_CHECKING:
+    from .validation import ValidationResult
+
+# ``validation`` (the rebuild-in-a-subprocess machinery) is imported inside the functions that need
+# it, never at import time: ``import ckptvault.api`` stays cheap and validation sits beside api in
+# the layers, not below it.
 
 PathLike = str | os.PathLike[str]
 
@@ -43,26 +41,13 @@ def storage_for(path: PathLike) -> tuple[Storage, str]:
     """The backend that owns ``path`` and the path in that backend's terms.
 
     ``registry://NAME@ALIAS`` (or ``@VERSION``, or no ``@`` for the newest version) is resolved in
-    the registry of ``CKPTVAULT_ROOT`` (else the current directory) first.
+    the registry of ``CKPTVAULT_ROOT`` (else the current directory) first; the location it names,
+    like any other, goes to the storage layer's resolver (:mod:`ckptvault.storage.resolve`).
     """
     text = os.fspath(path)
     if text.startswith(REGISTRY_SCHEME):
         text = os.fspath(resolve_reference(text))
-    return LocalStorage(), text
-
-
-def info_from_manifest(path: str, manifest: Manifest, metadata: dict[str, Any]) -> CheckpointInfo:
-    return CheckpointInfo(
-        path=path,
-        checkpoint_id=manifest.checkpoint_id,
-        step=manifest.step,
-        created_at=manifest.created_at,
-        size_bytes=manifest.total_bytes,
-        num_tensors=len(manifest.tensors),
-        tensor_bytes=manifest.tensor_bytes,
-        digest_algorithm=manifest.digest_algorithm,
-        metadata=metadata,
-    )
+    return storage_for_location(text)
 
 
 def chunk_options(incremental: bool, compression: str | None, chunk_bytes: int | None) -> ChunkOptions | None:
@@ -113,6 +98,9 @@ def save(
     ``ckptvault.validation``). A checkpoint that fails is committed but raises
     :class:`~ckptvault.validation.ValidationFailedError`, and the failure is recorded beside it.
     """
+    from .validation import ValidationFailedError, check_level, record_result
+    from .validation import validate as run_validation
+
     check_level(validate)
     _raise_unobserved_async_failure()
     storage, target = storage_for(path)
@@ -161,6 +149,7 @@ def save_model(
     ``export_program=True`` also stores a ``torch.export`` program (read only by :func:`load_program`).
     """
     from .training.architecture import spec_for
+    from .validation import PROBE_FILE, make_probe_file
 
     spec = spec_for(model, factory, kwargs, ("model",))
     metadata = {**(metadata or {}), "architecture": spec.to_metadata()}
@@ -267,6 +256,9 @@ def validate(
     ``"full"`` rebuilds the model in another process, which imports the factory's module only when
     this process trusts it (imported here, or in ``trusted_modules``; see :func:`load_model`).
     """
+    from .validation import record_result
+    from .validation import validate as run_validation
+
     _, target = storage_for(path)
     result = run_validation(target, level, trusted_modules=trusted_modules)
     record_result(result)
@@ -406,11 +398,15 @@ def save_async(
         if _ASYNC_WRITER is None:
             _ASYNC_WRITER = BackgroundWriter()
         _ASYNC_STAGING.max_bytes = max_staging_bytes
+        # The previous save's unseen failure is raised before the path is resolved, as it always was.
+        _ASYNC_WRITER.wait_idle()
+        storage, target = storage_for(path)
         return _ASYNC_WRITER.submit_save(
-            path,
+            target,
             state,
             metadata,
             _ASYNC_STAGING,
             overwrite=overwrite,
             chunking=chunk_options(incremental, compression, chunk_bytes),
+            storage=storage,
         )

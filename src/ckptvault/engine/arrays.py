@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,8 +195,6 @@ class BlobCollector:
             data = data.resolve_neg()
         data = data.cpu().contiguous()  # no copy for a contiguous CPU tensor: we write from its memory
         flat = data.reshape(-1).view(torch.uint8) if data.numel() else torch.empty(0, dtype=torch.uint8)
-        from .chunks import version_key
-
         blob = Blob(
             self._unique(name),
             form.code,
@@ -390,3 +389,15 @@ def torch_dtype(name: Any, path: str) -> Any:
     if dtype is None:
         raise TreeDecodeError(f"{path}: unknown torch dtype {str(name)[:30]!r}")
     return dtype
+
+
+def version_key(tensor: Any) -> tuple[Any, ...]:
+    """What must be equal for a torch tensor to be unchanged since it was last saved."""
+    return (
+        weakref.ref(tensor.untyped_storage()),  # equal only while it is the same, living storage
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        str(tensor.dtype),
+        tensor._version,
+    )

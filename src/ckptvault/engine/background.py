@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import sys
 import threading
 import weakref
@@ -23,7 +24,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..config import Settings
+from ..storage.base import Storage
+from ..storage.resolve import storage_for
 from ..types import CheckpointInfo
+from .checkpoint_info import info_from_manifest
 from .chunks import ChunkOptions, HintCache
 from .feed import FeedAborted
 from .staging import StagingBuffer, feed_plan, fits, stage_plan
@@ -114,12 +118,20 @@ class BackgroundWriter:
         chunking: ChunkOptions | None = None,
         hints: HintCache | None = None,
         extra_files: dict[str, bytes] | None = None,
+        storage: Storage | None = None,
     ) -> PendingSave:
-        """Plans and stages ``state`` now (the caller's only wait) and commits it in the background."""
-        from .. import api
+        """Plans and stages ``state`` now (the caller's only wait) and commits it in the background.
 
+        The caller names where it goes: ``storage`` and ``path`` in that backend's terms (``api``
+        resolves registry references before it calls). Without ``storage``, ``path`` is resolved by
+        the storage layer's resolver (plain paths, as the manager passes them); the engine never
+        asks the layer above where bytes live.
+        """
         self.wait_idle()  # the staging buffer is free again only after the previous commit
-        storage, target = api.storage_for(path)  # type: ignore[arg-type]
+        if storage is None:
+            storage, target = storage_for(path)  # type: ignore[arg-type]
+        else:
+            target = os.fspath(path)  # type: ignore[call-overload]
         settings = Settings.from_env()
         plan = plan_save(
             target, state, metadata, settings, chunking=chunking, hints=hints, extra_files=extra_files
@@ -128,7 +140,7 @@ class BackgroundWriter:
 
         def commit() -> CheckpointInfo:
             manifest = commit_plan(storage, target, staged, overwrite=overwrite, settings=settings)
-            return api.info_from_manifest(target, manifest, staged.metadata)
+            return info_from_manifest(target, manifest, staged.metadata)
 
         pending = self.submit(target, commit)
         if staged.feed is not None:

@@ -17,7 +17,6 @@ not every sparse one, so ``trust_version_counter=False`` always hashes.
 
 from __future__ import annotations
 
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from ..format.dtypes import SAFETENSORS_ITEMSIZE
 from ..storage.chunkstore import ChunkStore
 from ..types import ChunkRef, TensorEntry
 from .arrays import Blob
+from .arrays import version_key as version_key  # its old home; kept importable
 from .feed import PieceFeed
 from .fresh import fresh_bytes
 from .streams import read_chunk
@@ -65,18 +65,6 @@ class ChunkedBlob:
     nbytes: int
     sample: str | None  # digest of sampled bytes, for tensors with a version key
     reuse: TensorEntry | None = None  # the previous save's entry when the tensor is unchanged
-
-
-def version_key(tensor: Any) -> tuple[Any, ...]:
-    """What must be equal for a torch tensor to be unchanged since it was last saved."""
-    return (
-        weakref.ref(tensor.untyped_storage()),  # equal only while it is the same, living storage
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        str(tensor.dtype),
-        tensor._version,
-    )
 
 
 def sample_digest(data: memoryview) -> str:

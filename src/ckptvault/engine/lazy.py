@@ -24,6 +24,7 @@ from ..storage.base import Storage
 from ..types import CheckpointInfo
 from .arrays import BlobReader
 from .budget import ByteBudget
+from .checkpoint_info import info_from_manifest
 from .leaves import LeafChecker, stored_nbytes_of
 from .reader import CheckpointReader
 
@@ -84,8 +85,6 @@ class CheckpointView:
     # -- facts without tensor I/O -----------------------------------------------------------
     @property
     def info(self) -> CheckpointInfo:
-        from ..api import info_from_manifest
-
         return info_from_manifest(self.path, self._reader.manifest, self.metadata)
 
     @property

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from typing import Any
 
+from ..version import __version__
+
 SIDECAR_FIELDS = ("run_id", "git", "config", "metrics", "data_version")
 
 
@@ -39,8 +41,6 @@ def _cpu_name() -> str:
 @functools.lru_cache(maxsize=1)
 def _static_system_info() -> dict[str, Any]:
     import numpy
-
-    from .. import __version__
 
     return {
         "hostname": socket.gethostname(),

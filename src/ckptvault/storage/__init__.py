@@ -3,5 +3,6 @@ local-disk backend (object stores come later behind the same protocol)."""
 
 from .base import ReadHandle, Storage, WritableFile, WriteTransaction
 from .local import LocalStorage
+from .resolve import storage_for
 
-__all__ = ["LocalStorage", "ReadHandle", "Storage", "WritableFile", "WriteTransaction"]
+__all__ = ["LocalStorage", "ReadHandle", "Storage", "WritableFile", "WriteTransaction", "storage_for"]
