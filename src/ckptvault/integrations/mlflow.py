@@ -40,227 +40,60 @@ never touches MLflow's global active run. MLflow 3 refuses ``file:`` tracking st
 reads model versions through a client on the *global* tracking URI (``MLFLOW_TRACKING_URI``; unset,
 it creates ``./mlflow.db``): set that variable to the same store. A database (``sqlite:///``) or a
 server works as is.
+
+The code is split by job: :mod:`ckptvault.integrations.mlflow_names` (MLflow's limits, keys,
+parameters, tags, batches), :mod:`ckptvault.integrations.mlflow_runs` (the MLflow run: finding it,
+logging to it, checkpoints as artifacts), :mod:`ckptvault.integrations.mlflow_registry` (the Model
+Registry mirroring) and this module (:class:`MLflowTracker`, the protocol calls; every old name is
+still importable from here).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
-import re
-import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ..types import CheckpointInfo
+from .mlflow_names import ARTIFACT_DIR as ARTIFACT_DIR
+from .mlflow_names import CHECKPOINT_ID_TAG as CHECKPOINT_ID_TAG
+from .mlflow_names import (
+    CHECKPOINT_TAG,
+    INSTALL_HINT,
+    RUN_ID_TAG,
+    LogCheckpoints,
+    _import_mlflow,
+    _metric_value,
+    clean_key,
+    config_params,
+    run_tags,
+)
+from .mlflow_names import MAX_ALIAS as MAX_ALIAS
+from .mlflow_names import MAX_BATCH_BYTES as MAX_BATCH_BYTES
+from .mlflow_names import MAX_ENTITIES_PER_BATCH as MAX_ENTITIES_PER_BATCH
+from .mlflow_names import MAX_KEY as MAX_KEY
+from .mlflow_names import MAX_PARAM_VALUE as MAX_PARAM_VALUE
+from .mlflow_names import MAX_PARAMS_PER_BATCH as MAX_PARAMS_PER_BATCH
+from .mlflow_names import MAX_TAG_VALUE as MAX_TAG_VALUE
+from .mlflow_names import MAX_TAGS_PER_BATCH as MAX_TAGS_PER_BATCH
+from .mlflow_names import PATH_TAG as PATH_TAG
+from .mlflow_names import VERSION_TAG as VERSION_TAG
+from .mlflow_names import _alias_problem as _alias_problem
+from .mlflow_names import _batches as _batches
+from .mlflow_registry import RegistryMirror
+from .mlflow_runs import _Logged, standalone_copy
+from .mlflow_runs import needs_store as needs_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, Run, RunTag
-    from mlflow.entities.model_registry import ModelVersion
 
 __all__ = ["INSTALL_HINT", "MLflowTracker", "config_params", "standalone_copy"]
 
-INSTALL_HINT = "pip install 'ckptvault[mlflow]'"
-ARTIFACT_DIR = "checkpoints"
-CHECKPOINT_TAG = "ckptvault.checkpoint."
-RUN_ID_TAG = "ckptvault.run_id"
-VERSION_TAG = "ckptvault.version"
-CHECKPOINT_ID_TAG = "ckptvault.checkpoint_id"
-PATH_TAG = "ckptvault.path"
 
-# MLflow's limits (mlflow.utils.validation), fixed here so the tracker never depends on private names.
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-MAX_KEY = 250
-MAX_ALIAS = 255
-MAX_PARAMS_PER_BATCH = 100
-MAX_TAGS_PER_BATCH = 100
-MAX_ENTITIES_PER_BATCH = 1000
-MAX_BATCH_BYTES = 900_000  # MLflow refuses a log_batch request over 1 MB; keep a margin for framing
-
-_BAD_KEY_CHARS = re.compile(r"[^\w.\- ]")  # MLflow allows these (and "/" and ":", not taken here)
-_ALIAS = re.compile(r"[\w\-]+")
-_VERSION_ALIAS = re.compile(r"[vV]\d+")
-_ELLIPSIS = "..."
-
-LogCheckpoints = Literal["artifact", "reference"] | None
-
-
-def _import_mlflow() -> Any:
-    try:
-        import mlflow
-    except ImportError as exc:
-        raise ImportError(f"MLflowTracker needs MLflow, which is not installed: {INSTALL_HINT}") from exc
-    return mlflow
-
-
-# -- names and values as MLflow takes them ---------------------------------------------------------
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - len(_ELLIPSIS)] + _ELLIPSIS
-
-
-def clean_key(raw: str) -> str:
-    """A parameter, metric or tag key MLflow accepts: other characters become ``_``, a key that
-    path normalisation would change gets a ``_`` in front, and one over 250 characters is cut and
-    ends in a digest of the whole, so distinct long keys stay distinct."""
-    key = _BAD_KEY_CHARS.sub("_", raw) or "_"
-    if key.startswith(".."):
-        key = "_" + key
-    elif key == ".":
-        key = "_"
-    if len(key) > MAX_KEY:
-        digest = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
-        key = f"{key[: MAX_KEY - len(digest) - 1]}_{digest}"
-    return key
-
-
-def _param_text(value: Any) -> str:
-    if isinstance(value, str):
-        text = value
-    elif value is None or isinstance(value, (bool, int, float)):
-        text = str(value)
-    else:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    return _truncate(text, MAX_PARAM_VALUE)
-
-
-def config_params(config: Any) -> dict[str, str]:
-    """A run's config as MLflow parameters: nested mappings flattened to dotted keys, every other
-    value (lists too) as text, cut to 6,000 characters. Keys MLflow would refuse are cleaned
-    (:func:`clean_key`); two that clean to one key are kept apart by a ``_2``, ``_3`` suffix."""
-    flat: list[tuple[str, str]] = []
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, Mapping) and value:
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif key or value is not None:
-            flat.append((key or "config", _param_text(value)))
-
-    walk(config, "")
-    params: dict[str, str] = {}
-    for raw, text in flat:
-        key = base = clean_key(raw)
-        n = 1
-        while key in params:
-            n += 1
-            key = clean_key(f"{base}_{n}")
-        params[key] = text
-    return params
-
-
-def _metric_value(value: Any) -> float | None:
-    if isinstance(value, (str, bytes)):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def run_tags(run_dir: str, run: Mapping[str, Any]) -> dict[str, str]:
-    """The MLflow tags of a ckptvault run: its id, directory and ckptvault version, the code's git
-    state (also under MLflow's own ``mlflow.source.git.*``, which its UI shows), the data version
-    and the host."""
-    from .. import __version__
-
-    tags = {"ckptvault.version": __version__, "ckptvault.run_dir": os.path.abspath(run_dir)}
-    if run.get("run_id"):
-        tags[RUN_ID_TAG] = str(run["run_id"])
-    git = run.get("git")
-    if isinstance(git, Mapping):
-        if git.get("commit"):
-            tags["mlflow.source.git.commit"] = tags["ckptvault.git.commit"] = str(git["commit"])
-        if git.get("branch"):
-            tags["mlflow.source.git.branch"] = tags["ckptvault.git.branch"] = str(git["branch"])
-        if git.get("dirty") is not None:
-            tags["ckptvault.git.dirty"] = str(bool(git["dirty"])).lower()
-        if git.get("diff_digest"):
-            tags["ckptvault.git.diff_digest"] = str(git["diff_digest"])
-    if run.get("data_version") is not None:
-        tags["ckptvault.data_version"] = str(run["data_version"])
-    system = run.get("system")
-    if isinstance(system, Mapping) and system.get("hostname"):
-        tags["ckptvault.host"] = str(system["hostname"])
-    return {key: _truncate(value, MAX_TAG_VALUE) for key, value in tags.items()}
-
-
-def _alias_problem(alias: str) -> str | None:
-    if not alias or not _ALIAS.fullmatch(alias):
-        return "MLflow aliases may hold only letters, digits, '_' and '-'"
-    if alias.lower() == "latest" or _VERSION_ALIAS.fullmatch(alias):
-        return "MLflow reserves 'latest' and version-like aliases ('v1')"
-    if len(alias) > MAX_ALIAS:
-        return f"MLflow aliases have at most {MAX_ALIAS} characters"
-    return None
-
-
-def _quoted(text: str) -> str:
-    """A string literal of MLflow's search syntax."""
-    if "'" not in text:
-        return f"'{text}'"
-    if '"' not in text:
-        return f'"{text}"'
-    raise ValueError(f"cannot search MLflow for a name holding both quote characters: {text!r}")
-
-
-def _error_code(exc: Exception) -> str:
-    return str(getattr(exc, "error_code", ""))
-
-
-def _is_local_uri(uri: str) -> bool:
-    return uri.startswith("file:") or "://" not in uri
-
-
-# -- a standalone copy of a chunked checkpoint -----------------------------------------------------
-def needs_store(path: str | os.PathLike[str]) -> bool:
-    """Whether a committed checkpoint references its run's chunk store (incremental or compressed)."""
-    from ..api import storage_for
-    from ..engine.reader import CheckpointReader
-    from ..format.manifest import CHUNKED_TENSORS
-
-    storage, target = storage_for(path)
-    with CheckpointReader(storage, target) as reader:
-        return CHUNKED_TENSORS in reader.manifest.required_features
-
-
-def standalone_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> CheckpointInfo:
-    """Rewrites a checkpoint as a self-contained one at ``target`` (every tensor in its data files,
-    nothing in a chunk store): the same state, metadata and extra files, plus metadata
-    ``standalone_copy_of`` naming the source's path and checkpoint id. Loads the whole state."""
-    from .. import api
-    from ..config import MANIFEST_NAME
-    from ..engine.reader import CheckpointReader
-    from ..engine.sidecar import sidecar_name
-
-    storage, where = api.storage_for(source)
-    with CheckpointReader(storage, where) as reader:
-        manifest = reader.manifest
-    reserved = {MANIFEST_NAME, sidecar_name(manifest.step)}
-    extra = {
-        name: (Path(source) / name).read_bytes()
-        for name in manifest.files
-        if name not in reserved and not name.startswith("data-")
-    }
-    info = api.info(source)
-    metadata = dict(info.metadata)
-    metadata["standalone_copy_of"] = {"path": os.path.abspath(source), "checkpoint_id": info.checkpoint_id}
-    return api.save(target, api.load(source), metadata=metadata, extra_files=extra)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Logged:
-    checkpoint_id: str
-    artifact_uri: str | None
-    run_id: str | None
-
-
-class MLflowTracker:
+class MLflowTracker(RegistryMirror):
     """Follows a ckptvault run in MLflow (see the module doc). Not thread-safe: the manager calls
     it from the training loop's thread.
 
@@ -360,34 +193,6 @@ class MLflowTracker:
         self._log_batch(tags={clean_key(CHECKPOINT_TAG + name): json.dumps(record)})
         self._logged[os.path.realpath(path)] = _Logged(info.checkpoint_id, artifact_uri, self.run_id)
 
-    def on_register(self, name: str, version: int, path: str, aliases: Sequence[str]) -> None:
-        from mlflow.exceptions import MlflowException
-
-        from .. import api
-
-        info = api.info(path)
-        self._ensure_registered_model(name)
-        model_version = self._find_version(name, version, info.checkpoint_id)
-        if model_version is None:
-            source, run_id = self._source(path, info)
-            tags = {
-                VERSION_TAG: str(version),
-                CHECKPOINT_ID_TAG: info.checkpoint_id,
-                PATH_TAG: os.path.abspath(path),
-            }
-            try:
-                model_version = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
-            except MlflowException as exc:
-                if _is_local_uri(source) and _error_code(exc) == "INVALID_PARAMETER_VALUE":
-                    raise ValueError(
-                        f"MLflow refused {source} as the source of a version of model {name!r}: an MLflow "
-                        "server accepts a local path only inside a run's artifacts. Log the checkpoint as "
-                        'an artifact (log_checkpoints="artifact", during its run) or use a file or '
-                        "database registry_uri"
-                    ) from exc
-                raise
-        self._set_aliases(name, str(model_version.version), aliases)
-
     def close(self, status: str = "FINISHED") -> None:
         """Ends the MLflow run (``status``: ``FINISHED``, ``FAILED`` or ``KILLED``). Idempotent."""
         if self.run_id is not None and not self._closed:
@@ -399,208 +204,3 @@ class MLflowTracker:
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         self.close("FINISHED" if exc_type is None else "FAILED")
-
-    # -- runs -----------------------------------------------------------------------------------
-    def _require_run(self) -> str:
-        if self.run_id is None:
-            raise RuntimeError("MLflowTracker: on_run_start was not called")
-        if self._closed:
-            raise RuntimeError(f"MLflowTracker: MLflow run {self.run_id} is closed")
-        return self.run_id
-
-    def _experiment_id(self, *, create: bool = True) -> str | None:
-        """The experiment's id (created if missing, or None when ``create`` is false)."""
-        from mlflow.exceptions import MlflowException
-
-        name = self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-        if not name:
-            return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is None:
-            if not create:
-                return None
-            try:
-                return self.client.create_experiment(name)
-            except MlflowException as exc:  # created meanwhile by another process
-                if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = self.client.get_experiment_by_name(name)
-                if experiment is None:
-                    raise
-        if experiment.lifecycle_stage == "deleted":
-            if not create:
-                return None
-            raise ValueError(f"MLflow experiment {name!r} is deleted: restore it or choose another name")
-        return str(experiment.experiment_id)
-
-    def _find_run(self, experiment_id: str, ckptvault_run_id: str) -> Run | None:
-        """The newest active MLflow run of the experiment tagged with this ckptvault run id."""
-        runs = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{RUN_ID_TAG}` = {_quoted(ckptvault_run_id)}",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-        return runs[0] if runs else None
-
-    def _log_batch(
-        self,
-        *,
-        params: Mapping[str, str] | None = None,
-        tags: Mapping[str, str] | None = None,
-        metrics: Sequence[Metric] = (),
-    ) -> None:
-        """Logs in as many requests as MLflow's batch limits need (count per kind, total, bytes)."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        run_id = self._require_run()
-        pending: list[Param | RunTag | Metric] = [Param(k, v) for k, v in (params or {}).items()]
-        pending += [RunTag(k, _truncate(v, MAX_TAG_VALUE)) for k, v in (tags or {}).items()]
-        pending += list(metrics)
-        for batch in _batches(pending):
-            self.client.log_batch(
-                run_id,
-                metrics=[e for e in batch if isinstance(e, Metric)],
-                params=[e for e in batch if isinstance(e, Param)],
-                tags=[e for e in batch if isinstance(e, RunTag)],
-            )
-
-    # -- checkpoints as artifacts ---------------------------------------------------------------
-    def _artifact_uri(self, artifact_path: str) -> str:
-        return f"{self._artifact_root.rstrip('/')}/{artifact_path}"
-
-    def _log_artifact(self, path: str, name: str) -> tuple[str, bool]:
-        """Uploads the checkpoint as ``checkpoints/<name>``; a chunked one as a standalone copy."""
-        run_id = self._require_run()
-        artifact_path = f"{ARTIFACT_DIR}/{name}"
-        if not needs_store(path):
-            self.client.log_artifacts(run_id, path, artifact_path)
-            return artifact_path, False
-        with tempfile.TemporaryDirectory(prefix="ckptvault-mlflow-") as temp:
-            copy = os.path.join(temp, name)
-            standalone_copy(path, copy)
-            self.client.log_artifacts(run_id, copy, artifact_path)
-        return artifact_path, True
-
-    # -- the registry ---------------------------------------------------------------------------
-    def _ensure_registered_model(self, name: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_registered_model(name)
-            return
-        except MlflowException as exc:
-            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
-                raise
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as exc:  # created meanwhile by another process: fine
-            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
-                raise
-
-    def _model_versions(self, name: str) -> Iterator[ModelVersion]:
-        token: str | None = None
-        while True:
-            page = self.client.search_model_versions(f"name = {_quoted(name)}", page_token=token)
-            yield from page
-            token = page.token
-            if not token:
-                return
-
-    def _find_version(self, name: str, version: int, checkpoint_id: str) -> ModelVersion | None:
-        for model_version in self._model_versions(name):
-            tags = model_version.tags or {}
-            if tags.get(VERSION_TAG) == str(version) and tags.get(CHECKPOINT_ID_TAG) == checkpoint_id:
-                return model_version
-        return None
-
-    def _source(self, path: str, info: CheckpointInfo) -> tuple[str, str | None]:
-        """The model version's source and the MLflow run it came from.
-
-        The checkpoint's artifact when one was logged for it: by this tracker, or by the MLflow run
-        of its ckptvault run (this one before a resume, or another process's run in this tracker's
-        experiment, as that run's ``ckptvault.checkpoint.<name>`` tag says). Else, when it is this
-        run's checkpoint and artifacts are on, it is uploaded now. Else its path as a ``file://`` URI.
-        """
-        logged = self._logged.get(os.path.realpath(path))
-        if logged is None:
-            logged = self._logged_by_tag(path, info)
-        if logged is not None and logged.checkpoint_id == info.checkpoint_id:
-            return logged.artifact_uri or Path(path).resolve().as_uri(), logged.run_id
-        ours = self._ckptvault_run_id is not None and info.metadata.get("run_id") == self._ckptvault_run_id
-        if ours and self.log_checkpoints == "artifact" and not self._closed and self.run_id is not None:
-            artifact_path, _ = self._log_artifact(path, Path(path).name)
-            return self._artifact_uri(artifact_path), self.run_id
-        return Path(path).resolve().as_uri(), self.run_id if ours else None
-
-    def _logged_by_tag(self, path: str, info: CheckpointInfo) -> _Logged | None:
-        """What the MLflow run of the checkpoint's ckptvault run recorded about it, if any."""
-        ckptvault_run_id = info.metadata.get("run_id")
-        if not isinstance(ckptvault_run_id, str) or not ckptvault_run_id:
-            return None
-        run: Run | None
-        if ckptvault_run_id == self._ckptvault_run_id and self.run_id is not None:
-            run = self.client.get_run(self.run_id)
-        else:
-            experiment_id = self._experiment_id(create=False)
-            run = self._find_run(experiment_id, ckptvault_run_id) if experiment_id is not None else None
-            if run is None:
-                return None
-        tag = run.data.tags.get(clean_key(CHECKPOINT_TAG + Path(path).name))
-        try:
-            record = json.loads(tag) if tag else None
-        except ValueError:
-            return None
-        if not isinstance(record, dict) or record.get("checkpoint_id") != info.checkpoint_id:
-            return None
-        artifact = record.get("artifact")
-        uri = None
-        if isinstance(artifact, str):
-            uri = f"{str(run.info.artifact_uri).rstrip('/')}/{artifact}"
-        return _Logged(info.checkpoint_id, uri, str(run.info.run_id))
-
-    def _set_aliases(self, name: str, version: str, aliases: Sequence[str]) -> None:
-        wanted: list[str] = []
-        for alias in dict.fromkeys(aliases):
-            problem = _alias_problem(alias)
-            if problem is not None:
-                warnings.warn(f"alias {alias!r} of model {name!r} not set in MLflow: {problem}", stacklevel=3)
-            else:
-                wanted.append(alias)
-        for alias in wanted:
-            self.client.set_registered_model_alias(name, alias, version)
-        for alias in self.client.get_model_version(name, version).aliases:
-            if alias not in wanted:
-                self.client.delete_registered_model_alias(name, alias)
-
-
-def _entity_bytes(entity: Any) -> int:
-    return len(str(entity.key).encode()) + len(str(entity.value).encode()) + 32
-
-
-def _batches(entities: Sequence[Any]) -> Iterator[list[Any]]:
-    """Splits entities into log_batch requests within MLflow's limits: at most 100 parameters,
-    100 tags and 1,000 entities per request, and well under its 1 MB request size."""
-    from mlflow.entities import Param, RunTag
-
-    batch: list[Any] = []
-    counts = {Param: 0, RunTag: 0}
-    size = 0
-    for entity in entities:
-        kind = type(entity)
-        cost = _entity_bytes(entity)
-        full = (
-            len(batch) >= MAX_ENTITIES_PER_BATCH
-            or (kind is Param and counts[Param] >= MAX_PARAMS_PER_BATCH)
-            or (kind is RunTag and counts[RunTag] >= MAX_TAGS_PER_BATCH)
-            or (batch and size + cost > MAX_BATCH_BYTES)
-        )
-        if full:
-            yield batch
-            batch, counts, size = [], {Param: 0, RunTag: 0}, 0
-        batch.append(entity)
-        if kind in counts:
-            counts[kind] += 1
-        size += cost
-    if batch:
-        yield batch
