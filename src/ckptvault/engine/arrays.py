@@ -30,7 +30,7 @@ from ..errors import UnsupportedStateError
 from ..format.dtypes import TORCH_DTYPES, StoredForm, numpy_stored_form, parse_numpy_dtype, torch_stored_form
 from ..format.tree import TreeDecodeError
 from .leaves import LeafChecker as LeafChecker
-from .leaves import _checked_view, _numel, _shape, leaf_nbytes_check
+from .leaves import checked_view, leaf_nbytes_check, numel, shape_of
 
 _DEVICE_RE = re.compile(r"^[a-z_]{1,16}(:[0-9]{1,4})?$")
 
@@ -298,8 +298,8 @@ class BlobReader:
 
     def _numpy_leaf(self, node: dict[str, Any], path: str) -> Any:
         dtype = parse_numpy_dtype(node.get("dtype"))  # type: ignore[arg-type]
-        shape = _shape(node, path)
-        expected = _numel(shape) * dtype.itemsize  # Python ints: a hostile shape cannot wrap around
+        shape = shape_of(node, path)
+        expected = numel(shape) * dtype.itemsize  # Python ints: a hostile shape cannot wrap around
         raw = self._bytes(node.get("tensor"))
         stored = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
         if raw.nbytes != expected:
@@ -313,13 +313,13 @@ class BlobReader:
         if node.get("dtype") not in TORCH_DTYPES:
             raise TreeDecodeError(f"{path}: tensor dtype {str(node.get('dtype'))[:30]!r} has no stored form")
         dtype = torch_dtype(node.get("dtype"), path)
-        shape = _shape(node, path)
+        shape = shape_of(node, path)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         device = self._device_for(node, path)
         base = self._base(node.get("tensor"), device)
         view = node.get("view")
         if view is None:
-            expected = itemsize * _numel(shape)
+            expected = itemsize * numel(shape)
             if base.numel() != expected:
                 raise TreeDecodeError(f"{path}: {base.numel()} stored bytes, dtype and shape need {expected}")
             tensor = (
@@ -330,8 +330,8 @@ class BlobReader:
         else:
             # A view allocates nothing here, but whoever uses it may (a stride-0 view of 4 bytes can
             # claim a TiB): every view handed out is one the cap would let its user materialise.
-            _checked_view(view, itemsize, shape, base.numel(), path)
-            leaf_nbytes_check(itemsize * _numel(shape), self.max_leaf_bytes, path)
+            checked_view(view, itemsize, shape, base.numel(), path)
+            leaf_nbytes_check(itemsize * numel(shape), self.max_leaf_bytes, path)
             tensor = _strided_view(base, dtype, itemsize, shape, view, path)
         if node.get("parameter") is True:
             return torch.nn.Parameter(tensor, requires_grad=bool(node.get("requires_grad", False)))
@@ -368,7 +368,7 @@ class BlobReader:
 
 def _strided_view(base: Any, dtype: Any, itemsize: int, shape: tuple[int, ...], view: Any, path: str) -> Any:
     """A view into a shared byte span, bounds-checked before ``as_strided`` touches memory."""
-    offset, stride = _checked_view(view, itemsize, shape, base.numel(), path)
+    offset, stride = checked_view(view, itemsize, shape, base.numel(), path)
     usable = base.numel() - base.numel() % itemsize
     typed = base[:usable].view(dtype)
     return typed.as_strided(shape, stride, offset // itemsize)

@@ -6,17 +6,16 @@ read, so diffing two checkpoints of a fine-tuned model reads only what changed.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptCheckpointError, StorageError
+from ..errors import CorruptCheckpointError
 from ..format.tensorfile import build_header
 from ..format.tree import TreeDecodeError
 from ..format.tree import iter_leaves as iter_leaf_nodes
+from ..storage.atomic_file import atomic_output
 from ..storage.base import Storage
 from .budget import ByteBudget, default_limit
 from .diffing import compare_leaves
@@ -138,22 +137,11 @@ def export_safetensors(
                 "step": str(manifest.step),
             },
         )
-        temp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
-        try:
-            with open(temp, "wb") as handle:
-                handle.write(header)
-                for entry in entries:
-                    data = reader.fetch(entry.name, verify=True)
-                    handle.write(memoryview(data.data))
-                    if progress is not None:
-                        progress(entry.nbytes)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise StorageError(exc.errno or 0, f"cannot export to {target}: {exc}") from exc
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        with atomic_output(target, "export to") as handle:
+            handle.write(header)
+            for entry in entries:
+                data = reader.fetch(entry.name, verify=True)
+                handle.write(memoryview(data.data))
+                if progress is not None:
+                    progress(entry.nbytes)
         return len(header) + sum(t.nbytes for t in entries)

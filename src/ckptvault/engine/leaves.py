@@ -17,7 +17,7 @@ from ..format.manifest import Manifest
 from ..format.tree import TreeDecodeError
 
 
-def _shape(node: dict[str, Any], path: str) -> tuple[int, ...]:
+def shape_of(node: dict[str, Any], path: str) -> tuple[int, ...]:
     shape = node.get("shape")
     if (
         not isinstance(shape, list)
@@ -28,14 +28,14 @@ def _shape(node: dict[str, Any], path: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
     return n
 
 
-def _checked_view(
+def checked_view(
     view: Any, itemsize: int, shape: tuple[int, ...], stored: int, path: str
 ) -> tuple[int, list[int]]:
     if not isinstance(view, dict) or set(view) != {"byte_offset", "stride"}:
@@ -72,7 +72,7 @@ class LeafChecker:
         tag = node["t"]
         if tag in ("torch.dtype", "torch.device", "torch.Size"):
             return None
-        shape = _shape(node, path)
+        shape = shape_of(node, path)
         name = node.get("tensor")
         if not isinstance(name, str):
             raise TreeDecodeError(f"{path}: leaf must name its tensor")
@@ -86,11 +86,11 @@ class LeafChecker:
                 raise TreeDecodeError(f"{path}: tensor dtype {str(dtype_name)[:30]!r} has no stored form")
             itemsize = form.itemsize
         if "view" in node and tag == "torch.Tensor":
-            _checked_view(node["view"], itemsize, shape, stored, path)
-            leaf_nbytes_check(itemsize * _numel(shape), self._max_leaf_bytes, path)
-        elif stored != itemsize * _numel(shape):
+            checked_view(node["view"], itemsize, shape, stored, path)
+            leaf_nbytes_check(itemsize * numel(shape), self._max_leaf_bytes, path)
+        elif stored != itemsize * numel(shape):
             raise TreeDecodeError(
-                f"{path}: {stored} stored bytes, dtype and shape need {itemsize * _numel(shape)}"
+                f"{path}: {stored} stored bytes, dtype and shape need {itemsize * numel(shape)}"
             )
         return None
 
