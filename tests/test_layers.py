@@ -157,70 +157,25 @@ KNOWN_FILE_OPS: dict[str, str] = {
     "ckptvault.validation_worker": f"{_ITEMS_1_2}: the worker's pipe fds (not disk files; may stay)",
 }
 
+
+def _names(text: str) -> set[str]:
+    return set(text.split())
+
+
 # os/shutil/fcntl attributes that touch files (os.path's pure string functions, os.environ,
 # os.getpid, os.cpu_count and the like are not file operations).
-FILE_OPS = {
-    "os": {
-        "open",
-        "read",
-        "write",
-        "pread",
-        "pwrite",
-        "close",
-        "fsync",
-        "fdatasync",
-        "rename",
-        "renames",
-        "replace",
-        "remove",
-        "unlink",
-        "rmdir",
-        "removedirs",
-        "mkdir",
-        "makedirs",
-        "scandir",
-        "listdir",
-        "walk",
-        "stat",
-        "lstat",
-        "fstat",
-        "chmod",
-        "chown",
-        "link",
-        "symlink",
-        "readlink",
-        "truncate",
-        "ftruncate",
-        "utime",
-        "lseek",
-        "sendfile",
-        "posix_fadvise",
-        "posix_fallocate",
-        "statvfs",
-        "fstatvfs",
-        "lockf",
-        "fdopen",
-        "dup",
-        "open_flags",
-        "access",
-        "mkfifo",
-        "copy_file_range",
-    },
-    "os.path": {"exists", "isfile", "isdir", "islink", "getsize", "getmtime", "lexists", "samefile"},
-    "shutil": {
-        "rmtree",
-        "copy",
-        "copy2",
-        "copyfile",
-        "copyfileobj",
-        "copytree",
-        "move",
-        "disk_usage",
-        "make_archive",
-        "unpack_archive",
-        "chown",
-    },
-    "fcntl": {"flock", "lockf", "fcntl", "ioctl"},
+FILE_OPS: dict[str, set[str]] = {
+    "os": _names(
+        "open read write pread pwrite close fsync fdatasync rename renames replace remove unlink rmdir"
+        " removedirs mkdir makedirs scandir listdir walk stat lstat fstat chmod chown link symlink"
+        " readlink truncate ftruncate utime lseek sendfile posix_fadvise posix_fallocate statvfs"
+        " fstatvfs lockf fdopen dup access mkfifo copy_file_range"
+    ),
+    "os.path": _names("exists isfile isdir islink getsize getmtime lexists samefile"),
+    "shutil": _names(
+        "rmtree copy copy2 copyfile copyfileobj copytree move disk_usage make_archive unpack_archive chown"
+    ),
+    "fcntl": _names("flock lockf fcntl ioctl"),
 }
 FILE_OPS_ALLOWED_UNDER = ("storage", "testing")
 
@@ -311,6 +266,25 @@ for _module in MODULES:
         EDGES.append((_module, _target, _imported, _line))
         if _target != _module:
             GRAPH[_module].add(_target)
+
+
+# Imports allowed inside functions only (not at import time), so that importing the importer stays
+# cheap: api imports validation's subprocess machinery only when a save or validate needs it.
+FUNCTION_LEVEL_ONLY = {("ckptvault.api", "ckptvault.validation")}
+
+
+def test_some_imports_only_inside_functions() -> None:
+    for importer, target in sorted(FUNCTION_LEVEL_ONLY):
+        tree = parse(importer)
+        top = ast.Module(
+            body=[n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom | ast.If)],
+            type_ignores=[],
+        )
+        for node in ast.walk(top):
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+                node.body = []
+        found = [line for t, _name, line in imports_of(importer, top) if t == target]
+        assert not found, f"{importer} imports {target} at import time (line {found[0]})"
 
 
 def test_every_module_has_a_layer() -> None:
