@@ -16,7 +16,6 @@ shrinks as the work of issue 14 lands and documents what is left of it.
 from __future__ import annotations
 
 import ast
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,20 +58,10 @@ LAYERS: dict[str, int] = {
 PACKAGE_ROOT_LAYER = 5  # ``ckptvault/__init__.py`` re-exports the public API of every layer
 
 # Each KNOWN set holds what is still there today, each entry with its reason. A new violation
-# fails; an entry that no longer occurs only warns (the splits of issue 14 run in parallel), and
-# should then be deleted here.
+# fails, and so does an entry that no longer occurs (delete it here): the sets only shrink.
 
 # (importer, imported) module pairs that import upward today.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    ("ckptvault.integrations.mlflow_names", "ckptvault"): (
-        "issue 14: `from .. import __version__`; import it from ckptvault.version (exists now); "
-        "removed when the integrations/mlflow.py split settles"
-    ),
-    ("ckptvault.integrations.mlflow", "ckptvault"): (
-        "issue 14: `from .. import __version__`; import it from ckptvault.version (exists now); "
-        "removed when integrations/mlflow.py is split"
-    ),
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 # Cycles (the sorted modules of one strongly connected component) that exist today: none.
 KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
@@ -305,7 +294,7 @@ def test_imports_go_downward_only() -> None:
         f"{a} -> {b} ({why})" for (a, b), why in sorted(new.items())
     )
     if gone:
-        warnings.warn(f"fixed, remove from KNOWN_UPWARD: {gone}", stacklevel=1)
+        raise AssertionError(f"fixed, remove from KNOWN_UPWARD: {gone}")
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -382,7 +371,7 @@ def test_no_import_cycles() -> None:
     gone = sorted(set(KNOWN_CYCLES) - set(found))
     assert not new, "import cycles: " + "; ".join(new.values())
     if gone:
-        warnings.warn(f"fixed, remove from KNOWN_CYCLES: {gone}", stacklevel=1)
+        raise AssertionError(f"fixed, remove from KNOWN_CYCLES: {gone}")
 
 
 def test_no_private_names_across_modules() -> None:
@@ -396,7 +385,7 @@ def test_no_private_names_across_modules() -> None:
         f"{a}:{line} imports a _name from {b}" for (a, b), line in sorted(new.items())
     )
     if gone:
-        warnings.warn(f"fixed, remove from KNOWN_PRIVATE: {gone}", stacklevel=1)
+        raise AssertionError(f"fixed, remove from KNOWN_PRIVATE: {gone}")
 
 
 def file_operations(tree: ast.AST) -> Iterator[tuple[str, int]]:
@@ -426,7 +415,7 @@ def test_file_operations_only_in_storage() -> None:
         f"{m}: {ops}" for m, ops in sorted(new.items())
     )
     if gone:
-        warnings.warn(f"no file operations left, remove from KNOWN_FILE_OPS: {gone}", stacklevel=1)
+        raise AssertionError(f"no file operations left, remove from KNOWN_FILE_OPS: {gone}")
 
 
 @pytest.mark.parametrize(

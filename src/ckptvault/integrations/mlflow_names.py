@@ -118,7 +118,7 @@ def run_tags(run_dir: str, run: Mapping[str, Any]) -> dict[str, str]:
     """The MLflow tags of a ckptvault run: its id, directory and ckptvault version, the code's git
     state (also under MLflow's own ``mlflow.source.git.*``, which its UI shows), the data version
     and the host."""
-    from .. import __version__
+    from ..version import __version__
 
     tags = {"ckptvault.version": __version__, "ckptvault.run_dir": os.path.abspath(run_dir)}
     if run.get("run_id"):
