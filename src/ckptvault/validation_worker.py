@@ -18,7 +18,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from .validation import GPU_TOLERANCE, PROBE_FILE, _number, readback, recorded_module, run_probe
+from .validation.probe import run_probe
+from .validation.results import GPU_TOLERANCE, PROBE_FILE, number, readback, recorded_module
 
 if TYPE_CHECKING:
     from .training.trust import TrustPolicy
@@ -91,10 +92,10 @@ def _check(path: str, trust: TrustPolicy) -> dict[str, Any]:
         got_value = written.get(key)
         if isinstance(value, str):  # a non-finite value, as repr
             ok = str(got_value) == value or (
-                _number(got_value) is not None and repr(_number(got_value)) == value
+                number(got_value) is not None and repr(number(got_value)) == value
             )
         else:
-            ok = _number(got_value) == value
+            ok = number(got_value) == value
         if not ok:
             problems.append(f"metric {key!r}: sidecar has {got_value!r}, the save was given {value!r}")
     checks.append(f"compared {len(expected_metrics)} metrics with the sidecar")
@@ -163,11 +164,11 @@ def _preimport(path: str, trust: TrustPolicy) -> None:
     makes in the child and under the same rules (only if the request trusts it, never from the
     current directory or the checkpoint's); any failure, ``SystemExit`` included, is left to the
     child, which repeats the import and reports it as the validation's finding."""
-    from .training.architecture import _REFERENCE, import_trusted
+    from .training.architecture import REFERENCE, import_trusted
 
     try:
         module = recorded_module(path)
-        if module is not None and _REFERENCE.match(f"{module}:x") and trust.refusal(module) is None:
+        if module is not None and REFERENCE.match(f"{module}:x") and trust.refusal(module) is None:
             import_trusted(module, trust, path)
     except BaseException:  # reported by the child, which repeats the import
         pass

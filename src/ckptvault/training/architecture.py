@@ -33,7 +33,9 @@ from ..errors import CheckpointError
 from ..format.strictjson import StrictJSONError, dumps
 from .trust import TrustPolicy
 
-_REFERENCE = re.compile(
+# A factory reference, ``package.module:qualified.name``. Public: the validation worker checks a
+# recorded module with it before it imports anything.
+REFERENCE = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 )
 _MARK = "__ckptvault_model_factory__"
@@ -169,7 +171,7 @@ def resolve(
     already imported ones and ``CKPTVAULT_TRUSTED_MODULES``); ``allowed_modules`` narrows it to a
     list; ``checkpoint`` is the directory whose files must never be imported.
     """
-    if not isinstance(reference, str) or not _REFERENCE.match(reference) or len(reference) > 512:
+    if not isinstance(reference, str) or not REFERENCE.match(reference) or len(reference) > 512:
         raise ArchitectureError(
             f"bad factory reference {str(reference)[:100]!r}; expected 'package.module:name'"
         )

@@ -18,6 +18,12 @@ reductions may round differently with another number of threads.
 
 Results go to ``<parent>/.ckptvault-validation/<checkpoint name>.json``: the manager reads them
 (a failed checkpoint is never chosen by ``restore`` or ``best``) and ``ckptvault ls`` shows them.
+
+The package's modules: :mod:`.results` (levels, the result type and where it is recorded, readback),
+:mod:`.probe` (the probe made at save time) and this one, the process side of ``full``: the client
+of the validation server and the one-shot worker it falls back to. Every name is importable from
+``ckptvault.validation``; ``full`` and ``validate`` look ``readback``, ``full`` and ``_SERVER`` up
+here, so a test that replaces them on this module still reaches them.
 """
 
 from __future__ import annotations
@@ -26,193 +32,60 @@ import atexit
 import contextlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError
-from .format.strictjson import dumps
+from .probe import make_probe_file, run_probe
+from .results import (
+    GPU_TOLERANCE,
+    LEVELS,
+    PROBE_FILE,
+    PROBE_FORMAT,
+    PROCESS_ENV,
+    PROCESS_MODES,
+    RESULTS_DIR,
+    ValidationFailedError,
+    ValidationResult,
+    check_level,
+    has_probe,
+    read_result,
+    readback,
+    record_result,
+    recorded_module,
+    results_path,
+)
 
 if TYPE_CHECKING:
-    from .training.trust import TrustPolicy
+    from ..training.trust import TrustPolicy
 
-LEVELS = ("checksum", "readback", "full")
-PROBE_FILE = "validation-probe.safetensors"
-RESULTS_DIR = ".ckptvault-validation"
-PROBE_FORMAT = "ckptvault-probe/1"
-GPU_TOLERANCE = {"rtol": 1e-3, "atol": 1e-5}
-PROCESS_ENV = "CKPTVAULT_VALIDATION_PROCESS"
-PROCESS_MODES = ("fork", "spawn")
-
-
-class ValidationFailedError(CheckpointError):
-    """The checkpoint was committed but failed validation; ``result`` says what and how long."""
-
-    def __init__(self, result: ValidationResult) -> None:
-        super().__init__(
-            f"{result.checkpoint}: {result.level} validation failed: " + "; ".join(result.problems)
-        )
-        self.result = result
-
-
-@dataclass(frozen=True)
-class ValidationResult:
-    checkpoint: str
-    level: str  # the level that ran
-    requested: str  # the level asked for ("full" may fall back to "readback", saying why in note)
-    passed: bool
-    problems: tuple[str, ...] = ()
-    seconds: float = 0.0
-    note: str = ""
-    checks: tuple[str, ...] = field(default=())
-    finished_at: float = 0.0
-    checkpoint_id: str = ""  # which checkpoint of that name was validated
-
-    def as_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["problems"], doc["checks"] = list(self.problems), list(self.checks)
-        return doc
-
-
-def check_level(level: str) -> str:
-    if level not in LEVELS:
-        raise ValueError(f"validate must be one of {LEVELS}, got {level!r}")
-    return level
-
-
-# -- the probe (made in the training process at save time) ---------------------------------------
-def _tensors(value: Any, what: str) -> list[Any]:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return list(value)
-    if isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-        return [value[k] for k in sorted(value)]
-    raise TypeError(
-        f"the {what} must be a tensor or a tuple/list/dict of tensors, got {type(value).__qualname__}"
-    )
-
-
-def run_probe(model: Any, inputs: list[Any]) -> list[Any]:
-    """The model's output on the probe, in eval mode, without gradients, single-threaded, with the
-    RNG states and each module's training flag left as they were."""
-    import torch
-
-    flags = [(m, m.training) for m in model.modules()]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model.eval()
-            output = model(*inputs)
-    finally:
-        torch.set_num_threads(threads)
-        for module, training in flags:
-            module.training = training
-    return [t.detach() for t in _tensors(output, "model output")]
-
-
-def make_probe_file(model: Any, probe: Any, metrics: Mapping[str, Any] | None) -> bytes:
-    """``validation-probe.safetensors``: the probe inputs, the model's outputs and the metrics."""
-    import torch
-    from safetensors.torch import save as st_save
-
-    # Fresh, allocator-aligned copies: float kernels may round differently on unaligned memory, and
-    # the worker runs the probe from fresh memory too.
-    inputs = [t.detach().clone(memory_format=torch.contiguous_format) for t in _tensors(probe, "probe")]
-    outputs = run_probe(model, inputs)
-    tensors = {f"input.{i}": t.detach().cpu().contiguous() for i, t in enumerate(inputs)}
-    tensors.update({f"expected.{i}": t.cpu().contiguous() for i, t in enumerate(outputs)})
-    device = str(outputs[0].device) if outputs else "cpu"
-    meta = {
-        "format": PROBE_FORMAT,
-        "device": device,
-        "metrics": dumps(_plain_metrics(metrics or {})).decode(),
-    }
-    return bytes(st_save(tensors, metadata=meta))
-
-
-def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        number = _number(value)
-        if number is not None:
-            out[str(key)] = number if math.isfinite(number) else repr(number)
-    return out
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-# -- results ------------------------------------------------------------------------------------
-def results_path(checkpoint: str | os.PathLike[str]) -> Path:
-    path = Path(checkpoint)
-    return path.parent / RESULTS_DIR / f"{path.name}.json"
-
-
-def record_result(result: ValidationResult) -> None:
-    """Writes the result beside the run (atomically: a reader sees the old or the new one; not
-    fsynced: a result lost in a crash is only a validation to repeat)."""
-    from .storage.safeopen import atomic_write_json
-
-    target = results_path(result.checkpoint)
-    # base: the results directory is created if missing and refused if it is a symlink.
-    atomic_write_json(target, result.as_dict(), durable=False, base=target.parent.parent)
-
-
-def read_result(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    from .storage.safeopen import read_file
-
-    path = results_path(checkpoint)
-    try:  # never through a symlink (file or directory), never blocking on a FIFO
-        doc = json.loads(read_file(path, base=path.parent.parent))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-# -- running a level ------------------------------------------------------------------------------
-def readback(path: str, requested: str = "readback", note: str = "") -> ValidationResult:
-    from .engine.reader import verify_checkpoint
-    from .storage.local import LocalStorage
-
-    started = time.perf_counter()
-    report = verify_checkpoint(LocalStorage(), path)
-    problems = tuple(f"{p.kind}: {p.message}" for p in report.problems)
-    return ValidationResult(
-        path,
-        "readback",
-        requested,
-        not problems,
-        problems,
-        time.perf_counter() - started,
-        note,
-        (f"read back and re-hashed {report.files_checked} files, {report.tensors_checked} tensors",),
-        time.time(),
-    )
-
-
-def has_probe(path: str) -> bool:
-    from .engine.reader import CheckpointReader
-    from .storage.local import LocalStorage
-
-    with CheckpointReader(LocalStorage(), path) as reader:
-        return PROBE_FILE in reader.manifest.files and "architecture" in reader.decode_metadata()
+__all__ = [
+    "GPU_TOLERANCE",
+    "LEVELS",
+    "PROBE_FILE",
+    "PROBE_FORMAT",
+    "PROCESS_ENV",
+    "PROCESS_MODES",
+    "RESULTS_DIR",
+    "ValidationFailedError",
+    "ValidationResult",
+    "check_level",
+    "check_process",
+    "full",
+    "has_probe",
+    "make_probe_file",
+    "read_result",
+    "readback",
+    "record_result",
+    "recorded_module",
+    "results_path",
+    "run_probe",
+    "start_server",
+    "validate",
+]
 
 
 def full(
@@ -245,7 +118,7 @@ def full(
         return readback(path, "full", note)
     path = os.path.abspath(path)
     mode = check_process(process if process is not None else os.environ.get(PROCESS_ENV, ""))
-    from .training.trust import TrustPolicy
+    from ..training.trust import TrustPolicy
 
     trust = TrustPolicy.create(trusted_modules).for_worker(recorded_module(path))
     started = time.perf_counter()
@@ -479,8 +352,8 @@ def validate(path: str, level: str, *, trusted_modules: list[str] | None = None)
     """Runs ``level`` on a committed checkpoint now (in this thread; full in another process)."""
     import dataclasses
 
-    from .engine.reader import CheckpointReader
-    from .storage.local import LocalStorage
+    from ..engine.reader import CheckpointReader
+    from ..storage.local import LocalStorage
 
     check_level(level)
     with CheckpointReader(LocalStorage(), path) as reader:
@@ -494,14 +367,3 @@ def validate(path: str, level: str, *, trusted_modules: list[str] | None = None)
     else:
         result = full(path, trusted_modules=trusted_modules)
     return dataclasses.replace(result, checkpoint_id=checkpoint_id)
-
-
-def recorded_module(path: str) -> str | None:
-    """The module of the checkpoint's recorded factory, if it records one."""
-    from .engine.reader import CheckpointReader
-    from .storage.local import LocalStorage
-
-    with CheckpointReader(LocalStorage(), path) as reader:
-        architecture = reader.decode_metadata().get("architecture")
-    factory = architecture.get("factory") if isinstance(architecture, dict) else None
-    return factory.partition(":")[0] if isinstance(factory, str) else None
