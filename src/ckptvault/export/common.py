@@ -85,11 +85,11 @@ def parse_size(text: str | int) -> int:
 
 
 # -- atomic outputs -------------------------------------------------------------------------------
-def _temp_beside(target: Path) -> Path:
+def temp_beside(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -103,16 +103,16 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextmanager
-def _atomic_file(target: Path) -> Iterator[Path]:
+def atomic_file(target: Path) -> Iterator[Path]:
     """A temporary path beside ``target``; renamed over it (after an fsync) only if the block
     succeeds, removed otherwise."""
-    temp = _temp_beside(target)
+    temp = temp_beside(target)
     try:
         yield temp
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         if isinstance(exc, CheckpointError):

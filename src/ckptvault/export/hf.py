@@ -24,11 +24,11 @@ from .common import (
     ExportResult,
     PathLike,
     Progress,
-    _fsync_dir,
-    _temp_beside,
+    fsync_dir,
     parse_size,
+    temp_beside,
 )
-from .weights import _model_weights
+from .weights import model_weights
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -126,18 +126,18 @@ def _install_directory(temp: Path, target: Path, overwrite: bool) -> None:
                 f"{target} exists and is not an earlier export (no {HF_CONFIG}); not replacing it"
             )
         else:
-            old = _temp_beside(target)
+            old = temp_beside(target)
             os.rename(target, old)
             try:
                 os.rename(temp, target)
             except BaseException:
                 os.rename(old, target)  # the earlier export stays where it was
                 raise
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             shutil.rmtree(old, ignore_errors=True)
             return
     os.rename(temp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def export_hf(
@@ -168,7 +168,7 @@ def export_hf(
     limit = parse_size(max_shard_size)
     target = Path(out)
     with open_checkpoint(checkpoint) as view:
-        weights, source, spec = _model_weights(view, need_architecture="hf")
+        weights, source, spec = model_weights(view, need_architecture="hf")
         for name, value in weights.items():
             if not isinstance(value, torch.Tensor):
                 raise ExportError(
@@ -188,7 +188,7 @@ def export_hf(
         names = [HF_WEIGHTS] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
         ]  # fmt: skip
-        temp = _temp_beside(target)
+        temp = temp_beside(target)
         try:
             temp.mkdir()
             total = 0
@@ -206,7 +206,7 @@ def export_hf(
                     {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
                 )
                 files.append(HF_INDEX)
-            _fsync_dir(temp)
+            fsync_dir(temp)
             _install_directory(temp, target, overwrite)
         except OSError as exc:
             shutil.rmtree(temp, ignore_errors=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, StorageError
-from .common import ExportError, ExportMismatchError, ExportResult, PathLike, _fsync_dir, _temp_beside
-from .weights import _model_weights
+from .common import ExportError, ExportMismatchError, ExportResult, PathLike, fsync_dir, temp_beside
+from .weights import model_weights
 
 ONNX_RTOL, ONNX_ATOL = 1e-4, 1e-5
 ONNX_INSTALL_HINT = "pip install 'ckptvault[onnx]'"
@@ -173,7 +173,7 @@ def export_onnx(
     onnx, ort = _onnx_modules()
     source_path = os.fspath(checkpoint)
     with open_checkpoint(checkpoint) as view:
-        _, source, _ = _model_weights(view, need_architecture="onnx")
+        _, source, _ = model_weights(view, need_architecture="onnx")
     inputs, expected = _load_probe(source_path, probe)
     model = load_model(checkpoint, trusted_modules=trusted_modules)
     if expected:
@@ -190,7 +190,7 @@ def export_onnx(
     with torch.no_grad():
         reference = [t.detach() for t in _flat_outputs(model(*inputs))]
     target = Path(out)
-    work = _temp_beside(target)
+    work = temp_beside(target)
     try:
         work.mkdir()
         graph = work / (target.name or "model.onnx")
@@ -240,7 +240,7 @@ def export_onnx(
         with open(graph, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(graph, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         if isinstance(exc, CheckpointError):
             raise

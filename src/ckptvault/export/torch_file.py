@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import ExportError, ExportResult, PathLike, _atomic_file
-from .weights import _all_leaves, _model_weights
+from .common import ExportError, ExportResult, PathLike, atomic_file
+from .weights import all_leaves, model_weights
 
 
 def export_torch(checkpoint: PathLike, out: PathLike) -> ExportResult:
@@ -25,14 +25,14 @@ def export_torch(checkpoint: PathLike, out: PathLike) -> ExportResult:
 
     target = Path(out)
     with open_checkpoint(checkpoint) as view:
-        weights, source, _ = _model_weights(view, need_architecture=None)
+        weights, source, _ = model_weights(view, need_architecture=None)
         skipped: list[str] = []
         if not source:
-            weights, skipped = _all_leaves(view)
+            weights, skipped = all_leaves(view)
             source = "every tensor leaf by its dotted tree path"
             if skipped:
                 source += f" (skipped {len(skipped)} arrays torch cannot hold: {skipped[:5]})"
-    with _atomic_file(target) as temp:
+    with atomic_file(target) as temp:
         with open(temp, "wb") as handle:
             torch.save(weights, handle)
         try:

@@ -61,7 +61,7 @@ def _conventional_weights(view: Any) -> tuple[Mapping[str, Any], str] | None:
     return None
 
 
-def _all_leaves(view: Any) -> tuple[dict[str, Any], list[str]]:
+def all_leaves(view: Any) -> tuple[dict[str, Any], list[str]]:
     """Every tensor leaf under its dotted tree path (numpy arrays as tensors where torch has the
     dtype); the paths of arrays torch cannot hold are returned apart."""
     import numpy as np
@@ -86,7 +86,7 @@ def _all_leaves(view: Any) -> tuple[dict[str, Any], list[str]]:
     return tensors, skipped
 
 
-def _model_weights(view: Any, *, need_architecture: str | None) -> tuple[Mapping[str, Any], str, Any]:
+def model_weights(view: Any, *, need_architecture: str | None) -> tuple[Mapping[str, Any], str, Any]:
     """(state dict, where it came from, spec or None); ``need_architecture`` names the format that
     cannot do without a recorded architecture."""
     from ..training.architecture import ArchitectureError
