@@ -28,7 +28,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _typed_db_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+def typed_db_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
     """A public catalog call raises CatalogError for a failing database (a full disk, an I/O error
     or a lock held too long inside SQLite) and StorageError for a failing file system -- never a raw
     ``sqlite3.Error``/``OSError``."""

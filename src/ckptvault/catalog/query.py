@@ -54,17 +54,17 @@ SQL and field lookup, ``query_filter`` the filter parser (:func:`compile_filter`
 from __future__ import annotations
 
 from .query_filter import compile_filter
-from .query_sql import _NOT_NULL_COLUMNS, _SORT_CONFIG, _SORT_METRIC, _SORT_TAG, DEFAULT_SORT, _field
+from .query_sql import DEFAULT_SORT, NOT_NULL_COLUMNS, SORT_CONFIG, SORT_METRIC, SORT_TAG, lookup_field
 from .query_tokens import (
     MAX_COMPARISONS,
     MAX_DEPTH,
     MAX_SORT_KEYS,
     MAX_TEXT_LENGTH,
     QueryError,
-    _check_text,
-    _describe,
-    _fail,
-    _tokenize,
+    check_text,
+    describe,
+    fail,
+    tokenize,
 )
 
 __all__ = [
@@ -87,10 +87,10 @@ def compile_sort(text: str) -> tuple[str, list[object]]:
     directions on any SQLite (``NULLS LAST`` needs 3.30). Ties fall back to run and step, which is
     also the order of empty text, so results are deterministic.
     """
-    _check_text(text, "sort")
+    check_text(text, "sort")
     if not text.strip():
         return DEFAULT_SORT, []
-    tokens = _tokenize(text)
+    tokens = tokenize(text)
     keys: list[str] = []
     params: list[object] = []
     i = 0
@@ -101,15 +101,15 @@ def compile_sort(text: str) -> tuple[str, list[object]]:
             descending = tok.text == "-"
             i += 1
             tok = tokens[i]
-        field = _field(tok, text)
+        field = lookup_field(tok, text)
         if len(keys) == MAX_SORT_KEYS:
-            _fail(f"too many sort keys at column {tok.col} (at most {MAX_SORT_KEYS})", tok.col, text)
+            fail(f"too many sort keys at column {tok.col} (at most {MAX_SORT_KEYS})", tok.col, text)
         if field.kind == "column":
             expr = field.sql
         else:
-            expr = {"metric": _SORT_METRIC, "config": _SORT_CONFIG, "tag": _SORT_TAG}[field.kind]
+            expr = {"metric": SORT_METRIC, "config": SORT_CONFIG, "tag": SORT_TAG}[field.kind]
             params += [field.key, field.key]
-        if expr in _NOT_NULL_COLUMNS:
+        if expr in NOT_NULL_COLUMNS:
             keys.append(f"{expr}{' DESC' if descending else ''}")
         else:
             keys.append(f"{expr} IS NULL, {expr}{' DESC' if descending else ''}")
@@ -118,9 +118,7 @@ def compile_sort(text: str) -> tuple[str, list[object]]:
         if sep.kind == "eof":
             break
         if sep.kind != ",":
-            _fail(
-                f"expected ',' between sort keys at column {sep.col}, found {_describe(sep)}", sep.col, text
-            )
+            fail(f"expected ',' between sort keys at column {sep.col}, found {describe(sep)}", sep.col, text)
         i += 1
     return ", ".join([*keys, DEFAULT_SORT]), params
 
@@ -133,7 +131,7 @@ def single_metric_sort(text: str) -> tuple[str, bool] | None:
     """
     if not text.strip():
         return None
-    tokens = _tokenize(text)
+    tokens = tokenize(text)
     i = 0
     descending = False
     if tokens[0].kind == "sign":
@@ -141,5 +139,5 @@ def single_metric_sort(text: str) -> tuple[str, bool] | None:
         i = 1
     if tokens[i].kind == "eof" or tokens[i + 1].kind != "eof":
         return None
-    field = _field(tokens[i], text)
+    field = lookup_field(tokens[i], text)
     return (field.key, descending) if field.kind == "metric" else None

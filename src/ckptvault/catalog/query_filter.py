@@ -11,25 +11,25 @@ import json
 from typing import NoReturn
 
 from .query_sql import (
-    _CONFIG_EXISTS,
-    _CONFIG_IS_STRING,
-    _CONFIG_NOT_NULL,
-    _METRIC_EXISTS,
-    _SQL_OPS,
-    _TAG_EXISTS,
-    _TAG_PRESENT,
-    _Field,
-    _field,
+    CONFIG_EXISTS,
+    CONFIG_IS_STRING,
+    CONFIG_NOT_NULL,
+    METRIC_EXISTS,
+    SQL_OPS,
+    TAG_EXISTS,
+    TAG_PRESENT,
+    Field,
+    lookup_field,
 )
 from .query_tokens import (
-    _SQL_WORDS,
     MAX_COMPARISONS,
     MAX_DEPTH,
-    _check_text,
-    _describe,
-    _fail,
-    _Token,
-    _tokenize,
+    SQL_WORDS,
+    Token,
+    check_text,
+    describe,
+    fail,
+    tokenize,
 )
 
 # --- filter parser -----------------------------------------------------------------------------
@@ -40,7 +40,7 @@ from .query_tokens import (
 
 
 class _FilterParser:
-    def __init__(self, text: str, tokens: list[_Token]) -> None:
+    def __init__(self, text: str, tokens: list[Token]) -> None:
         self.text = text
         self.tokens = tokens
         self.pos = 0
@@ -48,32 +48,32 @@ class _FilterParser:
         self.comparisons = 0
 
     def fail(self, message: str, column: int | None) -> NoReturn:
-        _fail(message, column, self.text)
+        fail(message, column, self.text)
 
-    def peek(self) -> _Token:
+    def peek(self) -> Token:
         return self.tokens[self.pos]
 
-    def take(self) -> _Token:
+    def take(self) -> Token:
         tok = self.peek()
         self.pos = min(self.pos + 1, len(self.tokens) - 1)
         return tok
 
     @staticmethod
-    def is_word(tok: _Token, *words: str) -> bool:
+    def is_word(tok: Token, *words: str) -> bool:
         return tok.kind == "ident" and tok.text.lower() in words
 
     def parse(self) -> str:
         sql = self.parse_or(0)
         tok = self.peek()
         if tok.kind != "eof":
-            if tok.kind == "ident" and tok.text.lower() in _SQL_WORDS:
+            if tok.kind == "ident" and tok.text.lower() in SQL_WORDS:
                 self.fail(
                     f"unexpected SQL word {tok.text!r} at column {tok.col}; "
                     "a filter combines comparisons with and, or, not",
                     tok.col,
                 )
             self.fail(
-                f"unexpected {_describe(tok)} at column {tok.col}; expected 'and', 'or' or the end", tok.col
+                f"unexpected {describe(tok)} at column {tok.col}; expected 'and', 'or' or the end", tok.col
             )
         return sql
 
@@ -91,7 +91,7 @@ class _FilterParser:
             parts.append(self.parse_not(depth))
         return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
 
-    def deeper(self, depth: int, tok: _Token) -> int:
+    def deeper(self, depth: int, tok: Token) -> int:
         if depth + 1 > MAX_DEPTH:
             self.fail(
                 f"the filter nests too deeply at column {tok.col} (at most {MAX_DEPTH} levels)", tok.col
@@ -114,11 +114,11 @@ class _FilterParser:
             if close.kind != ")":
                 self.fail(
                     f"expected ')' at column {close.col} to close the '(' at column {tok.col}, "
-                    f"found {_describe(close)}",
+                    f"found {describe(close)}",
                     close.col,
                 )
             return f"({inner})"
-        field = _field(self.take(), self.text)
+        field = lookup_field(self.take(), self.text)
         op = self.take()
         if op.kind == "op":
             value = self.take()
@@ -130,24 +130,24 @@ class _FilterParser:
             return _negate(self.in_list(field))
         if self.is_word(op, "is"):
             return self.is_null(field, op)
-        if op.kind == "ident" and op.text.lower() in _SQL_WORDS:
+        if op.kind == "ident" and op.text.lower() in SQL_WORDS:
             self.fail(
                 f"{op.text!r} at column {op.col} is not an operator here; "
                 "use = != < <= > >= ~, in (...), or is [not] null",
                 op.col,
             )
         self.fail(
-            f"expected an operator after {field.name!r} at column {op.col}, found {_describe(op)}; "
+            f"expected an operator after {field.name!r} at column {op.col}, found {describe(op)}; "
             "use = != < <= > >= ~, in (...), or is [not] null",
             op.col,
         )
 
-    def count(self, tok: _Token) -> None:
+    def count(self, tok: Token) -> None:
         self.comparisons += 1
         if self.comparisons > MAX_COMPARISONS:
             self.fail(f"too many comparisons at column {tok.col} (at most {MAX_COMPARISONS})", tok.col)
 
-    def value(self, tok: _Token) -> object:
+    def value(self, tok: Token) -> object:
         if tok.kind in ("num", "str"):
             return tok.value
         if self.is_word(tok, "true", "false"):
@@ -159,9 +159,9 @@ class _FilterParser:
             if tok.kind in ("ident", "qident")
             else ""
         )
-        self.fail(f"expected a value at column {tok.col}, found {_describe(tok)}{hint}", tok.col)
+        self.fail(f"expected a value at column {tok.col}, found {describe(tok)}{hint}", tok.col)
 
-    def check_value(self, field: _Field, op: str, val: object, tok: _Token) -> None:
+    def check_value(self, field: Field, op: str, val: object, tok: Token) -> None:
         """Refuse type mixes SQLite would answer silently with "no rows" (e.g. ``step = 'ten'``)."""
         if (field.kind == "column" and field.numeric) or field.kind == "metric":
             what = f"metric {field.name!r}" if field.kind == "metric" else field.name
@@ -184,44 +184,44 @@ class _FilterParser:
         elif op == "~" and not isinstance(val, str):
             self.fail(f"'~' (glob) needs a text pattern at column {tok.col}", tok.col)
 
-    def compare(self, field: _Field, op_tok: _Token, tok: _Token) -> str:
+    def compare(self, field: Field, op_tok: Token, tok: Token) -> str:
         self.count(op_tok)
         val = self.value(tok)
         op = op_tok.text
         self.check_value(field, op, val, tok)
-        sql_op = _SQL_OPS[op]
+        sql_op = SQL_OPS[op]
         if field.kind == "column":
             self.params.append(int(val) if isinstance(val, bool) else val)
             return f"{field.sql} {sql_op} ?"
         self.params.append(field.key)
         if field.kind == "metric":
             self.params.append(int(val) if isinstance(val, bool) else val)
-            return _METRIC_EXISTS.format(f"m.value {sql_op} ?")
+            return METRIC_EXISTS.format(f"m.value {sql_op} ?")
         if field.kind == "tag":
             self.params.append(val)
-            return _TAG_EXISTS.format(f"t.value {sql_op} ?")
+            return TAG_EXISTS.format(f"t.value {sql_op} ?")
         # config
         if isinstance(val, bool):
             self.params.append("true" if val else "false")
-            return _CONFIG_EXISTS.format(f"g.value {sql_op} ?")
+            return CONFIG_EXISTS.format(f"g.value {sql_op} ?")
         if not isinstance(val, str):
             self.params.append(val)
-            return _CONFIG_EXISTS.format(f"g.num {sql_op} ?")
+            return CONFIG_EXISTS.format(f"g.num {sql_op} ?")
         if op == "~":
             # json.dumps keeps glob metacharacters (* ? [ ]) and quotes the pattern as the JSON text is.
             self.params += _json_forms(val)
-            return _CONFIG_EXISTS.format("(g.value GLOB ? OR g.value GLOB ?)")
+            return CONFIG_EXISTS.format("(g.value GLOB ? OR g.value GLOB ?)")
         if op in ("=", "==", "!="):
             self.params += _json_forms(val)
-            return _CONFIG_EXISTS.format(f"g.value {'NOT IN' if op == '!=' else 'IN'} (?, ?)")
+            return CONFIG_EXISTS.format(f"g.value {'NOT IN' if op == '!=' else 'IN'} (?, ?)")
         self.params.append(json.dumps(val, ensure_ascii=False))
-        return _CONFIG_EXISTS.format(f"{_CONFIG_IS_STRING} AND g.value {sql_op} ?")
+        return CONFIG_EXISTS.format(f"{CONFIG_IS_STRING} AND g.value {sql_op} ?")
 
-    def in_list(self, field: _Field) -> str:
+    def in_list(self, field: Field) -> str:
         open_tok = self.take()
         if open_tok.kind != "(":
             self.fail(
-                f"expected '(' after 'in' at column {open_tok.col}, found {_describe(open_tok)}", open_tok.col
+                f"expected '(' after 'in' at column {open_tok.col}, found {describe(open_tok)}", open_tok.col
             )
         values: list[object] = []
         while True:
@@ -237,7 +237,7 @@ class _FilterParser:
                 break
             if sep.kind != ",":
                 self.fail(
-                    f"expected ',' or ')' in the list at column {sep.col}, found {_describe(sep)}", sep.col
+                    f"expected ',' or ')' in the list at column {sep.col}, found {describe(sep)}", sep.col
                 )
         if field.kind == "column":
             self.params += [int(v) if isinstance(v, bool) else v for v in values]
@@ -245,10 +245,10 @@ class _FilterParser:
         self.params.append(field.key)
         if field.kind == "metric":
             self.params += [int(v) if isinstance(v, bool) else v for v in values]
-            return _METRIC_EXISTS.format(f"m.value IN ({_marks(len(values))})")
+            return METRIC_EXISTS.format(f"m.value IN ({_marks(len(values))})")
         if field.kind == "tag":
             self.params += values
-            return _TAG_EXISTS.format(f"t.value IN ({_marks(len(values))})")
+            return TAG_EXISTS.format(f"t.value IN ({_marks(len(values))})")
         # config: numbers against num, text and booleans against the JSON text
         nums = [v for v in values if not isinstance(v, (str, bool))]
         texts = [form for v in values if isinstance(v, str) for form in _json_forms(v)]
@@ -260,9 +260,9 @@ class _FilterParser:
         if texts:
             conds.append(f"g.value IN ({_marks(len(texts))})")
             self.params += texts
-        return _CONFIG_EXISTS.format("(" + " OR ".join(conds) + ")")
+        return CONFIG_EXISTS.format("(" + " OR ".join(conds) + ")")
 
-    def is_null(self, field: _Field, is_tok: _Token) -> str:
+    def is_null(self, field: Field, is_tok: Token) -> str:
         self.count(is_tok)
         negate = self.is_word(self.peek(), "not")
         if negate:
@@ -274,19 +274,19 @@ class _FilterParser:
                     f"only metrics can be nan; {field.name!r} is not a metric (column {what.col})", what.col
                 )
             self.params.append(field.key)
-            sql = _METRIC_EXISTS.format("m.value IS NULL")
+            sql = METRIC_EXISTS.format("m.value IS NULL")
             return f"NOT {sql}" if negate else sql
         if not self.is_word(what, "null"):
-            self.fail(f"expected 'null' or 'nan' at column {what.col}, found {_describe(what)}", what.col)
+            self.fail(f"expected 'null' or 'nan' at column {what.col}, found {describe(what)}", what.col)
         if field.kind == "column":
             return f"{field.sql} IS {'NOT ' if negate else ''}NULL"
         self.params.append(field.key)
         if field.kind == "metric":
-            sql = _METRIC_EXISTS.format("m.value IS NOT NULL")
+            sql = METRIC_EXISTS.format("m.value IS NOT NULL")
         elif field.kind == "config":
-            sql = _CONFIG_EXISTS.format(_CONFIG_NOT_NULL)
+            sql = CONFIG_EXISTS.format(CONFIG_NOT_NULL)
         else:
-            sql = _TAG_PRESENT
+            sql = TAG_PRESENT
         # "x is null" = x has no value, i.e. no row with a value exists
         return sql if negate else f"NOT {sql}"
 
@@ -316,9 +316,9 @@ def compile_filter(text: str) -> tuple[str, list[object]]:
     Use it as ``f"SELECT ... FROM checkpoints c WHERE {sql}"`` with ``params``. Empty or blank text
     matches everything (``"1"``). Raises :class:`QueryError` for anything outside the language.
     """
-    _check_text(text, "filter")
+    check_text(text, "filter")
     if not text.strip():
         return "1", []
-    parser = _FilterParser(text, _tokenize(text))
+    parser = _FilterParser(text, tokenize(text))
     sql = parser.parse()
     return sql, parser.params

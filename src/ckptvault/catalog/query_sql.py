@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .query_tokens import _KEYWORDS, _SQL_WORDS, _describe, _fail, _Token
+from .query_tokens import KEYWORDS, SQL_WORDS, Token, describe, fail
 
 DEFAULT_SORT: Final = "c.run_dir, c.step, c.name"  # the name makes ties deterministic
 
@@ -37,7 +37,7 @@ _BUILTINS: Final[dict[str, tuple[str, bool]]] = {  # field -> (column, is numeri
     "validation": ("c.validation_level", False),
 }
 
-_SQL_OPS: Final[dict[str, str]] = {
+SQL_OPS: Final[dict[str, str]] = {
     "=": "=",
     "==": "=",
     "!=": "!=",
@@ -51,12 +51,12 @@ _SQL_OPS: Final[dict[str, str]] = {
 # Uncorrelated IN-subqueries, not correlated EXISTS: SQLite answers them once from the (name, value)
 # and (key, num) indexes instead of probing per checkpoint (benchmarks/catalog.py: a metric filter over
 # 100,000 checkpoints went from 61 ms to 0.5 ms). c.id is never NULL, so the result is never NULL.
-_METRIC_EXISTS: Final = "c.id IN (SELECT m.checkpoint FROM metrics m WHERE m.name = ? AND {})"
-_CONFIG_EXISTS: Final = "c.id IN (SELECT g.checkpoint FROM config g WHERE g.key = ? AND {})"
-_TAG_EXISTS: Final = "c.id IN (SELECT t.checkpoint FROM tags t WHERE t.key = ? AND {})"
-_TAG_PRESENT: Final = "c.id IN (SELECT t.checkpoint FROM tags t WHERE t.key = ?)"
+METRIC_EXISTS: Final = "c.id IN (SELECT m.checkpoint FROM metrics m WHERE m.name = ? AND {})"
+CONFIG_EXISTS: Final = "c.id IN (SELECT g.checkpoint FROM config g WHERE g.key = ? AND {})"
+TAG_EXISTS: Final = "c.id IN (SELECT t.checkpoint FROM tags t WHERE t.key = ? AND {})"
+TAG_PRESENT: Final = "c.id IN (SELECT t.checkpoint FROM tags t WHERE t.key = ?)"
 # Columns declared NOT NULL sort without the "IS NULL" key, so their indexes can serve ORDER BY.
-_NOT_NULL_COLUMNS: Final = frozenset(
+NOT_NULL_COLUMNS: Final = frozenset(
     {
         "c.step",
         "c.run_dir",
@@ -69,19 +69,19 @@ _NOT_NULL_COLUMNS: Final = frozenset(
         "c.checkpoint_id",
     }
 )
-_CONFIG_NOT_NULL: Final = "g.value IS NOT NULL AND g.value != 'null'"
-_CONFIG_IS_STRING: Final = "substr(g.value, 1, 1) = '\"'"
+CONFIG_NOT_NULL: Final = "g.value IS NOT NULL AND g.value != 'null'"
+CONFIG_IS_STRING: Final = "substr(g.value, 1, 1) = '\"'"
 
-_SORT_METRIC: Final = "(SELECT m.value FROM metrics m WHERE m.checkpoint = c.id AND m.name = ?)"
+SORT_METRIC: Final = "(SELECT m.value FROM metrics m WHERE m.checkpoint = c.id AND m.name = ?)"
 # Config keys sort by their number; text, booleans and JSON null sort with the missing (last).
-_SORT_CONFIG: Final = "(SELECT g.num FROM config g WHERE g.checkpoint = c.id AND g.key = ?)"
-_SORT_TAG: Final = "(SELECT t.value FROM tags t WHERE t.checkpoint = c.id AND t.key = ?)"
+SORT_CONFIG: Final = "(SELECT g.num FROM config g WHERE g.checkpoint = c.id AND g.key = ?)"
+SORT_TAG: Final = "(SELECT t.value FROM tags t WHERE t.checkpoint = c.id AND t.key = ?)"
 
 # --- fields ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Field:
+class Field:
     kind: Literal["column", "metric", "config", "tag"]
     name: str  # as the user wrote it, for messages
     sql: str = ""  # the fixed column fragment, for built-ins
@@ -98,18 +98,18 @@ _PREFIXES: Final[tuple[tuple[str, Literal["metric", "config", "tag"]], ...]] = (
 )
 
 
-def _field(tok: _Token, text: str) -> _Field:
+def lookup_field(tok: Token, text: str) -> Field:
     """Resolve a field token; keywords and bare SQL words are refused so pasted SQL fails loudly."""
     if tok.kind not in ("ident", "qident"):
         hint = "; values go on the right of an operator" if tok.kind in ("num", "str") else ""
-        _fail(f"expected a field name at column {tok.col}, found {_describe(tok)}{hint}", tok.col, text)
+        fail(f"expected a field name at column {tok.col}, found {describe(tok)}{hint}", tok.col, text)
     name = str(tok.value)
     if tok.kind == "ident":
         word = name.lower()
-        if word in _KEYWORDS:
-            _fail(f"expected a field name at column {tok.col}, found the keyword {tok.text!r}", tok.col, text)
-        if word in _SQL_WORDS:
-            _fail(
+        if word in KEYWORDS:
+            fail(f"expected a field name at column {tok.col}, found the keyword {tok.text!r}", tok.col, text)
+        if word in SQL_WORDS:
+            fail(
                 f"{tok.text!r} at column {tok.col} is not a field; quote field names that are SQL words "
                 f"with backquotes (`{tok.text}`)",
                 tok.col,
@@ -117,11 +117,11 @@ def _field(tok: _Token, text: str) -> _Field:
             )
     if name in _BUILTINS:
         sql, numeric = _BUILTINS[name]
-        return _Field("column", name, sql=sql, numeric=numeric)
+        return Field("column", name, sql=sql, numeric=numeric)
     for prefix, kind in _PREFIXES:
         if name.startswith(prefix):
             key = name[len(prefix) :]
             if not key:
-                _fail(f"{name!r} at column {tok.col} needs a key after the dot", tok.col, text)
-            return _Field(kind, name, key=key)
-    return _Field("metric", name, key=name)
+                fail(f"{name!r} at column {tok.col} needs a key after the dot", tok.col, text)
+            return Field(kind, name, key=key)
+    return Field("metric", name, key=name)

@@ -38,7 +38,7 @@ class QueryError(CheckpointError):
         return f"{self.text}\n{' ' * (self.column - 1)}^"
 
 
-_KEYWORDS: Final = frozenset({"and", "or", "not", "in", "is", "null", "nan", "true", "false"})
+KEYWORDS: Final = frozenset({"and", "or", "not", "in", "is", "null", "nan", "true", "false"})
 
 # Bare words that an injected SQL fragment needs (statements, clauses, SQL-only operators). They
 # could never reach SQL anyway, but a filter containing one is almost certainly pasted SQL, so we
@@ -50,7 +50,7 @@ _SQL_WORDS_TEXT: Final = """
     limit offset returning with recursive as on using distinct all table view trigger index database
     like glob regexp match between exists case when then else end cast collate escape isnull notnull
 """
-_SQL_WORDS: Final = frozenset(_SQL_WORDS_TEXT.split())
+SQL_WORDS: Final = frozenset(_SQL_WORDS_TEXT.split())
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
@@ -66,18 +66,18 @@ _INT64: Final = 2**63
 
 
 @dataclass(frozen=True)
-class _Token:
+class Token:
     kind: _TokenKind
     text: str  # as written (for messages)
     col: int  # 1-based
     value: object = None  # int | float | bool | str for values, the name for identifiers
 
 
-def _fail(message: str, column: int | None, text: str) -> NoReturn:
+def fail(message: str, column: int | None, text: str) -> NoReturn:
     raise QueryError(message, column=column, text=text)
 
 
-def _check_text(text: str, what: str) -> None:
+def check_text(text: str, what: str) -> None:
     if len(text) > MAX_TEXT_LENGTH:
         raise QueryError(f"the {what} is too long ({len(text)} characters; at most {MAX_TEXT_LENGTH})")
     try:
@@ -102,13 +102,13 @@ def _read_quoted(text: str, start: int, what: str) -> tuple[str, int]:
         if ch == "\\" and j + 1 < len(text):
             esc = text[j + 1]
             if esc not in _ESCAPES:
-                _fail(f"unknown escape '\\{esc}' at column {j + 1}; use \\\\ for a backslash", j + 1, text)
+                fail(f"unknown escape '\\{esc}' at column {j + 1}; use \\\\ for a backslash", j + 1, text)
             out.append(_ESCAPES[esc])
             j += 2
             continue
         out.append(ch)
         j += 1
-    _fail(f"unterminated {what} starting at column {start + 1} (missing closing {quote})", start + 1, text)
+    fail(f"unterminated {what} starting at column {start + 1} (missing closing {quote})", start + 1, text)
 
 
 def _number(spelled: str) -> int | float:
@@ -119,8 +119,8 @@ def _number(spelled: str) -> int | float:
     return value if -_INT64 <= value < _INT64 else float(spelled)
 
 
-def _tokenize(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
+def tokenize(text: str) -> list[Token]:
+    tokens: list[Token] = []
     i = 0
     n = len(text)
     while i < n:
@@ -131,53 +131,51 @@ def _tokenize(text: str) -> list[_Token]:
             continue
         two = text[i : i + 2]
         if two in ("--", "/*", "*/"):
-            _fail(f"comment marker {two!r} at column {col} is not allowed in a filter", col, text)
+            fail(f"comment marker {two!r} at column {col} is not allowed in a filter", col, text)
         if ch == ";":
-            _fail(
-                f"unexpected ';' at column {col}: a filter is one expression, not SQL statements", col, text
-            )
+            fail(f"unexpected ';' at column {col}: a filter is one expression, not SQL statements", col, text)
         if ch in "'\"":
             value, end = _read_quoted(text, i, "string")
-            tokens.append(_Token("str", text[i:end], col, value))
+            tokens.append(Token("str", text[i:end], col, value))
             i = end
             continue
         if ch == "`":
             value, end = _read_quoted(text, i, "`name`")
             if not value:
-                _fail(f"empty `` name at column {col}", col, text)
-            tokens.append(_Token("qident", text[i:end], col, value))
+                fail(f"empty `` name at column {col}", col, text)
+            tokens.append(Token("qident", text[i:end], col, value))
             i = end
             continue
         m = _NUMBER.match(text, i)
         if m:
             end = m.end()
             if end < n and _AFTER_NUMBER.match(text, end):
-                _fail(f"malformed number {text[i : end + 1]!r} at column {col}", col, text)
-            tokens.append(_Token("num", m.group(), col, _number(m.group())))
+                fail(f"malformed number {text[i : end + 1]!r} at column {col}", col, text)
+            tokens.append(Token("num", m.group(), col, _number(m.group())))
             i = end
             continue
         m = _IDENT.match(text, i)
         if m:
-            tokens.append(_Token("ident", m.group(), col, m.group()))
+            tokens.append(Token("ident", m.group(), col, m.group()))
             i = m.end()
             continue
         op = next((op for op in _OPS if text.startswith(op, i)), None)
         if op is not None:
-            tokens.append(_Token("op", op, col))
+            tokens.append(Token("op", op, col))
             i += len(op)
             continue
         if ch in "(),":
-            tokens.append(_Token(_PUNCT[ch], ch, col))
+            tokens.append(Token(_PUNCT[ch], ch, col))
             i += 1
             continue
         if ch in "+-":
-            tokens.append(_Token("sign", ch, col))
+            tokens.append(Token("sign", ch, col))
             i += 1
             continue
-        _fail(f"unexpected {ch!r} at column {col}", col, text)
-    tokens.append(_Token("eof", "", n + 1))
+        fail(f"unexpected {ch!r} at column {col}", col, text)
+    tokens.append(Token("eof", "", n + 1))
     return tokens
 
 
-def _describe(tok: _Token) -> str:
+def describe(tok: Token) -> str:
     return "the end of the text" if tok.kind == "eof" else repr(tok.text)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .database import _typed_db_errors
+from .database import typed_db_errors
 from .query import DEFAULT_SORT, compile_filter, compile_sort, single_metric_sort
 
 _COLUMNS = (
@@ -54,7 +54,7 @@ class CatalogRows:
     root: Path
     _db: sqlite3.Connection
 
-    @_typed_db_errors
+    @typed_db_errors
     def find(self, where: str = "", *, sort: str = "", limit: int | None = None) -> list[CatalogRow]:
         """Checkpoints matching a filter (``'val_acc > 0.9 and step >= 1000'``), sorted and limited.
 
@@ -126,7 +126,7 @@ class CatalogRows:
             for r in rows
         ]
 
-    @_typed_db_errors
+    @typed_db_errors
     def runs(self) -> list[dict[str, Any]]:
         return [
             {
@@ -140,7 +140,7 @@ class CatalogRows:
             )
         ]
 
-    @_typed_db_errors
+    @typed_db_errors
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
 

@@ -26,7 +26,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .database import SCHEMA_VERSION, CatalogError, _typed_db_errors, connect
+from .database import SCHEMA_VERSION, CatalogError, connect, typed_db_errors
 from .files import CATALOG_DIR as CATALOG_DIR
 from .files import CATALOG_NAME as CATALOG_NAME
 from .files import VALIDATION_DIR as VALIDATION_DIR
@@ -50,7 +50,7 @@ __all__ = [
 class Catalog(CatalogSync, CatalogRows):
     """``Catalog(root)``: opens (creating if needed) and syncs the catalog of a tree of runs."""
 
-    @_typed_db_errors
+    @typed_db_errors
     def __init__(self, root: str | os.PathLike[str], *, sync: bool = True) -> None:
         self.root = Path(root).absolute()
         if not self.root.is_dir():
@@ -78,7 +78,7 @@ class Catalog(CatalogSync, CatalogRows):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @_typed_db_errors
+    @typed_db_errors
     def rebuild(self) -> int:
         """Drops everything and indexes the tree again; returns the number of checkpoints."""
         self._db.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..config import MANIFEST_NAME
 from ..errors import CheckpointError
-from .database import _typed_db_errors
+from .database import typed_db_errors
 from .files import VALIDATION_DIR, read_manifest, read_run_doc, validation_of
 from .files import optional_text as _text
 
@@ -33,7 +33,7 @@ class CatalogSync:
     root: Path
     _db: sqlite3.Connection
 
-    @_typed_db_errors
+    @typed_db_errors
     def sync(self) -> None:
         """Brings the catalog up to date with the tree (see the module docstring)."""
         db = self._db
