@@ -65,10 +65,12 @@ from .mlflow_names import (
     INSTALL_HINT,
     RUN_ID_TAG,
     LogCheckpoints,
-    _import_mlflow,
-    _metric_value,
+    alias_problem,
+    batches,
     clean_key,
     config_params,
+    import_mlflow,
+    metric_value,
     run_tags,
 )
 from .mlflow_names import MAX_ALIAS as MAX_ALIAS
@@ -81,14 +83,16 @@ from .mlflow_names import MAX_TAG_VALUE as MAX_TAG_VALUE
 from .mlflow_names import MAX_TAGS_PER_BATCH as MAX_TAGS_PER_BATCH
 from .mlflow_names import PATH_TAG as PATH_TAG
 from .mlflow_names import VERSION_TAG as VERSION_TAG
-from .mlflow_names import _alias_problem as _alias_problem
-from .mlflow_names import _batches as _batches
 from .mlflow_registry import RegistryMirror
-from .mlflow_runs import _Logged, standalone_copy
+from .mlflow_runs import Logged, standalone_copy
 from .mlflow_runs import needs_store as needs_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+# The old private names stay importable from here: tests/integrations/test_mlflow.py imports them.
+_alias_problem = alias_problem
+_batches = batches
 
 __all__ = ["INSTALL_HINT", "MLflowTracker", "config_params", "standalone_copy"]
 
@@ -118,7 +122,7 @@ class MLflowTracker(RegistryMirror):
             raise ValueError(
                 f'log_checkpoints must be "artifact", "reference" or None, not {log_checkpoints!r}'
             )
-        mlflow = _import_mlflow()
+        mlflow = import_mlflow()
         self.client: MlflowClient = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
         self.experiment = experiment
         self.run_name = run_name
@@ -127,7 +131,7 @@ class MLflowTracker(RegistryMirror):
         self.run_id: str | None = None
         self._ckptvault_run_id: str | None = None
         self._artifact_root = ""
-        self._logged: dict[str, _Logged] = {}
+        self._logged: dict[str, Logged] = {}
         self._closed = False
 
     # -- the protocol ---------------------------------------------------------------------------
@@ -170,7 +174,7 @@ class MLflowTracker(RegistryMirror):
         when = committed if isinstance(committed, (int, float)) else time.time()
         entities: dict[str, Metric] = {}
         for key, raw in metrics.items():
-            value = _metric_value(raw)
+            value = metric_value(raw)
             if value is not None:
                 name = clean_key(str(key))
                 entities[name] = Metric(name, value, int(when * 1000), int(step))
@@ -191,7 +195,7 @@ class MLflowTracker(RegistryMirror):
                 record["standalone_copy"] = True
             artifact_uri = self._artifact_uri(record["artifact"])
         self._log_batch(tags={clean_key(CHECKPOINT_TAG + name): json.dumps(record)})
-        self._logged[os.path.realpath(path)] = _Logged(info.checkpoint_id, artifact_uri, self.run_id)
+        self._logged[os.path.realpath(path)] = Logged(info.checkpoint_id, artifact_uri, self.run_id)
 
     def close(self, status: str = "FINISHED") -> None:
         """Ends the MLflow run (``status``: ``FINISHED``, ``FAILED`` or ``KILLED``). Idempotent."""

@@ -42,7 +42,7 @@ _ELLIPSIS = "..."
 LogCheckpoints = Literal["artifact", "reference"] | None
 
 
-def _import_mlflow() -> Any:
+def import_mlflow() -> Any:
     try:
         import mlflow
     except ImportError as exc:
@@ -51,7 +51,7 @@ def _import_mlflow() -> Any:
 
 
 # -- names and values as MLflow takes them ---------------------------------------------------------
-def _truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(_ELLIPSIS)] + _ELLIPSIS
 
 
@@ -77,7 +77,7 @@ def _param_text(value: Any) -> str:
         text = str(value)
     else:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    return _truncate(text, MAX_PARAM_VALUE)
+    return truncate(text, MAX_PARAM_VALUE)
 
 
 def config_params(config: Any) -> dict[str, str]:
@@ -105,7 +105,7 @@ def config_params(config: Any) -> dict[str, str]:
     return params
 
 
-def _metric_value(value: Any) -> float | None:
+def metric_value(value: Any) -> float | None:
     if isinstance(value, (str, bytes)):
         return None
     try:
@@ -138,10 +138,10 @@ def run_tags(run_dir: str, run: Mapping[str, Any]) -> dict[str, str]:
     system = run.get("system")
     if isinstance(system, Mapping) and system.get("hostname"):
         tags["ckptvault.host"] = str(system["hostname"])
-    return {key: _truncate(value, MAX_TAG_VALUE) for key, value in tags.items()}
+    return {key: truncate(value, MAX_TAG_VALUE) for key, value in tags.items()}
 
 
-def _alias_problem(alias: str) -> str | None:
+def alias_problem(alias: str) -> str | None:
     if not alias or not _ALIAS.fullmatch(alias):
         return "MLflow aliases may hold only letters, digits, '_' and '-'"
     if alias.lower() == "latest" or _VERSION_ALIAS.fullmatch(alias):
@@ -151,7 +151,7 @@ def _alias_problem(alias: str) -> str | None:
     return None
 
 
-def _quoted(text: str) -> str:
+def quoted(text: str) -> str:
     """A string literal of MLflow's search syntax."""
     if "'" not in text:
         return f"'{text}'"
@@ -160,11 +160,11 @@ def _quoted(text: str) -> str:
     raise ValueError(f"cannot search MLflow for a name holding both quote characters: {text!r}")
 
 
-def _error_code(exc: Exception) -> str:
+def error_code(exc: Exception) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
-def _is_local_uri(uri: str) -> bool:
+def is_local_uri(uri: str) -> bool:
     return uri.startswith("file:") or "://" not in uri
 
 
@@ -172,7 +172,7 @@ def _entity_bytes(entity: Any) -> int:
     return len(str(entity.key).encode()) + len(str(entity.value).encode()) + 32
 
 
-def _batches(entities: Sequence[Any]) -> Iterator[list[Any]]:
+def batches(entities: Sequence[Any]) -> Iterator[list[Any]]:
     """Splits entities into log_batch requests within MLflow's limits: at most 100 parameters,
     100 tags and 1,000 entities per request, and well under its 1 MB request size."""
     from mlflow.entities import Param, RunTag

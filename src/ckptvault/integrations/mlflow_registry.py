@@ -23,13 +23,13 @@ from .mlflow_names import (
     PATH_TAG,
     VERSION_TAG,
     LogCheckpoints,
-    _alias_problem,
-    _error_code,
-    _is_local_uri,
-    _quoted,
+    alias_problem,
     clean_key,
+    error_code,
+    is_local_uri,
+    quoted,
 )
-from .mlflow_runs import MLflowRun, _Logged
+from .mlflow_runs import Logged, MLflowRun
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -41,7 +41,7 @@ class RegistryMirror(MLflowRun):
 
     log_checkpoints: LogCheckpoints
     _ckptvault_run_id: str | None
-    _logged: dict[str, _Logged]
+    _logged: dict[str, Logged]
 
     def on_register(self, name: str, version: int, path: str, aliases: Sequence[str]) -> None:
         from mlflow.exceptions import MlflowException
@@ -61,7 +61,7 @@ class RegistryMirror(MLflowRun):
             try:
                 model_version = self.client.create_model_version(name, source, run_id=run_id, tags=tags)
             except MlflowException as exc:
-                if _is_local_uri(source) and _error_code(exc) == "INVALID_PARAMETER_VALUE":
+                if is_local_uri(source) and error_code(exc) == "INVALID_PARAMETER_VALUE":
                     raise ValueError(
                         f"MLflow refused {source} as the source of a version of model {name!r}: an MLflow "
                         "server accepts a local path only inside a run's artifacts. Log the checkpoint as "
@@ -79,18 +79,18 @@ class RegistryMirror(MLflowRun):
             self.client.get_registered_model(name)
             return
         except MlflowException as exc:
-            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
                 raise
         try:
             self.client.create_registered_model(name)
         except MlflowException as exc:  # created meanwhile by another process: fine
-            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+            if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
                 raise
 
     def _model_versions(self, name: str) -> Iterator[ModelVersion]:
         token: str | None = None
         while True:
-            page = self.client.search_model_versions(f"name = {_quoted(name)}", page_token=token)
+            page = self.client.search_model_versions(f"name = {quoted(name)}", page_token=token)
             yield from page
             token = page.token
             if not token:
@@ -122,7 +122,7 @@ class RegistryMirror(MLflowRun):
             return self._artifact_uri(artifact_path), self.run_id
         return Path(path).resolve().as_uri(), self.run_id if ours else None
 
-    def _logged_by_tag(self, path: str, info: CheckpointInfo) -> _Logged | None:
+    def _logged_by_tag(self, path: str, info: CheckpointInfo) -> Logged | None:
         """What the MLflow run of the checkpoint's ckptvault run recorded about it, if any."""
         ckptvault_run_id = info.metadata.get("run_id")
         if not isinstance(ckptvault_run_id, str) or not ckptvault_run_id:
@@ -146,12 +146,12 @@ class RegistryMirror(MLflowRun):
         uri = None
         if isinstance(artifact, str):
             uri = f"{str(run.info.artifact_uri).rstrip('/')}/{artifact}"
-        return _Logged(info.checkpoint_id, uri, str(run.info.run_id))
+        return Logged(info.checkpoint_id, uri, str(run.info.run_id))
 
     def _set_aliases(self, name: str, version: str, aliases: Sequence[str]) -> None:
         wanted: list[str] = []
         for alias in dict.fromkeys(aliases):
-            problem = _alias_problem(alias)
+            problem = alias_problem(alias)
             if problem is not None:
                 warnings.warn(f"alias {alias!r} of model {name!r} not set in MLflow: {problem}", stacklevel=3)
             else:

@@ -23,10 +23,10 @@ from .mlflow_names import (
     ARTIFACT_DIR,
     MAX_TAG_VALUE,
     RUN_ID_TAG,
-    _batches,
-    _error_code,
-    _quoted,
-    _truncate,
+    batches,
+    error_code,
+    quoted,
+    truncate,
 )
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def standalone_copy(source: str | os.PathLike[str], target: str | os.PathLike[st
 
 
 @dataclasses.dataclass(frozen=True)
-class _Logged:
+class Logged:
     checkpoint_id: str
     artifact_uri: str | None
     run_id: str | None
@@ -108,7 +108,7 @@ class MLflowRun:
             try:
                 return self.client.create_experiment(name)
             except MlflowException as exc:  # created meanwhile by another process
-                if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
                 if experiment is None:
@@ -123,7 +123,7 @@ class MLflowRun:
         """The newest active MLflow run of the experiment tagged with this ckptvault run id."""
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{RUN_ID_TAG}` = {_quoted(ckptvault_run_id)}",
+            filter_string=f"tags.`{RUN_ID_TAG}` = {quoted(ckptvault_run_id)}",
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )
@@ -141,9 +141,9 @@ class MLflowRun:
 
         run_id = self._require_run()
         pending: list[Param | RunTag | Metric] = [Param(k, v) for k, v in (params or {}).items()]
-        pending += [RunTag(k, _truncate(v, MAX_TAG_VALUE)) for k, v in (tags or {}).items()]
+        pending += [RunTag(k, truncate(v, MAX_TAG_VALUE)) for k, v in (tags or {}).items()]
         pending += list(metrics)
-        for batch in _batches(pending):
+        for batch in batches(pending):
             self.client.log_batch(
                 run_id,
                 metrics=[e for e in batch if isinstance(e, Metric)],
