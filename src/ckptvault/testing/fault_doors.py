@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .fault_log import _WRITE_FLAGS, Op, OpCounter
+from .fault_log import WRITE_FLAGS, Op, OpCounter
 
 
 class PatchedDoors(OpCounter):
@@ -26,7 +26,7 @@ class PatchedDoors(OpCounter):
     # -- os functions ---------------------------------------------------------------------------
     def _open(self, path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
         where = self._resolve(path, dir_fd)
-        writing = bool(flags & _WRITE_FLAGS)
+        writing = bool(flags & WRITE_FLAGS)
         n, fire = self._decide("open" if writing else "read", where)
         if fire:
             raise self._fault("open", where, n)

@@ -25,7 +25,7 @@ ALL_KINDS = WRITE_KINDS | READ_KINDS
 
 Action = Literal["error", "torn", "delay"]
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 class InjectedFault(OSError):
