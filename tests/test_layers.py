@@ -67,44 +67,7 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 
 # (importer, imported module) pairs where the importer takes a private ``_name`` from that module.
-_QUERY_SPLIT = (
-    "issue 14: catalog/query.py split in progress; removed when the split names its shared parts public"
-)
-_EXPORT_SPLIT = (
-    "issue 14: export.py split in progress; removed when export/common+weights name their helpers public"
-)
-_MLFLOW_SPLIT = (
-    "issue 14: integrations/mlflow.py split in progress; removed when its parts name shared helpers public"
-)
 KNOWN_PRIVATE: dict[tuple[str, str], str] = {
-    ("ckptvault.integrations.mlflow", "ckptvault.integrations.mlflow_names"): _MLFLOW_SPLIT,
-    ("ckptvault.integrations.mlflow", "ckptvault.integrations.mlflow_runs"): _MLFLOW_SPLIT,
-    ("ckptvault.integrations.mlflow_registry", "ckptvault.integrations.mlflow_names"): _MLFLOW_SPLIT,
-    ("ckptvault.integrations.mlflow_registry", "ckptvault.integrations.mlflow_runs"): _MLFLOW_SPLIT,
-    ("ckptvault.integrations.mlflow_runs", "ckptvault.integrations.mlflow_names"): _MLFLOW_SPLIT,
-    ("ckptvault.catalog.query", "ckptvault.catalog.query_sql"): _QUERY_SPLIT,
-    ("ckptvault.catalog.query", "ckptvault.catalog.query_tokens"): _QUERY_SPLIT,
-    ("ckptvault.catalog.query_filter", "ckptvault.catalog.query_sql"): _QUERY_SPLIT,
-    ("ckptvault.catalog.query_filter", "ckptvault.catalog.query_tokens"): _QUERY_SPLIT,
-    ("ckptvault.catalog.query_sql", "ckptvault.catalog.query_tokens"): _QUERY_SPLIT,
-    (
-        "ckptvault.catalog.rows",
-        "ckptvault.catalog.database",
-    ): "issue 14: _typed_db_errors; removed when catalog/* is split",
-    (
-        "ckptvault.catalog.store",
-        "ckptvault.catalog.database",
-    ): "issue 14: _typed_db_errors; removed when catalog/store.py is split",
-    (
-        "ckptvault.catalog.sync",
-        "ckptvault.catalog.database",
-    ): "issue 14: _typed_db_errors; removed when catalog/* is split",
-    ("ckptvault.export.hf", "ckptvault.export.common"): _EXPORT_SPLIT,
-    ("ckptvault.export.hf", "ckptvault.export.weights"): _EXPORT_SPLIT,
-    ("ckptvault.export.onnx_graph", "ckptvault.export.common"): _EXPORT_SPLIT,
-    ("ckptvault.export.onnx_graph", "ckptvault.export.weights"): _EXPORT_SPLIT,
-    ("ckptvault.export.torch_file", "ckptvault.export.common"): _EXPORT_SPLIT,
-    ("ckptvault.export.torch_file", "ckptvault.export.weights"): _EXPORT_SPLIT,
     (
         "ckptvault.manager",
         "ckptvault.storage.local",
@@ -112,18 +75,6 @@ KNOWN_PRIVATE: dict[tuple[str, str], str] = {
     ("ckptvault.storage.chunkstore", "ckptvault.storage.local"): (
         "issue 14: _storage_error; removed when storage/local.py is split (items 1 and 4)"
     ),
-    (
-        "ckptvault.testing.fault_doors",
-        "ckptvault.testing.fault_log",
-    ): "issue 14: _WRITE_FLAGS; removed when testing/ names it public",
-    (
-        "ckptvault.validation_worker",
-        "ckptvault.training.architecture",
-    ): "issue 14: _REFERENCE; removed when validation.py is split",
-    (
-        "ckptvault.validation_worker",
-        "ckptvault.validation",
-    ): "issue 14: _number; removed when validation.py is split",
 }
 
 # Modules that still call os/shutil/fcntl file operations outside storage/: the remaining work of
