@@ -190,7 +190,7 @@ def load_program(path: PathLike, *, trusted: bool = False) -> Any:
     """The stored ``torch.export`` program (digest checked), only with ``trusted=True``.
 
     ``torch.export.load`` is not data-only: a ``.pt2`` archive may mark weights and constants as
-    pickled, and torch then calls ``torch.load(weights_only=False)`` or ``pickle.loads`` on them (its
+    pickled, and torch then calls ``torch.load`` with ``weights_only=False`` or ``pickle.loads`` on them (its
     sample inputs even fall back to ``weights_only=False`` when the safe load fails). A checkpoint is
     untrusted input, so reading its program is refused unless the caller says it trusts the file;
     the digest check only proves the file is the one the manifest names, not who wrote it.
