@@ -83,12 +83,16 @@ def _first_value_difference(a: Any, b: Any, path: str = "state") -> str | None:
 
 
 def _newest_commit(run_dir: Path) -> float:
-    """Modification time of the newest committed checkpoint in a run (0 when there is none)."""
-    times = (
-        [os.stat(Path(p) / "manifest.json").st_mtime for p in api.list_checkpoints(run_dir)]
-        if run_dir.exists()
-        else []
-    )
+    """Modification time of the newest committed checkpoint in a run (0 when there is none).
+
+    The run under test is live: its retention may delete a listed checkpoint before it is stat'ed,
+    which only means that one is not the newest."""
+    times = []
+    for path in api.list_checkpoints(run_dir) if run_dir.exists() else []:
+        try:
+            times.append(os.stat(Path(path) / "manifest.json").st_mtime)
+        except FileNotFoundError:
+            continue
     return max(times, default=0.0)
 
 
