@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import StorageError
+from .safeopen import fsync_dir
 
 
 @contextlib.contextmanager
@@ -31,6 +32,7 @@ def atomic_output(target: Path, action: str = "write") -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, target)
+        fsync_dir(target.parent)  # the rename itself is durable only once its directory is
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise StorageError(exc.errno or 0, f"cannot {action} {target}: {exc}") from exc
