@@ -13,6 +13,7 @@ script can guard a whole save or restore with one ``except``. The tree::
     ├── ResourceLimitError           reading would allocate or work beyond the caller's byte cap
     ├── StorageError                 the storage failed (disk full, permission, I/O error)
     │   └── ConcurrentWriteError     another writer holds the target
+    │       └── DocumentConflictError  a compare-and-swap document write lost to another writer
     ├── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
     └── declared beside the code that raises them (each a direct subclass unless noted):
         ArchitectureError, ModelMismatchError (training.architecture: the model cannot be rebuilt
@@ -116,6 +117,13 @@ class StorageError(CheckpointError, OSError):
 
 class ConcurrentWriteError(StorageError):
     """Another process is writing the same target; one writer wins, the other gets this."""
+
+
+class DocumentConflictError(ConcurrentWriteError):
+    """A conditional document write lost: the document changed (or appeared) since it was read.
+
+    Raised by ``Storage.put(if_version=...)`` / ``put(if_absent=True)``; the caller re-reads and
+    decides again (or reports the other writer), never overwrites blindly."""
 
 
 class UnsafeLegacyFileError(CheckpointError):

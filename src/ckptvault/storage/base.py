@@ -1,22 +1,83 @@
-"""The storage protocol: the few operations a checkpoint needs, nothing more.
+"""The storage protocol: every operation the library performs on storage, and nothing more.
 
-A writer uses it in exactly this order::
+This is the one door (docs/format.md, "Run layout"): nothing above ``storage/`` touches a file, a
+directory, a lock or an object any other way, so a new backend (an object store, a test double, a
+fault injector) is one new class, not a rewrite. Keys are strings the backend resolves: paths for
+:class:`~ckptvault.storage.local.LocalStorage`, ``bucket/prefix`` keys for an object store. A key
+names either a *checkpoint* (a directory-like unit published atomically), a *document* (one small
+file), an *event log*, a *lease*, or a *chunk store*; ``join`` builds child keys.
 
-    txn = storage.begin(target, overwrite=...)   # private staging area; sweeps dead leftovers
-    f = txn.create(name); f.write(...); f.close()   # each file durable when close() returns
-    txn.commit(manifest_bytes)                    # manifest written last: the commit point
-    # or txn.abort() on any failure: nothing becomes visible
+1. **Checkpoint transactions** -- a writer uses them in exactly this order::
 
-A reader opens a :class:`ReadHandle` on a committed checkpoint and reads byte ranges of its files.
-``close`` on a handle closes its files; maps it handed out stay valid until dropped.
-Backends map a failure of the medium to :class:`~ckptvault.errors.StorageError`.
+       txn = storage.begin(target, overwrite=...)    # private staging area; sweeps dead leftovers
+       f = txn.create(name); f.write(...); f.close()    # each file durable when close() returns
+       txn.commit(manifest_bytes)                     # manifest written last: the commit point
+       # or txn.abort() on any failure: nothing becomes visible
+
+2. **Reads** -- :meth:`Storage.open` gives a :class:`ReadHandle` on a committed checkpoint: whole and
+   ranged reads, an optional map. ``close`` closes its files; maps it handed out stay valid.
+3. **Listing and deletion** -- :meth:`Storage.list` shows a prefix's children, committed checkpoints
+   only (a staging area or a half-deleted checkpoint is never listed as one);
+   :meth:`Storage.change_token` is a cheap token that changes when the listing may have changed (the
+   catalog's sync skips what did not); :meth:`Storage.delete` removes a checkpoint so that it is
+   never half visible, idempotently.
+4. **Documents with compare-and-swap** -- run.json, the run index, pins, registry entries and aliases,
+   validation results: :meth:`Storage.get` returns ``(bytes, version)``; :meth:`Storage.put` with
+   ``if_version=`` or ``if_absent=True`` raises :class:`~ckptvault.errors.DocumentConflictError`
+   when another writer got there first. Reads are bounded (``max_bytes``): a document is untrusted.
+5. **Event logs** -- :meth:`Storage.append` adds one line; :meth:`Storage.read_lines` yields the
+   lines, each bounded, damaged ones included (the caller decides what a line means).
+6. **Leases** -- :meth:`Storage.acquire_lease` for run ownership (one writer per run): owner, expiry,
+   renewal; a second writer gets :class:`~ckptvault.errors.ConcurrentWriteError` naming the holder.
+7. **Chunk stores** -- :meth:`Storage.chunk_store` gives the content-addressed store of the run a
+   checkpoint belongs to (:class:`ChunkBackend`): put-if-absent by digest, find/has, read, sweep.
+8. **Single published files** -- :meth:`Storage.publish_file` writes one file outside any run (an
+   export, a report) that appears whole or not at all.
+
+Backends map a failure of the medium to :class:`~ckptvault.errors.StorageError` and are configured
+by constructor arguments (``storage.resolve`` maps a URL to one), never by the environment in the
+middle of a write.
 """
 
 from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator
-from typing import Protocol
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import BinaryIO, Literal, Protocol
+
+EntryKind = Literal["checkpoint", "document", "directory"]
+
+
+@dataclass(frozen=True)
+class Document:
+    """A small document's bytes and the version a compare-and-swap ``put`` names."""
+
+    data: bytes
+    version: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One child of a listed prefix. ``modified`` is seconds since the epoch (a checkpoint's: its
+    commit); ``key`` can be handed to the other calls."""
+
+    name: str
+    key: str
+    kind: EntryKind
+    modified: float
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one sweep of a chunk store found and did."""
+
+    live_chunks: int
+    deleted_chunks: int
+    freed_bytes: int
+    deleted_temporary: int
 
 
 class WritableFile(Protocol):
@@ -59,7 +120,118 @@ class ReadHandle(Protocol):
     def close(self) -> None: ...
 
 
+class Lease(Protocol):
+    """Ownership of a key (a run) until ``expires``; renew before then or lose it."""
+
+    key: str
+    owner: str
+
+    @property
+    def expires(self) -> float:
+        """When the lease lapses (seconds since the epoch; ``inf`` where the backend ties it to the
+        holding process instead, as local disk does)."""
+
+    def renew(self) -> None:
+        """Extends the lease; raises ConcurrentWriteError if it was lost (expired and taken)."""
+
+    def release(self) -> None:
+        """Gives the lease up; idempotent."""
+
+
+class ChunkBackend(Protocol):
+    """One run's content-addressed chunk store (incremental saves). Thread-safe: a save puts chunks
+    from a thread pool. Names are ``<digest>.<codec>``; nothing outside the store is touched."""
+
+    def find(self, digest: str, raw_len: int) -> tuple[str, int] | None:
+        """An existing, whole-looking chunk of this content as ``(codec, stored size)``."""
+
+    def has(self, digest: str, codec: str, stored_len: int) -> bool: ...
+
+    def put(self, digest: str, codec: str, data: memoryview | bytes) -> int:
+        """Stores one chunk durably under its final name (replacing a damaged copy); its size."""
+
+    def sync(self) -> None:
+        """Makes every chunk put since the last call durable (called before the manifest commits)."""
+
+    def read(
+        self, digest: str, codec: str, stored_len: int, *, where: str | None = None, tensor: str | None = None
+    ) -> bytearray:
+        """The stored bytes of one chunk; a missing or wrong-sized one raises CorruptCheckpointError."""
+
+    def report_bad(self, digest: str, codec: str) -> None:
+        """Marks the copy now stored under this name as damaged: never referenced again."""
+
+    def locked(self, *, exclusive: bool) -> AbstractContextManager[None]:
+        """The store's lease: shared while a save adds chunks, exclusive while a sweep runs."""
+
+    def sweep(self, live: set[str], *, dry_run: bool = False) -> SweepReport:
+        """Deletes chunks whose digest is not in ``live`` and temporary leftovers; call it holding
+        ``locked(exclusive=True)``. Never deletes a file it did not create."""
+
+
 class Storage(Protocol):
+    # -- naming -------------------------------------------------------------------------------
+    def join(self, prefix: str, *names: str) -> str:
+        """The key of ``names`` under ``prefix`` (a path join on disk, ``/`` on object stores)."""
+
+    # -- checkpoints: write, read, list, delete -------------------------------------------------
     def begin(self, target: str, *, overwrite: bool) -> WriteTransaction: ...
     def open(self, target: str) -> ReadHandle: ...
-    def iter_checkpoints(self, root: str) -> Iterator[str]: ...
+
+    def iter_checkpoints(self, root: str) -> Iterator[str]:
+        """Every committed checkpoint under ``root`` (itself included), recursively, sorted."""
+
+    def list(self, prefix: str) -> list[Entry]:
+        """The children of ``prefix`` (empty when it does not exist): committed checkpoints,
+        documents and directories, hidden names (``.``) included; staging areas are never shown as
+        checkpoints."""
+
+    def change_token(self, prefix: str) -> str | None:
+        """A token that differs whenever ``list(prefix)`` may differ; None if ``prefix`` is gone."""
+
+    def delete(self, target: str) -> bool:
+        """Removes a committed checkpoint, never leaving it half visible; False if it was absent."""
+
+    def chunk_store(self, checkpoint: str) -> ChunkBackend:
+        """The chunk store of the run ``checkpoint`` belongs to (created on first put)."""
+
+    # -- small documents ------------------------------------------------------------------------
+    def get(self, key: str, *, max_bytes: int) -> Document | None:
+        """The document, or None when absent; larger than ``max_bytes`` raises StorageError."""
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_version: str | None = None,
+        if_absent: bool = False,
+        durable: bool = True,
+    ) -> str:
+        """Replaces the document atomically and returns its new version. ``if_version`` /
+        ``if_absent`` make it conditional (DocumentConflictError when the condition fails);
+        ``durable=False`` may skip the flush for derived data a crash may lose."""
+
+    def remove(self, key: str, *, if_version: str | None = None) -> bool:
+        """Deletes the document; False if it was absent."""
+
+    # -- event logs -----------------------------------------------------------------------------
+    def append(self, key: str, line: bytes) -> None:
+        """Appends one line (``line`` ends in a newline) to the log at ``key``, creating it."""
+
+    def read_lines(self, key: str, *, max_line: int) -> Iterator[bytes]:
+        """The log's lines, oldest first; a line longer than ``max_line`` is skipped unread."""
+
+    # -- leases -----------------------------------------------------------------------------------
+    def acquire_lease(self, key: str, *, owner: str, ttl_seconds: float) -> Lease:
+        """Ownership of ``key``; ConcurrentWriteError (naming the holder) when another holds it."""
+
+    def recover(self, prefix: str) -> None:
+        """Removes what writers killed mid-``put`` left directly under ``prefix`` (temporary
+        documents). Call it holding the lease of every writer of ``prefix``: no live put owns one."""
+
+    # -- single files outside runs --------------------------------------------------------------
+    def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:
+        """A file written through the handle appears at ``target`` whole and durable on a clean
+        exit of the block, and not at all on an exception."""
+
