@@ -234,4 +234,3 @@ class Storage(Protocol):
     def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:
         """A file written through the handle appears at ``target`` whole and durable on a clean
         exit of the block, and not at all on an exception."""
-
