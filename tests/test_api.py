@@ -23,7 +23,7 @@ def test_public_surface_is_pinned() -> None:
         "ArchitectureError", "ModelMismatchError", "ValidationFailedError", "ValidationResult",
         "load_model", "load_program", "model_factory", "save_model", "validate",
         "CheckpointError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
-        "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError",
+        "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError", "DocumentConflictError",
         "IncompatibleCheckpointError", "IncompleteStateError", "PendingSave", "Problem", "Scope",
         "ResourceLimitError", "RestoreRefusedError",
         "StagingBudgetError", "StorageError",
@@ -83,9 +83,9 @@ def test_foreign_directories_are_not_touched(ckpt_dir: Path) -> None:
 
 
 def test_dead_writers_leftovers_are_swept_and_never_loaded(ckpt_dir: Path) -> None:
-    from ckptvault.storage.local import _HOST_TAG, STAGING_MARK
+    from ckptvault.storage.local import HOST_TAG, STAGING_MARK
 
-    leftover = ckpt_dir / f".step_1{STAGING_MARK}{_HOST_TAG}.999999999.abcd1234"
+    leftover = ckpt_dir / f".step_1{STAGING_MARK}{HOST_TAG}.999999999.abcd1234"
     leftover.mkdir()
     (leftover / "data-00000.safetensors").write_bytes(b"partial")
     assert cv.list_checkpoints(ckpt_dir) == []

@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import ckptvault as cv
 from ckptvault.manager import kept_reasons
-from ckptvault.storage.local import _HOST_TAG, STAGING_MARK
+from ckptvault.storage.local import HOST_TAG, STAGING_MARK
 
 
 class RunDirectory(RuleBasedStateMachine):
@@ -72,7 +72,7 @@ class RunDirectory(RuleBasedStateMachine):
     def crash_and_restore(self) -> None:
         """The process dies (no close: the OS drops the lock) leaving a torn save behind; a new
         process opens the run and restores the newest checkpoint."""
-        leftover = self.root / f".step_99999999{STAGING_MARK}{_HOST_TAG}.999999999.dead"
+        leftover = self.root / f".step_99999999{STAGING_MARK}{HOST_TAG}.999999999.dead"
         leftover.mkdir(exist_ok=True)
         (leftover / "data-00000.safetensors").write_bytes(b"torn")
         self.manager.close()

@@ -62,7 +62,7 @@ from .policy import (
 )
 from .restore_skips import Skip, refuse_fresh_start, warn_skipped, why_invalid
 from .storage.chunkstore import STORE_NAME, collect_garbage
-from .storage.local import _HOST_TAG, STAGING_MARK, atomic_write_json
+from .storage.local import HOST_TAG, STAGING_MARK, atomic_write_json
 from .storage.safeopen import append_text, open_file, read_file
 from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
@@ -898,7 +898,7 @@ class CheckpointManager:
         if record is not None:
             self._event("delete", name, record.step)
         source = self.directory / name
-        trash = self.directory / f".{name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.del{secrets.token_hex(4)}"
+        trash = self.directory / f".{name}{STAGING_MARK}{HOST_TAG}.{os.getpid()}.del{secrets.token_hex(4)}"
         try:
             os.rename(source, trash)
         except FileNotFoundError:

@@ -36,8 +36,9 @@ from pathlib import Path
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
 from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError, typed_os_errors
 from .badlist import BadList
+from .base import SweepReport
 from .chunkfiles import DIRECT_MIN, frame_size, write_direct
-from .local import _storage_error as _error
+from .local_common import storage_error as _error
 from .safeopen import UnsafeFileError, fsync_dir, open_dir, open_file, read_file
 
 STORE_NAME = ".ckptvault-store"
@@ -330,6 +331,37 @@ class ChunkStore:
                 ok = _HEX64.match(digest) and codec in CODECS and digest[:2] == sub.name
                 yield Path(entry.path), digest if ok else None
 
+    def sweep(self, live: set[str], *, dry_run: bool = False) -> SweepReport:
+        """Deletes every chunk whose digest is not in ``live`` and our temporary leftovers (call it
+        holding ``locked(exclusive=True)``); foreign files are never touched."""
+        kept = deleted = freed = temporary = 0
+        touched: set[Path] = set()
+        for path, digest in self.iter_files():
+            if digest is not None and digest in live:
+                kept += 1
+                continue
+            if digest is None and not path.name.startswith(_TMP_PREFIX):
+                continue  # not ours: never delete what we did not write
+            try:
+                size = path.lstat().st_size
+                if not dry_run:
+                    path.unlink()
+                    touched.add(path.parent)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _error("deleting chunk", path, exc) from exc
+            if digest is None:
+                temporary += 1
+            else:
+                deleted += 1
+                freed += size
+        for directory in touched:
+            fsync_dir(directory)
+        if not dry_run:
+            self.bad.prune(self.chunks)
+        return SweepReport(kept, deleted, freed, temporary)
+
 
 @dataclass(frozen=True)
 class GcReport:
@@ -387,30 +419,7 @@ def collect_garbage(run_dir: str | Path, *, dry_run: bool = False) -> GcReport:
         return GcReport(0, 0, 0, 0, 0)
     with store.locked(exclusive=True):
         live, checkpoints = live_digests(run)
-        kept = deleted = freed = temporary = 0
-        touched: set[Path] = set()
-        for path, digest in store.iter_files():
-            if digest is not None and digest in live:
-                kept += 1
-                continue
-            if digest is None and not path.name.startswith(_TMP_PREFIX):
-                continue  # not ours: never delete what we did not write
-            try:
-                size = path.lstat().st_size
-                if not dry_run:
-                    path.unlink()
-                    touched.add(path.parent)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise _error("deleting chunk", path, exc) from exc
-            if digest is None:
-                temporary += 1
-            else:
-                deleted += 1
-                freed += size
-        for directory in touched:
-            fsync_dir(directory)
-        if not dry_run:
-            store.bad.prune(store.chunks)
-    return GcReport(checkpoints, kept, deleted, freed, temporary)
+        swept = store.sweep(live, dry_run=dry_run)
+    return GcReport(
+        checkpoints, swept.live_chunks, swept.deleted_chunks, swept.freed_bytes, swept.deleted_temporary
+    )

@@ -1,545 +1,58 @@
-"""Local-disk storage with one atomic, durable commit point (DESIGN.md invariant 1).
+"""L1: the local-disk backend of the :class:`~ckptvault.storage.base.Storage` protocol.
 
-A save writes into a hidden staging directory next to the target
-(``.<name>.ckptvault-tmp.<host>.<pid>.<random>``), fsyncs every file, writes ``manifest.json`` last,
-fsyncs it and the staging directory, renames the staging directory onto the target and fsyncs the
-parent. The rename is the commit: readers see the old checkpoint or the new one, never a mixture.
+Its mechanisms live in sibling modules, one per part of the protocol: ``local_write``
+(transactions: staging directory, fsync, manifest last, rename/``renameat2`` as the commit),
+``local_read`` (reads through descriptors that never follow links), ``local_docs`` (documents with
+compare-and-swap, event logs, leases as record locks), ``chunkstore`` (the run's chunk store) and
+``local_common`` (staging names and the sweep of dead writers' leftovers). docs/format.md's "local
+backend" section describes them for someone reading a run directory by hand.
 
-* Two writers of one target: ``rename(2)`` onto a non-empty directory fails, so the second gets
-  :class:`CheckpointExistsError` and its staging area is removed; neither corrupts the other.
-* Overwrite swaps old and new with ``renameat2(RENAME_EXCHANGE)`` (one atomic step), then deletes
-  the old one under the staging name, where no reader looks.
-* A killed writer leaves only a staging directory. Each staging directory is ``flock``-ed by its
-  writer for its whole life, so the next save in the same directory can tell dead leftovers (lock
-  free, process gone) from live saves and sweeps only the dead ones.
+``LocalStorage(root=...)`` is rooted at a directory the user named: below it, no link is ever
+followed and missing directories are created; a key outside the root is opened as named.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import fcntl
-import hashlib
-import mmap
 import os
 import secrets
 import shutil
-import socket
 import stat
-import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import BinaryIO
 
-from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
-from ..errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    ConcurrentWriteError,
-    CorruptCheckpointError,
-    StorageError,
-    UnsafeCheckpointError,
-)
+from ..config import MANIFEST_NAME
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from .atomic_file import atomic_output
+from .base import Entry, EntryKind
+from .chunkstore import ChunkStore
+from .local_common import HOST_TAG, STAGING_MARK, is_committed, storage_error
 
-# Re-exported for existing importers; their home is storage.safeopen.
+# Re-exported for existing importers; their homes are local_common / safeopen.
+from .local_common import exchange_paths as exchange_paths
+from .local_common import sweep_staging as sweep_staging
+from .local_docs import LocalDocuments
+from .local_read import LocalReadHandle
+from .local_write import LocalWriteTransaction
 from .safeopen import atomic_write_json as atomic_write_json
 from .safeopen import fsync_dir as fsync_dir
 
-STAGING_MARK = ".ckptvault-tmp."
-# A staging directory whose owner is alive but has not locked it yet is younger than this.
-_UNLOCKED_GRACE_SECONDS = 60.0
-_LOCK_WAIT_SECONDS = 2.0
-_RENAME_EXCHANGE = 2
+__all__ = ["HOST_TAG", "STAGING_MARK", "LocalStorage"]
+
 _OPEN_RETRIES = 5
-_HOST_TAG = hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
-def _storage_error(action: str, path: Path | str, exc: OSError) -> StorageError:
-    err = StorageError(exc.errno or 0, f"{action} {path}: {exc.strerror or exc}")
-    err.__cause__ = exc
-    return err
+class LocalStorage(LocalDocuments):
+    """The local-disk backend; keys are plain file-system paths."""
 
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(os.path.abspath(root)) if root is not None else None
 
-def _load_renameat2() -> object | None:
-    """libc's renameat2, which Python does not expose; None where the platform lacks it."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        func = ctypes.CDLL(name, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    return func
+    def join(self, prefix: str, *names: str) -> str:
+        return os.path.join(prefix, *names)
 
-
-_renameat2 = _load_renameat2()
-_AT_FDCWD = -100
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Atomically swaps two paths; False when the platform or file system cannot."""
-    if _renameat2 is None:
-        return False
-    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)  # type: ignore[operator]
-    if rc == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _is_committed(path: Path) -> bool:
-    return (path / MANIFEST_NAME).is_file()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_staging(parent: Path) -> list[Path]:
-    """Removes staging directories of dead writers in ``parent``; returns what it removed."""
-    removed: list[Path] = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(".") or STAGING_MARK not in name:
-            continue
-        path = parent / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer holds it
-            host, _, pid_text = name.rsplit(STAGING_MARK, 1)[1].partition(".")
-            pid = int(pid_text.split(".")[0]) if pid_text.split(".")[0].isdigit() else -1
-            young = time.time() - os.fstat(fd).st_mtime < _UNLOCKED_GRACE_SECONDS
-            if host == _HOST_TAG and _pid_alive(pid) and young:
-                continue  # a live writer (maybe another thread of ours) created it a moment ago
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        finally:
-            os.close(fd)
-    return removed
-
-
-class LocalWritableFile:
-    """A file in a staging directory; ``close`` fsyncs it so it is durable before the commit."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise _storage_error("cannot create", path, exc) from exc
-
-    def write(self, data: memoryview | bytes, /) -> None:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                written = os.write(self._fd, view[: 1 << 30])
-                view = view[written:]
-        except OSError as exc:
-            raise _storage_error("cannot write", self._path, exc) from exc
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        fd, self._fd = self._fd, -1
-        try:
-            os.fsync(fd)  # a failed fsync is fatal: the data may be lost, never report success
-        except OSError as exc:
-            raise _storage_error("cannot fsync", self._path, exc) from exc
-        finally:
-            os.close(fd)
-
-    def discard(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-_DIRECT_ALIGN = 4096
-_DIRECT_BUFFER = 8 * 1024 * 1024  # two of them: 16 MiB of staging per file being written
-
-
-class DirectWritableFile:
-    """A staging-directory file written with ``O_DIRECT`` through two aligned bounce buffers.
-
-    Measured on the CI machine (benchmarks/write_paths.py): buffered writes of 1 GiB cost the VM
-    seconds of kernel CPU in the page cache, O_DIRECT writes from aligned memory reach 1.2-1.5x
-    the buffered throughput and leave the CPU to hashing. The caller's bytes are copied into one
-    buffer while the other is written by a helper thread. The tail is padded to the alignment and
-    the file truncated to its true length before the fsync.
-    """
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self._path = path
-        self._fd = fd
-        self._buffers = [mmap.mmap(-1, _DIRECT_BUFFER) for _ in range(2)]
-        self._current = 0
-        self._fill = 0
-        self._size = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-direct")
-        self._pending: Future[None] | None = None
-
-    def _flush(self, length: int) -> None:
-        """Hands the current buffer's first ``length`` bytes (aligned) to the writer thread."""
-        if self._pending is not None:
-            self._pending.result()
-        view = memoryview(self._buffers[self._current])[:length]
-        self._pending = self._pool.submit(self._write_all, view)
-        self._current ^= 1
-        self._fill = 0
-
-    def _write_all(self, view: memoryview) -> None:
-        offset = 0
-        while offset < len(view):
-            offset += os.write(self._fd, view[offset:])
-
-    def write(self, data: memoryview | bytes, /) -> None:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                take = min(len(view), _DIRECT_BUFFER - self._fill)
-                buffer = self._buffers[self._current]
-                buffer[self._fill : self._fill + take] = view[:take]
-                self._fill += take
-                self._size += take
-                view = view[take:]
-                if self._fill == _DIRECT_BUFFER:
-                    self._flush(_DIRECT_BUFFER)
-        except OSError as exc:
-            raise _storage_error("cannot write", self._path, exc) from exc
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        fd = self._fd
-        try:
-            tail = self._fill
-            if tail:
-                padded = -(-tail // _DIRECT_ALIGN) * _DIRECT_ALIGN
-                self._buffers[self._current][tail:padded] = bytes(padded - tail)
-                self._flush(padded)
-            if self._pending is not None:
-                self._pending.result()
-            os.ftruncate(fd, self._size)
-            os.fsync(fd)  # a failed fsync is fatal: the data may be lost, never report success
-        except OSError as exc:
-            raise _storage_error("cannot write or fsync", self._path, exc) from exc
-        finally:
-            self._fd = -1
-            os.close(fd)
-            self._release()
-
-    def _release(self) -> None:
-        self._pool.shutdown(wait=True)
-        for buffer in self._buffers:
-            # A failed write's traceback may still hold a view of the buffer: then the map is
-            # freed when that view goes, not now.
-            with suppress(BufferError):
-                buffer.close()
-
-    def discard(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            self._release()
-            os.close(fd)
-
-
-def open_writable(path: Path, *, direct: bool) -> LocalWritableFile | DirectWritableFile:
-    """A new file for a staging directory: ``O_DIRECT`` where asked and supported, else buffered."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            fd = os.open(path, flags | os.O_DIRECT, 0o644)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT (tmpfs)
-                raise _storage_error("cannot create", path, exc) from exc
-        else:
-            return DirectWritableFile(path, fd)
-    return LocalWritableFile(path)
-
-
-class LocalWriteTransaction:
-    def __init__(self, target: Path, *, overwrite: bool) -> None:
-        self.target = target
-        self.overwrite = overwrite
-        parent = target.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _storage_error("cannot create directory", parent, exc) from exc
-        self._check_target()
-        sweep_staging(parent)
-        name = f".{target.name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
-        self.staging = parent / name
-        try:
-            os.mkdir(self.staging, 0o755)
-            self._lock_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _storage_error("cannot create staging directory in", parent, exc) from exc
-        self._lock_staging()
-        self._files: list[LocalWritableFile | DirectWritableFile] = []
-        self._done = False
-
-    def _lock_staging(self) -> None:
-        """Locks our staging directory, waiting briefly: a sweeper in another save may hold the lock
-        for a moment while it decides to leave a young, live writer's directory alone."""
-        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self._lock_fd)
-                    shutil.rmtree(self.staging, ignore_errors=True)
-                    raise ConcurrentWriteError(
-                        errno.EWOULDBLOCK, f"{self.staging}: staging directory locked by another process"
-                    ) from None
-                time.sleep(0.005)
-
-    def _check_target(self) -> None:
-        target = self.target
-        if target.is_symlink():
-            raise CheckpointExistsError(f"{target} is a symlink; refusing to write through it")
-        if not target.exists():
-            return
-        if not target.is_dir():
-            raise CheckpointExistsError(f"{target} exists and is not a directory")
-        if _is_committed(target):
-            if not self.overwrite:
-                raise CheckpointExistsError(
-                    f"{target} is already a checkpoint; pass overwrite=True to replace it"
-                )
-        elif any(target.iterdir()):
-            raise CheckpointExistsError(
-                f"{target} is a non-empty directory that is not a checkpoint; not touching it"
-            )
-
-    def create(self, name: str, *, size_hint: int = 0) -> LocalWritableFile | DirectWritableFile:
-        settings = Settings.from_env()
-        direct = settings.direct_io and size_hint >= settings.direct_io_min_bytes
-        handle = open_writable(self.staging / name, direct=direct)
-        self._files.append(handle)
-        return handle
-
-    def commit(self, manifest: bytes) -> None:
-        if self._done:
-            raise StorageError(0, "transaction already finished")
-        out = self.create(MANIFEST_NAME)
-        out.write(manifest)
-        out.close()
-        published = False
-        try:
-            os.fsync(self._lock_fd)  # the staging directory's entries are durable
-            old = self._publish()
-            published = True
-            fsync_dir(self.target.parent)
-        except OSError as exc:
-            if published:  # the rename is not known durable: a failed save must leave no checkpoint
-                self._unpublish(old)
-            self.abort()
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise CheckpointExistsError(
-                    f"{self.target} was committed by another writer while this save ran"
-                ) from exc
-            raise _storage_error("cannot commit", self.target, exc) from exc
-        self._done = True
-        os.close(self._lock_fd)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)  # the replaced checkpoint, under a hidden name
-
-    def _publish(self) -> Path | None:
-        """Renames the staging directory onto the target; returns where a replaced checkpoint now
-        lies (hidden; deleted once the commit is durable), None when nothing was replaced."""
-        target = self.target
-        if self.overwrite and target.exists():
-            self._check_target()  # re-check right before the swap: never replace a foreign directory
-            if exchange_paths(self.staging, target):
-                return self.staging  # the old checkpoint, now under our name
-            trash = (
-                target.parent
-                / f".{target.name}{STAGING_MARK}{_HOST_TAG}.{os.getpid()}.old{secrets.token_hex(4)}"
-            )
-            os.rename(target, trash)  # fallback without renameat2: a moment with no checkpoint, never a mix
-            try:
-                os.rename(self.staging, target)
-            except OSError:
-                with suppress(OSError):
-                    os.rename(trash, target)  # the old checkpoint back where it was
-                raise
-            return trash
-        os.rename(self.staging, target)
-        return None
-
-    def _unpublish(self, old: Path | None) -> None:
-        """Undoes :meth:`_publish` (best effort) after the parent directory's fsync failed: the old
-        checkpoint, if any, returns to the target and ours to the staging name that abort removes.
-        Only while the target is still the directory we published (our lock fd names it)."""
-        with suppress(OSError):
-            now, ours = os.stat(self.target), os.fstat(self._lock_fd)
-            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
-                return
-            if old == self.staging:
-                exchange_paths(self.staging, self.target)
-            else:
-                os.rename(self.target, self.staging)
-                if old is not None:
-                    os.rename(old, self.target)
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        for handle in self._files:
-            handle.discard()
-        shutil.rmtree(self.staging, ignore_errors=True)
-        os.close(self._lock_fd)
-
-
-class LocalReadHandle:
-    """Reads files of one committed checkpoint; refuses symlinks and anything not a regular file.
-
-    Every file is opened relative to a descriptor of the checkpoint directory taken once, so a
-    reader stays on one checkpoint even if an overwrite swaps another into its path meanwhile.
-    """
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        if STAGING_MARK in target.name:
-            raise CheckpointNotFoundError(f"{target}: staging area of an unfinished save, never a checkpoint")
-        try:
-            self._dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise CheckpointNotFoundError(f"{target}: no such checkpoint directory") from exc
-        except OSError as exc:
-            raise _storage_error("cannot open", target, exc) from exc
-        self._fds: dict[str, int] = {}
-        try:
-            self._fd(MANIFEST_NAME)
-        except CorruptCheckpointError as exc:
-            self.close()
-            if exc.kind != "missing-file":
-                raise
-            raise CheckpointNotFoundError(
-                f"{target}: not a committed checkpoint (no {MANIFEST_NAME})"
-            ) from exc
-
-    def is_stale(self) -> bool:
-        """True when the path now names another directory than the one this handle reads."""
-        try:
-            now, ours = os.stat(self.target), os.fstat(self._dir_fd)
-        except OSError:
-            return True
-        return (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino)
-
-    def _fd(self, name: str) -> int:
-        fd = self._fds.get(name)
-        if fd is not None:
-            return fd
-        path = self.target / name
-        try:
-            # O_NONBLOCK: opening a FIFO planted in place of a file must not wait for a writer.
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            fd = os.open(name, flags, dir_fd=self._dir_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeCheckpointError(
-                    "is a symlink; checkpoints never follow links", path=str(self.target), file=name
-                ) from exc
-            if exc.errno == errno.ENOENT:
-                raise CorruptCheckpointError(
-                    "file listed in the manifest is missing",
-                    path=str(self.target),
-                    file=name,
-                    kind="missing-file",
-                ) from exc
-            raise _storage_error("cannot open", path, exc) from exc
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UnsafeCheckpointError("is not a regular file", path=str(self.target), file=name)
-        os.set_blocking(fd, True)
-        self._fds[name] = fd
-        return fd
-
-    def read_manifest(self) -> bytes:
-        fd = self._fd(MANIFEST_NAME)
-        size = os.fstat(fd).st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(
-                f"manifest of {size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
-                path=str(self.target),
-                file=MANIFEST_NAME,
-                kind="bad-manifest",
-            )
-        return self.read(MANIFEST_NAME, 0, size)
-
-    def file_names(self) -> list[str]:
-        return sorted(os.listdir(self._dir_fd))
-
-    def size(self, name: str) -> int:
-        return os.fstat(self._fd(name)).st_size
-
-    def read(self, name: str, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        self.read_into(name, offset, memoryview(buffer))
-        return bytes(buffer)
-
-    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        fd = self._fd(name)
-        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
-        done = 0
-        try:
-            while done < len(view):
-                got = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
-                if got == 0:
-                    raise CorruptCheckpointError(
-                        f"file ends at byte {offset + done}, expected {offset + len(view)}",
-                        path=str(self.target),
-                        file=name,
-                        kind="truncated",
-                    )
-                done += got
-        except OSError as exc:
-            raise _storage_error("cannot read", self.target / name, exc) from exc
-
-    def mmap(self, name: str, *, copy_on_write: bool = False) -> mmap.mmap | None:
-        fd = self._fd(name)
-        if os.fstat(fd).st_size == 0:
-            return None
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
-
-
-class LocalStorage:
-    """The local-disk backend; paths are plain file-system paths."""
-
+    # -- checkpoints ----------------------------------------------------------------------------
     def begin(self, target: str, *, overwrite: bool) -> LocalWriteTransaction:
         return LocalWriteTransaction(Path(target).absolute(), overwrite=overwrite)
 
@@ -550,14 +63,14 @@ class LocalStorage:
             try:
                 return LocalReadHandle(Path(target))
             except CheckpointNotFoundError as exc:
-                if not isinstance(exc.__cause__, CorruptCheckpointError) or not _is_committed(Path(target)):
+                if not isinstance(exc.__cause__, CorruptCheckpointError) or not is_committed(Path(target)):
                     raise
         return LocalReadHandle(Path(target))
 
     def iter_checkpoints(self, root: str) -> Iterator[str]:
         """Committed checkpoints under ``root`` (itself included), skipping staging and hidden dirs."""
         base = Path(root)
-        if _is_committed(base):
+        if is_committed(base):
             yield str(base)
             return
         for dirpath, dirnames, filenames in os.walk(base):
@@ -565,3 +78,70 @@ class LocalStorage:
             if MANIFEST_NAME in filenames and dirpath != str(base):
                 dirnames[:] = []
                 yield dirpath
+
+    def list(self, prefix: str) -> list[Entry]:
+        """Children of ``prefix``; links are never followed (a linked child is left out) and a
+        staging directory is listed as a plain directory, never as a checkpoint."""
+        try:
+            scan = list(os.scandir(prefix))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise storage_error("cannot list", prefix, exc) from exc
+        entries: list[Entry] = []
+        for item in sorted(scan, key=lambda e: e.name):
+            try:
+                st = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted since the scan
+            kind: EntryKind
+            if stat.S_ISREG(st.st_mode):
+                kind = "document"
+            elif not stat.S_ISDIR(st.st_mode):
+                continue  # links, FIFOs, sockets: never ours
+            else:
+                kind = "directory"
+                if STAGING_MARK not in item.name:
+                    try:
+                        manifest = os.stat(os.path.join(item.path, MANIFEST_NAME), follow_symlinks=False)
+                    except OSError:
+                        pass
+                    else:
+                        if stat.S_ISREG(manifest.st_mode):
+                            kind, st = "checkpoint", manifest
+            entries.append(Entry(item.name, item.path, kind, st.st_mtime, st.st_size))
+        return entries
+
+    def change_token(self, prefix: str) -> str | None:
+        """The directory's identity and modification time: every entry added, renamed (a commit,
+        an overwrite's swap, a document replaced) or removed under it changes its mtime."""
+        try:
+            st = os.stat(prefix)
+        except OSError:
+            return None
+        return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+
+    def delete(self, target: str) -> bool:
+        """Renames the checkpoint to a hidden staging name first (one step: it is never seen half
+        deleted), then removes it; a crash in between leaves a leftover the next save sweeps."""
+        source = Path(target)
+        trash = source.with_name(
+            f".{source.name}{STAGING_MARK}{HOST_TAG}.{os.getpid()}.del{secrets.token_hex(4)}"
+        )
+        try:
+            os.rename(source, trash)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise storage_error("cannot delete", source, exc) from exc
+        if trash.is_symlink():
+            trash.unlink()  # a planted link is removed itself, never what it points at
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def chunk_store(self, checkpoint: str) -> ChunkStore:
+        return ChunkStore.for_checkpoint(checkpoint)
+
+    def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:
+        return atomic_output(Path(target), action)
