@@ -47,6 +47,7 @@ from .report_trajectory import (
     Trajectory,
     trajectory,
 )
+from .storage import atomic_file
 
 __all__ = [
     "BEST",
@@ -69,11 +70,9 @@ __all__ = [
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replaces ``path`` in one rename: a reader (a browser reloading) never sees half a file."""
-    target = Path(path)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
+    """Replaces ``path`` in one rename: a reader (a browser reloading) never sees half a file.
+
+    The one atomic writer of the package (:mod:`ckptvault.storage.atomic_file`); a failure is a
+    :class:`~ckptvault.errors.StorageError` (an ``OSError``) and leaves no temporary file behind.
+    """
+    atomic_file.write_atomically(Path(path), data)

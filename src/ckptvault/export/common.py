@@ -1,9 +1,10 @@
-"""What every export format shares: the result and error types, sizes, and atomic outputs.
+"""What every export format shares: the result and error types, and sizes.
 
 Split out of ``ckptvault.export`` so that each format module (torch, hf, onnx) imports only the
-small common ground -- the :class:`ExportResult` it returns, the errors it raises, and the
-temporary-name-then-rename rule that keeps a failed export from leaving a partial output --
-instead of the other formats' code.
+small common ground -- the :class:`ExportResult` it returns and the errors it raises -- instead of
+the other formats' code. The temporary-name-then-rename rule that keeps a failed export from leaving
+a partial output is storage's (:mod:`ckptvault.storage.atomic_file` for one file,
+:func:`ckptvault.storage.localfiles.publish_directory` for a directory): one implementation.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, StorageError
+from ..errors import CheckpointError
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int], None]
@@ -82,42 +80,3 @@ def parse_size(text: str | int) -> int:
     if value < 1 or not math.isfinite(value):
         raise ValueError(f"a size must be at least one byte, got {text!r}")
     return int(value)
-
-
-# -- atomic outputs -------------------------------------------------------------------------------
-def temp_beside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems cannot open directories; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target``; renamed over it (after an fsync) only if the block
-    succeeds, removed otherwise."""
-    temp = temp_beside(target)
-    try:
-        yield temp
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        fsync_dir(target.parent)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        if isinstance(exc, CheckpointError):
-            raise
-        raise StorageError(exc.errno or 0, f"cannot export to {target}: {exc}") from exc
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -8,25 +8,21 @@ directory install that replaces only an earlier export.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, StorageError
 from ..format.dtypes import TORCH_DTYPES
 from ..format.tensorfile import build_header
+from ..storage.localfiles import Refusal, durable_output, file_size, publish_directory
 from .common import (
     DEFAULT_MAX_SHARD_SIZE,
     ExportError,
     ExportResult,
     PathLike,
     Progress,
-    fsync_dir,
     parse_size,
-    temp_beside,
 )
 from .weights import model_weights
 
@@ -98,7 +94,7 @@ def _write_safetensors(
         metadata,
     )
     size = len(header)
-    with open(path, "wb") as handle:
+    with durable_output(path) as handle:
         handle.write(header)
         for _name, tensor in tensors:
             flat = tensor.detach().contiguous().reshape(-1)
@@ -108,36 +104,18 @@ def _write_safetensors(
                 size += data.nbytes
                 if progress is not None:
                     progress(data.nbytes)
-        handle.flush()
-        os.fsync(handle.fileno())
     return size
 
 
-def _install_directory(temp: Path, target: Path, overwrite: bool) -> None:
-    """Renames the finished ``temp`` directory to ``target``; an existing ``target`` is replaced
-    only with ``overwrite`` and only when it is an earlier export (it has a config.json)."""
-    if target.exists() or target.is_symlink():
-        if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
-            target.rmdir()
-        elif not overwrite:
-            raise ExportError(f"{target} exists; pass overwrite (--overwrite) to replace an earlier export")
-        elif not (target.is_dir() and not target.is_symlink() and (target / HF_CONFIG).is_file()):
-            raise ExportError(
-                f"{target} exists and is not an earlier export (no {HF_CONFIG}); not replacing it"
-            )
-        else:
-            old = temp_beside(target)
-            os.rename(target, old)
-            try:
-                os.rename(temp, target)
-            except BaseException:
-                os.rename(old, target)  # the earlier export stays where it was
-                raise
-            fsync_dir(target.parent)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.rename(temp, target)
-    fsync_dir(target.parent)
+def _refusal(target: Path) -> Callable[[Refusal], ExportError]:
+    """Why an existing ``target`` is not replaced, in the words of an export."""
+
+    def refuse(why: Refusal) -> ExportError:
+        if why == "exists":
+            return ExportError(f"{target} exists; pass overwrite (--overwrite) to replace an earlier export")
+        return ExportError(f"{target} exists and is not an earlier export (no {HF_CONFIG}); not replacing it")
+
+    return refuse
 
 
 def export_hf(
@@ -188,9 +166,11 @@ def export_hf(
         names = [HF_WEIGHTS] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
         ]  # fmt: skip
-        temp = temp_beside(target)
-        try:
-            temp.mkdir()
+        # Staged in a sibling directory and renamed into place whole; an existing target is
+        # replaced only with overwrite and only when it is an earlier export (it has a config.json).
+        with publish_directory(
+            target, overwrite=overwrite, marker=HF_CONFIG, refuse=_refusal(target), action="export to"
+        ) as temp:
             total = 0
             for file_name, shard in zip(names, shards, strict=True):
                 # A tensor whose bytes are already in a shard (tied) is written again: a clone.
@@ -206,24 +186,12 @@ def export_hf(
                     {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
                 )
                 files.append(HF_INDEX)
-            fsync_dir(temp)
-            _install_directory(temp, target, overwrite)
-        except OSError as exc:
-            shutil.rmtree(temp, ignore_errors=True)
-            if isinstance(exc, CheckpointError):
-                raise
-            raise StorageError(exc.errno or 0, f"cannot export to {target}: {exc}") from exc
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-    size = total + sum((target / f).stat().st_size for f in files if not f.endswith(".safetensors"))
+    size = total + sum(file_size(target / f) for f in files if not f.endswith(".safetensors"))
     return ExportResult(str(target), "hf", tuple(sorted(files)), size, len(weights), source)
 
 
 def _write_json(path: Path, doc: Any) -> None:
     """JSON as transformers writes its config and index: 2-space indent, sorted keys, newline."""
     text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    with durable_output(path) as handle:
+        handle.write(text.encode("utf-8"))

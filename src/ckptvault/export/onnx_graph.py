@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, StorageError
-from .common import ExportError, ExportMismatchError, ExportResult, PathLike, fsync_dir, temp_beside
+from ..storage.atomic_file import publish_file
+from ..storage.localfiles import file_size, scratch_directory
+from .common import ExportError, ExportMismatchError, ExportResult, PathLike
 from .weights import model_weights
 
 ONNX_RTOL, ONNX_ATOL = 1e-4, 1e-5
@@ -190,63 +191,57 @@ def export_onnx(
     with torch.no_grad():
         reference = [t.detach() for t in _flat_outputs(model(*inputs))]
     target = Path(out)
-    work = temp_beside(target)
     try:
-        work.mkdir()
-        graph = work / (target.name or "model.onnx")
-        exporter = _run_exporter(model, tuple(inputs), reference, graph, opset)
-        if sorted(p.name for p in work.iterdir()) != [graph.name]:
-            raise ExportError(
-                "the model exceeds protobuf's 2 GB limit (the exporter wrote external data files); "
-                "this export writes single-file ONNX graphs only"
-            )
-        try:
-            onnx.checker.check_model(os.fspath(graph))
-        except Exception as exc:  # onnx.checker.ValidationError and friends
-            raise ExportError(f"the exported graph is not valid ONNX: {exc}") from exc
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(os.fspath(graph), options, providers=["CPUExecutionProvider"])
-        feed_names = {i.name for i in session.get_inputs()}
-        feed = {
-            f"input_{i}": _numpy(t, f"probe input {i}")
-            for i, t in enumerate(inputs)
-            if f"input_{i}" in feed_names
-        }
-        outputs = session.run(None, feed)
-        if len(outputs) != len(reference):
-            raise ExportMismatchError(
-                f"the ONNX graph gives {len(outputs)} outputs, the model {len(reference)}", math.inf
-            )
-        worst = 0.0
-        for i, (got, want) in enumerate(zip(outputs, reference, strict=True)):
-            want_np = _numpy(want, f"model output {i}")
-            if got.shape != want_np.shape:
-                raise ExportMismatchError(
-                    f"ONNX output {i} has shape {got.shape}, the model's {want_np.shape}", math.inf
+        with scratch_directory(target) as work:
+            graph = work / (target.name or "model.onnx")
+            exporter = _run_exporter(model, tuple(inputs), reference, graph, opset)
+            if sorted(p.name for p in work.iterdir()) != [graph.name]:
+                raise ExportError(
+                    "the model exceeds protobuf's 2 GB limit (the exporter wrote external data files); "
+                    "this export writes single-file ONNX graphs only"
                 )
-            if want_np.size:
-                diff = np.abs(got.astype(np.float64) - want_np.astype(np.float64))
-                worst = max(worst, float(np.nanmax(diff)) if not np.isnan(diff).all() else 0.0)
             try:
-                np.testing.assert_allclose(got, want_np, rtol=ONNX_RTOL, atol=ONNX_ATOL)
-            except AssertionError as exc:
+                onnx.checker.check_model(os.fspath(graph))
+            except Exception as exc:  # onnx.checker.ValidationError and friends
+                raise ExportError(f"the exported graph is not valid ONNX: {exc}") from exc
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(os.fspath(graph), options, providers=["CPUExecutionProvider"])
+            feed_names = {i.name for i in session.get_inputs()}
+            feed = {
+                f"input_{i}": _numpy(t, f"probe input {i}")
+                for i, t in enumerate(inputs)
+                if f"input_{i}" in feed_names
+            }
+            outputs = session.run(None, feed)
+            if len(outputs) != len(reference):
                 raise ExportMismatchError(
-                    f"ONNX output {i} differs from the torch model's on the probe "
-                    f"(rtol {ONNX_RTOL}, atol {ONNX_ATOL}): {exc}",
-                    worst,
-                ) from None
-        del session
-        with open(graph, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(graph, target)
-        fsync_dir(target.parent)
+                    f"the ONNX graph gives {len(outputs)} outputs, the model {len(reference)}", math.inf
+                )
+            worst = 0.0
+            for i, (got, want) in enumerate(zip(outputs, reference, strict=True)):
+                want_np = _numpy(want, f"model output {i}")
+                if got.shape != want_np.shape:
+                    raise ExportMismatchError(
+                        f"ONNX output {i} has shape {got.shape}, the model's {want_np.shape}", math.inf
+                    )
+                if want_np.size:
+                    diff = np.abs(got.astype(np.float64) - want_np.astype(np.float64))
+                    worst = max(worst, float(np.nanmax(diff)) if not np.isnan(diff).all() else 0.0)
+                try:
+                    np.testing.assert_allclose(got, want_np, rtol=ONNX_RTOL, atol=ONNX_ATOL)
+                except AssertionError as exc:
+                    raise ExportMismatchError(
+                        f"ONNX output {i} differs from the torch model's on the probe "
+                        f"(rtol {ONNX_RTOL}, atol {ONNX_ATOL}): {exc}",
+                        worst,
+                    ) from None
+            del session
+            publish_file(graph, target)  # fsynced, renamed into place, directory fsynced
     except OSError as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise StorageError(exc.errno or 0, f"cannot export to {target}: {exc}") from exc
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     n_params = len(model.state_dict())
     source = f"{source}; {exporter}, checked with onnxruntime on the probe"
-    return ExportResult(str(target), "onnx", (target.name,), target.stat().st_size, n_params, source, worst)
+    return ExportResult(str(target), "onnx", (target.name,), file_size(target), n_params, source, worst)

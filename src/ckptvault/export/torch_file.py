@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import ExportError, ExportResult, PathLike, atomic_file
+from ..storage.atomic_file import atomic_path
+from ..storage.localfiles import file_size
+from .common import ExportError, ExportResult, PathLike
 from .weights import all_leaves, model_weights
 
 
@@ -32,7 +34,7 @@ def export_torch(checkpoint: PathLike, out: PathLike) -> ExportResult:
             source = "every tensor leaf by its dotted tree path"
             if skipped:
                 source += f" (skipped {len(skipped)} arrays torch cannot hold: {skipped[:5]})"
-    with atomic_file(target) as temp:
+    with atomic_path(target, "export to") as temp:
         with open(temp, "wb") as handle:
             torch.save(weights, handle)
         try:
@@ -45,4 +47,4 @@ def export_torch(checkpoint: PathLike, out: PathLike) -> ExportResult:
             raise ExportError(f"{target}: torch.load gave back other keys than were saved")
         del back
     tensors = sum(isinstance(v, torch.Tensor) for v in weights.values())
-    return ExportResult(str(target), "torch", (target.name,), target.stat().st_size, tensors, source)
+    return ExportResult(str(target), "torch", (target.name,), file_size(target), tensors, source)
