@@ -30,14 +30,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConcurrentWriteError, DocumentConflictError
+from ..errors import ConcurrentWriteError, DocumentConflictError, StorageError
 from .base import Document
 from .local_common import storage_error
-from .safeopen import open_dir, open_file, read_fd
+from .safeopen import UnsafeFileError, open_dir, open_file, read_fd
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what put() names its temporary files
 _LEASED: set[str] = set()  # keys this process holds a lease of (record locks do not exclude us)
 _LEASED_LOCK = threading.Lock()
+
+
+def _open(key: str, flags: int, *, dir_fd: int) -> int:
+    """``safeopen.open_file`` of the key's last component in ``dir_fd``; a refusal names the key."""
+    try:
+        return open_file(Path(key).name, flags, dir_fd=dir_fd)
+    except UnsafeFileError as exc:
+        raise UnsafeFileError(exc.errno or 0, f"{key}: {exc.strerror or exc}") from exc
 
 
 def version_of(data: bytes) -> str:
@@ -68,12 +76,16 @@ class LocalDocuments(_Rooted):
             dir_fd = self._parent_fd(key, create=False)
         except FileNotFoundError:
             return None
+        except StorageError:
+            raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
             raise storage_error("cannot open the directory of", key, exc) from exc
         try:
-            fd = open_file(Path(key).name, os.O_RDONLY, dir_fd=dir_fd)
+            fd = _open(key, os.O_RDONLY, dir_fd=dir_fd)
         except FileNotFoundError:
             return None
+        except StorageError:
+            raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
             raise storage_error("cannot open", key, exc) from exc
         finally:
@@ -96,6 +108,8 @@ class LocalDocuments(_Rooted):
         name = Path(key).name
         try:
             dir_fd = self._parent_fd(key, create=True)
+        except StorageError:
+            raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
             raise storage_error("cannot open the directory of", key, exc) from exc
         try:
@@ -103,6 +117,8 @@ class LocalDocuments(_Rooted):
             if if_version is not None or if_absent:
                 self._check_condition(key, dir_fd, if_version, if_absent)
             _replace(dir_fd, name, data, durable=durable)
+        except StorageError:
+            raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
             raise storage_error("cannot write", key, exc) from exc
         finally:
@@ -112,7 +128,7 @@ class LocalDocuments(_Rooted):
     @staticmethod
     def _check_condition(key: str, dir_fd: int, if_version: str | None, if_absent: bool) -> None:
         try:
-            fd = open_file(Path(key).name, os.O_RDONLY, dir_fd=dir_fd)
+            fd = _open(key, os.O_RDONLY, dir_fd=dir_fd)
         except FileNotFoundError:
             if if_version is not None:
                 raise DocumentConflictError(errno.ENOENT, f"{key} was removed by another writer") from None
@@ -131,6 +147,8 @@ class LocalDocuments(_Rooted):
             dir_fd = self._parent_fd(key, create=False)
         except FileNotFoundError:
             return False
+        except StorageError:
+            raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
             raise storage_error("cannot open the directory of", key, exc) from exc
         try:
@@ -141,6 +159,8 @@ class LocalDocuments(_Rooted):
                 os.unlink(Path(key).name, dir_fd=dir_fd)
             except FileNotFoundError:
                 return False
+            except StorageError:
+                raise  # already typed (a refused link, a lost compare-and-swap)
             except OSError as exc:
                 raise storage_error("cannot remove", key, exc) from exc
             return True
@@ -165,7 +185,7 @@ class LocalDocuments(_Rooted):
         try:
             dir_fd = self._parent_fd(key, create=True)
             try:
-                fd = open_file(Path(key).name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, dir_fd=dir_fd)
+                fd = _open(key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)
             try:
@@ -174,6 +194,8 @@ class LocalDocuments(_Rooted):
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
+        except StorageError:
+            raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
             raise storage_error("cannot append to", key, exc) from exc
 
@@ -181,11 +203,13 @@ class LocalDocuments(_Rooted):
         try:
             dir_fd = self._parent_fd(key, create=False)
             try:
-                fd = open_file(Path(key).name, os.O_RDONLY, dir_fd=dir_fd)
+                fd = _open(key, os.O_RDONLY, dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)
         except FileNotFoundError:
             return
+        except StorageError:
+            raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
             raise storage_error("cannot read", key, exc) from exc
         with os.fdopen(fd, "rb") as handle:
@@ -205,13 +229,17 @@ class LocalDocuments(_Rooted):
             try:
                 dir_fd = self._parent_fd(key, create=True)
                 try:
-                    fd = open_file(Path(key).name, os.O_RDWR | os.O_CREAT, dir_fd=dir_fd)
+                    fd = _open(key, os.O_RDWR | os.O_CREAT, dir_fd=dir_fd)
                 finally:
                     os.close(dir_fd)
+            except StorageError:
+                raise  # already typed (a refused link, a lost compare-and-swap)
             except OSError as exc:
                 raise storage_error("cannot open", key, exc) from exc
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except StorageError:
+                raise  # already typed (a refused link, a lost compare-and-swap)
             except OSError as exc:
                 if exc.errno not in (errno.EACCES, errno.EAGAIN):
                     os.close(fd)

@@ -17,6 +17,7 @@ from .local import LocalStorage
 PathLike = str | os.PathLike[str]
 
 
-def storage_for(path: PathLike) -> tuple[Storage, str]:
-    """The backend that owns ``path`` and the path in that backend's terms."""
-    return LocalStorage(), os.fspath(path)
+def storage_for(path: PathLike, *, rooted: bool = False) -> tuple[Storage, str]:
+    """The backend that owns ``path`` and the path in that backend's terms. ``rooted``: a backend
+    rooted at ``path`` (a run or a registry root the user named: below it no link is followed)."""
+    return LocalStorage(root=path if rooted else None), os.fspath(path)
