@@ -85,12 +85,9 @@ KNOWN_FILE_OPS: dict[str, str] = {
     "ckptvault.catalog.registry": f"{_ITEMS_1_2}: registry entries become CAS documents, flock a lease",
     "ckptvault.catalog.sync": f"{_ITEMS_1_2}: the catalog syncs through Storage listing and change tokens",
     "ckptvault.cli.check_resume": f"{_ITEMS_1_2}: reads the run through the run-directory class",
-    "ckptvault.legacy": f"{_ITEMS_1_2}: size of the foreign .pt file it imports",
     "ckptvault.manager": f"{_ITEMS_1_2}: run lock, run.json, index, pins, deletes: run directory",
     "ckptvault.report_trajectory": f"{_ITEMS_1_2}: reads the run through the run-directory class",
-    "ckptvault.training.fingerprint": f"{_ITEMS_1_2}: its cache file and the files it fingerprints",
     "ckptvault.validation": f"{_ITEMS_1_2}: validation results through the run-directory class",
-    "ckptvault.validation_worker": f"{_ITEMS_1_2}: the worker's pipe fds (not disk files; may stay)",
 }
 
 

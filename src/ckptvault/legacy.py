@@ -23,6 +23,7 @@ from .api import PathLike, save
 from .config import MAX_TREE_NODES
 from .engine.budget import default_limit
 from .errors import CheckpointError, ResourceLimitError, UnsafeLegacyFileError, UnsupportedStateError
+from .storage.localfiles import file_size
 from .types import CheckpointInfo
 
 
@@ -152,7 +153,7 @@ def import_legacy(
     :class:`~ckptvault.errors.ResourceLimitError` before writing anything.
     """
     path = os.fspath(source)
-    limit = max_bytes if max_bytes is not None else default_limit(os.path.getsize(path))
+    limit = max_bytes if max_bytes is not None else default_limit(file_size(path))
     _check_archive(path, limit)
     state = read_legacy(source)
     check_bounds(state, max_nodes=MAX_TREE_NODES, max_bytes=limit)

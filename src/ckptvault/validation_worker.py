@@ -18,6 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .storage.localfiles_fd import close_fd, line_writer_on_copy, read_some, write_all
 from .validation.probe import run_probe
 from .validation.results import GPU_TOLERANCE, PROBE_FILE, number, readback, recorded_module
 
@@ -117,7 +118,7 @@ def _serve() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the training process decides what it
     # means (a final save, say, which should still be validated); the server ends when stdin closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    protocol = line_writer_on_copy(1)
     os.dup2(2, 1)  # stray prints (of imports, of the model's code) must not corrupt the protocol
     _prepare_worker_process()
     import threading as _threading
@@ -185,8 +186,8 @@ def _fork_check(path: str, timeout: float, cwd: str, protocol_fd: int, trust: Tr
         if pid == 0:  # the child: check, write the result, exit without running any cleanup
             code = 70
             try:
-                os.close(read_end)
-                os.close(protocol_fd)
+                close_fd(read_end)
+                close_fd(protocol_fd)
                 os.dup2(log.fileno(), 1)
                 os.dup2(log.fileno(), 2)
                 try:
@@ -195,15 +196,13 @@ def _fork_check(path: str, timeout: float, cwd: str, protocol_fd: int, trust: Tr
                     doc = _check(path, trust)
                 except Exception as exc:  # every failure is a finding
                     doc = {"problems": [f"{type(exc).__name__}: {exc}"], "checks": []}
-                view = memoryview(json.dumps(doc).encode())
-                while view:
-                    view = view[os.write(write_end, view) :]
+                write_all(write_end, json.dumps(doc).encode())
                 code = 0
             finally:
                 os._exit(code)
-        os.close(write_end)
+        close_fd(write_end)
         data, over = _read_until(read_end, started + timeout)
-        os.close(read_end)
+        close_fd(read_end)
         if over:
             os.kill(pid, signal.SIGKILL)
         status = _wait_child(pid, started + timeout)
@@ -227,7 +226,7 @@ def _read_until(fd: int, deadline: float) -> tuple[bytes, bool]:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             return b"".join(chunks), True
-        chunk = os.read(fd, 1 << 16)
+        chunk = read_some(fd, 1 << 16)
         if not chunk:
             return b"".join(chunks), False
         chunks.append(chunk)

@@ -37,14 +37,12 @@ corrupt it; the last writer wins and the others' new entries are simply re-hashe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import stat
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,8 @@ from pathlib import Path
 from ..config import DIGEST_ALGORITHMS
 from ..errors import CheckpointError
 from ..format.digest import new_hasher
+from ..storage.atomic_file import write_atomically
+from ..storage.localfiles import read_blocks, read_link, stat_path, walk_sorted
 
 __all__ = ["MAX_CACHE_ENTRIES", "RACY_WINDOW_NS", "cache_path", "fingerprint"]
 
@@ -153,20 +153,13 @@ class _DigestCache:
                 name: [*dataclasses.astuple(e.key), e.digest, e.used_s] for name, e in self.entries.items()
             },
         }
-        tmp: str | None = None
+        data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".fingerprints-", suffix=".tmp", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(doc, out, separators=(",", ":"))
-            os.replace(tmp, self.path)
-            tmp = None
+            # Atomic but not durable (no fsync): losing the cache only costs a re-hash.
+            write_atomically(self.path, data, "write the fingerprint cache", durable=False)
         except OSError:
             pass  # a read-only home or a full disk must not fail the run; we re-hash next time
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
 
 def _hash_file(path: str, algorithm: str, size_hint: int) -> tuple[str, int]:
@@ -175,13 +168,9 @@ def _hash_file(path: str, algorithm: str, size_hint: int) -> tuple[str, int]:
     buffer = bytearray(min(_READ_CHUNK, max(size_hint, 1)))
     view = memoryview(buffer)
     total = 0
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            n = handle.readinto(view)
-            if not n:
-                break
-            hasher.update(view[:n])
-            total += n
+    for block in read_blocks(path, view):
+        hasher.update(block)
+        total += len(block)
     return hasher.hexdigest(), total
 
 
@@ -202,29 +191,13 @@ def _digest_settled(item: _Pending, algorithm: str) -> tuple[_Pending, bool]:
     for _ in range(_HASH_ATTEMPTS):
         started_ns = time.time_ns()
         digest, nbytes = _hash_file(item.path, algorithm, item.key.size)
-        after = _FileKey.of(os.stat(item.path, follow_symlinks=False))
+        after = _FileKey.of(stat_path(item.path, follow_symlinks=False))
         if after == item.key and nbytes == item.key.size:
             item.digest = digest
             racy = max(item.key.mtime_ns, item.key.ctime_ns) >= started_ns - RACY_WINDOW_NS
             return item, not racy
         item.key = after
     raise CheckpointError(f"fingerprint: {item.path!r} kept changing while it was being read")
-
-
-def _walk(root: str, rel: str) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(relative path, absolute path, lstat) of everything under ``root``, sorted, depth first.
-
-    Errors (permission denied, a directory vanishing) propagate: skipping silently would give a
-    fingerprint of data that is not what the run reads.
-    """
-    with os.scandir(root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        child_rel = f"{rel}/{entry.name}" if rel else entry.name
-        st = entry.stat(follow_symlinks=False)
-        yield child_rel, entry.path, st
-        if stat.S_ISDIR(st.st_mode):
-            yield from _walk(entry.path, child_rel)
 
 
 def _other_kind(mode: int) -> str:
@@ -270,14 +243,14 @@ def fingerprint(
     pending: list[tuple[list[object], _Pending]] = []
     for index, root in enumerate(roots):
         try:
-            root_st = os.stat(root)  # the named root is followed, see the module docstring
+            root_st = stat_path(root)  # the named root is followed, see the module docstring
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 exc.errno, f"fingerprint: no such file or directory: {root!r}", root
             ) from exc
         if stat.S_ISDIR(root_st.st_mode):
             records.append(["root", index, "dir"])
-            for rel, full, st in _walk(root, ""):
+            for rel, full, st in walk_sorted(root):  # sorted, depth first, links not followed
                 records.append(_record(rel, full, st, pending))
         else:
             records.append(["root", index, "file" if stat.S_ISREG(root_st.st_mode) else "other"])
@@ -303,7 +276,7 @@ def _record(
     if stat.S_ISDIR(mode):
         return ["dir", rel]
     if stat.S_ISLNK(mode):
-        return ["link", rel, os.readlink(full)]
+        return ["link", rel, read_link(full)]
     return ["other", rel, _other_kind(mode)]
 
 
