@@ -22,7 +22,8 @@ script can guard a whole save or restore with one ``except``. The tree::
         (training.state), StagingBudgetError (engine.staging), ExportError > ExportMismatchError
         (export), RegistryError > ReplacedCheckpointError (catalog.registry), CatalogError
         (catalog.store), QueryError (catalog.query), ReportError (reporting), UnsafeFileError
-        (storage.safeopen, a StorageError: a bookkeeping file is a link or not a regular file)
+        (storage.safeopen, a StorageError: a bookkeeping file is a link or not a regular file),
+        DamagedRunFileError (engine.rundir: run.json or pins.json exists but does not parse)
 
 Corruption errors carry ``file`` and ``tensor`` so a user knows *where* without parsing text.
 """

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ckptvault as cv
-from ckptvault.storage import local
+from ckptvault.storage import local_write as local
 
 
 def _state() -> dict[str, np.ndarray]:

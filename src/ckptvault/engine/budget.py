@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError, ResourceLimitError
 from ..format.manifest import Manifest
-from ..storage.base import ReadHandle
-from ..storage.chunkstore import ChunkStore
+from ..storage.base import ChunkBackend, ReadHandle
 
 DEFAULT_MAX_BYTES = 64 * 1024**3
 
@@ -45,7 +44,7 @@ def default_limit(stored: int) -> int:
     return max(DEFAULT_MAX_BYTES, stored)
 
 
-def stored_bytes(manifest: Manifest, handle: ReadHandle, store: ChunkStore | None) -> int:
+def stored_bytes(manifest: Manifest, handle: ReadHandle, store: ChunkBackend | None) -> int:
     """Bytes this checkpoint really has on storage: its files (as they are, not as the manifest
     says) plus every distinct chunk it references that exists with the recorded size."""
     total = 0
@@ -72,7 +71,7 @@ def stored_bytes(manifest: Manifest, handle: ReadHandle, store: ChunkStore | Non
 
 
 def limit_for(
-    max_bytes: int | None, manifest: Manifest, handle: ReadHandle, store: ChunkStore | None
+    max_bytes: int | None, manifest: Manifest, handle: ReadHandle, store: ChunkBackend | None
 ) -> ByteBudget:
     """The budget of one read: the caller's ``max_bytes``, else the default over what is stored."""
     if max_bytes is not None:

@@ -27,7 +27,7 @@ from ..errors import CorruptCheckpointError, StorageError
 from ..format import codec
 from ..format.digest import chunked_tensor_digest, digest_bytes
 from ..format.dtypes import SAFETENSORS_ITEMSIZE
-from ..storage.chunkstore import ChunkStore
+from ..storage.base import ChunkBackend
 from ..types import ChunkRef, TensorEntry
 from .arrays import Blob
 from .arrays import version_key as version_key  # its old home; kept importable
@@ -93,7 +93,9 @@ class HintCache:
     hits: int = 0
     misses: int = 0
 
-    def lookup(self, blob: Blob, sample: str | None, store: ChunkStore, algorithm: str) -> TensorEntry | None:
+    def lookup(
+        self, blob: Blob, sample: str | None, store: ChunkBackend, algorithm: str
+    ) -> TensorEntry | None:
         record = self.records.get(blob.name)
         if record is None or blob.version_key is None or sample is None or record.algorithm != algorithm:
             return None
@@ -123,7 +125,7 @@ class HintCache:
 
 
 def split_blobs(
-    blobs: list[Blob], options: ChunkOptions, hints: HintCache | None, store: ChunkStore, algorithm: str
+    blobs: list[Blob], options: ChunkOptions, hints: HintCache | None, store: ChunkBackend, algorithm: str
 ) -> tuple[list[Blob], list[ChunkedBlob]]:
     """Separates the blobs that go to the chunk store, and finds those a hint proves unchanged."""
     small: list[Blob] = []
@@ -144,7 +146,7 @@ def split_blobs(
 
 
 def write_chunked(
-    store: ChunkStore,
+    store: ChunkBackend,
     chunked: list[ChunkedBlob],
     *,
     algorithm: str,
@@ -223,7 +225,7 @@ def write_chunked(
 
 
 def _put_chunk(
-    store: ChunkStore, algorithm: str, piece: np.ndarray, itemsize: int, methods: tuple[int, ...] | None
+    store: ChunkBackend, algorithm: str, piece: np.ndarray, itemsize: int, methods: tuple[int, ...] | None
 ) -> tuple[ChunkRef, int]:
     digest = digest_bytes(algorithm, memoryview(piece.data))
     found = store.find(digest, piece.size)
@@ -238,7 +240,7 @@ def _put_chunk(
 
 
 def read_chunked(
-    store: ChunkStore,
+    store: ChunkBackend,
     entry: TensorEntry,
     *,
     algorithm: str,

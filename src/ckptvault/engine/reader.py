@@ -30,8 +30,7 @@ from ..format.digest import data_file_digest, digest_bytes, new_hasher
 from ..format.manifest import Manifest, check_file_name, parse_manifest
 from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
 from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
-from ..storage.base import ReadHandle, Storage
-from ..storage.chunkstore import ChunkStore
+from ..storage.base import ChunkBackend, ReadHandle, Storage
 from ..types import Problem, TensorEntry, VerifyReport
 from .budget import ByteBudget, limit_for, stored_bytes
 from .chunks import read_chunked
@@ -50,6 +49,7 @@ class CheckpointReader:
 
     def __init__(self, storage: Storage, path: str) -> None:
         self.path = path
+        self.storage = storage
         self.handle: ReadHandle = storage.open(path)
         try:
             self.manifest: Manifest = parse_manifest(self.handle.read_manifest(), path=path)
@@ -58,7 +58,7 @@ class CheckpointReader:
             raise
         self._headers: dict[str, ParsedHeader] = {}
         self._maps: dict[str, Any] = {}
-        self._store: ChunkStore | None = None
+        self._store: ChunkBackend | None = None
         self._by_file: dict[str, list[TensorEntry]] | None = None
 
     @property
@@ -77,7 +77,7 @@ class CheckpointReader:
             self._by_file = index
         return self._by_file.get(file, [])
 
-    def _store_if_chunked(self) -> ChunkStore | None:
+    def _store_if_chunked(self) -> ChunkBackend | None:
         return self.store if any(t.chunks is not None for t in self.manifest.tensors.values()) else None
 
     def stored_bytes(self) -> int:
@@ -89,10 +89,10 @@ class CheckpointReader:
         return limit_for(max_bytes, self.manifest, self.handle, self._store_if_chunked())
 
     @property
-    def store(self) -> ChunkStore:
+    def store(self) -> ChunkBackend:
         """The chunk store chunked tensors live in (beside the checkpoint)."""
         if self._store is None:
-            self._store = ChunkStore.for_checkpoint(self.path)
+            self._store = self.storage.chunk_store(self.path)
         return self._store
 
     def close(self) -> None:

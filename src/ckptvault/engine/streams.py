@@ -18,8 +18,7 @@ from ..errors import CorruptCheckpointError
 from ..format import codec
 from ..format.digest import chunked_tensor_digest, digest_bytes, new_hasher
 from ..format.tensorfile import ParsedHeader
-from ..storage.base import ReadHandle
-from ..storage.chunkstore import ChunkStore
+from ..storage.base import ChunkBackend, ReadHandle
 from ..types import ChunkRef, TensorEntry
 
 BLOCK_BYTES = 8 * 1024 * 1024
@@ -32,7 +31,7 @@ class TensorSource(Protocol):
     handle: ReadHandle
 
     @property
-    def store(self) -> ChunkStore: ...
+    def store(self) -> ChunkBackend: ...
 
     @property
     def algorithm(self) -> str: ...
@@ -41,7 +40,7 @@ class TensorSource(Protocol):
 
 
 def read_chunk(
-    store: ChunkStore,
+    store: ChunkBackend,
     ref: ChunkRef,
     *,
     algorithm: str,
@@ -96,7 +95,7 @@ def _check_chunk_list(entry: TensorEntry, algorithm: str, where: str | None) -> 
 
 
 def verify_chunked(
-    store: ChunkStore,
+    store: ChunkBackend,
     entry: TensorEntry,
     *,
     algorithm: str,

@@ -40,8 +40,8 @@ from ..format.manifest import CHUNKED_TENSORS, Manifest, check_file_name
 from ..format.strictjson import dumps
 from ..format.tensorfile import build_header
 from ..format.tree import TreeEncoder
-from ..storage.base import Storage, WritableFile, WriteTransaction
-from ..storage.chunkstore import ChunkStore
+from ..storage.base import ChunkBackend, Storage, WritableFile, WriteTransaction
+from ..storage.resolve import storage_for
 from ..types import FileEntry, TensorEntry
 from .arrays import Blob, BlobCollector
 from .chunks import ChunkedBlob, ChunkOptions, HintCache, split_blobs, write_chunked
@@ -105,6 +105,10 @@ def resolve_step(target: str, metadata: dict[str, Any]) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _backend(storage: Storage | None, target: str) -> Storage:
+    return storage if storage is not None else storage_for(target)[0]
+
+
 def plan_save(
     target: str,
     state: Any,
@@ -114,6 +118,7 @@ def plan_save(
     chunking: ChunkOptions | None = None,
     hints: HintCache | None = None,
     extra_files: dict[str, bytes] | None = None,
+    storage: Storage | None = None,
 ) -> SavePlan:
     """Encodes the state and decides where every blob goes. With ``chunking``, large tensors go to
     the run's chunk store, and ``hints`` (a manager's memory of its last save) skips the unchanged."""
@@ -124,7 +129,7 @@ def plan_save(
     chunked: list[ChunkedBlob] = []
     if chunking is not None:
         blobs, chunked = split_blobs(
-            blobs, chunking, hints, ChunkStore.for_checkpoint(target), settings.digest
+            blobs, chunking, hints, _backend(storage, target).chunk_store(target), settings.digest
         )
     metadata_tree = TreeEncoder(NO_LEAVES).encode(metadata, "metadata")
     # Larger element sizes first keeps every tensor aligned to its element size in the file.
@@ -246,7 +251,14 @@ def write_checkpoint(
     """Saves ``state`` at ``target`` and returns the committed manifest."""
     settings = settings or Settings.from_env()
     plan = plan_save(
-        target, state, metadata, settings, chunking=chunking, hints=hints, extra_files=extra_files
+        target,
+        state,
+        metadata,
+        settings,
+        chunking=chunking,
+        hints=hints,
+        extra_files=extra_files,
+        storage=storage,
     )
     return commit_plan(storage, target, plan, overwrite=overwrite, settings=settings)
 
@@ -262,7 +274,7 @@ def commit_plan(
     """Writes, hashes, fsyncs and commits a planned save (the part an async save runs in the
     background); returns the committed manifest. Nothing is visible unless it returns."""
     settings = settings or Settings.from_env()
-    store = ChunkStore.for_checkpoint(target) if plan.chunked else None
+    store = storage.chunk_store(target) if plan.chunked else None
     # The shared store lock spans the first chunk to the commit: garbage collection waits for it.
     with store.locked(exclusive=False) if store is not None else nullcontext():
         try:
@@ -288,7 +300,7 @@ def _commit_locked(
     storage: Storage,
     target: str,
     plan: SavePlan,
-    store: ChunkStore | None,
+    store: ChunkBackend | None,
     overwrite: bool,
     settings: Settings,
 ) -> Manifest:
