@@ -67,15 +67,7 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 
 # (importer, imported module) pairs where the importer takes a private ``_name`` from that module.
-KNOWN_PRIVATE: dict[tuple[str, str], str] = {
-    (
-        "ckptvault.manager",
-        "ckptvault.storage.local",
-    ): "issue 14: _HOST_TAG; removed when manager.py is split (run lease in storage/)",
-    ("ckptvault.storage.chunkstore", "ckptvault.storage.local"): (
-        "issue 14: _storage_error; removed when storage/local.py is split (items 1 and 4)"
-    ),
-}
+KNOWN_PRIVATE: dict[tuple[str, str], str] = {}
 
 # Modules that still call os/shutil/fcntl file operations outside storage/: the remaining work of
 # issue 14 items 1-2 (everything above storage/ speaks the Storage protocol and a run-directory class).
