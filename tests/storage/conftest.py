@@ -1,0 +1,97 @@
+"""The backends every storage contract test runs against, and a clock tests can move.
+
+Each test gets a :class:`Backend`: the storage, a root key under which the test writes (``join``
+builds every key, so no test knows how a backend spells them), and ``fresh()`` -- a new view of the
+same stored bytes (what a restarted process would see after a crash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ckptvault.storage.base import Storage
+from ckptvault.storage.local import LocalStorage
+from ckptvault.storage.memory import MemoryStorage
+
+# What a backend needs beyond transactions and reads for the whole contract to apply.
+PROTOCOL_METHODS = [
+    "join",
+    "get",
+    "put",
+    "remove",
+    "append",
+    "read_lines",
+    "acquire_lease",
+    "recover",
+    "list",
+    "change_token",
+    "delete",
+    "chunk_store",
+    "publish_file",
+    "iter_checkpoints",
+    "begin",
+    "open",
+]
+
+
+class FakeClock:
+    """Seconds since the epoch that move only when a test says so."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Backend:
+    name: str
+    storage: Storage
+    root: str
+    fresh: Callable[[], Storage]
+    clock: FakeClock | None = None  # set where lease expiry follows an injectable clock
+
+    def key(self, *names: str) -> str:
+        return self.storage.join(self.root, *names)
+
+
+def _memory(tmp_path: Path) -> Backend:
+    clock = FakeClock()
+    storage = MemoryStorage(clock=clock)
+    return Backend("memory", storage, "bucket/vault", lambda: storage, clock)
+
+
+def _local(tmp_path: Path) -> Backend:
+    missing = [m for m in PROTOCOL_METHODS if not hasattr(LocalStorage, m)]
+    if missing:
+        pytest.skip(f"LocalStorage does not implement {missing} yet")
+    root = tmp_path / "vault"
+    root.mkdir()
+    return Backend("local", LocalStorage(root), str(root), lambda: LocalStorage(root))
+
+
+# Contract tests the local backend does not pass yet: strict xfail, so each entry must go (and the
+# test then pass) when LocalStorage is fixed -- an XPASS fails the run.
+LOCAL_GAPS = {
+    "test_second_lease_names_the_holder": "a second acquire in the same process does not name the holder",
+    "test_release_frees_the_lease": "a second acquire in the same process does not name the holder",
+    "test_publish_file_appears_whole_on_clean_exit": "publish_file does not create missing parents",
+    "test_publish_file_leaves_nothing_on_an_exception": "publish_file does not create missing parents",
+    "test_publish_file_replaces_a_previous_file": "publish_file does not create missing parents",
+}
+
+
+@pytest.fixture(params=["memory", "local"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    gap = LOCAL_GAPS.get(getattr(request.node, "originalname", ""))
+    if request.param == "local" and gap:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"LocalStorage: {gap}"))
+    return {"memory": _memory, "local": _local}[request.param](tmp_path)
