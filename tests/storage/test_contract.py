@@ -297,3 +297,17 @@ def test_keys_join_and_round_trip(backend: Backend) -> None:
         assert key == os.path.join(backend.root, "a", "b.json")
     else:
         assert key == f"{backend.root}/a/b.json"
+
+
+def test_overwrite_and_delete_take_stray_keys_of_the_old_checkpoint(backend: Backend) -> None:
+    s, target = backend.storage, backend.key("run", "step-1")
+    save(s, target, {"a.bin": b"old"}, b"old")
+    stray = s.join(target, "notes.txt")
+    s.put(stray, b"written into the checkpoint afterwards")
+    save(s, target, {"a.bin": b"new"}, b"new", overwrite=True)
+    assert s.get(stray, max_bytes=1 << 20) is None  # the replaced checkpoint went whole
+    assert read_all(s, target) == (b"new", {"a.bin": b"new"})
+    s.put(stray, b"again")
+    assert s.delete(target)
+    assert s.get(stray, max_bytes=1 << 20) is None
+    assert s.list(backend.key("run")) == []
