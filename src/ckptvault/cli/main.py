@@ -24,7 +24,6 @@ from ..engine.inspect import diff_checkpoints, iter_leaves
 from ..engine.reader import CheckpointReader, verify_checkpoint
 from ..errors import CheckpointError
 from ..storage.chunkstore import collect_garbage
-from ..storage.local import LocalStorage
 from . import catalog_cmds, listing, pictures
 from .inert import UNREADABLE, console, emit_json, error_text, human_bytes, inert, install_inert_diagnostics
 
@@ -95,7 +94,7 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int],
 @app.command()
 def show(checkpoint: Path, as_json: JsonOpt = False) -> None:
     """Metadata and the tensor table (name, dtype, shape, bytes) of one checkpoint."""
-    with _errors(hostile=True), CheckpointReader(LocalStorage(), str(checkpoint)) as reader:
+    with _errors(hostile=True), CheckpointReader(*api.storage_for(checkpoint)) as reader:
         manifest = reader.manifest
         metadata = reader.decode_metadata()
         leaves = iter_leaves(manifest.tree, path=str(checkpoint))
@@ -191,7 +190,7 @@ def verify(
         with suppress(CheckpointError):
             total = api.info(checkpoint).size_bytes
         with _progress(total, f"verify {checkpoint.name}", not as_json) as advance:
-            reports.append(verify_checkpoint(LocalStorage(), str(checkpoint), progress=advance))
+            reports.append(verify_checkpoint(*api.storage_for(checkpoint), progress=advance))
     if as_json:
         _emit_json([r.as_dict() for r in reports])
     else:
@@ -217,7 +216,8 @@ def diff(
 ) -> None:
     """Per tensor: identical, changed (max abs / relative difference), added, removed."""
     with _errors():
-        rows = diff_checkpoints(LocalStorage(), str(a), str(b))
+        storage, first = api.storage_for(a)
+        rows = diff_checkpoints(storage, first, api.storage_for(b)[1])
     if as_json:
         _emit_json([r.as_dict() for r in rows])
         return
