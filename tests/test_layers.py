@@ -79,7 +79,6 @@ KNOWN_FILE_OPS: dict[str, str] = {
     "ckptvault.cli.check_resume": f"{_ITEMS_1_2}: reads the run through the run-directory class",
     "ckptvault.manager": f"{_ITEMS_1_2}: run lock, run.json, index, pins, deletes: run directory",
     "ckptvault.report_trajectory": f"{_ITEMS_1_2}: reads the run through the run-directory class",
-    "ckptvault.validation": f"{_ITEMS_1_2}: validation results through the run-directory class",
 }
 
 

@@ -33,12 +33,15 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..storage.localfiles import stat_path
+from ..storage.localfiles_fd import read_some
 from .probe import make_probe_file, run_probe
 from .results import (
     GPU_TOLERANCE,
@@ -145,7 +148,7 @@ def check_process(value: str) -> str:
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     # The worker must import what this process can: the model's package, the project's modules.
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    paths = _paths()
     env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -269,7 +272,7 @@ class _Server:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 return None
-            chunk = os.read(fd, 1 << 16)
+            chunk = read_some(fd, 1 << 16)
             if not chunk:
                 return None
             self._pending += chunk
@@ -345,7 +348,15 @@ def start_server() -> None:
 
 
 def _paths() -> list[str]:
-    return [p for p in sys.path if p and os.path.isdir(p)]
+    """The directories of ``sys.path`` (what the worker must be able to import from)."""
+    return [p for p in sys.path if p and _is_directory(p)]
+
+
+def _is_directory(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(stat_path(path).st_mode)
+    except (OSError, ValueError):  # gone, unreadable, or a name the system refuses
+        return False
 
 
 def validate(path: str, level: str, *, trusted_modules: list[str] | None = None) -> ValidationResult:
@@ -353,10 +364,10 @@ def validate(path: str, level: str, *, trusted_modules: list[str] | None = None)
     import dataclasses
 
     from ..engine.reader import CheckpointReader
-    from ..storage.local import LocalStorage
+    from ..storage.resolve import storage_for
 
     check_level(level)
-    with CheckpointReader(LocalStorage(), path) as reader:
+    with CheckpointReader(*storage_for(path)) as reader:
         checkpoint_id = reader.manifest.checkpoint_id
     if level == "checksum":
         result = ValidationResult(

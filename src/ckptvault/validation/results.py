@@ -8,18 +8,19 @@ needs without the client of the validation server; ``ckptvault.validation`` re-e
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.rundir import VALIDATION_DIR, RunDirectory
 from ..errors import CheckpointError
+from ..storage.resolve import storage_for
 
 LEVELS = ("checksum", "readback", "full")
 PROBE_FILE = "validation-probe.safetensors"
-RESULTS_DIR = ".ckptvault-validation"
+RESULTS_DIR = VALIDATION_DIR  # one name for the directory: the run layout's (engine.rundir)
 PROBE_FORMAT = "ckptvault-probe/1"
 GPU_TOLERANCE = {"rtol": 1e-3, "atol": 1e-5}
 PROCESS_ENV = "CKPTVAULT_VALIDATION_PROCESS"
@@ -76,39 +77,35 @@ def number(value: Any) -> float | None:
 
 
 # -- results ------------------------------------------------------------------------------------
+# A result lives in its run's layout (``RUN/.ckptvault-validation/NAME.json``), which only
+# :class:`~ckptvault.engine.rundir.RunDirectory` knows how to reach; these names stay because the
+# manager, the API and validation_ids call them with a checkpoint's path.
 def results_path(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where the result of ``checkpoint`` lives on local disk (a name only; nothing is touched)."""
     path = Path(checkpoint)
     return path.parent / RESULTS_DIR / f"{path.name}.json"
 
 
 def record_result(result: ValidationResult) -> None:
     """Writes the result beside the run (atomically: a reader sees the old or the new one; not
-    fsynced: a result lost in a crash is only a validation to repeat)."""
-    from ..storage.safeopen import atomic_write_json
-
-    target = results_path(result.checkpoint)
-    # base: the results directory is created if missing and refused if it is a symlink.
-    atomic_write_json(target, result.as_dict(), durable=False, base=target.parent.parent)
+    flushed: a result lost in a crash is only a validation to repeat). The run's storage is rooted
+    at the run, so a linked results directory is refused, never written through."""
+    path = Path(result.checkpoint)
+    RunDirectory(path.parent).write_validation(path.name, result.as_dict())
 
 
 def read_result(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
-    from ..storage.safeopen import read_file
-
-    path = results_path(checkpoint)
-    try:  # never through a symlink (file or directory), never blocking on a FIFO
-        doc = json.loads(read_file(path, base=path.parent.parent))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    """The recorded result of ``checkpoint``; None when absent, damaged, a link or a FIFO."""
+    path = Path(checkpoint)
+    return RunDirectory(path.parent).read_validation(path.name)
 
 
 # -- running a level ------------------------------------------------------------------------------
 def readback(path: str, requested: str = "readback", note: str = "") -> ValidationResult:
     from ..engine.reader import verify_checkpoint
-    from ..storage.local import LocalStorage
 
     started = time.perf_counter()
-    report = verify_checkpoint(LocalStorage(), path)
+    report = verify_checkpoint(*storage_for(path))
     problems = tuple(f"{p.kind}: {p.message}" for p in report.problems)
     return ValidationResult(
         path,
@@ -125,18 +122,16 @@ def readback(path: str, requested: str = "readback", note: str = "") -> Validati
 
 def has_probe(path: str) -> bool:
     from ..engine.reader import CheckpointReader
-    from ..storage.local import LocalStorage
 
-    with CheckpointReader(LocalStorage(), path) as reader:
+    with CheckpointReader(*storage_for(path)) as reader:
         return PROBE_FILE in reader.manifest.files and "architecture" in reader.decode_metadata()
 
 
 def recorded_module(path: str) -> str | None:
     """The module of the checkpoint's recorded factory, if it records one."""
     from ..engine.reader import CheckpointReader
-    from ..storage.local import LocalStorage
 
-    with CheckpointReader(LocalStorage(), path) as reader:
+    with CheckpointReader(*storage_for(path)) as reader:
         architecture = reader.decode_metadata().get("architecture")
     factory = architecture.get("factory") if isinstance(architecture, dict) else None
     return factory.partition(":")[0] if isinstance(factory, str) else None
