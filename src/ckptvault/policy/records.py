@@ -4,8 +4,9 @@ A :class:`CheckpointRecord` is the whole world of a policy: the manager builds o
 checkpoint from its manifest facts, the policies decide over lists of them, and the manager acts on the
 decision. Nothing here touches storage, so every rule can be tested with plain values.
 
-Metric values are read defensively (:func:`metric_value`): only ints and floats count (``bool`` is not
-a number here), and NaN is treated as absent, because a NaN can neither be ranked nor ever improve.
+Metric values are read defensively (:func:`metric_value`) by the package's one rule
+(:mod:`ckptvault.policy.metrics`): ``bool`` is not a number, and NaN is treated as absent, because a
+NaN can neither be ranked nor ever improve.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from .metrics import rankable_number
 
 Mode = Literal["min", "max"]
 """Whether a smaller (``"min"``, e.g. loss) or larger (``"max"``, e.g. accuracy) value is better."""
@@ -56,15 +59,12 @@ def check_mode(mode: str) -> None:
 
 
 def metric_value(metrics: Mapping[str, object], name: str) -> float | None:
-    """The number recorded under ``name``, or ``None`` when absent, NaN or not a number.
+    """The number recorded under ``name``, or ``None`` when absent, NaN or not a number
+    (:func:`~ckptvault.policy.metrics.rankable_number`).
 
     Fast on purpose (no allocation when the metric is missing): the save triggers call it per step.
     """
-    value = metrics.get(name)
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    number = float(value)
-    return None if math.isnan(number) else number
+    return rankable_number(metrics.get(name))
 
 
 def is_better(candidate: float, reference: float | None, mode: Mode) -> bool:

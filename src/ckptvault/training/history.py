@@ -4,8 +4,9 @@ A history grows by one row per step for the whole run. Stored as a list of dicts
 checkpoint's JSON tree, every save would re-encode all of it in Python (O(steps) per save) and a
 long run would outgrow the tree's node limit. Stored as columns — one float64 array per metric plus
 int64 step and epoch arrays, NaN where a row lacks a metric — it is a handful of tensors that are
-written and hashed at disk speed. Only numbers are kept (non-numeric metric values still reach each
-checkpoint's metadata).
+written and hashed at disk speed. Only numbers are kept, by the package's one rule
+(:func:`ckptvault.policy.metrics.as_number`; non-numeric metric values still reach each checkpoint's
+metadata).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from ..policy.metrics import as_number
+
+__all__ = ["MetricsHistory", "as_number"]  # as_number: the package's one rule, re-exported
 
 
 class MetricsHistory:
@@ -76,19 +81,3 @@ class MetricsHistory:
                 )
             history._columns[str(name)] = column
         return history
-
-
-def as_number(value: Any) -> float | None:
-    """A metric value as a float: Python numbers and 1-element numpy/torch values; bools and
-    everything else are not numbers here."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    numel = getattr(value, "numel", None)  # torch: numel(); numpy: size
-    count = numel() if callable(numel) else getattr(value, "size", 2)
-    if hasattr(value, "item") and count == 1:
-        item = value.item()
-        if isinstance(item, (int, float)) and not isinstance(item, bool):
-            return float(item)
-    return None
