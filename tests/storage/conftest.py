@@ -80,13 +80,7 @@ def _local(tmp_path: Path) -> Backend:
 
 # Contract tests the local backend does not pass yet: strict xfail, so each entry must go (and the
 # test then pass) when LocalStorage is fixed -- an XPASS fails the run.
-LOCAL_GAPS = {
-    "test_second_lease_names_the_holder": "a second acquire in the same process does not name the holder",
-    "test_release_frees_the_lease": "a second acquire in the same process does not name the holder",
-    "test_publish_file_appears_whole_on_clean_exit": "publish_file does not create missing parents",
-    "test_publish_file_leaves_nothing_on_an_exception": "publish_file does not create missing parents",
-    "test_publish_file_replaces_a_previous_file": "publish_file does not create missing parents",
-}
+LOCAL_GAPS: dict[str, str] = {}
 
 
 @pytest.fixture(params=["memory", "local"])

@@ -1,8 +1,18 @@
-"""L1: where bytes live. The engine talks to the :class:`Storage` protocol only; ``local`` is the
-local-disk backend (object stores come later behind the same protocol)."""
+"""L1: where bytes live, and the only code that touches them. Everything above talks to the
+:class:`Storage` protocol (``base``); ``local`` is the local-disk backend, ``memory`` an in-memory
+one (a test double with object-store semantics); ``resolve`` maps a location to its backend."""
 
 from .base import ReadHandle, Storage, WritableFile, WriteTransaction
 from .local import LocalStorage
+from .memory import MemoryStorage
 from .resolve import storage_for
 
-__all__ = ["LocalStorage", "ReadHandle", "Storage", "WritableFile", "WriteTransaction", "storage_for"]
+__all__ = [
+    "LocalStorage",
+    "MemoryStorage",
+    "ReadHandle",
+    "Storage",
+    "WritableFile",
+    "WriteTransaction",
+    "storage_for",
+]

@@ -34,6 +34,9 @@ file), an *event log*, a *lease*, or a *chunk store*; ``join`` builds child keys
 8. **Single published files** -- :meth:`Storage.publish_file` writes one file outside any run (an
    export, a report) that appears whole or not at all.
 
+A backend instance may be *rooted* at a location the user named (``LocalStorage(root=...)``): below
+it a local backend never follows a link and creates missing directories itself.
+
 Backends map a failure of the medium to :class:`~ckptvault.errors.StorageError` and are configured
 by constructor arguments (``storage.resolve`` maps a URL to one), never by the environment in the
 middle of a write.
@@ -60,8 +63,9 @@ class Document:
 
 @dataclass(frozen=True)
 class Entry:
-    """One child of a listed prefix. ``modified`` is seconds since the epoch (a checkpoint's: its
-    commit); ``key`` can be handed to the other calls."""
+    """One child of a listed prefix. ``modified`` is seconds since the epoch and ``size`` bytes: a
+    document's own; a checkpoint's manifest's (its commit time and size); 0 for a directory.
+    ``key`` can be handed to the other calls."""
 
     name: str
     key: str
@@ -93,15 +97,20 @@ class WriteTransaction(Protocol):
         """A new file; ``size_hint`` (its expected size) lets a backend pick a write path."""
 
     def commit(self, manifest: bytes) -> None:
-        """Writes the manifest last and publishes the checkpoint atomically and durably."""
+        """Writes the manifest last and publishes the checkpoint atomically and durably. Every
+        created file is closed first. CheckpointExistsError when another writer committed the
+        target meanwhile (and this one was not an overwrite)."""
 
     def abort(self) -> None:
-        """Discards everything written; safe to call more than once and after a failed commit."""
+        """Discards everything written; safe to call more than once, after a failed commit, and
+        after a successful one (then it does nothing)."""
 
 
 class ReadHandle(Protocol):
     def read_manifest(self) -> bytes: ...
-    def file_names(self) -> list[str]: ...
+    def file_names(self) -> list[str]:
+        """Every file of the checkpoint, the manifest included, sorted."""
+
     def size(self, name: str) -> int: ...
     def read(self, name: str, offset: int, length: int) -> bytes: ...
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
@@ -135,12 +144,16 @@ class Lease(Protocol):
         """Extends the lease; raises ConcurrentWriteError if it was lost (expired and taken)."""
 
     def release(self) -> None:
-        """Gives the lease up; idempotent."""
+        """Gives the lease up, only while this holder still has it; idempotent."""
 
 
 class ChunkBackend(Protocol):
     """One run's content-addressed chunk store (incremental saves). Thread-safe: a save puts chunks
     from a thread pool. Names are ``<digest>.<codec>``; nothing outside the store is touched."""
+
+    def exists(self) -> bool:
+        """True when the store was ever created (a sweep of a run without one creates nothing); a
+        store that is not what this library creates (a link, on local disk) raises StorageError."""
 
     def find(self, digest: str, raw_len: int) -> tuple[str, int] | None:
         """An existing, whole-looking chunk of this content as ``(codec, stored size)``."""
@@ -175,11 +188,15 @@ class Storage(Protocol):
         """The key of ``names`` under ``prefix`` (a path join on disk, ``/`` on object stores)."""
 
     # -- checkpoints: write, read, list, delete -------------------------------------------------
-    def begin(self, target: str, *, overwrite: bool) -> WriteTransaction: ...
+    def begin(self, target: str, *, overwrite: bool) -> WriteTransaction:
+        """A private staging area for ``target``. CheckpointExistsError when ``target`` is committed
+        and not ``overwrite``, or is a non-empty prefix that is not a checkpoint."""
+
     def open(self, target: str) -> ReadHandle: ...
 
     def iter_checkpoints(self, root: str) -> Iterator[str]:
-        """Every committed checkpoint under ``root`` (itself included), recursively, sorted."""
+        """Every committed checkpoint under ``root`` (itself included): a depth-first walk with
+        sorted children, never below another checkpoint nor through a hidden (``.``) name."""
 
     def list(self, prefix: str) -> list[Entry]:
         """The children of ``prefix`` (empty when it does not exist): committed checkpoints,
@@ -193,11 +210,13 @@ class Storage(Protocol):
         """Removes a committed checkpoint, never leaving it half visible; False if it was absent."""
 
     def chunk_store(self, checkpoint: str) -> ChunkBackend:
-        """The chunk store of the run ``checkpoint`` belongs to (created on first put)."""
+        """The chunk store of the run ``checkpoint`` belongs to (created on first put); any key
+        directly in the run names the same store (garbage collection passes the store's own)."""
 
     # -- small documents ------------------------------------------------------------------------
     def get(self, key: str, *, max_bytes: int) -> Document | None:
-        """The document, or None when absent; larger than ``max_bytes`` raises StorageError."""
+        """The document, or None when absent; larger than ``max_bytes`` raises StorageError, as
+        does a key that names something other than a document."""
 
     def put(
         self,
@@ -208,19 +227,23 @@ class Storage(Protocol):
         if_absent: bool = False,
         durable: bool = True,
     ) -> str:
-        """Replaces the document atomically and returns its new version. ``if_version`` /
-        ``if_absent`` make it conditional (DocumentConflictError when the condition fails);
-        ``durable=False`` may skip the flush for derived data a crash may lose."""
+        """Replaces the document atomically (creating missing parents) and returns its new version.
+        ``if_version`` / ``if_absent`` (at most one) make it conditional: DocumentConflictError when
+        the condition fails. A version is opaque; identical bytes may share one (a compare-and-swap
+        detects changed content, not intervening writes). ``durable=False`` may skip the flush for
+        derived data a crash may lose."""
 
     def remove(self, key: str, *, if_version: str | None = None) -> bool:
-        """Deletes the document; False if it was absent."""
+        """Deletes the document; False if it was absent. With ``if_version``, a changed or absent
+        document raises DocumentConflictError."""
 
     # -- event logs -----------------------------------------------------------------------------
     def append(self, key: str, line: bytes) -> None:
         """Appends one line (``line`` ends in a newline) to the log at ``key``, creating it."""
 
     def read_lines(self, key: str, *, max_line: int) -> Iterator[bytes]:
-        """The log's lines, oldest first; a line longer than ``max_line`` is skipped unread."""
+        """The log's lines as stored, oldest first, newline included (a torn last line has none);
+        a line of more than ``max_line`` bytes, newline included, is skipped unread."""
 
     # -- leases -----------------------------------------------------------------------------------
     def acquire_lease(self, key: str, *, owner: str, ttl_seconds: float) -> Lease:
@@ -232,5 +255,5 @@ class Storage(Protocol):
 
     # -- single files outside runs --------------------------------------------------------------
     def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:
-        """A file written through the handle appears at ``target`` whole and durable on a clean
-        exit of the block, and not at all on an exception."""
+        """A file written through the handle appears at ``target`` (parents created) whole and
+        durable on a clean exit of the block, and not at all on an exception."""

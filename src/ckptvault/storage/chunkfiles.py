@@ -47,11 +47,20 @@ def frame_size(path: Path, raw_len: int) -> int | None:
     except OSError:
         return None
     try:
-        head = os.pread(fd, 16 + 8 * 9, 0)
+        head = os.pread(fd, FRAME_HEAD_BYTES, 0)
     except OSError:
         return None
     finally:
         os.close(fd)
+    return frame_size_of(head, raw_len)
+
+
+FRAME_HEAD_BYTES = 16 + 8 * 9  # the longest frame header: 16 bytes and a table of up to 8 planes
+
+
+def frame_size_of(head: bytes, raw_len: int) -> int | None:
+    """The size the frame header at the start of ``head`` promises; None if it is malformed (one
+    parser for every backend: the local store reads the head from a file, others from memory)."""
     if len(head) < 16 or head[:4] != b"CKVC" or int.from_bytes(head[8:16], "little") != raw_len:
         return None
     nplanes = head[6]

@@ -79,6 +79,9 @@ class ChunkStore:
     def for_checkpoint(cls, checkpoint: str | Path) -> ChunkStore:
         return cls(store_for(checkpoint))
 
+    def exists(self) -> bool:
+        return self._real_dir(self.root, create=False)  # a symlinked store raises UnsafeFileError
+
     # -- names --------------------------------------------------------------------------------
     def path(self, digest: str, codec: str) -> Path:
         # Both parts come from a parsed manifest or our own hashing; checked again because a path

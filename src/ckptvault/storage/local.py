@@ -144,4 +144,9 @@ class LocalStorage(LocalDocuments):
         return ChunkStore.for_checkpoint(checkpoint)
 
     def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:
-        return atomic_output(Path(target), action)
+        path = Path(target)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(f"cannot {action}", path, exc) from exc
+        return atomic_output(path, action)

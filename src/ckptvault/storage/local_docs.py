@@ -36,7 +36,7 @@ from .local_common import storage_error
 from .safeopen import UnsafeFileError, open_dir, open_file, read_fd
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what put() names its temporary files
-_LEASED: set[str] = set()  # keys this process holds a lease of (record locks do not exclude us)
+_LEASED: dict[str, str] = {}  # key -> owner, of leases this process holds (record locks do not exclude us)
 _LEASED_LOCK = threading.Lock()
 
 
@@ -61,6 +61,8 @@ class _Rooted:
     def _parent_fd(self, key: str, *, create: bool) -> int:
         path = Path(key)
         if self.root is not None and path.parent.is_relative_to(self.root):
+            if create:  # a new run: its directory appears with its first document or lease
+                self.root.mkdir(parents=True, exist_ok=True)
             return open_dir(self.root, path.parent.relative_to(self.root), create=create)
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +227,9 @@ class LocalDocuments(_Rooted):
         ident = os.path.realpath(key)
         with _LEASED_LOCK:
             if ident in _LEASED:
-                raise ConcurrentWriteError(errno.EWOULDBLOCK, f"{key} is already held in this process")
+                raise ConcurrentWriteError(
+                    errno.EWOULDBLOCK, f"{key} is held by {_LEASED[ident]} (in this process)"
+                )
             try:
                 dir_fd = self._parent_fd(key, create=True)
                 try:
@@ -247,7 +251,7 @@ class LocalDocuments(_Rooted):
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise ConcurrentWriteError(errno.EWOULDBLOCK, f"{key} is held by {holder}") from None
-            _LEASED.add(ident)
+            _LEASED[ident] = owner
         with contextlib.suppress(OSError):  # who holds it: a note for humans, not worth failing for
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{owner}\n".encode(), 0)
@@ -277,7 +281,7 @@ class LocalLease:
         os.close(self._fd)  # closing the only descriptor releases the record lock
         self._fd = -1
         with _LEASED_LOCK:
-            _LEASED.discard(self._ident)
+            _LEASED.pop(self._ident, None)
 
 
 def _replace(dir_fd: int, name: str, data: bytes, *, durable: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,20 +29,19 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from ..config import MANIFEST_NAME
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConcurrentWriteError,
-    CorruptCheckpointError,
     DocumentConflictError,
     StorageError,
-    UnsafeCheckpointError,
 )
-from .base import Document, Entry, EntryKind, Storage, SweepReport
-from .chunkstore import CODECS, STORE_NAME
+from .base import Document, Entry, EntryKind, Storage
+from .chunkstore import STORE_NAME
+from .memory_chunks import MemoryChunkStore, SharedExclusive, rel_key
+from .memory_handles import CheckpointObject, LeaseState, MemoryLease, MemoryReadHandle, MemoryTransaction
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _RANK: dict[EntryKind, int] = {"checkpoint": 0, "document": 1, "directory": 2}
 
 
@@ -56,27 +54,8 @@ def _norm(key: str) -> str:
     return "/".join(parts)
 
 
-def _rel(key: str, prefix: str) -> str | None:
-    """``key`` relative to ``prefix`` when it lies strictly below it, else None."""
-    if not prefix:
-        return key or None
-    return key[len(prefix) + 1 :] if key.startswith(prefix + "/") else None
-
-
 def _version(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=12).hexdigest()
-
-
-def _frame_size(head: bytes, raw_len: int) -> int | None:
-    """The size a compressed chunk's frame header promises (format §11.3, as
-    :func:`~ckptvault.storage.chunkfiles.frame_size` reads it from a file); None if malformed."""
-    if len(head) < 16 or head[:4] != b"CKVC" or int.from_bytes(head[8:16], "little") != raw_len:
-        return None
-    nplanes = head[6]
-    table_end = 16 + 9 * nplanes
-    if nplanes not in (1, 2, 4, 8) or len(head) < table_end:
-        return None
-    return table_end + sum(int.from_bytes(head[17 + 9 * i : 25 + 9 * i], "little") for i in range(nplanes))
 
 
 @dataclass(frozen=True)
@@ -89,27 +68,6 @@ class _Blob:
     serial: int
 
 
-@dataclass(frozen=True, eq=False)
-class _Checkpoint:
-    """A committed checkpoint: its files (manifest included), immutable once published."""
-
-    files: dict[str, bytes]
-    modified: float
-
-
-@dataclass(eq=False)
-class _LeaseState:
-    owner: str
-    expires: float
-    ttl: float
-
-
-@dataclass
-class _SharedExclusive:
-    shared: int = 0
-    exclusive: bool = False
-
-
 class MemoryStorage:
     """Every operation of the storage protocol on dicts under one lock (see the module docstring).
 
@@ -120,12 +78,12 @@ class MemoryStorage:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._cond = threading.Condition(threading.RLock())  # the one lock (and its waiters)
-        self._checkpoints: dict[str, _Checkpoint] = {}
+        self._checkpoints: dict[str, CheckpointObject] = {}
         self._objects: dict[str, _Blob] = {}
-        self._leases: dict[str, _LeaseState] = {}
+        self._leases: dict[str, LeaseState] = {}
         self._tokens: dict[str, int] = {}  # prefix -> serial of the last change at or below it
         self._bad: set[tuple[str, int]] = set()  # (chunk key, serial) reported damaged
-        self._store_locks: dict[str, _SharedExclusive] = {}
+        self._store_locks: dict[str, SharedExclusive] = {}
         self._serial = 0
 
     # -- bookkeeping (callers hold the lock) -----------------------------------------------------
@@ -138,7 +96,7 @@ class MemoryStorage:
         return self._serial
 
     def _has_children(self, prefix: str) -> bool:
-        return any(_rel(k, prefix) for k in (*self._checkpoints, *self._objects))
+        return any(rel_key(k, prefix) for k in (*self._checkpoints, *self._objects))
 
     def _store(self, key: str, data: bytes) -> str:
         if key in self._checkpoints or self._has_children(key) or not key:
@@ -163,9 +121,9 @@ class MemoryStorage:
         """The commit point: the whole checkpoint replaces whatever was under ``target`` at once."""
         with self._cond:
             self._check_target(target, overwrite)
-            for key in [k for k in self._objects if _rel(k, target)]:
+            for key in [k for k in self._objects if rel_key(k, target)]:
                 del self._objects[key]  # extra keys of the replaced checkpoint go with it
-            self._checkpoints[target] = _Checkpoint(files, self._clock())
+            self._checkpoints[target] = CheckpointObject(files, self._clock())
             self._bump(target)
 
     # -- naming and checkpoints -----------------------------------------------------------------
@@ -197,7 +155,7 @@ class MemoryStorage:
             return
         found = []
         for key in keys:
-            rel = _rel(key, base)
+            rel = rel_key(key, base)
             if rel is None:
                 continue
             parts = rel.split("/")
@@ -223,12 +181,12 @@ class MemoryStorage:
                 for name, data in checkpoint.files.items():
                     add(name, "document", checkpoint.modified, len(data))
             for key, ckpt in self._checkpoints.items():
-                if (rel := _rel(key, base)) is not None:
-                    size = sum(len(d) for d in ckpt.files.values())
+                if (rel := rel_key(key, base)) is not None:
+                    size = len(ckpt.files[MANIFEST_NAME])
                     head, sep, _ = rel.partition("/")
                     add(head, "directory" if sep else "checkpoint", ckpt.modified, 0 if sep else size)
             for key, blob in self._objects.items():
-                if (rel := _rel(key, base)) is not None:
+                if (rel := rel_key(key, base)) is not None:
                     head, sep, _ = rel.partition("/")
                     add(head, "directory" if sep else "document", blob.modified, 0 if sep else len(blob.data))
         return [entries[name] for name in sorted(entries)]
@@ -245,7 +203,7 @@ class MemoryStorage:
         with self._cond:
             if self._checkpoints.pop(key, None) is None:
                 return False
-            for other in [k for k in self._objects if _rel(k, key)]:
+            for other in [k for k in self._objects if rel_key(k, key)]:
                 del self._objects[other]
             self._bump(key)
         return True
@@ -332,7 +290,7 @@ class MemoryStorage:
                 raise ConcurrentWriteError(
                     errno.EWOULDBLOCK, f"{name} is held by {held.owner} for {held.expires - now:.1f} s more"
                 )
-            state = self._leases[name] = _LeaseState(owner, now + ttl_seconds, ttl_seconds)
+            state = self._leases[name] = LeaseState(owner, now + ttl_seconds, ttl_seconds)
         return MemoryLease(self, name, owner, state)
 
     # -- single published files -----------------------------------------------------------------
@@ -348,282 +306,6 @@ class MemoryStorage:
                 self._store(key, buffer.getvalue())
         except StorageError as exc:
             raise StorageError(exc.errno or 0, f"cannot {action} {key}: {exc.strerror}") from exc
-
-
-class MemoryWritableFile:
-    """A staged file: its bytes reach the transaction when ``close`` returns (an upload)."""
-
-    def __init__(self, txn: MemoryTransaction, name: str) -> None:
-        self._txn = txn
-        self._name = name
-        self._data: bytearray | None = bytearray()
-
-    def write(self, data: memoryview | bytes, /) -> None:
-        if self._data is None or self._txn.finished:
-            raise StorageError(errno.EBADF, f"{self._name} is closed")
-        self._data += memoryview(data).cast("B")
-
-    def close(self) -> None:
-        if self._data is not None:
-            data, self._data = bytes(self._data), None
-            self._txn._closed(self._name, data)
-
-
-class MemoryTransaction:
-    """Private staging (nothing shared is touched before ``commit``)."""
-
-    def __init__(self, storage: MemoryStorage, target: str, overwrite: bool) -> None:
-        self._storage = storage
-        self.target = target
-        self.overwrite = overwrite
-        self._staged: dict[str, bytes] = {}
-        self._open: set[str] = set()
-        self.finished = False
-
-    def create(self, name: str, *, size_hint: int = 0) -> MemoryWritableFile:
-        if self.finished:
-            raise StorageError(errno.EBADF, "transaction already finished")
-        if name in ("", ".", "..") or "/" in name or "\0" in name:
-            raise StorageError(errno.EINVAL, f"{name!r} is not a file name")
-        if name == MANIFEST_NAME or name in self._staged or name in self._open:
-            raise StorageError(errno.EEXIST, f"{self.target}/{name} was already created")
-        self._open.add(name)
-        return MemoryWritableFile(self, name)
-
-    def _closed(self, name: str, data: bytes) -> None:
-        self._open.discard(name)
-        if not self.finished:
-            self._staged[name] = data
-
-    def commit(self, manifest: bytes) -> None:
-        if self.finished:
-            raise StorageError(0, "transaction already finished")
-        if self._open:
-            self.abort()
-            raise StorageError(errno.EBUSY, f"{sorted(self._open)} not closed before the commit")
-        files = {**self._staged, MANIFEST_NAME: bytes(manifest)}
-        try:
-            self._storage._publish(self.target, files, overwrite=self.overwrite)
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        self.finished = True
-        self._staged.clear()
-
-
-class MemoryReadHandle:
-    """One committed checkpoint, held by reference: an overwrite never changes what it reads."""
-
-    def __init__(self, storage: MemoryStorage, target: str, checkpoint: _Checkpoint) -> None:
-        self._storage = storage
-        self.target = target
-        self._checkpoint: _Checkpoint | None = checkpoint
-
-    def _file(self, name: str) -> bytes:
-        if self._checkpoint is None:
-            raise StorageError(errno.EBADF, f"{self.target}: read handle is closed")
-        data = self._checkpoint.files.get(name)
-        if data is None:
-            raise CorruptCheckpointError(
-                "file listed in the manifest is missing", path=self.target, file=name, kind="missing-file"
-            )
-        return data
-
-    def read_manifest(self) -> bytes:
-        data = self._file(MANIFEST_NAME)
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(
-                f"manifest of {len(data)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
-                path=self.target,
-                file=MANIFEST_NAME,
-                kind="bad-manifest",
-            )
-        return data
-
-    def file_names(self) -> list[str]:
-        self._file(MANIFEST_NAME)
-        assert self._checkpoint is not None
-        return sorted(self._checkpoint.files)
-
-    def size(self, name: str) -> int:
-        return len(self._file(name))
-
-    def read(self, name: str, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        self.read_into(name, offset, memoryview(buffer))
-        return bytes(buffer)
-
-    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        data = self._file(name)
-        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
-        if offset < 0 or offset + len(view) > len(data):
-            raise CorruptCheckpointError(
-                f"file ends at byte {len(data)}, expected {offset + len(view)}",
-                path=self.target,
-                file=name,
-                kind="truncated",
-            )
-        view[:] = data[offset : offset + len(view)]
-
-    def mmap(self, name: str, *, copy_on_write: bool = False) -> None:
-        """Always None (nothing to map): callers fall back to reads, as on an object store."""
-        self._file(name)
-
-    def is_stale(self) -> bool:
-        with self._storage._cond:
-            return self._storage._checkpoints.get(self.target) is not self._checkpoint
-
-    def close(self) -> None:
-        self._checkpoint = None
-
-
-class MemoryLease:
-    """A lease that lapses at ``expires`` by the storage's clock unless renewed."""
-
-    def __init__(self, storage: MemoryStorage, key: str, owner: str, state: _LeaseState) -> None:
-        self._storage = storage
-        self.key = key
-        self.owner = owner
-        self._state = state
-
-    @property
-    def expires(self) -> float:
-        return self._state.expires
-
-    def renew(self) -> None:
-        storage = self._storage
-        with storage._cond:
-            now = storage._leases.get(self.key)
-            if now is not self._state:
-                who = f"taken by {now.owner}" if now is not None else "released or taken and given up"
-                raise ConcurrentWriteError(errno.ENOLCK, f"the lease of {self.key} was lost: {who}")
-            self._state.expires = storage._clock() + self._state.ttl
-
-    def release(self) -> None:
-        with self._storage._cond:
-            if self._storage._leases.get(self.key) is self._state:
-                del self._storage._leases[self.key]
-
-
-class MemoryChunkStore:
-    """A run's chunks as objects ``<root>/chunks/<ab>/<digest>.<codec>`` (the local layout)."""
-
-    def __init__(self, storage: MemoryStorage, root: str) -> None:
-        self._storage = storage
-        self.root = root
-
-    def _key(self, digest: str, codec: str) -> str:
-        if not _HEX64.match(digest) or codec not in CODECS:
-            raise UnsafeCheckpointError(f"unsafe chunk reference {digest[:70]!r}.{codec[:10]!r}")
-        return self._storage.join(self.root, "chunks", digest[:2], f"{digest}.{codec}")
-
-    def _good(self, digest: str, codec: str) -> bytes | None:
-        key = self._key(digest, codec)
-        with self._storage._cond:
-            blob = self._storage._objects.get(key)
-            if blob is None or (key, blob.serial) in self._storage._bad:
-                return None
-            return blob.data
-
-    def find(self, digest: str, raw_len: int) -> tuple[str, int] | None:
-        for codec in CODECS:
-            data = self._good(digest, codec)
-            if data is None:
-                continue
-            if codec == "raw" and len(data) == raw_len:
-                return codec, len(data)
-            if codec != "raw" and 0 < len(data) <= raw_len and _frame_size(data[:88], raw_len) == len(data):
-                return codec, len(data)
-        return None
-
-    def has(self, digest: str, codec: str, stored_len: int) -> bool:
-        data = self._good(digest, codec)
-        return data is not None and len(data) == stored_len
-
-    def put(self, digest: str, codec: str, data: memoryview | bytes) -> int:
-        payload = memoryview(data).cast("B").tobytes()
-        key = self._key(digest, codec)
-        with self._storage._cond:
-            self._storage._store(key, payload)  # a new serial: a damaged copy's mark no longer applies
-        return len(payload)
-
-    def sync(self) -> None:
-        """Nothing to do: a put is visible and kept as soon as it returns."""
-
-    def read(
-        self, digest: str, codec: str, stored_len: int, *, where: str | None = None, tensor: str | None = None
-    ) -> bytearray:
-        with self._storage._cond:
-            blob = self._storage._objects.get(self._key(digest, codec))
-        if blob is None:
-            raise CorruptCheckpointError(
-                f"chunk {digest[:16]}….{codec} is missing from the chunk store {self.root}",
-                path=where,
-                tensor=tensor,
-                kind="missing-chunk",
-            )
-        if len(blob.data) != stored_len:
-            raise CorruptCheckpointError(
-                f"chunk {digest}.{codec} has {len(blob.data)} bytes, the manifest says {stored_len}",
-                path=where,
-                tensor=tensor,
-                kind="truncated" if len(blob.data) < stored_len else "size-mismatch",
-            )
-        return bytearray(blob.data)
-
-    def report_bad(self, digest: str, codec: str) -> None:
-        key = self._key(digest, codec)
-        with self._storage._cond:
-            blob = self._storage._objects.get(key)
-            if blob is not None:
-                self._storage._bad.add((key, blob.serial))
-
-    @contextmanager
-    def locked(self, *, exclusive: bool) -> Iterator[None]:
-        """Shared by saves, exclusive for a sweep; not reentrant (as a flock on a new fd is not)."""
-        cond = self._storage._cond
-        with cond:
-            state = self._storage._store_locks.setdefault(self.root, _SharedExclusive())
-            cond.wait_for(lambda: not state.exclusive and (state.shared == 0 or not exclusive))
-            if exclusive:
-                state.exclusive = True
-            else:
-                state.shared += 1
-        try:
-            yield
-        finally:
-            with cond:
-                if exclusive:
-                    state.exclusive = False
-                else:
-                    state.shared -= 1
-                cond.notify_all()
-
-    def sweep(self, live: set[str], *, dry_run: bool = False) -> SweepReport:
-        storage = self._storage
-        chunks = storage.join(self.root, "chunks")
-        kept = deleted = freed = 0
-        with storage._cond:
-            state = storage._store_locks.get(self.root)
-            if state is None or not state.exclusive:
-                raise StorageError(errno.ENOLCK, f"sweep of {self.root} without locked(exclusive=True)")
-            for key, blob in list(storage._objects.items()):
-                rel = _rel(key, chunks)
-                shard, _, name = (rel or "").partition("/")
-                digest, _, codec = name.partition(".")
-                if not (_HEX64.match(digest) and codec in CODECS and shard == digest[:2]):
-                    continue  # not a chunk of ours: never deleted
-                if digest in live:
-                    kept += 1
-                    continue
-                deleted += 1
-                freed += len(blob.data)
-                if not dry_run:
-                    del storage._objects[key]
-                    storage._bad.discard((key, blob.serial))
-                    storage._bump(key)
-        return SweepReport(live_chunks=kept, deleted_chunks=deleted, freed_bytes=freed, deleted_temporary=0)
 
 
 def _typecheck() -> Storage:
