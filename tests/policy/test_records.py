@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 import ckptvault.policy as policy
-from ckptvault.policy.records import CheckpointRecord, format_duration, is_better, metric_value
+from ckptvault.policy.records import (
+    CheckpointRecord,
+    best_first,
+    best_of,
+    format_duration,
+    is_better,
+    metric_value,
+)
 
 POLICY_DIR = Path(policy.__file__).parent
 ALLOWED_CKPTVAULT_MODULES = {"ckptvault.errors", "ckptvault.types", "ckptvault.config"}
@@ -132,3 +139,19 @@ def test_policy_imports_only_stdlib_and_l0(path):
             assert name.startswith("ckptvault.policy") or name in ALLOWED_CKPTVAULT_MODULES, name
         else:
             assert top in sys.stdlib_module_names or top == "__future__", name
+
+
+def test_best_first_ranks_by_mode_and_skips_what_has_no_score() -> None:
+    scores = {"a": 3.0, "b": 1.0, "c": None, "d": math.nan, "e": 2.0, "f": math.inf}
+    assert best_first(scores, scores.get, "min") == ["b", "e", "a", "f"]
+    assert best_first(scores, scores.get, "max") == ["f", "a", "e", "b"]
+    assert best_of(scores, scores.get, "max") == "f"
+    assert best_of(["c", "d"], scores.get, "min") is None
+
+
+def test_best_first_ties_keep_input_order() -> None:
+    newest_first = ["step30", "step20", "step10"]
+    score = {"step30": 1.0, "step20": 1.0, "step10": 1.0}.get
+    assert best_first(newest_first, score, "min") == newest_first
+    assert best_first(newest_first, score, "max") == newest_first
+    assert best_of(newest_first, score, "max") == "step30"  # the newer of equals

@@ -4,14 +4,14 @@ Nothing here reads or deletes files: the manager turns storage facts into
 :class:`CheckpointRecord` values, asks :func:`step_trigger` / :func:`epoch_trigger` whether to save
 and :func:`retention_reasons` what to keep, and acts on the answers. Imports: stdlib and L0 only.
 
-Modules: ``metrics`` (the package's one rule for "is this metric value a number"), ``records`` (the
-record type and metric helpers), ``retention`` (what to keep, with the
-``KEEP_*`` reason vocabulary), ``triggers`` (when to save, with the ``SAVE_*`` reason vocabulary).
+Modules: ``metrics`` (the package's one rule for "is this metric value a number"), ``records``
+(the record type, metric helpers and the one "best" ranking, ``best_first``), ``retention`` (what
+to keep, with the ``KEEP_*`` reason vocabulary), ``triggers`` (when to save, with the ``SAVE_*``
+reason vocabulary).
 """
 
 from __future__ import annotations
 
-from .metrics import as_number, finite_number, rankable_number
 from .records import CheckpointRecord, Mode, format_duration
 from .retention import (
     KEEP_ALL,
@@ -65,13 +65,10 @@ __all__ = [
     "RetentionPolicy",
     "TriggerPolicy",
     "TriggerState",
-    "as_number",
     "auto_interval_seconds",
     "best_records",
     "epoch_trigger",
-    "finite_number",
     "format_duration",
-    "rankable_number",
     "retention_reasons",
     "step_trigger",
     "young_daly_interval",

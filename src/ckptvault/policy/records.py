@@ -12,9 +12,9 @@ NaN can neither be ranked nor ever improve.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from .metrics import rankable_number
 
@@ -22,6 +22,8 @@ Mode = Literal["min", "max"]
 """Whether a smaller (``"min"``, e.g. loss) or larger (``"max"``, e.g. accuracy) value is better."""
 
 MODES: tuple[Mode, ...] = ("min", "max")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,26 @@ def is_better(candidate: float, reference: float | None, mode: Mode) -> bool:
     if reference is None:
         return True
     return candidate < reference if mode == "min" else candidate > reference
+
+
+def best_first(candidates: Iterable[T], score: Callable[[T], float | None], mode: str) -> list[T]:
+    """The candidates that have a score, best first: the package's one "best" (issue 14).
+
+    ``score`` gives a candidate's monitored value, ``None`` when it has none; NaN counts as none
+    (it can neither be ranked nor improve), the infinities rank. ``mode == "max"`` puts the largest
+    first, any other mode the smallest. Equal scores keep their input order, so give the candidates
+    newest first to break ties in favour of the newer checkpoint. Retention's ``keep_best``,
+    :meth:`CheckpointManager.best` and the report's "best" mark all choose by this.
+    """
+    ranked = [(value, c) for c in candidates if (value := score(c)) is not None and not math.isnan(value)]
+    ranked.sort(key=lambda item: item[0], reverse=mode == "max")  # stable, also when reversed
+    return [candidate for _, candidate in ranked]
+
+
+def best_of(candidates: Iterable[T], score: Callable[[T], float | None], mode: str) -> T | None:
+    """The first of :func:`best_first` (ties: the earliest in input order), or ``None``."""
+    ranked = best_first(candidates, score, mode)
+    return ranked[0] if ranked else None
 
 
 def format_duration(seconds: float) -> str:

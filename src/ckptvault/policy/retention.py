@@ -29,6 +29,7 @@ from typing import Final
 from .records import (
     CheckpointRecord,
     Mode,
+    best_first,
     check_mode,
     check_monitor,
     check_positive_int,
@@ -160,11 +161,7 @@ def best_records(records: Sequence[CheckpointRecord], monitor: str, mode: Mode) 
 
     Give the records newest first to break ties in favour of the newer checkpoint.
     """
-    ranked = [
-        (value, r) for r in records if r.valid and (value := metric_value(r.metrics, monitor)) is not None
-    ]
-    ranked.sort(key=lambda item: item[0], reverse=mode == "max")  # stable, also when reversed
-    return [record for _, record in ranked]
+    return best_first((r for r in records if r.valid), lambda r: metric_value(r.metrics, monitor), mode)
 
 
 def _add_rules(
