@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from ..errors import CheckpointError, typed_os_errors
+from ..storage.catalogfiles import remove_database_files
 
 SCHEMA_VERSION = 1
 _SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
@@ -60,8 +61,7 @@ def connect(path: Path) -> sqlite3.Connection:
         # No migration can be wrong about derived data: an older (or damaged) catalog is
         # dropped and indexed again from the manifests.
         db.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        remove_database_files(path)
         db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")

@@ -5,11 +5,12 @@ sizes, provenance and validation status. It is never written by a save: every op
 the tree by cheap checks instead, so a checkpoint another process committed a moment ago, or one
 whose process died between its commit and anything else, is found without any extra step:
 
-* each directory that is not a checkpoint is stat-ed; only those whose mtime changed are listed
-  again (a commit, an overwrite or a deletion renames an entry in its run directory, which changes
-  that directory's mtime). A directory modified within the last two seconds is listed again at the
-  next sync too, because file-system timestamps are coarser than two quick renames ("racy" mtimes);
-* a listed checkpoint is (re)read when it is new or its manifest's mtime changed (an overwrite);
+* each directory that is not a checkpoint has its storage change token taken; only those whose
+  token changed are listed again (a commit, an overwrite or a deletion renames an entry in its run
+  directory, which changes the token; on local disk the token holds the directory's mtime). A
+  directory modified within the last two seconds is listed again at the next sync too, because
+  file-system timestamps are coarser than two quick renames ("racy" mtimes);
+* a listed checkpoint is (re)read when it is new or its manifest's commit time changed (an overwrite);
 * a run's ``.ckptvault-validation`` directory is checked the same way for new validation results.
 
 ``rebuild`` deletes the database and indexes everything again; every query returns the same rows
@@ -25,13 +26,17 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+from ..engine import manifests
+from ..format.manifest import Manifest
+from ..storage.catalogfiles import remove_database_files
+from ..storage.resolve import storage_for
 from .database import SCHEMA_VERSION, CatalogError, connect, typed_db_errors
 from .files import CATALOG_DIR as CATALOG_DIR
 from .files import CATALOG_NAME as CATALOG_NAME
 from .files import VALIDATION_DIR as VALIDATION_DIR
 from .files import check_catalog_files
-from .files import read_manifest as read_manifest
 from .rows import CatalogRow, CatalogRows
 from .sync import CatalogSync
 
@@ -47,6 +52,12 @@ __all__ = [
 ]
 
 
+def read_manifest(directory: str | os.PathLike[str]) -> tuple[Manifest, dict[str, Any]]:
+    """A checkpoint's parsed manifest and decoded metadata (kept for existing importers; the one
+    reader is :func:`ckptvault.engine.manifests.read_manifest`)."""
+    return manifests.read_manifest(*storage_for(directory))
+
+
 class Catalog(CatalogSync, CatalogRows):
     """``Catalog(root)``: opens (creating if needed) and syncs the catalog of a tree of runs."""
 
@@ -56,6 +67,8 @@ class Catalog(CatalogSync, CatalogRows):
         if not self.root.is_dir():
             raise CatalogError(f"{self.root} is not a directory")
         self.path = self.root / CATALOG_DIR / CATALOG_NAME
+        # Rooted: below the root the tree is read through real directories only.
+        self.storage = storage_for(self.root, rooted=True)[0]
         check_catalog_files(self.root)
         self._db = self._connect()
         if sync:
@@ -82,8 +95,7 @@ class Catalog(CatalogSync, CatalogRows):
     def rebuild(self) -> int:
         """Drops everything and indexes the tree again; returns the number of checkpoints."""
         self._db.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        remove_database_files(self.path)
         self._db = self._connect()
         self.sync()
         return int(self._db.execute("SELECT count(*) FROM checkpoints").fetchone()[0])

@@ -1,37 +1,52 @@
 """Syncing the catalog with the tree: which directories to list again, and indexing a checkpoint.
 
 Why a module of its own: this is the only code that writes the catalog's rows, and all of it runs
-inside one ``BEGIN IMMEDIATE`` transaction of :meth:`CatalogSync.sync` (the cheap mtime checks the
+inside one ``BEGIN IMMEDIATE`` transaction of :meth:`CatalogSync.sync` (the cheap checks the
 :mod:`ckptvault.catalog.store` docstring describes). :class:`~ckptvault.catalog.store.Catalog`
 inherits it; the reading side (:mod:`ckptvault.catalog.rows`) never needs it.
+
+The tree is seen only through the :class:`~ckptvault.storage.base.Storage` protocol: ``list`` for
+a directory's children (checkpoints with their commit time), ``change_token`` to skip a directory
+whose listing cannot have changed, :class:`~ckptvault.engine.rundir.RunDirectory` for run.json and
+validation results, and :func:`~ckptvault.engine.manifests.read_manifest` for manifests. The
+``dirs.mtime_ns`` column holds a directory's change token (SQLite keeps the text as it is given),
+or -1 for "list again next time"; ``checkpoints.manifest_mtime_ns`` holds the manifest's commit
+time in nanoseconds, as listed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
-import stat
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import MANIFEST_NAME
+from ..engine.manifests import read_manifest
+from ..engine.rundir import RunDirectory
 from ..errors import CheckpointError
+from ..storage.base import Storage
 from .database import typed_db_errors
-from .files import VALIDATION_DIR, read_manifest, read_run_doc, validation_of
+from .files import VALIDATION_DIR, validation_of
 from .files import optional_text as _text
 
-_RACY_NS = 2_000_000_000
+# Timestamps may be coarser than two quick changes ("racy"): what changed within this many
+# seconds of being looked at is looked at again at the next sync.
+_RACY_S = 2.0
+_ABSENT = "absent"  # the token recorded for a run without a validation directory
+_LIST_AGAIN = -1
 
 
 class CatalogSync:
-    """The syncing half of :class:`~ckptvault.catalog.store.Catalog` (its ``root`` and ``_db``)."""
+    """The syncing half of :class:`~ckptvault.catalog.store.Catalog` (its ``root``, ``storage``
+    and ``_db``)."""
 
     root: Path
+    storage: Storage
     _db: sqlite3.Connection
+    _listed: dict[str, dict[str, float]]  # during a sync: directory -> {child name: modified}
 
     @typed_db_errors
     def sync(self) -> None:
@@ -48,6 +63,9 @@ class CatalogSync:
                 db.close()  # closing discards the transaction and releases the write lock
             raise
 
+    def _key(self, rel: str) -> str:
+        return self.storage.join(str(self.root), *rel.split("/")) if rel else str(self.root)
+
     def _sync(self) -> None:
         db = self._db
         known = {p: (m, r) for p, m, r in db.execute("SELECT path, mtime_ns, is_run FROM dirs")}
@@ -56,56 +74,68 @@ class CatalogSync:
             if path and not _is_validation(path):
                 children.setdefault(_parent(path), []).append(path)
         seen: set[str] = set()
-        now = time.time_ns()
+        self._listed = {}
         stack = [""]
         while stack:
             rel = stack.pop()
-            try:
-                st = os.stat(self.root / rel if rel else self.root, follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if not stat.S_ISDIR(st.st_mode):
+            # The token is taken before the listing: a change in between is in the listing and
+            # makes the next token differ, never the other way round.
+            token = self.storage.change_token(self._key(rel))
+            if token is None:
                 continue
             seen.add(rel)
             previous = known.get(rel)
-            if previous is not None and previous[0] == st.st_mtime_ns:
+            if previous is not None and previous[0] == token:
                 stack.extend(children.get(rel, []))
                 is_run = bool(previous[1])
             else:
                 subdirs, is_run = self._list(rel)
                 stack.extend(subdirs)
-                mtime = -1 if now - st.st_mtime_ns < _RACY_NS else st.st_mtime_ns
                 db.execute(
                     "INSERT OR REPLACE INTO dirs (path, mtime_ns, is_run) VALUES (?, ?, ?)",
-                    (rel, mtime, is_run),
+                    (rel, self._settled(rel, token), is_run),
                 )
             if is_run:
-                seen.add(self._sync_validation(rel, known, now))
+                seen.add(self._sync_validation(rel, known))
         for path in set(known) - seen:
             db.execute("DELETE FROM dirs WHERE path = ?", (path,))
             if not _is_validation(path):
                 db.execute("DELETE FROM checkpoints WHERE run_dir = ?", (path,))
                 db.execute("DELETE FROM runs WHERE run_dir = ?", (path,))
 
+    def _settled(self, rel: str, token: str) -> str | int:
+        """What to record for a directory just looked at: its token, or "list again" when it was
+        modified within the racy window (a second change in the same timestamp tick would leave
+        the token as it is). Its modification time comes from its parent's listing (taken once
+        per sync); one that cannot be found is looked at again too."""
+        parent, _, name = rel.rpartition("/") if rel else ("..", "", "")
+        if parent not in self._listed:
+            key = self._key(parent) if parent != ".." else str(self.root.parent)
+            try:
+                self._listed[parent] = {e.name: e.modified for e in self.storage.list(key)}
+            except OSError:
+                self._listed[parent] = {}
+        modified = self._listed[parent].get(name or self.root.name)
+        if modified is None or time.time() - modified < _RACY_S:
+            return _LIST_AGAIN
+        return token
+
     def _list(self, rel: str) -> tuple[list[str], bool]:
         """Lists one directory: reconciles its checkpoints, returns its other subdirectories."""
-        base = self.root / rel if rel else self.root
         checkpoints: dict[str, int] = {}
         subdirs: list[str] = []
         try:
-            entries = list(os.scandir(base))
+            entries = self.storage.list(self._key(rel))
         except OSError:
             return [], False
+        self._listed[rel] = {e.name: e.modified for e in entries}
         for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            if entry.name.startswith("."):  # staging areas, trash, the run's bookkeeping
                 continue
-            try:
-                mst = os.stat(Path(entry.path) / MANIFEST_NAME, follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
+            if entry.kind == "checkpoint":
+                checkpoints[entry.name] = int(entry.modified * 1e9)
+            elif entry.kind == "directory":
                 subdirs.append(f"{rel}/{entry.name}" if rel else entry.name)
-                continue
-            if stat.S_ISREG(mst.st_mode):
-                checkpoints[entry.name] = mst.st_mtime_ns
         db = self._db
         stored = {
             n: m
@@ -121,37 +151,38 @@ class CatalogSync:
         now = time.time_ns()
         for name in sorted(changed):
             # A manifest written within the racy window is read again next time: an overwrite in
-            # the same timestamp tick would otherwise keep the old manifest's mtime.
+            # the same timestamp tick would otherwise keep the old manifest's time.
             mtime = checkpoints[name]
-            self._index_checkpoint(rel, name, -1 if now - mtime < _RACY_NS else mtime)
+            self._index_checkpoint(rel, name, _LIST_AGAIN if now - mtime < _RACY_S * 1e9 else mtime)
         if not checkpoints:
             db.execute("DELETE FROM runs WHERE run_dir = ?", (rel,))
         return subdirs, bool(checkpoints)
 
-    def _sync_validation(self, rel: str, known: Mapping[str, tuple[int, int]], now: int) -> str:
+    def _run(self, rel: str) -> RunDirectory:
+        return RunDirectory(self._key(rel), self.storage)
+
+    def _sync_validation(self, rel: str, known: Mapping[str, tuple[Any, int]]) -> str:
         path = f"{rel}/{VALIDATION_DIR}" if rel else VALIDATION_DIR
-        try:
-            mtime = os.stat(self.root / path, follow_symlinks=False).st_mtime_ns
-        except (FileNotFoundError, NotADirectoryError):
-            mtime = 0
+        token = self.storage.change_token(self._key(path))
         previous = known.get(path)
-        if previous is None or previous[0] != mtime:
+        if previous is None or previous[0] != (token if token is not None else _ABSENT):
+            run = self._run(rel)
             for cid, name, checkpoint_id in self._db.execute(
                 "SELECT id, name, checkpoint_id FROM checkpoints WHERE run_dir = ?", (rel,)
             ).fetchall():
-                level, passed = validation_of(self.root / rel / name, checkpoint_id)
+                level, passed = validation_of(run, name, checkpoint_id)
                 self._db.execute(
                     "UPDATE checkpoints SET validation_level = ?, validation_passed = ? WHERE id = ?",
                     (level, passed, cid),
                 )
-            recorded = -1 if now - mtime < _RACY_NS else mtime
+            recorded = self._settled(path, token) if token is not None else _ABSENT
             self._db.execute(
                 "INSERT OR REPLACE INTO dirs (path, mtime_ns, is_run) VALUES (?, ?, 0)", (path, recorded)
             )
         return path
 
     def _index_run(self, rel: str) -> None:
-        run = read_run_doc(self.root / rel)
+        run = self._run(rel).read_run_or_empty()
         git = run.get("git")
         self._db.execute(
             "INSERT OR REPLACE INTO runs (run_dir, run_id, config_json, git_commit, data_version) "
@@ -182,14 +213,13 @@ class CatalogSync:
     def _insert_checkpoint(self, rel: str, name: str, manifest_mtime_ns: int) -> None:
         db = self._db
         db.execute("DELETE FROM checkpoints WHERE run_dir = ? AND name = ?", (rel, name))
-        directory = self.root / rel / name
         try:
-            manifest, metadata = read_manifest(directory)
+            manifest, metadata = read_manifest(self.storage, self._key(f"{rel}/{name}" if rel else name))
         except (CheckpointError, OSError, ValueError):
             return  # not readable now (damaged, newer format): not a checkpoint `find` can return
         git = metadata.get("git")
         config = metadata.get("config")
-        level, passed = validation_of(directory, manifest.checkpoint_id)
+        level, passed = validation_of(self._run(rel), name, manifest.checkpoint_id)
         epoch = metadata.get("epoch")
         cursor = db.execute(
             "INSERT INTO checkpoints (path, run_dir, name, checkpoint_id, step, epoch, scope, created_at, "
