@@ -75,7 +75,6 @@ _ITEMS_1_2 = "issue 14 items 1-2"
 KNOWN_FILE_OPS: dict[str, str] = {
     "ckptvault.catalog.registry": f"{_ITEMS_1_2}: registry entries become CAS documents, flock a lease",
     "ckptvault.cli.check_resume": f"{_ITEMS_1_2}: reads the run through the run-directory class",
-    "ckptvault.manager": f"{_ITEMS_1_2}: run lock, run.json, index, pins, deletes: run directory",
     "ckptvault.report_trajectory": f"{_ITEMS_1_2}: reads the run through the run-directory class",
 }
 

@@ -25,9 +25,10 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from . import api
+from .engine.checkpoint_info import info_from_manifest
+from .engine.reader import CheckpointReader, verify_checkpoint
+from .engine.rundir import RunDirectory
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .policy import CheckpointRecord
 from .types import CheckpointInfo
@@ -35,8 +36,17 @@ from .validation_ids import result_for
 
 logger = logging.getLogger("ckptvault")
 
-Derive = Callable[[str, CheckpointInfo], CheckpointRecord]
-"""Builds a record from a checkpoint's manifest facts (the manager's ``record_from_info``)."""
+Derive = Callable[[str, CheckpointInfo, float], CheckpointRecord]
+
+
+def _info(run: RunDirectory, name: str) -> CheckpointInfo:
+    target = run.checkpoint(name)
+    with CheckpointReader(run.storage, target) as reader:
+        return info_from_manifest(target, reader.manifest, reader.decode_metadata())
+
+
+"""Builds a record from a checkpoint's manifest facts and its listed commit time (the manager's
+``record_from_info``)."""
 
 
 @dataclass
@@ -49,13 +59,13 @@ class Confirmation:
     unconfirmed: list[str] = field(default_factory=list)  # cannot be checked now: delete nothing
 
 
-def confirm_records(run_dir: Path, records: Iterable[CheckpointRecord], derive: Derive) -> Confirmation:
+def confirm_records(run: RunDirectory, records: Iterable[CheckpointRecord], derive: Derive) -> Confirmation:
     """Re-reads each record's manifest and returns records built from it (pins kept as given)."""
     outcome = Confirmation()
+    listed = {entry.name: entry.modified for entry in run.checkpoints()}
     for record in records:
-        path = run_dir / record.name
         try:
-            info = api.info(path)
+            info = _info(run, record.name)
         except CheckpointNotFoundError:
             outcome.gone.append(record.name)
             continue
@@ -67,14 +77,16 @@ def confirm_records(run_dir: Path, records: Iterable[CheckpointRecord], derive: 
             outcome.unconfirmed.append(f"{record.name} ({type(exc).__name__}: {exc})")
             continue
         truth = dataclasses.replace(
-            derive(record.name, info), pinned=record.pinned, valid=_valid(path, record, info)
+            derive(record.name, info, listed.get(record.name, 0.0)),
+            pinned=record.pinned,
+            valid=_valid(run, record, info),
         )
         _compare(record, truth, outcome)
     return outcome
 
 
 def confirm_scope(
-    run_dir: Path,
+    run: RunDirectory,
     records: dict[str, CheckpointRecord],
     confirmed: set[str],
     scope: str,
@@ -84,7 +96,7 @@ def confirm_scope(
     grown); each correction is logged and warned. Returns ``(all_confirmed, changed)``: delete
     nothing unless ``all_confirmed``; rewrite the index when ``changed``."""
     pending = [r for r in records.values() if r.scope == scope and r.name not in confirmed]
-    outcome = confirm_records(run_dir, pending, derive)
+    outcome = confirm_records(run, pending, derive)
     for name in outcome.gone:
         records.pop(name, None)
     records.update(outcome.records)
@@ -99,18 +111,18 @@ def confirm_scope(
     return not outcome.unconfirmed, bool(outcome.corrections or outcome.gone)
 
 
-def _valid(path: Path, record: CheckpointRecord, info: CheckpointInfo) -> bool:
+def _valid(run: RunDirectory, record: CheckpointRecord, info: CheckpointInfo) -> bool:
     """Whether the checkpoint is valid, as far as evidence goes. ``valid: true`` is believed (a
     failed validation of this id was applied when the run was opened); ``valid: false`` needs a
     failed validation of this id or a failed verification (a full re-hash: rare, and bounded by
     the bytes stored)."""
     if record.valid:
         return True
-    result = result_for(path, info.checkpoint_id)
+    result = result_for(run, record.name, info.checkpoint_id)
     if result is not None and result.get("passed") is False:
         return False
     try:
-        return api.verify(path).ok
+        return verify_checkpoint(run.storage, run.checkpoint(record.name)).ok
     except CheckpointError:
         return False
 

@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
-import json
 import logging
 import math
 import os
-import secrets
-import shutil
 import signal
 import threading
 import time
@@ -38,8 +33,16 @@ from typing import Any, Literal
 
 from . import api, validation
 from .catalog.registry import registered_in
+from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave
+from .engine.checkpoint_info import info_from_manifest
 from .engine.chunks import HintCache
+from .engine.loading import read_checkpoint
+from .engine.reader import CheckpointReader
+from .engine.rundir import EVENTS_NAME as EVENTS_NAME  # importable from here, as always
+from .engine.rundir import INDEX_NAME as INDEX_NAME
+from .engine.rundir import LEASE_NAME, RunDirectory, parse_name
+from .engine.rundir import checkpoint_name as checkpoint_name
 from .engine.staging import StagingBuffer
 from .errors import (
     CheckpointError,
@@ -61,24 +64,18 @@ from .policy import (
     step_trigger,
 )
 from .restore_skips import Skip, refuse_fresh_start, warn_skipped, why_invalid
-from .storage.chunkstore import STORE_NAME, collect_garbage
-from .storage.local import HOST_TAG, STAGING_MARK, atomic_write_json
-from .storage.safeopen import append_text, open_file, read_file
+from .storage.base import Lease, Storage
+from .storage.chunkstore import collect_garbage
 from .training.history import as_number
 from .training.state import FULL, WEIGHTS, TrainState
 from .types import CheckpointInfo
 from .validation_ids import BackgroundValidator, result_for
 
 RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
+LOCK_NAME = LEASE_NAME  # the run lease's file on local disk; its old name here
 logger = logging.getLogger("ckptvault")
-INDEX_NAME = ".ckptvault-index.json"
-EVENTS_NAME = ".ckptvault-events.jsonl"
-LOCK_NAME = ".ckptvault-run.lock"
 Mode = Literal["min", "max"]
-_PREFIX = {FULL: "step", WEIGHTS: "weights"}
 _NO_METRICS: Mapping[str, Any] = {}
-_LOCKED_RUNS: set[str] = set()  # run directories this process holds the writer lock of
-_LOCKED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -138,46 +135,10 @@ class _Stream:
     state: TriggerState = field(default_factory=TriggerState)
 
 
-def checkpoint_name(scope: str, step: int) -> str:
-    return f"{_PREFIX[scope]}_{step:08d}"
-
-
-def _parse_name(name: str) -> tuple[str, int] | None:
-    for scope, prefix in _PREFIX.items():
-        head, sep, digits = name.partition("_")
-        if head == prefix and sep and digits.isdigit():
-            return scope, int(digits)
-    return None
-
-
-def _finite(doc: Mapping[str, Any]) -> bool:
-    metrics = doc.get("metrics") or {}
-    return all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
-
-
-_MAX_EVENT_LINE = 1 << 20  # an event is a few hundred bytes; a longer line is damage, never allocated whole
-
-
 def read_events(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The run's event log (commits and deletions, oldest first); damaged lines are skipped.
-
-    The log is untrusted like every file of a run directory: a line that is not UTF-8 JSON, or is
-    longer than any event, is skipped (read in bounded pieces, never whole), not a failure."""
-    events: list[dict[str, Any]] = []
-    with (
-        contextlib.suppress(OSError),
-        os.fdopen(open_file(Path(run_dir) / EVENTS_NAME, os.O_RDONLY), "rb") as handle,
-    ):
-        while line := handle.readline(_MAX_EVENT_LINE + 1):
-            if len(line) > _MAX_EVENT_LINE:
-                while line and not line.endswith(b"\n"):  # skip the rest of the over-long line
-                    line = handle.readline(_MAX_EVENT_LINE)
-                continue
-            with contextlib.suppress(ValueError):  # UnicodeDecodeError and JSONDecodeError included
-                doc = json.loads(line.decode("utf-8"))
-                if isinstance(doc, dict):
-                    events.append(doc)
-    return events
+    """The run's event log (commits and deletions, oldest first); damaged lines are skipped
+    (:meth:`RunDirectory.read_events <ckptvault.engine.rundir.RunDirectory.read_events>`)."""
+    return RunDirectory(run_dir).read_events()
 
 
 def _plain_metric(value: Any) -> Any:
@@ -191,15 +152,6 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numeric metrics (Python or numpy/torch scalars) as floats; others are left out."""
     numbers = {str(key): as_number(value) for key, value in metrics.items()}
     return {key: value for key, value in numbers.items() if value is not None}
-
-
-def _sweep_temp_files(run_dir: Path) -> None:
-    """Removes what a writer killed inside ``atomic_write_json`` left: its temporary files of the
-    run's own JSON files. Called with the run lock held, so no live writer owns one of them."""
-    for name in ("run.json", "pins.json", INDEX_NAME):
-        for path in run_dir.glob(f".{name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                path.unlink()
 
 
 def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
@@ -216,13 +168,33 @@ def _record_to_json(record: CheckpointRecord) -> dict[str, Any]:
     }
 
 
-def read_index(run_dir: Path) -> dict[str, Any]:
+RunLike = str | os.PathLike[str] | RunDirectory
+
+
+def as_run(run_dir: RunLike) -> RunDirectory:
+    """A :class:`RunDirectory` for a run given by path (or itself)."""
+    return run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
+
+
+def read_index(run_dir: RunLike) -> dict[str, Any]:
     """The run's derived index document, or an empty one when it is missing or damaged."""
-    try:
-        doc = json.loads(read_file(run_dir / INDEX_NAME))
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    return as_run(run_dir).read_index()
+
+
+def checkpoint_info(run: RunDirectory, name: str) -> CheckpointInfo:
+    """Facts about checkpoint ``name`` of ``run`` from its manifest, through the run's storage
+    (what ``api.info`` does for a path, without asking the resolver where the run lives)."""
+    target = run.checkpoint(name)
+    with CheckpointReader(run.storage, target) as reader:
+        return info_from_manifest(target, reader.manifest, reader.decode_metadata())
+
+
+def load_checkpoint(run: RunDirectory, name: str) -> Any:
+    """Checkpoint ``name`` of ``run``, every byte verified (``api.load``'s defaults)."""
+    threads = Settings.from_env().io_threads
+    return read_checkpoint(
+        run.storage, run.checkpoint(name), map_location="cpu", verify=True, threads=threads, mapped=False
+    )
 
 
 def _record_from_json(doc: Mapping[str, Any]) -> CheckpointRecord:
@@ -240,14 +212,15 @@ def _record_from_json(doc: Mapping[str, Any]) -> CheckpointRecord:
     )
 
 
-def record_from_info(name: str, info: CheckpointInfo) -> CheckpointRecord:
-    """A policy record from a committed checkpoint's manifest facts."""
-    parsed = _parse_name(name)
+def record_from_info(name: str, info: CheckpointInfo, modified: float = 0.0) -> CheckpointRecord:
+    """A policy record from a committed checkpoint's manifest facts; ``modified`` (the listing's
+    commit time) stands in for a manifest without ``committed_at``."""
+    parsed = parse_name(name)
     scope = str(info.metadata.get("scope", parsed[0] if parsed else FULL))
     epoch = info.metadata.get("epoch", 0)
     created = info.metadata.get("committed_at")
     if not isinstance(created, (int, float)):
-        created = os.stat(info.path).st_mtime
+        created = modified
     return CheckpointRecord(
         name=name,
         step=info.step,
@@ -259,73 +232,61 @@ def record_from_info(name: str, info: CheckpointInfo) -> CheckpointRecord:
     )
 
 
-def load_records(run_dir: Path, index: Mapping[str, Any] | None = None) -> dict[str, CheckpointRecord]:
-    """Records of every committed checkpoint in a run: the index, reconciled with the directory.
+def load_records(run_dir: RunLike, index: Mapping[str, Any] | None = None) -> dict[str, CheckpointRecord]:
+    """Records of every committed checkpoint in a run: the index, reconciled with the listing.
 
-    The index is derived data: entries whose directory is gone are dropped and checkpoints it does
+    The index is derived data: entries whose checkpoint is gone are dropped and checkpoints it does
     not know (a crash between commit and index update) are read from their manifests.
     """
+    run = as_run(run_dir)
     if index is None:
-        index = read_index(run_dir)
-    names = {
-        entry.name
-        for entry in os.scandir(run_dir)
-        if entry.is_dir(follow_symlinks=False) and _parse_name(entry.name) is not None
-    }
+        index = run.read_index()
+    listed = {entry.name: entry.modified for entry in run.checkpoint_dirs()}
     records: dict[str, CheckpointRecord] = {}
     try:
         for doc in index.get("records", []):
             record = _record_from_json(doc)
-            if record.name in names:
+            if record.name in listed:
                 records[record.name] = record
     except (ValueError, KeyError, TypeError, AttributeError):
         records = {}  # damaged index: rebuilt below from the manifests
-    for name in sorted(names - records.keys()):
+    for name in sorted(listed.keys() - records.keys()):
         try:
-            records[name] = record_from_info(name, api.info(run_dir / name))
+            records[name] = record_from_info(name, checkpoint_info(run, name), listed[name])
         except CheckpointNotFoundError:
             continue  # a directory without a manifest is not a checkpoint
         except (IncompatibleCheckpointError, StorageError):
             continue  # unreadable here and now, not proven bad: never a candidate for deletion
         except CorruptCheckpointError:
-            parsed = _parse_name(name)
+            parsed = parse_name(name)
             if parsed is not None:
                 scope, step = parsed
                 records[name] = CheckpointRecord(name, step, 0, 0.0, scope, {}, valid=False)
     for name, record in records.items():
-        result = validation.read_result(run_dir / name)
+        result = run.read_validation(name)
         if result is not None and result.get("passed") is False and record.valid:
             with contextlib.suppress(CheckpointError):  # a result of an older checkpoint of that name
-                if api.info(run_dir / name).checkpoint_id == result.get("checkpoint_id"):
+                if checkpoint_info(run, name).checkpoint_id == result.get("checkpoint_id"):
                     records[name] = dataclasses.replace(record, valid=False)
     return records
 
 
-def load_pins(run_dir: Path) -> set[int]:
+def load_pins(run_dir: RunLike) -> set[int]:
     """The pinned steps. Only a missing file means none: an unreadable or damaged one raises
-    (StorageError / CheckpointError) -- taking it for "no pins" would let retention delete them."""
-    path = run_dir / "pins.json"
-    try:
-        pins = json.loads(read_file(path))
-    except FileNotFoundError:
-        return set()
-    except OSError as exc:
-        raise StorageError(exc.errno or 0, f"cannot read {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is damaged ({exc}); retention is off until it is fixed") from exc
-    if not isinstance(pins, dict) or not isinstance(pins.get("steps", []), list):
-        raise CheckpointError(f"{path} is damaged (not a list of steps); retention is off until it is fixed")
-    return {int(p) for p in pins.get("steps", []) if isinstance(p, int)}
+    (StorageError / DamagedRunFileError) -- taking it for "no pins" would let retention delete them."""
+    return as_run(run_dir).read_pins()
 
 
-def kept_reasons(run_dir: str | os.PathLike[str]) -> dict[str, tuple[str, ...]]:
+def kept_reasons(run_dir: RunLike) -> dict[str, tuple[str, ...]]:
     """Why each checkpoint of a run is kept, under the retention settings recorded in run.json."""
-    root = Path(run_dir)
-    run = json.loads(read_file(root / "run.json"))
-    pins = load_pins(root)
-    records = [_with_pin(r, pins) for r in load_records(root).values()]
+    run = as_run(run_dir)
+    doc = run.read_run()
+    if doc is None:
+        raise CheckpointNotFoundError(f"{run.path}: no run.json (not a CheckpointManager run)")
+    pins = run.read_pins()
+    records = [_with_pin(r, pins) for r in load_records(run).values()]
     reasons: dict[str, tuple[str, ...]] = {}
-    for scope, settings in run.get("scopes", {}).items():
+    for scope, settings in doc.get("scopes", {}).items():
         policy = Scope(**settings).retention()
         reasons.update(retention_reasons([r for r in records if r.scope == scope], policy, now=time.time()))
     return reasons
@@ -407,12 +368,14 @@ class CheckpointManager:
         trust_version_counter: bool = True,
         validate: str = "full",
         trackers: Sequence[Any] = (),
+        storage: Storage | None = None,
     ) -> None:
         if directory is None:
             directory = os.environ.get(RUN_DIR_ENV)
             if not directory:
                 raise ValueError(f"give the run directory, or set {RUN_DIR_ENV}")
-        self.directory = Path(directory)
+        self.directory = Path(directory)  # a name only: the run is reached through self._run
+        self._run = RunDirectory(self.directory, storage)
         full = Scope(
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
@@ -433,21 +396,19 @@ class CheckpointManager:
         now = time.time()
         for stream in self._streams.values():
             stream.state.last_save_time = now
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._acquire_lock()
+        self._lease: Lease | None = self._acquire_lease()  # also removes dead writers' leftovers
         try:
-            _sweep_temp_files(self.directory)
             self.run = self._open_run(config, data_version, scopes)
             try:
-                self._pins = load_pins(self.directory)
+                self._pins = self._run.read_pins()
                 self._pins_known = True
             except StorageError:
                 raise
             except CheckpointError as exc:  # damaged: keep everything rather than guess
                 warnings.warn(str(exc), stacklevel=2)
                 self._pins, self._pins_known = set(), False
-            index = read_index(self.directory)
-            self._records = load_records(self.directory, index)
+            index = self._run.read_index()
+            self._records = load_records(self._run, index)
             self._load_trigger_states(index)
             if len(index.get("records", ())) != len(self._records):
                 self._write_index()  # rebuilt or reconciled: later opens need not read the manifests
@@ -475,57 +436,29 @@ class CheckpointManager:
         self._track("on_run_start", str(self.directory), dict(self.run))
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _acquire_lock(self) -> int:
-        """The run's single-writer lock.
-
-        A POSIX record lock (``lockf``), not ``flock``: flock belongs to the open file, which forked
-        DataLoader workers share, so a SIGKILLed trainer's workers would keep the run locked until
-        they notice their parent died. A record lock belongs to the process and dies with it. Record
-        locks do not exclude a second lock in the same process, hence the registry.
-        """
-        key = os.path.realpath(self.directory)
-        with _LOCKED_LOCK:
-            if key in _LOCKED_RUNS:
-                raise ConcurrentWriteError(
-                    errno.EWOULDBLOCK, f"{self.directory} already has a writer in this process"
-                )
-            path = self.directory / LOCK_NAME
-            try:
-                fd = open_file(path, os.O_RDWR | os.O_CREAT)  # never through a symlink or into a FIFO
-            except OSError as exc:
-                raise StorageError(exc.errno or 0, f"cannot open {path}: {exc.strerror}") from exc
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                    os.close(fd)
-                    raise StorageError(exc.errno or 0, f"cannot lock {path}: {exc}") from exc
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise ConcurrentWriteError(
-                    errno.EWOULDBLOCK,
-                    f"{self.directory} already has a writer ({holder}); one manager per run directory",
-                ) from None
-            _LOCKED_RUNS.add(key)
-            self._lock_key = key
-        with contextlib.suppress(OSError):  # who holds the lock: a note for humans, not worth failing for
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-        return fd
+    def _acquire_lease(self) -> Lease:
+        """The run's single-writer lease (on local disk a POSIX record lock, which dies with the
+        process -- SIGKILL included -- and is not shared with forked DataLoader workers)."""
+        try:
+            return self._run.acquire()
+        except ConcurrentWriteError as exc:
+            raise ConcurrentWriteError(
+                exc.errno or 0,
+                f"{self.directory} already has a writer ({exc.strerror}); one manager per run directory",
+            ) from None
 
     def _open_run(self, config: Any, data_version: str | None, scopes: Mapping[str, Scope]) -> dict[str, Any]:
         from .training.provenance import capture_provenance
 
-        path = self.directory / "run.json"
         settings = {name: asdict(scope) for name, scope in scopes.items()}
-        if path.exists():
-            run: dict[str, Any] = json.loads(read_file(path))
+        run = self._run.read_run()
+        if run is not None:
             resumes = [*run.get("resumes", []), {"at": time.time(), "pid": os.getpid()}]
             run["resumes"] = resumes[-100:]  # the most recent restarts; bounded
         else:
             run = capture_provenance(config=config, data_version=data_version)
         run["scopes"] = settings  # the retention in force, for `ckptvault ls`
-        atomic_write_json(path, run)
+        self._run.write_run(run)
         return run
 
     @typed_os_errors
@@ -544,7 +477,7 @@ class CheckpointManager:
         validator = getattr(self, "_validator", None)
         if validator is not None:
             validator.join()
-            if getattr(self, "_lock_fd", -1) >= 0:
+            if getattr(self, "_lease", None) is not None:
                 self._apply_validation_results()
             validator.shutdown()
         writer = getattr(self, "_writer", None)
@@ -554,11 +487,10 @@ class CheckpointManager:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(signum, handler)
         self._previous_handlers = {}
-        if getattr(self, "_lock_fd", -1) >= 0:
-            os.close(self._lock_fd)  # closing the only descriptor releases the record lock
-            self._lock_fd = -1
-            with _LOCKED_LOCK:
-                _LOCKED_RUNS.discard(self._lock_key)
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            self._lease = None
+            lease.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -587,15 +519,15 @@ class CheckpointManager:
         for a name no longer in the run, whatever was recorded last."""
         record = self._records.get(name)
         if record is not None and record.checkpoint_id:
-            return result_for(self.directory / name, record.checkpoint_id)
-        return validation.read_result(self.directory / name)
+            return result_for(self._run, name, record.checkpoint_id)
+        return self._run.read_validation(name)
 
     def _apply_validation_results(self) -> None:
         """Applies finished validations (in the loop's thread: records are not shared)."""
         changed = False
         scopes: set[str] = set()
         for result in self._validator.drain():
-            name = Path(result.checkpoint).name
+            name = os.path.basename(result.checkpoint)
             current = self._records.get(name)
             if current is None or current.checkpoint_id != result.checkpoint_id:
                 continue  # deleted, or re-saved under the same name since: says nothing about it
@@ -741,7 +673,7 @@ class CheckpointManager:
             name, state.step, state.epoch, committed_at, scope, _numeric(metrics), state.step in self._pins
         )
         started = time.perf_counter()
-        path = self.directory / name
+        path = self._run.checkpoint(name)
         extra: dict[str, bytes] = {}
         if state.architecture is not None:
             metadata["architecture"] = state.architecture.to_metadata()
@@ -791,11 +723,11 @@ class CheckpointManager:
         self._confirmed.add(record.name)  # written by this process: its facts are the manifest's
         self._validation_passed.pop(record.name, None)  # a result of the checkpoint this one replaced
         if info is not None:  # before retention, which may delete the checkpoint just committed
-            path = str(self.directory / record.name)
+            path = self._run.checkpoint(record.name)
             self._track("on_checkpoint", path, info, record.scope, record.step, record.metrics)
         self._event("commit", record.name, record.step, epoch=record.epoch, metrics=record.metrics)
         if self._validate != "checksum":
-            self._validator.submit(str(self.directory / record.name), self._validate, record.checkpoint_id)
+            self._validator.submit(self._run.checkpoint(record.name), self._validate, record.checkpoint_id)
         self._apply_retention(record.scope)
         self._write_index()
 
@@ -814,7 +746,7 @@ class CheckpointManager:
         if not self._pins_known:
             return  # pins.json is damaged: deleting now could delete a pinned checkpoint
         try:
-            registered = registered_in(self.directory)
+            registered = registered_in(Path(self._run.path))
         except CheckpointError as exc:  # unknown pins: deleting now could delete a registered one
             warnings.warn(f"retention skipped: {exc}", stacklevel=3)
             return
@@ -829,8 +761,8 @@ class CheckpointManager:
             if not why and name != fallback:
                 self._delete(name)
                 deleted = True
-        if deleted and (self.directory / STORE_NAME).is_dir():
-            collect_garbage(self.directory)  # chunks only the deleted checkpoints used
+        if deleted and self._run.has_store():
+            collect_garbage(self._run.path)  # chunks only the deleted checkpoints used
 
     def _retention_reasons(self, scope: str, registered: set[str]) -> dict[str, tuple[str, ...]]:
         records = [
@@ -845,9 +777,7 @@ class CheckpointManager:
 
     def _confirm_records(self, scope: str) -> bool:
         """The scope's records from the index, checked against their manifests (index_check)."""
-        confirmed, changed = confirm_scope(
-            self.directory, self._records, self._confirmed, scope, record_from_info
-        )
+        confirmed, changed = confirm_scope(self._run, self._records, self._confirmed, scope, record_from_info)
         if changed:
             self._write_index()
         return confirmed
@@ -867,10 +797,7 @@ class CheckpointManager:
     def _event(self, kind: str, name: str, step: int, **extra: Any) -> None:
         """One line of the run's event log. Informative only (plots, reports): a lost line costs a
         mark on a picture, so it is appended without fsync."""
-        doc = {"event": kind, "name": name, "step": step, "time": time.time(), **extra}
-        line = json.dumps(doc, default=str, allow_nan=False) if _finite(doc) else json.dumps(doc, default=str)
-        with contextlib.suppress(OSError):
-            append_text(self.directory / EVENTS_NAME, line + "\n")
+        self._run.append_event({"event": kind, "name": name, "step": step, "time": time.time(), **extra})
 
     def _last_validated(self, scope: str) -> str | None:
         """The newest checkpoint that passed validation, while newer ones are still being validated
@@ -884,7 +811,7 @@ class CheckpointManager:
         for record in newest_first[:64]:  # bounded: a result file is read per unknown record
             passed = self._validation_passed.get(record.name)
             if passed is None:
-                result = result_for(self.directory / record.name, record.checkpoint_id)
+                result = result_for(self._run, record.name, record.checkpoint_id)
                 passed = None if result is None else result.get("passed") is True
             if passed:
                 return record.name
@@ -897,26 +824,19 @@ class CheckpointManager:
         self._confirmed.discard(name)
         if record is not None:
             self._event("delete", name, record.step)
-        source = self.directory / name
-        trash = self.directory / f".{name}{STAGING_MARK}{HOST_TAG}.{os.getpid()}.del{secrets.token_hex(4)}"
-        try:
-            os.rename(source, trash)
-        except FileNotFoundError:
+        if not self._run.delete_checkpoint(name):
             return
-        except OSError as exc:
-            raise StorageError(exc.errno or 0, f"cannot delete {source}: {exc}") from exc
-        shutil.rmtree(trash, ignore_errors=True)
         # A passed result of a deleted checkpoint has no reader; failed ones stay for the run report.
-        result = validation.read_result(source)
+        result = self._run.read_validation(name)
         if result is not None and result.get("passed") is True:
             with contextlib.suppress(OSError):
-                validation.results_path(source).unlink()
+                self._run.remove_validation(name)
 
     def _write_index(self) -> None:
         records = sorted(self._records.values(), key=lambda r: (r.scope, r.step))
         triggers = {scope: stream.state.to_dict() for scope, stream in self._streams.items()}
         doc = {"records": [_record_to_json(r) for r in records], "triggers": triggers}
-        atomic_write_json(self.directory / INDEX_NAME, doc, durable=False)
+        self._run.write_index(doc)
 
     def _load_trigger_states(self, index: Mapping[str, Any]) -> None:
         """Best-so-far values survive a restart, so a resumed run does not mistake its first metric
@@ -934,12 +854,12 @@ class CheckpointManager:
     def pin(self, step: int) -> None:
         """Keeps the checkpoints of ``step`` (every scope) whatever the retention policy says."""
         self._pins.add(int(step))
-        atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
+        self._run.write_pins(self._pins)
 
     @typed_os_errors
     def unpin(self, step: int) -> None:
         self._pins.discard(int(step))
-        atomic_write_json(self.directory / "pins.json", {"steps": sorted(self._pins)})
+        self._run.write_pins(self._pins)
         for scope in self._streams:
             self._apply_retention(scope)
         self._write_index()
@@ -952,11 +872,11 @@ class CheckpointManager:
 
     def latest(self, scope: str = FULL) -> CheckpointInfo | None:
         candidates = [r for r in self.checkpoints(scope) if r.valid]
-        return api.info(self.directory / candidates[-1].name) if candidates else None
+        return checkpoint_info(self._run, candidates[-1].name) if candidates else None
 
     def best(self, scope: str = FULL) -> CheckpointInfo | None:
         record = self._best_record(scope)
-        return api.info(self.directory / record.name) if record else None
+        return checkpoint_info(self._run, record.name) if record else None
 
     def _best_record(self, scope: str) -> CheckpointRecord | None:
         stream = self._streams.get(scope)
@@ -997,20 +917,19 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"{self.directory}: no {scope} checkpoint at step {which}")
         skipped: list[Skip] = []
         for record in candidates:
-            path = self.directory / record.name
             if not record.valid and not explicit:
-                skip = why_invalid(self.directory, record)
+                skip = why_invalid(self._run, record)
                 if skip.validation_only:
                     skipped.append(skip)
-                    warn_skipped(self.directory, skip)
+                    warn_skipped(self._run, skip)
                     continue
                 # Marked invalid with no failed validation of this id on record (an index entry, an
-                # earlier failed read): the bytes decide, and api.load verifies every one of them.
+                # earlier failed read): the bytes decide, and the load verifies every one of them.
             try:
-                tree = api.load(path)
+                tree = load_checkpoint(self._run, record.name)
             except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
                 skipped.append(Skip(record, f"it fails verification: {exc}", False))
-                warn_skipped(self.directory, skipped[-1])
+                warn_skipped(self._run, skipped[-1])
                 self._records[record.name] = dataclasses.replace(record, valid=False)
                 continue
             if not record.valid:
@@ -1020,12 +939,12 @@ class CheckpointManager:
                 stream.state.last_save_step = state.step
                 stream.state.last_save_epoch = state.epoch
                 stream.state.last_save_time = time.time()
-            return api.info(path)
+            return checkpoint_info(self._run, record.name)
         if not explicit:
             reported = {s.record.name for s in skipped}
             for record in self.checkpoints(scope):  # ("best" never had the invalid ones as candidates)
                 if not record.valid and record.name not in reported:
-                    skipped.append(why_invalid(self.directory, record))
-                    warn_skipped(self.directory, skipped[-1])
-            refuse_fresh_start(self.directory, skipped)
+                    skipped.append(why_invalid(self._run, record))
+                    warn_skipped(self._run, skipped[-1])
+            refuse_fresh_start(self._run, skipped)
         return None

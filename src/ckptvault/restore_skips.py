@@ -20,9 +20,9 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import api
+from .engine.reader import verify_checkpoint
+from .engine.rundir import RunDirectory
 from .errors import CheckpointError
 from .policy import CheckpointRecord
 from .validation_ids import failure_text, result_for
@@ -49,38 +49,37 @@ class Skip:
     validation_only: bool  # skipped for a recorded failed validation of its id, nothing else
 
 
-def why_invalid(run_dir: Path, record: CheckpointRecord) -> Skip:
+def why_invalid(run: RunDirectory, record: CheckpointRecord) -> Skip:
     """Why a record marked invalid is not a restore candidate (from its validation result, if any)."""
-    result = result_for(run_dir / record.name, record.checkpoint_id)
+    result = result_for(run, record.name, record.checkpoint_id)
     if result is not None and result.get("passed") is False:
         return Skip(record, failure_text(result), True)
     return Skip(record, "it failed verification (marked invalid)", False)
 
 
-def warn_skipped(run_dir: Path, skip: Skip) -> None:
+def warn_skipped(run: RunDirectory, skip: Skip) -> None:
     """The loud part: one warning (and one log line) per skipped checkpoint."""
-    text = f"restore skipped checkpoint {run_dir / skip.record.name}: {skip.why}"
+    text = f"restore skipped checkpoint {run.key(skip.record.name)}: {skip.why}"
     logger.warning("%s", text)
     warnings.warn(text, stacklevel=4)  # the caller of restore (through typed_os_errors)
 
 
-def refuse_fresh_start(run_dir: Path, skipped: Sequence[Skip]) -> None:
+def refuse_fresh_start(run: RunDirectory, skipped: Sequence[Skip]) -> None:
     """Raises :class:`RestoreRefusedError` when a checkpoint skipped only for a failed validation
     verifies (checked newest first, stopping at the first that does: a full re-hash each)."""
     candidates = sorted(
         (s for s in skipped if s.validation_only), key=lambda s: s.record.newness(), reverse=True
     )
     for skip in candidates:
-        path = run_dir / skip.record.name
         try:
-            verifies = api.verify(path).ok
+            verifies = verify_checkpoint(run.storage, run.key(skip.record.name)).ok
         except CheckpointError:
             verifies = False
         if not verifies:
             continue
         listed = "; ".join(f"{s.record.name}: {s.why}" for s in skipped)
         raise RestoreRefusedError(
-            f"{run_dir}: no checkpoint passed validation, but {skip.record.name} verifies (its bytes "
+            f"{run.path}: no checkpoint passed validation, but {skip.record.name} verifies (its bytes "
             f"match its manifest) and was skipped only because its validation failed; refusing to "
             f"return None (a fresh start whose retention would delete these checkpoints). Skipped: "
             f"{listed}. To resume from it anyway: restore(state, which={skip.record.step}); to start "

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from . import api, validation
+from .engine.rundir import RunDirectory
 from .errors import CheckpointError, CheckpointNotFoundError
 
 
@@ -61,12 +62,13 @@ def validate_bound(path: str, level: str, checkpoint_id: str) -> validation.Vali
     return result
 
 
-def result_for(path: str | os.PathLike[str], checkpoint_id: str) -> dict[str, Any] | None:
-    """The recorded validation result of checkpoint ``checkpoint_id`` at ``path``; None when there is
-    none, or the recorded one belongs to another checkpoint of that name (or names none)."""
+def result_for(run: RunDirectory, name: str, checkpoint_id: str) -> dict[str, Any] | None:
+    """The recorded validation result of checkpoint ``checkpoint_id`` (named ``name`` in ``run``);
+    None when there is none, or the recorded one belongs to another checkpoint of that name (or
+    names none)."""
     if not checkpoint_id:
         return None
-    result = validation.read_result(path)
+    result = run.read_validation(name)
     if result is None or result.get("checkpoint_id") != checkpoint_id:
         return None
     return result
