@@ -878,7 +878,7 @@ def test_async_incremental_manager_restores_the_right_state(tmp_path: Path, stag
 def test_manager_save_after_its_last_checkpoint_was_deleted_and_collected(tmp_path: Path) -> None:
     """The hint cache remembers the last save; if a user deletes that checkpoint and runs
     ``ckptvault gc`` meanwhile, the next save must write the chunks again, not reference them."""
-    from ckptvault.storage.chunkstore import collect_garbage
+    from ckptvault.engine.gc import collect_garbage
 
     run = tmp_path / "run"
     state = model_state()

@@ -28,8 +28,9 @@ from typer.testing import CliRunner
 
 import ckptvault as cv
 from ckptvault.cli.main import app
+from ckptvault.engine.gc import GcReport, collect_garbage
 from ckptvault.engine.reader import CheckpointReader
-from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore, GcReport, collect_garbage
+from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore
 from ckptvault.storage.local import LocalStorage
 
 CHUNK = 4096
@@ -428,7 +429,7 @@ def test_save_crashing_midway_leaves_nothing_visible(tmp_path: Path) -> None:
 # -- a real kill --------------------------------------------------------------------------------
 _GC_CHILD = """
 import sys
-from ckptvault.storage.chunkstore import collect_garbage
+from ckptvault.engine.gc import collect_garbage
 print("ready", flush=True)
 collect_garbage(sys.argv[1])
 print("done", flush=True)

@@ -19,9 +19,10 @@ import ckptvault as cv
 from ckptvault import validation
 from ckptvault.catalog.registry import REGISTERED_NAME, Registry, registered_in
 from ckptvault.catalog.store import CATALOG_DIR, Catalog
+from ckptvault.engine.gc import collect_garbage
 from ckptvault.errors import CheckpointError
 from ckptvault.manager import EVENTS_NAME, INDEX_NAME, LOCK_NAME, kept_reasons, read_events
-from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore, collect_garbage
+from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore
 
 pytestmark = pytest.mark.timeout(20)
 

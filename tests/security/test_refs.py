@@ -12,8 +12,9 @@ import pytest
 import ckptvault as cv
 from ckptvault.catalog.registry import Registry, RegistryError, ReplacedCheckpointError
 from ckptvault.catalog.store import CATALOG_DIR
+from ckptvault.engine.gc import collect_garbage
 from ckptvault.errors import CorruptCheckpointError
-from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore, collect_garbage
+from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -286,7 +286,7 @@ def reader(run: Path, sync: Path, ident: int) -> dict:
 
 
 def collector(run: Path, sync: Path) -> dict:
-    from ckptvault.storage.chunkstore import collect_garbage
+    from ckptvault.engine.gc import collect_garbage
 
     passes = deleted = 0
     done = sync / "done"

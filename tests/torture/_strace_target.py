@@ -46,7 +46,9 @@ import torch
 
 import ckptvault
 from ckptvault.catalog.store import Catalog
-from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore, collect_garbage, live_digests
+from ckptvault.engine.gc import collect_garbage, live_digests
+from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore
+from ckptvault.storage.local import LocalStorage
 
 CHUNK_BYTES = 16 * 1024  # small chunks: a small state still spans many chunks (and chunk dirs)
 _RESULT_BYTES = 1 << 16
@@ -325,7 +327,7 @@ def store_problems(run: Path) -> list[str]:
     """What a complete collection would still remove: temporary files and unreferenced chunks."""
     if not (run / STORE_NAME).is_dir():
         return []
-    live, _ = live_digests(run)
+    live, _ = live_digests(LocalStorage(), str(run))
     problems = []
     for path, digest in ChunkStore(run / STORE_NAME).iter_files():
         if digest is None:

@@ -30,8 +30,8 @@ import pytest
 
 import ckptvault as cv
 from ckptvault.catalog.registry import Registry
+from ckptvault.engine.gc import collect_garbage
 from ckptvault.storage import local_write as local
-from ckptvault.storage.chunkstore import collect_garbage
 from ckptvault.testing import FaultInjector, crashsim
 from ckptvault.testing.invariants import check_catalog, check_checkpoints
 

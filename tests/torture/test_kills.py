@@ -59,7 +59,8 @@ import pytest
 
 import ckptvault
 from ckptvault.catalog.store import Catalog
-from ckptvault.storage.chunkstore import STORE_NAME, collect_garbage
+from ckptvault.engine.gc import collect_garbage
+from ckptvault.storage.chunkstore import STORE_NAME
 from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers, visible_checkpoints
 
 from . import _strace_target as st

@@ -36,10 +36,11 @@ import pytest
 
 import ckptvault as cv
 from ckptvault.catalog.store import Catalog
+from ckptvault.engine.gc import collect_garbage
 from ckptvault.errors import CheckpointNotFoundError
 from ckptvault.format.manifest import parse_manifest
 from ckptvault.manager import EVENTS_NAME, INDEX_NAME, LOCK_NAME, read_events
-from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore, collect_garbage
+from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore
 from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers
 from ckptvault.validation import RESULTS_DIR
 

@@ -34,7 +34,8 @@ import torch
 
 import ckptvault
 from ckptvault.catalog.store import Catalog
-from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore, collect_garbage
+from ckptvault.engine.gc import collect_garbage
+from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore
 from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers, visible_checkpoints
 
 from . import _strace_target as st

@@ -20,10 +20,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from .. import api
+from ..engine.gc import collect_garbage
 from ..engine.inspect import diff_checkpoints, iter_leaves
 from ..engine.reader import CheckpointReader, verify_checkpoint
 from ..errors import CheckpointError
-from ..storage.chunkstore import collect_garbage
 from . import catalog_cmds, listing, pictures
 from .inert import UNREADABLE, console, emit_json, error_text, human_bytes, inert, install_inert_diagnostics
 
