@@ -18,12 +18,18 @@ script can guard a whole save or restore with one ``except``. The tree::
     └── declared beside the code that raises them (each a direct subclass unless noted):
         ArchitectureError, ModelMismatchError (training.architecture: the model cannot be rebuilt
         or does not fit), RestoreRefusedError (restore_skips: only checkpoints that failed
-        validation remain), ValidationFailedError (validation), IncompleteStateError
-        (training.state), StagingBudgetError (engine.staging), ExportError > ExportMismatchError
-        (export), RegistryError > ReplacedCheckpointError (catalog.registry), CatalogError
-        (catalog.store), QueryError (catalog.query), ReportError (reporting), UnsafeFileError
-        (storage.safeopen, a StorageError: a bookkeeping file is a link or not a regular file),
-        DamagedRunFileError (engine.rundir: run.json or pins.json exists but does not parse)
+        validation remain), ValidationFailedError (validation.results), IncompleteStateError
+        (training.state), StagingBudgetError (engine.staging), DamagedRunFileError (engine.rundir:
+        a run document exists but cannot be parsed), ExportError > ExportMismatchError
+        (export.common), RegistryError > ReplacedCheckpointError (catalog.registry), CatalogError
+        (catalog.database), QueryError (catalog.query_tokens), ReportError (report_trajectory),
+        UnsafeFileError (storage.safeopen, a StorageError: a bookkeeping file is a link or not a
+        regular file)
+
+Every class named in this tree is public: exported from the package root, so ``except
+ckptvault.ExportError`` works without knowing the module it lives in. ``tests/test_errors_tree.py``
+imports every module and fails on a ``CheckpointError`` subclass this tree does not name, on a
+drawn parent that is not the class's base, and on a named class the package root does not export.
 
 Corruption errors carry ``file`` and ``tensor`` so a user knows *where* without parsing text.
 """
