@@ -73,7 +73,6 @@ KNOWN_PRIVATE: dict[tuple[str, str], str] = {}
 # issue 14 items 1-2 (everything above storage/ speaks the Storage protocol and a run-directory class).
 _ITEMS_1_2 = "issue 14 items 1-2"
 KNOWN_FILE_OPS: dict[str, str] = {
-    "ckptvault.catalog.registry": f"{_ITEMS_1_2}: registry entries become CAS documents, flock a lease",
     "ckptvault.cli.check_resume": f"{_ITEMS_1_2}: reads the run through the run-directory class",
     "ckptvault.report_trajectory": f"{_ITEMS_1_2}: reads the run through the run-directory class",
 }

@@ -2,45 +2,52 @@
 
 ``ROOT/.ckptvault/registry/<name>.json`` holds one model: its versions (checkpoint path relative
 to the root, checkpoint id, when, by whom), its aliases (``production``, ``staging``, any name ->
-version) and the history of every alias move (when, from, to, why, host, user). Writes take an
-exclusive ``flock`` on ``registry/.lock`` and replace the file atomically, so concurrent commands
-never lose an update. A registered checkpoint is pinned: the registry lists it in its run's
-``.ckptvault-registered.json``, which retention reads before deleting anything.
+version) and the history of every alias move (when, from, to, why, host, user). Each is a storage
+document changed by compare-and-swap (read, change, ``put(if_version=...)``, and on a conflict read
+again and redo the change), so concurrent commands never lose an update and no lock is needed:
+every change touches one document at a time. A registered checkpoint is pinned: the registry lists
+it in its run's ``.ckptvault-registered.json`` (also by compare-and-swap, before the version that
+needs it is written), which retention reads before deleting anything.
 
 References: ``registry://NAME`` (newest version), ``registry://NAME@3`` (version 3),
 ``registry://NAME@production`` (an alias); :func:`resolve_reference` turns one into a path.
 
 A registry's files are untrusted input like any run directory (docs/security.md): its directories
-and files are opened without following symlinks or blocking on FIFOs (``storage.safeopen``), a
+and files are read through storage rooted at the registry's root, which never follows a symlink
+below it or blocks on a FIFO, a
 version whose path leaves the root is refused, and a version pins its checkpoint id -- resolving it
 when its path now holds another checkpoint raises :class:`ReplacedCheckpointError`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
 import os
+import random
 import re
 import socket
+import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..config import MANIFEST_NAME
-from ..errors import CheckpointError, CheckpointNotFoundError, typed_os_errors
-from ..storage.safeopen import atomic_write_json, check_dir, open_dir, open_file, read_file
-from .store import CATALOG_DIR, read_manifest
+from ..engine.manifests import read_manifest
+from ..engine.rundir import MAX_DOCUMENT_BYTES, REGISTERED_NAME, DamagedRunFileError, RunDirectory
+from ..errors import CheckpointError, CheckpointNotFoundError, DocumentConflictError, typed_os_errors
+from ..format.manifest import Manifest
+from ..storage.resolve import storage_for
+from ..storage.safeopen import check_dir
+from .files import CATALOG_DIR
 
 REGISTRY_DIR = "registry"
-REGISTERED_NAME = ".ckptvault-registered.json"
+__all__ = ["REGISTERED_NAME", "Registry", "RegistryError", "ReplacedCheckpointError", "registered_in"]
 SCHEME = "registry://"
 ROOT_ENV = "CKPTVAULT_ROOT"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CAS_TRIES = 64  # a change that loses this many races in a row is refused, never lost silently
 
 
 class RegistryError(CheckpointError):
@@ -76,17 +83,25 @@ def registered_in(run_dir: Path) -> set[str]:
     (``StorageError`` / ``RegistryError``), because retention taking it for "no pins" would
     delete registered checkpoints."""
     try:
-        text = read_file(run_dir / REGISTERED_NAME)
-    except FileNotFoundError:
+        doc = RunDirectory(run_dir).read_registered()
+    except DamagedRunFileError as exc:
+        raise RegistryError(f"{Path(run_dir) / REGISTERED_NAME} is damaged: {exc}") from exc
+    if doc is None:
         return set()
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise RegistryError(f"{run_dir / REGISTERED_NAME} is damaged: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints", {}), dict):
-        raise RegistryError(f"{run_dir / REGISTERED_NAME} is damaged: not a pin list")
+        raise RegistryError(f"{Path(run_dir) / REGISTERED_NAME} is damaged: not a pin list")
     entries = doc.get("checkpoints", {})
     return {name for name, refs in entries.items() if isinstance(name, str) and refs}
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    """A registry document's bytes, as they have always been written (sorted keys, indented)."""
+    return json.dumps(doc, indent=1, sort_keys=True, default=str).encode("utf-8")
+
+
+def _backoff(attempt: int) -> None:
+    """A short random pause after a lost compare-and-swap, so racing writers spread out."""
+    time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
 
 
 class Registry:
@@ -95,43 +110,48 @@ class Registry:
     def __init__(self, root: str | os.PathLike[str] | None = None, *, trackers: Sequence[Any] = ()) -> None:
         self.root = Path(root).absolute() if root is not None else default_root().absolute()
         self.directory = self.root / CATALOG_DIR / REGISTRY_DIR
+        # Rooted at the registry's root: below it no link is followed (a planted one is refused).
+        self.storage = storage_for(self.root, rooted=True)[0]
         self.trackers = list(trackers)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        dir_fd = open_dir(self.root, Path(CATALOG_DIR, REGISTRY_DIR), create=True)
-        try:
-            fd = open_file(".lock", os.O_RDWR | os.O_CREAT, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _file(self, name: str) -> Path:
+    def _key(self, name: str) -> str:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise RegistryError(
                 f"bad model name {str(name)[:80]!r}: letters, digits, '.', '_', '-' (max 128)"
             )
-        return self.directory / f"{name}.json"
+        return self.storage.join(str(self.directory), f"{name}.json")
 
-    def _load(self, name: str) -> dict[str, Any]:
-        path = self._file(name)
+    def _get(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The model's document and its version, ``(None, None)`` when it is not registered."""
+        found = self.storage.get(self._key(name), max_bytes=MAX_DOCUMENT_BYTES)
+        if found is None:
+            return None, None
         try:
-            dir_fd = open_dir(self.root, Path(CATALOG_DIR, REGISTRY_DIR))
-            try:
-                doc = json.loads(read_file(path.name, dir_fd=dir_fd))
-            finally:
-                os.close(dir_fd)
-        except FileNotFoundError:
-            raise RegistryError(f"no registered model {name!r} under {self.root}") from None
+            doc = json.loads(found.data)
         except ValueError as exc:
             raise RegistryError(f"registry file of {name!r} is damaged: {exc}") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("versions"), list):
             raise RegistryError(f"registry file of {name!r} is damaged")
+        return doc, found.version
+
+    def _load(self, name: str) -> dict[str, Any]:
+        doc, _ = self._get(name)
+        if doc is None:
+            raise RegistryError(f"no registered model {name!r} under {self.root}")
         return doc
+
+    def _update(self, name: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
+        """Applies ``change`` to the model's current document and writes the result only if
+        nobody wrote in between; otherwise reads again and applies it again."""
+        for attempt in range(_CAS_TRIES):
+            doc, version = self._get(name)
+            new = change(doc)
+            try:
+                self.storage.put(self._key(name), _dumps(new), if_version=version, if_absent=version is None)
+                return new
+            except DocumentConflictError:
+                _backoff(attempt)
+        raise RegistryError(f"{name!r} kept changing under {_CAS_TRIES} attempts to update it; try again")
 
     def _relative(self, checkpoint: str | os.PathLike[str]) -> str:
         # Resolved, not lexical: ROOT/../elsewhere and a symlink out of the root are outside it.
@@ -140,9 +160,11 @@ class Registry:
             rel = path.relative_to(self.root.resolve())
         except ValueError:
             raise RegistryError(f"{path} is not under the registry's root {self.root}") from None
-        if not (path / MANIFEST_NAME).is_file():
-            raise CheckpointNotFoundError(f"{path}: not a committed checkpoint")
         return rel.as_posix()
+
+    def _manifest(self, rel: str) -> Manifest:
+        """The manifest of the checkpoint at ``rel`` (CheckpointNotFoundError if there is none)."""
+        return read_manifest(self.storage, self.storage.join(str(self.root), *Path(rel).parts))[0]
 
     # -- changes -----------------------------------------------------------------------------------
     @typed_os_errors
@@ -158,17 +180,13 @@ class Registry:
         rel = self._relative(checkpoint)
         if alias is not None:
             _check_alias(alias)  # before anything is written: a refused registration pins nothing
-        manifest, _ = read_manifest(self.root / rel)
-        with self._locked():
-            path = self._file(name)
-            try:
-                doc = self._load(name)
-            except RegistryError:
-                if path.exists():
-                    raise
-                doc = {"name": name, "versions": [], "aliases": {}, "history": []}
+        manifest = self._manifest(rel)
+        self._key(name)  # a bad name is refused before anything is written
+        for attempt in range(_CAS_TRIES):
+            found, version = self._get(name)
+            doc: dict[str, Any] = found or {"name": name, "versions": [], "aliases": {}, "history": []}
             number = len(doc["versions"]) + 1
-            version: dict[str, Any] = {
+            entry: dict[str, Any] = {
                 "version": number,
                 "checkpoint": rel,
                 "checkpoint_id": manifest.checkpoint_id,
@@ -177,23 +195,33 @@ class Registry:
                 "note": note,
                 **_who(),
             }
-            doc["versions"].append(version)
-            self._pin(rel, name, number)
+            doc["versions"].append(entry)
+            self._pin(rel, name, number)  # pinned before the version exists: never an unpinned one
             if alias is not None:
                 self._move(doc, alias, number, f"registered version {number}")
-            atomic_write_json(path, doc, sort_keys=True, sweep=True, base=self.root)
+            try:
+                self.storage.put(self._key(name), _dumps(doc), if_version=version, if_absent=version is None)
+                break
+            except DocumentConflictError:
+                self._unpin_if_lost(rel, name, number)
+                _backoff(attempt)
+        else:
+            raise RegistryError(f"{name!r} kept changing under {_CAS_TRIES} attempts to register; try again")
         self._notify(name, number, doc)
-        return version
+        return entry
 
     @typed_os_errors
     def alias(self, name: str, version: int, alias: str, *, why: str | None = None) -> None:
         """Points ``alias`` at ``version`` of ``name`` (recorded in the history)."""
-        with self._locked():
-            doc = self._load(name)
+
+        def move(doc: dict[str, Any] | None) -> dict[str, Any]:
+            if doc is None:
+                raise RegistryError(f"no registered model {name!r} under {self.root}")
             self._version(doc, version)
             self._move(doc, alias, version, why)
-            atomic_write_json(self._file(name), doc, sort_keys=True, sweep=True, base=self.root)
-        self._notify(name, version, doc)
+            return doc
+
+        self._notify(name, version, self._update(name, move))
 
     def _move(self, doc: dict[str, Any], alias: str, version: int, why: str | None) -> None:
         _check_alias(alias)
@@ -203,26 +231,63 @@ class Registry:
             {"when": _now(), "alias": alias, "from": previous, "to": version, "why": why, **_who()}
         )
 
-    def _pin(self, rel: str, name: str, version: int) -> None:
-        checkpoint = self.root / rel
-        marker = checkpoint.parent / REGISTERED_NAME
-        try:
-            dir_fd = open_dir(self.root, Path(rel).parent)
+    def _marker(self, rel: str) -> str:
+        """The key of the pin marker of the run holding the checkpoint at ``rel``."""
+        return RunDirectory(str((self.root / rel).parent), self.storage).key(REGISTERED_NAME)
+
+    def _change_pins(self, rel: str, change: Callable[[list[Any]], bool]) -> None:
+        """Applies ``change`` to the checkpoint's list of ``[model, version]`` references in its
+        run's pin marker, by compare-and-swap; ``change`` returns False when there is nothing to
+        write. A damaged marker is rebuilt from this registry's versions."""
+        key, run_dir = self._marker(rel), (self.root / rel).parent
+        for attempt in range(_CAS_TRIES):
+            found = self.storage.get(key, max_bytes=MAX_DOCUMENT_BYTES)
             try:
-                doc = json.loads(read_file(REGISTERED_NAME, dir_fd=dir_fd))
-            finally:
-                os.close(dir_fd)
-        except FileNotFoundError:
-            doc = {}
-        except ValueError:
-            doc = self._pins_from_versions(checkpoint.parent)  # damaged: every version names its pin
-        if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints", {}), dict):
-            doc = self._pins_from_versions(checkpoint.parent)
-        entries = doc.setdefault("checkpoints", {})
-        refs = entries.setdefault(checkpoint.name, [])
-        if [name, version] not in refs:
-            refs.append([name, version])
-        atomic_write_json(marker, doc, sort_keys=True, sweep=True, base=self.root)
+                doc = json.loads(found.data) if found is not None else {}
+            except ValueError:
+                doc = self._pins_from_versions(run_dir)  # damaged: every version names its pin
+            if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints", {}), dict):
+                doc = self._pins_from_versions(run_dir)
+            refs = doc.setdefault("checkpoints", {}).setdefault(Path(rel).name, [])
+            if not isinstance(refs, list):
+                refs = doc["checkpoints"][Path(rel).name] = []
+            if not change(refs):
+                return
+            version = found.version if found is not None else None
+            try:
+                self.storage.put(key, _dumps(doc), if_version=version, if_absent=version is None)
+                return
+            except DocumentConflictError:
+                _backoff(attempt)
+        raise RegistryError(f"{key} kept changing under {_CAS_TRIES} attempts to update it; try again")
+
+    def _pin(self, rel: str, name: str, version: int) -> None:
+        def add(refs: list[Any]) -> bool:
+            if [name, version] not in refs:
+                refs.append([name, version])
+            return True  # written even when present: the marker may be being rebuilt
+
+        self._change_pins(rel, add)
+
+    def _unpin_if_lost(self, rel: str, name: str, version: int) -> None:
+        """After a lost race to write version ``version`` of ``name``: the pin added for it goes
+        unless that version, as written by the winner, is this same checkpoint (versions are only
+        ever appended, so what the winner wrote there stays)."""
+        doc, _ = self._get(name)
+        if doc is not None and any(
+            v.get("version") == version and v.get("checkpoint") == rel
+            for v in doc["versions"]
+            if isinstance(v, dict)
+        ):
+            return
+
+        def drop(refs: list[Any]) -> bool:
+            if [name, version] not in refs:
+                return False
+            refs.remove([name, version])
+            return True
+
+        self._change_pins(rel, drop)
 
     def _pins_from_versions(self, run_dir: Path) -> dict[str, Any]:
         """The pin list of ``run_dir`` rebuilt from this registry's versions (a damaged pin file
@@ -262,9 +327,13 @@ class Registry:
 
     @typed_os_errors
     def names(self) -> list[str]:
+        # Listing follows a link in the prefix itself: a linked registry directory is refused first.
         if not check_dir(self.root, Path(CATALOG_DIR, REGISTRY_DIR)):
             return []
-        stems = (n[: -len(".json")] for n in os.listdir(self.directory) if n.endswith(".json"))
+        entries = self.storage.list(str(self.directory))
+        stems = (
+            e.name[: -len(".json")] for e in entries if e.kind == "document" and e.name.endswith(".json")
+        )
         return sorted(stem for stem in stems if _NAME.fullmatch(stem))
 
     @typed_os_errors
@@ -305,8 +374,8 @@ class Registry:
         if not isinstance(pinned, str) or not pinned:
             raise RegistryError(f"{label}: the entry records no checkpoint id; register the checkpoint again")
         try:
-            manifest, _ = read_manifest(path)
-        except (FileNotFoundError, NotADirectoryError):
+            manifest = self._manifest(rel)
+        except (CheckpointNotFoundError, FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(f"{label}: {path} no longer holds a checkpoint") from None
         if manifest.checkpoint_id != pinned:
             raise ReplacedCheckpointError(
