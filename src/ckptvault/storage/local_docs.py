@@ -24,7 +24,6 @@ import fcntl
 import hashlib
 import os
 import re
-import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 from ..errors import ConcurrentWriteError, DocumentConflictError, StorageError
 from .base import Document
 from .local_common import storage_error
-from .safeopen import UnsafeFileError, open_dir, open_file, read_fd
+from .safeopen import UnsafeFileError, open_dir, open_file, read_fd, replace_in_dir
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what put() names its temporary files
 _LEASED: dict[str, str] = {}  # key -> owner, of leases this process holds (record locks do not exclude us)
@@ -72,16 +71,25 @@ class _Rooted:
 class LocalDocuments(_Rooted):
     """Documents, logs and leases of :class:`~ckptvault.storage.local.LocalStorage`."""
 
-    # -- documents ----------------------------------------------------------------------------
-    def get(self, key: str, *, max_bytes: int) -> Document | None:
+    def _parent(self, key: str, *, create: bool) -> int | None:
+        """The key's parent directory by descriptor; None when it does not exist (and ``create``
+        is off); a refused link stays an UnsafeFileError, other failures become StorageError."""
         try:
-            dir_fd = self._parent_fd(key, create=False)
+            return self._parent_fd(key, create=create)
         except FileNotFoundError:
+            if create:
+                raise StorageError(errno.ENOENT, f"cannot create the directory of {key}") from None
             return None
         except StorageError:
-            raise  # already typed (a refused link, a lost compare-and-swap)
+            raise
         except OSError as exc:
             raise storage_error("cannot open the directory of", key, exc) from exc
+
+    # -- documents ----------------------------------------------------------------------------
+    def get(self, key: str, *, max_bytes: int) -> Document | None:
+        dir_fd = self._parent(key, create=False)
+        if dir_fd is None:
+            return None
         try:
             fd = _open(key, os.O_RDONLY, dir_fd=dir_fd)
         except FileNotFoundError:
@@ -108,17 +116,13 @@ class LocalDocuments(_Rooted):
         durable: bool = True,
     ) -> str:
         name = Path(key).name
-        try:
-            dir_fd = self._parent_fd(key, create=True)
-        except StorageError:
-            raise  # already typed (a refused link, a lost compare-and-swap)
-        except OSError as exc:
-            raise storage_error("cannot open the directory of", key, exc) from exc
+        dir_fd = self._parent(key, create=True)
+        assert dir_fd is not None  # created
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)  # released by the close below
             if if_version is not None or if_absent:
                 self._check_condition(key, dir_fd, if_version, if_absent)
-            _replace(dir_fd, name, data, durable=durable)
+            replace_in_dir(dir_fd, name, data, durable=durable)
         except StorageError:
             raise  # already typed (a refused link, a lost compare-and-swap)
         except OSError as exc:
@@ -145,14 +149,9 @@ class LocalDocuments(_Rooted):
             raise DocumentConflictError(errno.ESTALE, f"{key} was changed by another writer")
 
     def remove(self, key: str, *, if_version: str | None = None) -> bool:
-        try:
-            dir_fd = self._parent_fd(key, create=False)
-        except FileNotFoundError:
+        dir_fd = self._parent(key, create=False)
+        if dir_fd is None:
             return False
-        except StorageError:
-            raise  # already typed (a refused link, a lost compare-and-swap)
-        except OSError as exc:
-            raise storage_error("cannot open the directory of", key, exc) from exc
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)
             if if_version is not None:
@@ -282,26 +281,3 @@ class LocalLease:
         self._fd = -1
         with _LEASED_LOCK:
             _LEASED.pop(self._ident, None)
-
-
-def _replace(dir_fd: int, name: str, data: bytes, *, durable: bool) -> None:
-    """Writes ``data`` to a private temporary file in ``dir_fd`` and renames it over ``name``."""
-    temp = f".{name}.{secrets.token_hex(4)}.tmp"
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):  # already renamed, or the disk is gone
-            os.unlink(temp, dir_fd=dir_fd)
-        raise
-    if durable:
-        os.fsync(dir_fd)  # the rename itself is durable too

@@ -229,24 +229,31 @@ def atomic_write_json(
                 if stale.startswith(f".{name}.") and stale.endswith(".tmp"):
                     with suppress(FileNotFoundError):
                         os.unlink(stale, dir_fd=dir_fd)
-        temp = f".{name}.{secrets.token_hex(4)}.tmp"
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with suppress(OSError):  # already renamed, or the disk is gone
-                os.unlink(temp, dir_fd=dir_fd)
-            raise
-        if durable:
-            os.fsync(dir_fd)  # the rename itself is durable too
+        replace_in_dir(dir_fd, name, payload, durable=durable)
     finally:
         os.close(dir_fd)
+
+
+def replace_in_dir(dir_fd: int, name: str, data: bytes, *, durable: bool) -> None:
+    """Replaces ``name`` in the directory held by ``dir_fd`` with ``data``: a private temporary
+    file ``.NAME.<8 hex>.tmp`` (never through a link), fsynced unless ``durable=False``, renamed
+    over the name, then the directory fsynced; a failure leaves no temporary file."""
+    temp = f".{name}.{secrets.token_hex(4)}.tmp"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with suppress(OSError):  # already renamed, or the disk is gone
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    if durable:
+        os.fsync(dir_fd)  # the rename itself is durable too
