@@ -71,11 +71,7 @@ KNOWN_PRIVATE: dict[tuple[str, str], str] = {}
 
 # Modules that still call os/shutil/fcntl file operations outside storage/: the remaining work of
 # issue 14 items 1-2 (everything above storage/ speaks the Storage protocol and a run-directory class).
-_ITEMS_1_2 = "issue 14 items 1-2"
-KNOWN_FILE_OPS: dict[str, str] = {
-    "ckptvault.cli.check_resume": f"{_ITEMS_1_2}: reads the run through the run-directory class",
-    "ckptvault.report_trajectory": f"{_ITEMS_1_2}: reads the run through the run-directory class",
-}
+KNOWN_FILE_OPS: dict[str, str] = {}
 
 
 def _names(text: str) -> set[str]:

@@ -18,8 +18,6 @@ without the process that wrote it:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,13 +27,11 @@ from typing import Any
 
 from . import api
 from .catalog.registry import registered_in
-from .catalog.store import read_manifest
-from .config import MANIFEST_NAME
+from .engine.manifests import read_manifest
+from .engine.rundir import RunDirectory
 from .errors import CheckpointError
-from .manager import load_pins, read_events
 from .training.history import MetricsHistory, as_number
 from .training.state import FULL, WEIGHTS
-from .validation import read_result
 
 KEPT = "kept"
 DELETED = "deleted"
@@ -104,34 +100,24 @@ def _plottable_step(step: Any) -> bool:
     return isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**63
 
 
-def _read_run_json(run_dir: Path) -> dict[str, Any]:
+def _committed_names(run: RunDirectory) -> list[str]:
+    """Committed checkpoints of the run, whatever their names (any directory of checkpoints can be
+    plotted); hidden ones are staging or trash, links are never listed."""
     try:
-        doc = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+        entries = run.storage.list(run.path)
+    except OSError:
+        return []
+    return sorted(e.name for e in entries if e.kind == "checkpoint" and not e.name.startswith("."))
 
 
-def _committed_names(run_dir: Path) -> list[str]:
-    """Checkpoint directories of the run that have a manifest (hidden ones are staging or trash)."""
-    names = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(run_dir):
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-                continue
-            if (Path(entry.path) / MANIFEST_NAME).is_file():
-                names.append(entry.name)
-    return sorted(names)
-
-
-def _failed(run_dir: Path, name: str, checkpoint_id: str | None, committed_at: float | None) -> bool:
+def _failed(run: RunDirectory, name: str, checkpoint_id: str | None, committed_at: float | None) -> bool:
     """Whether the recorded validation of this very checkpoint failed.
 
     A result belongs to an existing checkpoint only when its ``checkpoint_id`` matches (a name is
     reused after an overwrite); a deleted checkpoint's id is unknown, so its result counts when it
     was written after the last commit of that name.
     """
-    result = read_result(run_dir / name)
+    result = run.read_validation(name)
     if result is None or result.get("passed") is not False:
         return False
     if checkpoint_id is not None:
@@ -188,12 +174,10 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
     root = Path(run_dir)
     if not root.is_dir():
         raise ReportError(f"{root} is not a directory")
-    run = _read_run_json(root)
-    try:
-        events = read_events(root)
-    except ValueError:  # an event log that is not UTF-8: the directory's checkpoints still count
-        events = []
-    existing = _committed_names(root)
+    directory = RunDirectory(root)
+    run = directory.read_run_or_empty()
+    events = directory.read_events()  # damaged lines (not UTF-8, not JSON) are skipped
+    existing = _committed_names(directory)
     if not existing and not any(e.get("event") == "commit" for e in events):
         raise ReportError(f"{root}: no checkpoints and no commit events: not a run directory")
 
@@ -207,7 +191,7 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
             commits[name] = event
 
     try:
-        pins = load_pins(root)
+        pins = directory.read_pins()
     except CheckpointError:  # damaged: the report shows no pins rather than failing
         pins = set()
     try:
@@ -221,7 +205,7 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
         committed_at = commit.get("time") if isinstance(commit.get("time"), (int, float)) else None
         if name in existing:
             try:
-                manifest, metadata = read_manifest(root / name)
+                manifest, metadata = read_manifest(directory.storage, directory.key(name))
             except (CheckpointError, OSError, ValueError):
                 continue  # damaged or unreadable now: not a checkpoint anyone can load
             if not _plottable_step(manifest.step):
@@ -233,7 +217,7 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
             step, scope, checkpoint_id = int(commit["step"]), _scope_of(name), None
             metrics = _finite_metrics(commit.get("metrics"))
             statuses.add(DELETED)
-        if _failed(root, name, checkpoint_id, committed_at):
+        if _failed(directory, name, checkpoint_id, committed_at):
             statuses.add(FAILED)
         if KEPT in statuses and name in registered:  # pins and registrations protect what exists
             statuses.update((REGISTERED, PINNED))

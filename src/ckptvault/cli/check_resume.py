@@ -22,7 +22,8 @@ from typing import Any
 
 from .. import api
 from ..engine.inspect import diff_checkpoints
-from ..storage.local import LocalStorage
+from ..engine.rundir import RunDirectory
+from ..storage.resolve import storage_for
 
 RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
 
@@ -83,17 +84,15 @@ def _first_value_difference(a: Any, b: Any, path: str = "state") -> str | None:
 
 
 def _newest_commit(run_dir: Path) -> float:
-    """Modification time of the newest committed checkpoint in a run (0 when there is none).
+    """Commit time of the newest committed checkpoint in a run (0 when there is none or the run
+    does not exist yet).
 
-    The run under test is live: its retention may delete a listed checkpoint before it is stat'ed,
-    which only means that one is not the newest."""
-    times = []
-    for path in api.list_checkpoints(run_dir) if run_dir.exists() else []:
-        try:
-            times.append(os.stat(Path(path) / "manifest.json").st_mtime)
-        except FileNotFoundError:
-            continue
-    return max(times, default=0.0)
+    The run under test is live: one listing gives each checkpoint with its commit time, so a
+    checkpoint its retention deletes meanwhile is simply not listed (never a stat that fails)."""
+    run = RunDirectory(run_dir)
+    return max(
+        (entry.modified for entry in run.storage.list(run.path) if entry.kind == "checkpoint"), default=0.0
+    )
 
 
 def _watch(command: list[str], run_dir: Path, timeout: float) -> tuple[float, float]:
@@ -143,7 +142,7 @@ def check_resume(
     _run(command, resumed, timeout)
     a, b = _newest_full(reference), _newest_full(resumed)
     difference = None
-    for row in diff_checkpoints(LocalStorage(), a, b):
+    for row in diff_checkpoints(storage_for(a)[0], a, b):
         if row.status != "identical":
             detail = (
                 f" (max abs diff {row.max_abs:.6g}, max rel {row.max_rel:.6g})"

@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from .. import api
+from ..engine.rundir import RunDirectory
 from ..validation import read_result
 from .inert import (
     UNREADABLE,
@@ -141,11 +142,11 @@ def _fmt_validation(status: dict[str, Any] | None) -> str:
 
 def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
     """Retention reasons when ``directory`` is a CheckpointManager run (it has a run.json)."""
-    if not (directory / "run.json").is_file():
-        return None
     from ..manager import kept_reasons
 
     try:
+        if RunDirectory(directory).read_run() is None:
+            return None
         return kept_reasons(directory)
     except UNREADABLE:
         return None
