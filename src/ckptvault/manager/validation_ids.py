@@ -21,9 +21,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import api, validation
-from .engine.rundir import RunDirectory
-from .errors import CheckpointError, CheckpointNotFoundError
+from .. import api, validation
+from ..engine.rundir import RunDirectory
+from ..errors import CheckpointError, CheckpointNotFoundError
 
 
 def current_id(path: str | os.PathLike[str]) -> str | None:

@@ -26,27 +26,17 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .engine.checkpoint_info import info_from_manifest
-from .engine.reader import CheckpointReader, verify_checkpoint
-from .engine.rundir import RunDirectory
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .policy import CheckpointRecord
-from .types import CheckpointInfo
+from ..engine.reader import verify_checkpoint
+from ..engine.rundir import RunDirectory
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..policy import CheckpointRecord
+from ..types import CheckpointInfo
+from .records import checkpoint_info
 from .validation_ids import result_for
 
 logger = logging.getLogger("ckptvault")
 
 Derive = Callable[[str, CheckpointInfo, float], CheckpointRecord]
-
-
-def _info(run: RunDirectory, name: str) -> CheckpointInfo:
-    target = run.checkpoint(name)
-    with CheckpointReader(run.storage, target) as reader:
-        return info_from_manifest(target, reader.manifest, reader.decode_metadata())
-
-
-"""Builds a record from a checkpoint's manifest facts and its listed commit time (the manager's
-``record_from_info``)."""
 
 
 @dataclass
@@ -65,7 +55,7 @@ def confirm_records(run: RunDirectory, records: Iterable[CheckpointRecord], deri
     listed = {entry.name: entry.modified for entry in run.checkpoints()}
     for record in records:
         try:
-            info = _info(run, record.name)
+            info = checkpoint_info(run, record.name)
         except CheckpointNotFoundError:
             outcome.gone.append(record.name)
             continue

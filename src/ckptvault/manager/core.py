@@ -1,0 +1,439 @@
+"""L3: CheckpointManager -- a run of checkpoints with triggers, retention, validation and restore.
+
+Built on the one save pipeline and the engine's readers, never beside them: every checkpoint it
+writes is an ordinary ckptvault checkpoint. The run's layout (docs/format.md, "Run layout") belongs
+to :class:`~ckptvault.engine.rundir.RunDirectory`; this module orchestrates the training loop's
+calls over the package's parts: the streams' configuration (:mod:`.scope`), the records and what
+retention does to them (:mod:`.book`), saving (:mod:`.saving`), background validation
+(:mod:`.validation_ids`), preemption signals (:mod:`.signals`) and restore (:mod:`.restore`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from .. import validation
+from ..engine.background import PendingSave
+from ..engine.chunks import HintCache
+from ..engine.rundir import RunDirectory, checkpoint_name
+from ..errors import ConcurrentWriteError, typed_os_errors
+from ..policy import CheckpointRecord, epoch_trigger, step_trigger
+from ..policy.metrics import numeric_metrics, plain_metric
+from ..storage.base import Lease, Storage
+from ..training.state import FULL, WEIGHTS, TrainState
+from ..types import CheckpointInfo
+from .book import RunBook, logger
+from .records import checkpoint_info
+from .restore import restore_from
+from .saving import RunSaver, architecture_files, checkpoint_metadata
+from .scope import Scope, Stream, full_scope
+from .signals import SIGNALS, Preemption
+from .validation_ids import BackgroundValidator, result_for
+
+RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
+_NO_METRICS: Mapping[str, Any] = {}
+
+
+class CheckpointManager:
+    """Saves a training run's checkpoints when triggers fire, keeps what the retention policy
+    keeps, and restores the newest valid one.
+
+    Configuration: the full scope's options (:class:`~ckptvault.manager.scope.Scope`'s fields:
+    ``every_n_steps=``, ``keep_last=``, ``monitor=``, ...) as keyword arguments or as
+    ``full=Scope(...)``; ``weights=Scope(...)`` adds a weights-only stream. ``storage=`` names the
+    backend the run lives on (default: the local disk at ``directory``).
+
+    Concurrency contract: ONE writer per run directory, enforced by the run's lease
+    (``.ckptvault-run.lock`` on local disk); a second manager on the same directory (another
+    process, or another manager in this one) gets :class:`ConcurrentWriteError` naming the
+    holder. Any number of readers (``ckptvault.load``, ``ls``, ``verify``) may read the run
+    meanwhile: checkpoints appear atomically and are deleted so that they are never half visible.
+    Not thread-safe: call it from the training loop's thread. The lease is released by
+    :meth:`close` (on local disk also by process exit, including SIGKILL).
+
+    Asynchronous saves (``async_save=True``): a save fired by :meth:`step` or an epoch trigger
+    blocks only while the state is copied into a reused host staging buffer (at most
+    ``max_staging_bytes``); hashing, writing and the commit run in a background thread, one save in
+    flight (the next waits for it). "latest", the index and retention move on only once the commit
+    is seen complete (at the next ``step``/``save``/``wait``), which is also where a background
+    failure is raised. Explicit :meth:`save` and preemption saves are synchronous.
+
+    Incremental saves (``incremental=True``) and compression (``compression="auto"|"zstd"|"lz4"``):
+    tensors of at least a quarter ``chunk_bytes`` are stored as chunks in the run's chunk store
+    (``.ckptvault-store``); a chunk already there is referenced, not rewritten, and a tensor whose
+    torch version counter and storage show it unchanged since the last save is not even hashed
+    (``trust_version_counter=False`` always hashes: writes through ``.data`` or raw pointers do
+    not bump the counter). Retention deletes a checkpoint, then frees the chunks nothing else uses.
+
+    Validation (``validate=``, default ``"full"``): after each commit a background thread checks the
+    checkpoint: ``"readback"`` re-reads and re-hashes it; ``"full"`` also rebuilds the model in a
+    separate process and compares its output on a probe batch with the in-memory model's (needs
+    ``TrainState(model_factory=..., model_kwargs=...)`` and a probe: ``probe=`` or the first batch of
+    ``state.batches()``; without them full validation runs readback and says so). The loop never
+    waits for it. A failure is logged loudly, recorded in ``.ckptvault-validation/`` (``ckptvault
+    ls`` shows it) and the checkpoint is never chosen by ``restore`` or ``best``.
+
+    Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
+    :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
+    exit cleanly.
+    """
+
+    @typed_os_errors
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        full: Scope | None = None,
+        weights: Scope | None = None,
+        config: Any = None,
+        data_version: str | None = None,
+        preemption_signals: tuple[int, ...] = SIGNALS,
+        async_save: bool = False,
+        max_staging_bytes: int | None = None,
+        incremental: bool = False,
+        compression: str | None = None,
+        chunk_bytes: int | None = None,
+        trust_version_counter: bool = True,
+        validate: str = "full",
+        trackers: Sequence[Any] = (),
+        storage: Storage | None = None,
+        **scope_options: Any,
+    ) -> None:
+        if directory is None:
+            directory = os.environ.get(RUN_DIR_ENV)
+            if not directory:
+                raise ValueError(f"give the run directory, or set {RUN_DIR_ENV}")
+        self.directory = Path(directory)  # a name only: the run is reached through self._run
+        scopes = {FULL: full_scope(full, scope_options)}
+        if weights is not None:
+            scopes[WEIGHTS] = weights
+        self._streams = {name: Stream.of(name, config) for name, config in scopes.items()}
+        now = time.time()
+        for stream in self._streams.values():
+            stream.state.last_save_time = now
+        self._validate = validation.check_level(validate)
+        self._run = RunDirectory(self.directory, storage)
+        self._book = RunBook(self._run, self._streams, self._validate)
+        self._lease: Lease | None = self._acquire_lease()  # also removes dead writers' leftovers
+        try:
+            self.run = self._open_run(config, data_version, scopes)
+            self._book.open()
+        except BaseException:
+            self.close()
+            raise
+        self._inflight: tuple[PendingSave, CheckpointRecord] | None = None
+        self._saver = RunSaver(
+            self._run,
+            async_save=async_save,
+            max_staging_bytes=max_staging_bytes,
+            incremental=incremental,
+            compression=compression,
+            chunk_bytes=chunk_bytes,
+            trust_version_counter=trust_version_counter,
+        )
+        self._validator = BackgroundValidator()
+        self.should_stop = False
+        self._preemption: CheckpointInfo | None = None
+        self._preemption_step = -1
+        self._signals = Preemption()
+        self._step_metrics: dict[str, Any] = {}
+        self._metrics_step = -1
+        self._signals.install(preemption_signals)
+        self._trackers = list(trackers)
+        self._track("on_run_start", str(self.directory), dict(self.run))
+
+    @property
+    def _hints(self) -> HintCache | None:
+        """The hint cache of incremental saves (None when every tensor is hashed each save)."""
+        return self._saver.hints
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _acquire_lease(self) -> Lease:
+        """The run's single-writer lease (on local disk a POSIX record lock, which dies with the
+        process -- SIGKILL included -- and is not shared with forked DataLoader workers)."""
+        try:
+            return self._run.acquire()
+        except ConcurrentWriteError as exc:
+            raise ConcurrentWriteError(
+                exc.errno or 0,
+                f"{self.directory} already has a writer ({exc.strerror}); one manager per run directory",
+            ) from None
+
+    def _open_run(self, config: Any, data_version: str | None, scopes: Mapping[str, Scope]) -> dict[str, Any]:
+        from ..training.provenance import capture_provenance
+
+        settings = {name: asdict(scope) for name, scope in scopes.items()}
+        run = self._run.read_run()
+        if run is not None:
+            resumes = [*run.get("resumes", []), {"at": time.time(), "pid": os.getpid()}]
+            run["resumes"] = resumes[-100:]  # the most recent restarts; bounded
+        else:
+            run = capture_provenance(config=config, data_version=data_version)
+        run["scopes"] = settings  # the retention in force, for `ckptvault ls`
+        self._run.write_run(run)
+        return run
+
+    @typed_os_errors
+    def close(self) -> None:
+        """Finishes a pending save (a failure is reported as a warning: use ``wait()`` to get it
+        raised), releases the run's lease and restores the previous signal handlers."""
+        if getattr(self, "_inflight", None) is not None:
+            try:
+                self._finish_pending(block=True)
+            except Exception as exc:
+                warnings.warn(f"the last asynchronous save failed: {exc}", stacklevel=2)
+        for tracker in getattr(self, "_trackers", []):
+            with contextlib.suppress(Exception):
+                tracker.close()
+        self._trackers = []
+        validator = getattr(self, "_validator", None)
+        if validator is not None:
+            validator.join()
+            if getattr(self, "_lease", None) is not None:
+                self._apply_validation_results()
+            validator.shutdown()
+        saver = getattr(self, "_saver", None)
+        if saver is not None:
+            saver.shutdown()
+        signals = getattr(self, "_signals", None)
+        if signals is not None:
+            signals.restore()
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            self._lease = None
+            lease.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self.close()  # a failed pending save must not keep the run locked
+
+    @typed_os_errors
+    def wait(self) -> None:
+        """Blocks until the save in flight (async mode) has committed; re-raises its failure."""
+        self._finish_pending(block=True)
+
+    @typed_os_errors
+    def wait_validation(self) -> None:
+        """Blocks until every background validation so far has finished and been applied."""
+        self._finish_pending(block=True)
+        self._validator.join()
+        self._apply_validation_results()
+
+    def validation_result(self, name: str) -> dict[str, Any] | None:
+        """The recorded validation result of a checkpoint of this run (by directory name): of the
+        checkpoint now under that name only (a stale result of a replaced one is not returned);
+        for a name no longer in the run, whatever was recorded last."""
+        record = self._book.records.get(name)
+        if record is not None and record.checkpoint_id:
+            return result_for(self._run, name, record.checkpoint_id)
+        return self._run.read_validation(name)
+
+    def _apply_validation_results(self) -> None:
+        """Applies finished validations (in the loop's thread: records are not shared)."""
+        self._book.apply_validations(self._validator.drain())
+
+    # -- the loop -----------------------------------------------------------------------------
+    @typed_os_errors
+    def step(self, state: TrainState, metrics: Mapping[str, Any] | None = None) -> CheckpointInfo | None:
+        """Marks one optimizer step done (``state.step += 1``) and saves if a trigger fires."""
+        state.step += 1
+        state._on_epoch_end = self._on_epoch_end
+        if metrics:
+            self._note_metrics(state, metrics)
+        if self._signals.take():
+            self.should_stop = True
+            state.stop_requested = True
+            self._preemption = self._save(state, FULL, "preemption")  # synchronous: the job may exit
+            self._preemption_step = state.step
+            return self._preemption
+        if self._inflight is not None:
+            self._finish_pending(block=False)
+        self._apply_validation_results()
+        now = time.time()
+        current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
+        saved = None
+        for stream in self._streams.values():
+            reason = step_trigger(
+                stream.triggers, stream.state, step=state.step, epoch=state.epoch, now=now, metrics=current
+            )
+            if reason is not None:
+                saved = self._save(state, stream.scope, reason, background=True)
+        return saved
+
+    @typed_os_errors
+    def save(
+        self, state: TrainState, metrics: Mapping[str, Any] | None = None, *, scope: str = FULL
+    ) -> CheckpointInfo:
+        """Saves now (e.g. after evaluation); retention runs after the commit.
+
+        After a preemption at this step it returns the preemption checkpoint unchanged: the loop's
+        epoch tail may still run, but the committed state must be the one to resume from."""
+        if self.should_stop and self._preemption is not None and self._preemption_step == state.step:
+            return self._preemption
+        if metrics:
+            self._note_metrics(state, metrics)
+        info = self._save(state, scope, "explicit")
+        assert info is not None  # explicit saves are synchronous
+        return info
+
+    def _note_metrics(self, state: TrainState, metrics: Mapping[str, Any]) -> None:
+        # Loss tensors and numpy scalars become Python numbers: metadata holds plain values only.
+        metrics = {k: plain_metric(v) for k, v in metrics.items()}
+        state.record_metrics(metrics)
+        if self._metrics_step != state.step:
+            self._step_metrics = {}
+            self._metrics_step = state.step
+        self._step_metrics.update(metrics)
+        numeric = numeric_metrics(metrics)
+        for stream in self._streams.values():
+            stream.state.observe(numeric, stream.triggers.monitor, stream.triggers.mode)
+
+    def _on_epoch_end(self, state: TrainState) -> None:
+        now = time.time()
+        for stream in self._streams.values():
+            if stream.state.last_save_step == state.step and stream.state.last_save_epoch < state.epoch:
+                # This scope already saved at this very step, after the epoch's last batch (the
+                # post-evaluation save): that checkpoint is the end-of-epoch state already.
+                stream.state.last_save_epoch = state.epoch
+                continue
+            reason = epoch_trigger(
+                stream.triggers,
+                stream.state,
+                epoch=state.epoch,
+                now=now,
+                metrics=self._current_metrics(state),
+            )
+            if reason is not None:
+                self._save(state, stream.scope, reason, background=True)
+
+    def _current_metrics(self, state: TrainState) -> dict[str, Any]:
+        return dict(self._step_metrics) if self._metrics_step == state.step else {}
+
+    # -- saving ---------------------------------------------------------------------------------
+    def _save(
+        self, state: TrainState, scope: str, reason: str, *, background: bool = False
+    ) -> CheckpointInfo | None:
+        """Saves synchronously (returns the info) or, with ``background`` on an async manager,
+        stages the state and returns None: the commit is recorded when it is observed done."""
+        if scope not in self._streams:
+            raise ValueError(f"this manager has no {scope!r} scope (configure weights=Scope(...))")
+        state._on_epoch_end = self._on_epoch_end
+        self._finish_pending(block=True)  # back-pressure: one save in flight; re-raises its failure
+        if self._lease is not None:
+            self._lease.renew()  # a lease that expired and was taken: stop before writing
+        name = checkpoint_name(scope, state.step)
+        committed_at = time.time()
+        metrics = self._current_metrics(state)
+        metadata = checkpoint_metadata(self.run, state, scope, reason, committed_at, metrics)
+        record = CheckpointRecord(
+            name,
+            state.step,
+            state.epoch,
+            committed_at,
+            scope,
+            numeric_metrics(metrics),
+            state.step in self._book.pins,
+        )
+        started = time.perf_counter()
+        extra = architecture_files(state, metadata, self._validate, metrics)
+        outcome = self._saver.save(name, state.capture(scope), metadata, extra, background=background)
+        # The loop's cost of this save (for every="auto"): the blocking part only when async.
+        self._streams[scope].state.record_save(
+            step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
+        )
+        if isinstance(outcome, PendingSave):
+            self._inflight = (outcome, record)
+            return None
+        self._committed(record, outcome)
+        return outcome
+
+    def _committed(self, record: CheckpointRecord, info: CheckpointInfo | None = None) -> None:
+        """A durable commit: only now do "latest", retention and the index move on."""
+        record = self._book.committed(record, info)
+        if info is not None:  # before retention, which may delete the checkpoint just committed
+            path = self._run.checkpoint(record.name)
+            self._track("on_checkpoint", path, info, record.scope, record.step, record.metrics)
+        self._book.event("commit", record.name, record.step, epoch=record.epoch, metrics=record.metrics)
+        if self._validate != "checksum":
+            self._validator.submit(self._run.checkpoint(record.name), self._validate, record.checkpoint_id)
+        self._book.apply_retention(record.scope)
+        self._book.write_index()
+
+    def _finish_pending(self, *, block: bool) -> None:
+        if self._inflight is None:
+            return
+        pending, record = self._inflight
+        if not block and not pending.done():
+            return
+        self._inflight = None
+        info = pending.wait()  # re-raises a background failure here, in the training loop
+        self._committed(record, info)
+
+    def _track(self, hook: str, *args: Any) -> None:
+        """Calls a tracker hook; a tracker failure is a warning, never a failed training step (a
+        tracker whose run could not start is dropped: its later calls could only fail)."""
+        for tracker in list(self._trackers):
+            try:
+                getattr(tracker, hook)(*args)
+            except Exception as exc:
+                logger.warning("tracker %s failed in %s: %s", type(tracker).__name__, hook, exc)
+                warnings.warn(f"tracker {type(tracker).__name__} failed in {hook}: {exc}", stacklevel=3)
+                if hook == "on_run_start":
+                    self._trackers.remove(tracker)
+
+    # -- pins -----------------------------------------------------------------------------------
+    @typed_os_errors
+    def pin(self, step: int) -> None:
+        """Keeps the checkpoints of ``step`` (every scope) whatever the retention policy says."""
+        self._book.pins.add(int(step))
+        self._run.write_pins(self._book.pins)
+
+    @typed_os_errors
+    def unpin(self, step: int) -> None:
+        self._book.pins.discard(int(step))
+        self._run.write_pins(self._book.pins)
+        for scope in self._streams:
+            self._book.apply_retention(scope)
+        self._book.write_index()
+
+    # -- queries and restore ------------------------------------------------------------------
+    def checkpoints(self, scope: str | None = None) -> list[CheckpointRecord]:
+        """Committed checkpoints of this run, oldest first."""
+        return self._book.checkpoints(scope)
+
+    def latest(self, scope: str = FULL) -> CheckpointInfo | None:
+        candidates = [r for r in self.checkpoints(scope) if r.valid]
+        return checkpoint_info(self._run, candidates[-1].name) if candidates else None
+
+    def best(self, scope: str = FULL) -> CheckpointInfo | None:
+        record = self._book.best_record(scope)
+        return checkpoint_info(self._run, record.name) if record else None
+
+    @typed_os_errors
+    def restore(
+        self, state: TrainState, which: Literal["latest", "best"] | int = "latest", *, partial: bool = False
+    ) -> CheckpointInfo | None:
+        """Restores the newest checkpoint that verifies (or the best, or a given step) into
+        ``state``; None for a fresh run.
+
+        Never quietly (:mod:`ckptvault.manager.restore`): each checkpoint it skips is named in a
+        warning and the log with why -- it fails verification now (then it is marked invalid), or
+        it was found invalid or failed its validation before. When nothing is restored although a
+        checkpoint skipped only for a failed validation verifies, it raises
+        :class:`~ckptvault.manager.restore.RestoreRefusedError` instead of returning None: the caller
+        would start fresh and retention would then delete that work. ``which=STEP`` restores that
+        step's checkpoint whatever its validation said."""
+        state._on_epoch_end = self._on_epoch_end
+        return restore_from(self._book, state, which, partial=partial)

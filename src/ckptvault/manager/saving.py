@@ -1,0 +1,115 @@
+"""L3: how the manager writes a checkpoint -- what goes into it, and the save pipeline it goes through.
+
+The manager builds the metadata every checkpoint of a run carries (step, epoch, scope, why it was
+saved, the run's provenance, the step's metrics) and, for full validation, the probe file; then it
+saves through the library's one save pipeline (:class:`~ckptvault.engine.background.SaveRequest`):
+synchronously via :func:`ckptvault.api.save`, or staged now and committed in the background by a
+:class:`~ckptvault.engine.background.BackgroundWriter`. Both write through the run's own storage, so
+the checkpoint lands where the run's documents are, on whatever backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .. import api, validation
+from ..engine.background import BackgroundWriter, PendingSave
+from ..engine.chunks import HintCache
+from ..engine.rundir import RunDirectory
+from ..engine.staging import StagingBuffer
+from ..training.state import TrainState
+from ..types import CheckpointInfo
+
+
+def checkpoint_metadata(
+    run: Mapping[str, Any], state: TrainState, scope: str, reason: str, committed_at: float, metrics: Any
+) -> dict[str, Any]:
+    """The manifest metadata of one checkpoint of a run (the sidecar's fields among them)."""
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "scope": scope,
+        "reason": reason,
+        "committed_at": committed_at,
+        "run_id": run.get("run_id"),
+        "git": run.get("git"),
+        "config": run.get("config"),
+        "data_version": run.get("data_version"),
+        "metrics": metrics,
+    }
+
+
+def architecture_files(
+    state: TrainState, metadata: dict[str, Any], validate: str, metrics: Any
+) -> dict[str, bytes]:
+    """Records the model's architecture in ``metadata`` and returns the probe file full validation
+    compares against (empty when there is nothing to rebuild or probe)."""
+    extra: dict[str, bytes] = {}
+    if state.architecture is None:
+        return extra
+    metadata["architecture"] = state.architecture.to_metadata()
+    if validate == "full" and state.probe is not None:
+        (model,) = state.parts["model"].values()
+        extra[validation.PROBE_FILE] = validation.make_probe_file(model, state.probe, metrics)
+        # Started at the first save that will need it (not for runs that never make a probe):
+        # its one torch import overlaps this save and the steps before its validation.
+        validation.start_server()
+    return extra
+
+
+class RunSaver:
+    """Saves the checkpoints of one run: sync, or async with one save in flight and a reused
+    staging buffer; incremental/compressed through the run's chunk store, with the hint cache
+    that skips tensors unchanged since the last save."""
+
+    def __init__(
+        self,
+        run: RunDirectory,
+        *,
+        async_save: bool,
+        max_staging_bytes: int | None,
+        incremental: bool,
+        compression: str | None,
+        chunk_bytes: int | None,
+        trust_version_counter: bool,
+    ) -> None:
+        self.run = run
+        self.writer = BackgroundWriter() if async_save else None
+        self.chunking = api.chunk_options(incremental, compression, chunk_bytes)
+        self.hints = HintCache() if self.chunking is not None and trust_version_counter else None
+        self.staging = StagingBuffer(max_staging_bytes)
+
+    def save(
+        self, name: str, tree: Any, metadata: dict[str, Any], extra: dict[str, bytes], *, background: bool
+    ) -> CheckpointInfo | PendingSave:
+        """Saves ``tree`` as checkpoint ``name`` (replacing one of that name): the committed info,
+        or with ``background`` on an async saver the pending save (staged, not yet committed)."""
+        target = self.run.checkpoint(name)
+        chunking = self.chunking
+        if background and self.writer is not None:
+            return self.writer.submit_save(
+                target,
+                tree,
+                metadata,
+                self.staging,
+                chunking=chunking,
+                hints=self.hints,
+                extra_files=extra,
+                storage=self.run.storage,
+            )
+        return api.save(
+            target,
+            tree,
+            metadata=metadata,
+            overwrite=True,
+            incremental=chunking is not None,
+            compression=chunking.compression if chunking else None,
+            chunk_bytes=chunking.chunk_bytes if chunking else None,
+            hints=self.hints,
+            extra_files=extra,
+        )
+
+    def shutdown(self) -> None:
+        if self.writer is not None:
+            self.writer.shutdown()
