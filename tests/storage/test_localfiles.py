@@ -37,6 +37,8 @@ def test_atomic_output_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     with atomic_output(target, durable=False) as handle:
         handle.write(b"new")
     assert target.read_bytes() == b"new" and leftovers(tmp_path) == []
+    write_atomically(target, b"mine", private=True)
+    assert target.stat().st_mode & 0o777 == 0o600
 
 
 def test_atomic_path_for_path_writers_and_os_errors_named(tmp_path: Path) -> None:

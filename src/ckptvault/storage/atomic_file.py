@@ -52,13 +52,24 @@ def atomic_path(target: Path, action: str = "write", *, durable: bool = True) ->
 
 
 @contextlib.contextmanager
-def atomic_output(target: Path, action: str = "write", *, durable: bool = True) -> Iterator[BinaryIO]:
+def atomic_output(
+    target: Path, action: str = "write", *, durable: bool = True, private: bool = False
+) -> Iterator[BinaryIO]:
     """Yields a binary handle; on a clean exit its bytes are fsynced and renamed onto ``target``.
 
     Failures as for :func:`atomic_path`. ``durable=False`` skips both fsyncs, for a file whose loss
-    costs only time (a cache): it is still never seen half-written.
+    costs only time (a cache): it is still never seen half-written. ``private`` creates it readable
+    by its owner only (mode 0600), for a file that lists the user's paths.
     """
-    with _staged(target, action, durable, data_synced=True) as temp, open(temp, "wb") as handle:
+    mode = 0o600 if private else 0o666
+
+    def opener(path: str, flags: int) -> int:
+        return os.open(path, flags, mode)
+
+    with (
+        _staged(target, action, durable, data_synced=True) as temp,
+        open(temp, "wb", opener=opener) as handle,
+    ):
         yield handle
         handle.flush()
         if durable:
@@ -81,7 +92,9 @@ def _staged(target: Path, action: str, durable: bool, *, data_synced: bool) -> I
         raise
 
 
-def write_atomically(target: Path, data: bytes, action: str = "write", *, durable: bool = True) -> None:
+def write_atomically(
+    target: Path, data: bytes, action: str = "write", *, durable: bool = True, private: bool = False
+) -> None:
     """``data`` as the whole new content of ``target``, in one rename (see :func:`atomic_output`)."""
-    with atomic_output(target, action, durable=durable) as handle:
+    with atomic_output(target, action, durable=durable, private=private) as handle:
         handle.write(data)

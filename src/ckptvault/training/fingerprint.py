@@ -156,8 +156,9 @@ class _DigestCache:
         data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Atomic but not durable (no fsync): losing the cache only costs a re-hash.
-            write_atomically(self.path, data, "write the fingerprint cache", durable=False)
+            # Atomic but not durable (no fsync): losing the cache only costs a re-hash. Private
+            # (0600): it lists the absolute paths of the user's data files.
+            write_atomically(self.path, data, "write the fingerprint cache", durable=False, private=True)
         except OSError:
             pass  # a read-only home or a full disk must not fail the run; we re-hash next time
 
