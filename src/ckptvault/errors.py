@@ -17,7 +17,7 @@ script can guard a whole save or restore with one ``except``. The tree::
     ├── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
     └── declared beside the code that raises them (each a direct subclass unless noted):
         ArchitectureError, ModelMismatchError (training.architecture: the model cannot be rebuilt
-        or does not fit), RestoreRefusedError (restore_skips: only checkpoints that failed
+        or does not fit), RestoreRefusedError (manager.restore: only checkpoints that failed
         validation remain), ValidationFailedError (validation.results), IncompleteStateError
         (training.state), StagingBudgetError (engine.staging), DamagedRunFileError (engine.rundir:
         a run document exists but cannot be parsed), ExportError > ExportMismatchError
