@@ -20,18 +20,13 @@ Leases are kept beside the namespace (never listed); ``mmap`` returns None (noth
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..config import MANIFEST_NAME
 from ..errors import (
-    CheckpointExistsError,
     CheckpointNotFoundError,
     ConcurrentWriteError,
     DocumentConflictError,
@@ -39,105 +34,29 @@ from ..errors import (
 )
 from .base import Document, Entry, EntryKind, Storage
 from .chunkstore import STORE_NAME
-from .memory_chunks import MemoryChunkStore, SharedExclusive, rel_key
-from .memory_handles import CheckpointObject, LeaseState, MemoryLease, MemoryReadHandle, MemoryTransaction
+from .memory_chunks import MemoryChunkStore
+from .memory_handles import MemoryLease, MemoryReadHandle, MemoryTransaction
+from .memory_space import LeaseState, ObjectSpace, norm_key, rel_key
 
 _RANK: dict[EntryKind, int] = {"checkpoint": 0, "document": 1, "directory": 2}
 
 
-def _norm(key: str) -> str:
-    """The canonical form of a key: ``/``-joined, no empty or ``.`` parts; ``..`` is refused (a key
-    never climbs out of its prefix)."""
-    parts = [p for p in key.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise StorageError(errno.EINVAL, f"{key!r}: '..' never names a key")
-    return "/".join(parts)
-
-
-def _version(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
-
-
-@dataclass(frozen=True)
-class _Blob:
-    """One object's bytes; ``serial`` is unique per write (what ``report_bad`` marks)."""
-
-    data: bytes
-    version: str
-    modified: float
-    serial: int
-
-
-class MemoryStorage:
+class MemoryStorage(ObjectSpace):
     """Every operation of the storage protocol on dicts under one lock (see the module docstring).
 
     ``clock`` gives seconds since the epoch: lease expiry and ``Entry.modified`` use it, so a test
     can move time forward without sleeping.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._cond = threading.Condition(threading.RLock())  # the one lock (and its waiters)
-        self._checkpoints: dict[str, CheckpointObject] = {}
-        self._objects: dict[str, _Blob] = {}
-        self._leases: dict[str, LeaseState] = {}
-        self._tokens: dict[str, int] = {}  # prefix -> serial of the last change at or below it
-        self._bad: set[tuple[str, int]] = set()  # (chunk key, serial) reported damaged
-        self._store_locks: dict[str, SharedExclusive] = {}
-        self._serial = 0
-
-    # -- bookkeeping (callers hold the lock) -----------------------------------------------------
-    def _bump(self, key: str) -> int:
-        """Records a change at ``key``: every prefix above it gets a new change token."""
-        self._serial += 1
-        parts = key.split("/") if key else []
-        for depth in range(len(parts) + 1):
-            self._tokens["/".join(parts[:depth])] = self._serial
-        return self._serial
-
-    def _has_children(self, prefix: str) -> bool:
-        return any(rel_key(k, prefix) for k in (*self._checkpoints, *self._objects))
-
-    def _store(self, key: str, data: bytes) -> str:
-        if key in self._checkpoints or self._has_children(key) or not key:
-            raise StorageError(errno.EISDIR, f"{key!r} is a checkpoint or a prefix, not a document")
-        version = _version(data)
-        self._objects[key] = _Blob(data, version, self._clock(), self._serial + 1)
-        self._bump(key)
-        return version
-
-    def _check_target(self, target: str, overwrite: bool) -> None:
-        if not target or target in self._objects:
-            raise CheckpointExistsError(f"{target!r} exists and is not a checkpoint")
-        if target in self._checkpoints:
-            if not overwrite:
-                raise CheckpointExistsError(
-                    f"{target} is already a checkpoint; pass overwrite=True to replace it"
-                )
-        elif self._has_children(target):
-            raise CheckpointExistsError(f"{target} holds other keys and is not a checkpoint; not touching it")
-
-    def _publish(self, target: str, files: dict[str, bytes], *, overwrite: bool) -> None:
-        """The commit point: the whole checkpoint replaces whatever was under ``target`` at once."""
-        with self._cond:
-            self._check_target(target, overwrite)
-            for key in [k for k in self._objects if rel_key(k, target)]:
-                del self._objects[key]  # extra keys of the replaced checkpoint go with it
-            self._checkpoints[target] = CheckpointObject(files, self._clock())
-            self._bump(target)
-
     # -- naming and checkpoints -----------------------------------------------------------------
-    def join(self, prefix: str, *names: str) -> str:
-        return _norm("/".join((prefix, *names)))
-
     def begin(self, target: str, *, overwrite: bool) -> MemoryTransaction:
-        key = _norm(target)
+        key = norm_key(target)
         with self._cond:
             self._check_target(key, overwrite)
         return MemoryTransaction(self, key, overwrite)
 
     def open(self, target: str) -> MemoryReadHandle:
-        key = _norm(target)
+        key = norm_key(target)
         with self._cond:
             checkpoint = self._checkpoints.get(key)
         if checkpoint is None:
@@ -147,7 +66,7 @@ class MemoryStorage:
     def iter_checkpoints(self, root: str) -> Iterator[str]:
         """Committed checkpoints under ``root``, as local disk walks them: ``root`` alone when it is
         one, never below a checkpoint or a hidden (``.``) name, sorted part by part."""
-        base = _norm(root)
+        base = norm_key(root)
         with self._cond:
             keys = set(self._checkpoints)
         if base in keys:
@@ -165,7 +84,7 @@ class MemoryStorage:
         yield from sorted(found, key=lambda k: k.split("/"))
 
     def list(self, prefix: str) -> list[Entry]:
-        base = _norm(prefix)
+        base = norm_key(prefix)
         entries: dict[str, Entry] = {}
 
         def add(name: str, kind: EntryKind, modified: float, size: int) -> None:
@@ -192,14 +111,14 @@ class MemoryStorage:
         return [entries[name] for name in sorted(entries)]
 
     def change_token(self, prefix: str) -> str | None:
-        key = _norm(prefix)
+        key = norm_key(prefix)
         with self._cond:
             if key in self._checkpoints or key in self._objects or self._has_children(key):
                 return str(self._tokens.get(key, 0))
         return None
 
     def delete(self, target: str) -> bool:
-        key = _norm(target)
+        key = norm_key(target)
         with self._cond:
             if self._checkpoints.pop(key, None) is None:
                 return False
@@ -209,13 +128,13 @@ class MemoryStorage:
         return True
 
     def chunk_store(self, checkpoint: str) -> MemoryChunkStore:
-        parent = _norm(checkpoint).rpartition("/")[0]
+        parent = norm_key(checkpoint).rpartition("/")[0]
         return MemoryChunkStore(self, self.join(parent, STORE_NAME))
 
     # -- documents and event logs ---------------------------------------------------------------
     def get(self, key: str, *, max_bytes: int) -> Document | None:
         with self._cond:
-            blob = self._objects.get(_norm(key))
+            blob = self._objects.get(norm_key(key))
         if blob is None:
             return None
         if len(blob.data) > max_bytes:
@@ -232,7 +151,7 @@ class MemoryStorage:
         durable: bool = True,
     ) -> str:
         """``durable`` changes nothing here: memory is as durable as it gets."""
-        name = _norm(key)
+        name = norm_key(key)
         with self._cond:
             self._check_condition(name, if_version, if_absent)
             return self._store(name, bytes(data))
@@ -247,7 +166,7 @@ class MemoryStorage:
             raise DocumentConflictError(errno.ESTALE, f"{key} was changed by another writer")
 
     def remove(self, key: str, *, if_version: str | None = None) -> bool:
-        name = _norm(key)
+        name = norm_key(key)
         with self._cond:
             self._check_condition(name, if_version, False)
             if self._objects.pop(name, None) is None:
@@ -258,7 +177,7 @@ class MemoryStorage:
     def append(self, key: str, line: bytes) -> None:
         if not line.endswith(b"\n"):
             raise ValueError(f"an event-log line ends in a newline: {line[-20:]!r}")
-        name = _norm(key)
+        name = norm_key(key)
         with self._cond:
             current = self._objects.get(name)
             self._store(name, (current.data if current else b"") + line)
@@ -267,7 +186,7 @@ class MemoryStorage:
         """Lines with their newline (a torn last line without), as local disk reads them; a line
         counts its newline against ``max_line``."""
         with self._cond:
-            blob = self._objects.get(_norm(key))
+            blob = self._objects.get(norm_key(key))
         data = blob.data if blob else b""
         start = 0
         while start < len(data):
@@ -282,7 +201,7 @@ class MemoryStorage:
 
     # -- leases ---------------------------------------------------------------------------------
     def acquire_lease(self, key: str, *, owner: str, ttl_seconds: float) -> MemoryLease:
-        name = _norm(key)
+        name = norm_key(key)
         with self._cond:
             now = self._clock()
             held = self._leases.get(name)
@@ -295,7 +214,7 @@ class MemoryStorage:
 
     # -- single published files -----------------------------------------------------------------
     def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:
-        return self._published(_norm(target), action)
+        return self._published(norm_key(target), action)
 
     @contextmanager
     def _published(self, key: str, action: str) -> Iterator[BinaryIO]:

@@ -7,39 +7,20 @@ import errno
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
 from .base import SweepReport
 from .chunkfiles import FRAME_HEAD_BYTES, frame_size_of
 from .chunkstore import CODECS
-
-if TYPE_CHECKING:
-    from .memory import MemoryStorage
+from .memory_space import ObjectSpace, SharedExclusive, rel_key
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def rel_key(key: str, prefix: str) -> str | None:
-    """``key`` relative to ``prefix`` when it lies strictly below it, else None."""
-    if not prefix:
-        return key or None
-    return key[len(prefix) + 1 :] if key.startswith(prefix + "/") else None
-
-
-@dataclass
-class SharedExclusive:
-    """The state of one store's lease: how many saves share it, whether a sweep holds it."""
-
-    shared: int = 0
-    exclusive: bool = False
 
 
 class MemoryChunkStore:
     """A run's chunks as objects ``<root>/chunks/<ab>/<digest>.<codec>`` (the local layout)."""
 
-    def __init__(self, storage: MemoryStorage, root: str) -> None:
+    def __init__(self, storage: ObjectSpace, root: str) -> None:
         self._storage = storage
         self.root = root
 

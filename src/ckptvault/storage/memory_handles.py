@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..errors import ConcurrentWriteError, CorruptCheckpointError, StorageError
-
-if TYPE_CHECKING:
-    from .memory import MemoryStorage
-
-
-@dataclass(frozen=True, eq=False)
-class CheckpointObject:
-    """A committed checkpoint: its files (manifest included), immutable once published."""
-
-    files: dict[str, bytes]
-    modified: float
-
-
-@dataclass(eq=False)
-class LeaseState:
-    owner: str
-    expires: float
-    ttl: float
+from .memory_space import CheckpointObject, LeaseState, ObjectSpace
 
 
 class MemoryWritableFile:
@@ -50,7 +31,7 @@ class MemoryWritableFile:
 class MemoryTransaction:
     """Private staging (nothing shared is touched before ``commit``)."""
 
-    def __init__(self, storage: MemoryStorage, target: str, overwrite: bool) -> None:
+    def __init__(self, storage: ObjectSpace, target: str, overwrite: bool) -> None:
         self._storage = storage
         self.target = target
         self.overwrite = overwrite
@@ -93,7 +74,7 @@ class MemoryTransaction:
 class MemoryReadHandle:
     """One committed checkpoint, held by reference: an overwrite never changes what it reads."""
 
-    def __init__(self, storage: MemoryStorage, target: str, checkpoint: CheckpointObject) -> None:
+    def __init__(self, storage: ObjectSpace, target: str, checkpoint: CheckpointObject) -> None:
         self._storage = storage
         self.target = target
         self._checkpoint: CheckpointObject | None = checkpoint
@@ -159,7 +140,7 @@ class MemoryReadHandle:
 class MemoryLease:
     """A lease that lapses at ``expires`` by the storage's clock unless renewed."""
 
-    def __init__(self, storage: MemoryStorage, key: str, owner: str, state: LeaseState) -> None:
+    def __init__(self, storage: ObjectSpace, key: str, owner: str, state: LeaseState) -> None:
         self._storage = storage
         self.key = key
         self.owner = owner
