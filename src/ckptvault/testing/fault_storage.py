@@ -152,6 +152,9 @@ class _Chunks:
         self._inner = inner
         self._c = counter
 
+    def exists(self) -> bool:
+        return self._c.run("chunks.exists", lambda: self._inner.exists())
+
     def find(self, digest: str, raw_len: int) -> tuple[str, int] | None:
         return self._c.run("chunks.find", lambda: self._inner.find(digest, raw_len))
 
