@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+from ..policy.metrics import as_number
+
 INSTALL_HINT = "pip install 'ckptvault[mlflow]'"
 ARTIFACT_DIR = "checkpoints"
 CHECKPOINT_TAG = "ckptvault.checkpoint."
@@ -106,11 +108,11 @@ def config_params(config: Any) -> dict[str, str]:
 
 
 def metric_value(value: Any) -> float | None:
-    if isinstance(value, (str, bytes)):
-        return None
+    """A metric as MLflow logs it, by the package's one rule (:func:`~ckptvault.policy.metrics.
+    as_number`: bools and strings are not metrics); an int beyond any float is left out."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        return as_number(value)
+    except OverflowError:
         return None
 
 

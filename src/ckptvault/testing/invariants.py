@@ -19,61 +19,17 @@ case at once instead of the first.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..api import list_checkpoints, load, verify
 from ..catalog.store import Catalog
 from ..errors import CheckpointError
 from ..storage.local import STAGING_MARK
-
-
-def same_state(a: Any, b: Any, where: str = "state") -> str | None:
-    """None when ``a`` and ``b`` are the same state bit for bit, else where they differ."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return f"{where}: {type(a).__name__} vs {type(b).__name__}"
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        raw_a = a.detach().reshape(-1).contiguous().view(torch.uint8)  # bits: NaN equals NaN
-        raw_b = b.detach().reshape(-1).contiguous().view(torch.uint8)
-        return None if torch.equal(raw_a, raw_b) else f"{where}: tensor values differ"
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        ok = (
-            isinstance(a, np.ndarray)
-            and isinstance(b, np.ndarray)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-        )
-        return None if ok and a.tobytes() == b.tobytes() else f"{where}: arrays differ"
-    if type(a) is not type(b):
-        return f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, Mapping):
-        if list(a) != list(b):
-            return f"{where}: keys {list(a)} vs {list(b)}"
-        for key in a:
-            found = same_state(a[key], b[key], f"{where}[{key!r}]")
-            if found:
-                return found
-        return None
-    if isinstance(a, (list, tuple)):
-        if len(a) != len(b):
-            return f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = same_state(x, y, f"{where}[{i}]")
-            if found:
-                return found
-        return None
-    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
-        return None
-    return None if a == b else f"{where}: {a!r} vs {b!r}"
+from ..training.state_compare import first_difference as same_state
 
 
 def visible_checkpoints(root: str | os.PathLike[str]) -> list[str]:
