@@ -39,7 +39,7 @@ from ckptvault.catalog.registry import Registry, registered_in
 from ckptvault.catalog.store import Catalog
 from ckptvault.engine.gc import collect_garbage
 from ckptvault.errors import CheckpointError
-from ckptvault.storage import local
+from ckptvault.storage import local_common as local
 from ckptvault.testing import ALL_KINDS, WRITE_KINDS, FaultInjector, InjectedFault
 from ckptvault.testing.invariants import (
     check_catalog,
