@@ -6,7 +6,7 @@ storage backend from the path and hand work to the engine.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 from .catalog.registry import SCHEME as REGISTRY_SCHEME
 from .catalog.registry import resolve_reference
 from .config import Settings
-from .engine.background import BackgroundWriter, PendingSave
+from .engine.background import BackgroundWriter, PendingSave, SaveRequest
 from .engine.checkpoint_info import info_from_manifest as info_from_manifest  # its old home
 from .engine.chunks import ChunkOptions, HintCache
 from .engine.lazy import CheckpointView
 from .engine.loading import read_checkpoint
 from .engine.reader import CheckpointReader, verify_checkpoint
 from .engine.staging import StagingBuffer
-from .engine.writer import write_checkpoint
 from .errors import CheckpointNotFoundError, UnsafeCheckpointError
 from .storage.base import Storage
 from .storage.resolve import storage_for as storage_for_location
@@ -59,6 +58,53 @@ def chunk_options(incremental: bool, compression: str | None, chunk_bytes: int |
     return ChunkOptions(chunk_bytes=chunk_bytes, min_bytes=chunk_bytes // 4, compression=compression)
 
 
+def save_request(
+    path: PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    digest: str | None = None,
+    incremental: bool = False,
+    compression: str | None = None,
+    chunk_bytes: int | None = None,
+    hints: HintCache | None = None,
+    validate: str = "checksum",
+    extra_files: dict[str, bytes] | None = None,
+    storage: Storage | None = None,
+) -> SaveRequest:
+    """The :class:`~ckptvault.engine.background.SaveRequest` :func:`save`, :func:`save_async` and the
+    manager run: where their options become a save (``storage``: ``path`` is in its terms)."""
+    from .validation import check_level
+
+    check_level(validate)
+    if storage is None:
+        storage, target = storage_for(path)
+    else:
+        target = os.fspath(path)
+    return SaveRequest(
+        storage,
+        target,
+        metadata=metadata,
+        overwrite=overwrite,
+        digest=digest,
+        chunking=chunk_options(incremental, compression, chunk_bytes),
+        hints=hints,
+        extra_files=extra_files,
+        after_commit=None if validate == "checksum" else functools.partial(_check_after_commit, validate),
+    )
+
+
+def _check_after_commit(level: str, target: str) -> None:
+    """``validate=level``: validates the committed checkpoint, records and raises a failure."""
+    from .validation import ValidationFailedError, record_result
+    from .validation import validate as run_validation
+
+    result = run_validation(target, level)
+    record_result(result)
+    if not result.passed:
+        raise ValidationFailedError(result)
+
+
 def save(
     path: PathLike,
     state: Any,
@@ -72,6 +118,7 @@ def save(
     hints: HintCache | None = None,
     validate: str = "checksum",
     extra_files: dict[str, bytes] | None = None,
+    storage: Storage | None = None,
 ) -> CheckpointInfo:
     """Saves any nested training state as one atomically committed checkpoint directory.
 
@@ -85,46 +132,34 @@ def save(
     When this returns, the checkpoint is durable; when it raises, nothing was committed.
 
     ``incremental`` stores every tensor of at least a quarter chunk as ``chunk_bytes`` chunks
-    (default 4 MiB) in the chunk store beside the checkpoint (``.ckptvault-store``): a chunk whose
-    bytes are already there, from any checkpoint of the run, is referenced instead of written.
-    ``compression`` (``"auto"``, ``"zstd"``, ``"lz4"``) also chunks, and compresses each chunk's
-    byte planes where that pays. Such checkpoints need their store; ``ckptvault export`` makes a
-    standalone copy and ``ckptvault gc`` frees chunks no checkpoint references any more.
-    ``hints`` is a :class:`~ckptvault.engine.chunks.HintCache` kept across saves of one run (the
-    manager keeps one): tensors it proves unchanged are neither hashed nor written.
+    (default 4 MiB) in the chunk store beside the checkpoint (``.ckptvault-store``): a chunk already
+    there, from any checkpoint of the run, is referenced instead of written. ``compression``
+    (``"auto"``, ``"zstd"``, ``"lz4"``) also chunks, compressing byte planes where that pays. Such
+    checkpoints need their store (``ckptvault export`` makes a standalone copy, ``ckptvault gc``
+    frees unreferenced chunks). ``hints``, a :class:`~ckptvault.engine.chunks.HintCache` kept
+    across saves of one run, skips tensors it proves unchanged (neither hashed nor written).
 
     ``validate="readback"`` reads the committed files back and re-hashes them before returning;
     ``"full"`` also rebuilds the model in a separate process (see :func:`save_model` and
     ``ckptvault.validation``). A checkpoint that fails is committed but raises
     :class:`~ckptvault.validation.ValidationFailedError`, and the failure is recorded beside it.
+    ``storage`` saves through that backend, ``path`` in its terms (the manager passes its run's).
     """
-    from .validation import ValidationFailedError, check_level, record_result
-    from .validation import validate as run_validation
-
-    check_level(validate)
-    _raise_unobserved_async_failure()
-    storage, target = storage_for(path)
-    settings = Settings.from_env()
-    if digest is not None:
-        settings = dataclasses.replace(settings, digest=digest)
-    manifest = write_checkpoint(
-        storage,
-        target,
-        state,
+    request = save_request(
+        path,
         metadata=metadata,
         overwrite=overwrite,
-        settings=settings,
-        chunking=chunk_options(incremental, compression, chunk_bytes),
+        digest=digest,
+        incremental=incremental,
+        compression=compression,
+        chunk_bytes=chunk_bytes,
         hints=hints,
+        validate=validate,
         extra_files=extra_files,
+        storage=storage,
     )
-    info = info_from_manifest(target, manifest, dict(metadata or {}))
-    if validate != "checksum":
-        result = run_validation(target, validate)
-        record_result(result)
-        if not result.passed:
-            raise ValidationFailedError(result)
-    return info
+    _raise_unobserved_async_failure()
+    return request.run(state)
 
 
 def save_model(
@@ -361,9 +396,8 @@ _ASYNC_STAGING = StagingBuffer()
 
 def _raise_unobserved_async_failure() -> None:
     """Raises (once) the failure of a finished :func:`save_async` nobody waited on; never blocks."""
-    writer = _ASYNC_WRITER
-    if writer is not None:
-        writer.raise_unobserved()
+    if _ASYNC_WRITER is not None:  # once set, never unset
+        _ASYNC_WRITER.raise_unobserved()
 
 
 def save_async(
@@ -372,26 +406,26 @@ def save_async(
     *,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
-    max_staging_bytes: int | None = None,
+    digest: str | None = None,
     incremental: bool = False,
     compression: str | None = None,
     chunk_bytes: int | None = None,
+    hints: HintCache | None = None,
+    validate: str = "checksum",
+    extra_files: dict[str, bytes] | None = None,
+    storage: Storage | None = None,
+    max_staging_bytes: int | None = None,
 ) -> PendingSave:
-    """Like :func:`save`, but returns once the state's bytes are copied to host staging memory.
-
-    Hashing, writing, fsync and the commit run in a background thread; ``wait()`` on the returned
-    :class:`PendingSave` gives the :class:`CheckpointInfo` or re-raises the background failure.
-    At most one async save is in flight (a new one first waits for the previous one), so staging
-    memory is one reusable buffer the size of the largest state, or ``max_staging_bytes`` at most.
-    A larger state is staged in pieces through that buffer: the call then also waits while the
-    bytes beyond the budget are written, and a background failure meanwhile is raised by the call
-    itself. A budget smaller than two pieces (4 KiB, or two chunks when chunking) raises
-    ``StagingBudgetError`` before anything is written. Pending saves are finished at interpreter exit.
-
-    A background failure nobody saw (no ``wait()`` raised it, no ``exception()`` returned it) is
-    raised once by the next ``save_async`` (which then saves nothing) or by the next :func:`save`
-    once it has finished, and printed on stderr if it is still unseen at interpreter exit: a lost
-    checkpoint is never silent.
+    """Like :func:`save` (the same options, the same checkpoint), but returns once the state's bytes
+    are copied to host staging memory; the rest (and a requested validation) runs in a background
+    thread. ``wait()`` on the returned :class:`PendingSave` gives the :class:`CheckpointInfo` or
+    re-raises the background failure. One async save is in flight at a time (a new one first waits),
+    so staging memory is one reused buffer of at most ``max_staging_bytes``: a larger state is
+    staged in pieces through it (the call then also waits for the bytes beyond the budget, and
+    raises a background failure meanwhile); a budget under two pieces (4 KiB, or two chunks)
+    raises ``StagingBudgetError`` before anything is written. Pending saves finish at exit.
+    A failure nobody saw (``wait()``, ``exception()``) is raised once by the next ``save_async``
+    (which then saves nothing) or finished :func:`save`, and printed on stderr if unseen at exit.
     """
     global _ASYNC_WRITER
     with _ASYNC_LOCK:
@@ -400,13 +434,17 @@ def save_async(
         _ASYNC_STAGING.max_bytes = max_staging_bytes
         # The previous save's unseen failure is raised before the path is resolved, as it always was.
         _ASYNC_WRITER.wait_idle()
-        storage, target = storage_for(path)
-        return _ASYNC_WRITER.submit_save(
-            target,
-            state,
-            metadata,
-            _ASYNC_STAGING,
+        request = save_request(
+            path,
+            metadata=metadata,
             overwrite=overwrite,
-            chunking=chunk_options(incremental, compression, chunk_bytes),
+            digest=digest,
+            incremental=incremental,
+            compression=compression,
+            chunk_bytes=chunk_bytes,
+            hints=hints,
+            validate=validate,
+            extra_files=extra_files,
             storage=storage,
         )
+        return _ASYNC_WRITER.submit_save(request, state, _ASYNC_STAGING)

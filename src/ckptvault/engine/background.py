@@ -1,4 +1,12 @@
-"""Background commits for asynchronous saves, and the handle a caller waits on.
+"""The one save pipeline (:class:`SaveRequest`), background commits, and the handle a caller waits on.
+
+Every save -- ``ckptvault.save``, ``ckptvault.save_async``, the manager's synchronous and
+asynchronous saves -- is a :class:`SaveRequest` (where: storage and target; how: metadata,
+overwrite, digest, chunking, hints, extra files, a check after the commit) run through the same two
+steps: :meth:`SaveRequest.plan` encodes the state, :meth:`SaveRequest.commit` writes and commits it.
+A synchronous save runs both now (:meth:`SaveRequest.run`); an asynchronous one plans and stages
+now and commits in a :class:`BackgroundWriter`'s thread (:meth:`BackgroundWriter.submit_save`), so
+both kinds take the same options and produce the same checkpoint.
 
 One worker thread per :class:`BackgroundWriter`, so at most one save is in flight per writer: a
 new save first waits for the previous one (back-pressure instead of unbounded staging memory). A
@@ -16,22 +24,75 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
+import dataclasses
 import sys
 import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 from ..config import Settings
 from ..storage.base import Storage
-from ..storage.resolve import storage_for
 from ..types import CheckpointInfo
 from .checkpoint_info import info_from_manifest
 from .chunks import ChunkOptions, HintCache
 from .feed import FeedAborted
 from .staging import StagingBuffer, feed_plan, fits, stage_plan
-from .writer import commit_plan, plan_save
+from .writer import SavePlan, commit_plan, plan_save
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """One save: where it goes and how, whichever way it runs (the library's one save pipeline).
+
+    The caller names the place in the backend's terms (``api`` resolves paths and registry
+    references, the manager passes its run's storage). ``after_commit`` runs on the committed
+    target before the save counts as done (``api``'s validation: a failure is the save's failure,
+    raised by ``save`` or by the pending save's ``wait``).
+    """
+
+    storage: Storage
+    target: str
+    metadata: dict[str, Any] | None = None
+    overwrite: bool = False
+    digest: str | None = None
+    chunking: ChunkOptions | None = None
+    hints: HintCache | None = None
+    extra_files: dict[str, bytes] | None = None
+    after_commit: Callable[[str], None] | None = None
+
+    def settings(self) -> Settings:
+        """The environment's settings, read once per save (never in the middle of one)."""
+        settings = Settings.from_env()
+        return settings if self.digest is None else dataclasses.replace(settings, digest=self.digest)
+
+    def plan(self, state: object, settings: Settings) -> SavePlan:
+        """Encodes ``state`` and decides where every blob goes (the caller's thread: it reads the state)."""
+        return plan_save(
+            self.target,
+            state,
+            self.metadata,
+            settings,
+            chunking=self.chunking,
+            hints=self.hints,
+            extra_files=self.extra_files,
+            storage=self.storage,
+        )
+
+    def commit(self, plan: SavePlan, settings: Settings) -> CheckpointInfo:
+        """Writes, hashes, fsyncs and commits a planned save; nothing is visible unless it returns."""
+        manifest = commit_plan(self.storage, self.target, plan, overwrite=self.overwrite, settings=settings)
+        info = info_from_manifest(self.target, manifest, plan.metadata)
+        if self.after_commit is not None:
+            self.after_commit(self.target)
+        return info
+
+    def run(self, state: object) -> CheckpointInfo:
+        """The synchronous save: durable when it returns, nothing committed when it raises."""
+        settings = self.settings()
+        return self.commit(self.plan(state, settings), settings)
 
 
 class PendingSave:
@@ -107,42 +168,14 @@ class BackgroundWriter:
         self.pending = PendingSave(self._pool.submit(job), path)
         return self.pending
 
-    def submit_save(
-        self,
-        path: object,
-        state: object,
-        metadata: dict[str, object] | None,
-        staging: StagingBuffer,
-        *,
-        overwrite: bool = True,
-        chunking: ChunkOptions | None = None,
-        hints: HintCache | None = None,
-        extra_files: dict[str, bytes] | None = None,
-        storage: Storage | None = None,
-    ) -> PendingSave:
-        """Plans and stages ``state`` now (the caller's only wait) and commits it in the background.
-
-        The caller names where it goes: ``storage`` and ``path`` in that backend's terms (``api``
-        resolves registry references before it calls). Without ``storage``, ``path`` is resolved by
-        the storage layer's resolver (plain paths, as the manager passes them); the engine never
-        asks the layer above where bytes live.
-        """
+    def submit_save(self, request: SaveRequest, state: object, staging: StagingBuffer) -> PendingSave:
+        """Plans and stages ``state`` now (the caller's only wait) and commits ``request`` in the
+        background; the same request :meth:`SaveRequest.run` would save synchronously."""
         self.wait_idle()  # the staging buffer is free again only after the previous commit
-        if storage is None:
-            storage, target = storage_for(path)  # type: ignore[arg-type]
-        else:
-            target = os.fspath(path)  # type: ignore[call-overload]
-        settings = Settings.from_env()
-        plan = plan_save(
-            target, state, metadata, settings, chunking=chunking, hints=hints, extra_files=extra_files
-        )
+        settings = request.settings()
+        plan = request.plan(state, settings)
         staged = stage_plan(plan, staging) if fits(plan, staging) else feed_plan(plan, staging)
-
-        def commit() -> CheckpointInfo:
-            manifest = commit_plan(storage, target, staged, overwrite=overwrite, settings=settings)
-            return info_from_manifest(target, manifest, staged.metadata)
-
-        pending = self.submit(target, commit)
+        pending = self.submit(request.target, lambda: request.commit(staged, settings))
         if staged.feed is not None:
             try:
                 staged.feed.produce()  # the loop waits here until the last piece is staged

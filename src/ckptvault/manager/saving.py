@@ -61,7 +61,8 @@ def architecture_files(
 class RunSaver:
     """Saves the checkpoints of one run: sync, or async with one save in flight and a reused
     staging buffer; incremental/compressed through the run's chunk store, with the hint cache
-    that skips tensors unchanged since the last save."""
+    that skips tensors unchanged since the last save. Both ways take the same options and go
+    through :func:`ckptvault.api.save_request`, into the run's own storage."""
 
     def __init__(
         self,
@@ -76,8 +77,14 @@ class RunSaver:
     ) -> None:
         self.run = run
         self.writer = BackgroundWriter() if async_save else None
-        self.chunking = api.chunk_options(incremental, compression, chunk_bytes)
-        self.hints = HintCache() if self.chunking is not None and trust_version_counter else None
+        chunked = api.chunk_options(incremental, compression, chunk_bytes) is not None
+        self.hints = HintCache() if chunked and trust_version_counter else None
+        self.options: dict[str, Any] = {
+            "incremental": incremental,
+            "compression": compression,
+            "chunk_bytes": chunk_bytes,
+            "hints": self.hints,
+        }
         self.staging = StagingBuffer(max_staging_bytes)
 
     def save(
@@ -86,29 +93,16 @@ class RunSaver:
         """Saves ``tree`` as checkpoint ``name`` (replacing one of that name): the committed info,
         or with ``background`` on an async saver the pending save (staged, not yet committed)."""
         target = self.run.checkpoint(name)
-        chunking = self.chunking
+        where: dict[str, Any] = {
+            "metadata": metadata,
+            "overwrite": True,
+            "extra_files": extra,
+            "storage": self.run.storage,
+        }
         if background and self.writer is not None:
-            return self.writer.submit_save(
-                target,
-                tree,
-                metadata,
-                self.staging,
-                chunking=chunking,
-                hints=self.hints,
-                extra_files=extra,
-                storage=self.run.storage,
-            )
-        return api.save(
-            target,
-            tree,
-            metadata=metadata,
-            overwrite=True,
-            incremental=chunking is not None,
-            compression=chunking.compression if chunking else None,
-            chunk_bytes=chunking.chunk_bytes if chunking else None,
-            hints=self.hints,
-            extra_files=extra,
-        )
+            request = api.save_request(target, **where, **self.options)
+            return self.writer.submit_save(request, tree, self.staging)
+        return api.save(target, tree, **where, **self.options)
 
     def shutdown(self) -> None:
         if self.writer is not None:
