@@ -30,7 +30,9 @@ from .catalog.registry import registered_in
 from .engine.manifests import read_manifest
 from .engine.rundir import RunDirectory
 from .errors import CheckpointError
-from .training.history import MetricsHistory, as_number
+from .policy.metrics import finite_metrics
+from .policy.records import best_of
+from .training.history import MetricsHistory
 from .training.state import FULL, WEIGHTS
 
 KEPT = "kept"
@@ -80,21 +82,6 @@ def _scope_of(name: str, metadata: Mapping[str, Any] | None = None) -> str:
     return WEIGHTS if name.startswith("weights_") else FULL
 
 
-def _finite_metrics(metrics: Any) -> dict[str, float]:
-    """Numeric, finite metric values only: a NaN or inf has no place on a curve."""
-    if not isinstance(metrics, Mapping):
-        return {}
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        try:
-            number = as_number(value)
-        except OverflowError:  # an integer beyond any float: no place on a curve either
-            continue
-        if number is not None and math.isfinite(number):
-            out[str(key)] = number
-    return out
-
-
 def _plottable_step(step: Any) -> bool:
     """A step an axis can place: an int in int64 (a manifest may declare 10**4000)."""
     return isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**63
@@ -126,6 +113,12 @@ def _failed(run: RunDirectory, name: str, checkpoint_id: str | None, committed_a
     return committed_at is None or (isinstance(finished, (int, float)) and finished >= committed_at)
 
 
+def _best_kept(candidates: list[CheckpointMark], monitor: str, mode: str) -> CheckpointMark | None:
+    kept = [m for m in candidates if KEPT in m.statuses and FAILED not in m.statuses]
+    newest_first = sorted(kept, key=lambda m: m.step, reverse=True)  # a tie goes to the newer
+    return best_of(newest_first, lambda m: m.metrics.get(monitor), mode)
+
+
 def _best_names(marks: Iterable[CheckpointMark], scopes: Mapping[str, Any]) -> set[str]:
     """The best kept, not-failed checkpoint of each scope by its monitor (the manager's choice)."""
     best: set[str] = set()
@@ -136,13 +129,9 @@ def _best_names(marks: Iterable[CheckpointMark], scopes: Mapping[str, Any]) -> s
         settings = scopes.get(scope)
         if not isinstance(settings, dict) or not isinstance(settings.get("monitor"), str):
             continue
-        monitor: str = settings["monitor"]
-        sign = -1.0 if settings.get("mode") == "max" else 1.0
-        scored = [
-            m for m in candidates if KEPT in m.statuses and FAILED not in m.statuses and monitor in m.metrics
-        ]
-        if scored:
-            best.add(min(scored, key=lambda m: (sign * m.metrics[monitor], -m.step)).name)
+        winner = _best_kept(candidates, settings["monitor"], str(settings.get("mode")))
+        if winner is not None:
+            best.add(winner.name)
     return best
 
 
@@ -211,11 +200,11 @@ def trajectory(run_dir: str | os.PathLike[str]) -> Trajectory:
             if not _plottable_step(manifest.step):
                 continue  # a step no axis can hold: hostile, left out of the picture
             step, scope, checkpoint_id = manifest.step, _scope_of(name, metadata), manifest.checkpoint_id
-            metrics = _finite_metrics(metadata.get("metrics")) or _finite_metrics(commit.get("metrics"))
+            metrics = finite_metrics(metadata.get("metrics")) or finite_metrics(commit.get("metrics"))
             statuses.add(KEPT)
         else:
             step, scope, checkpoint_id = int(commit["step"]), _scope_of(name), None
-            metrics = _finite_metrics(commit.get("metrics"))
+            metrics = finite_metrics(commit.get("metrics"))
             statuses.add(DELETED)
         if _failed(directory, name, checkpoint_id, committed_at):
             statuses.add(FAILED)

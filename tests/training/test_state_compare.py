@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import ckptvault.cli.check_resume as check_resume
 from ckptvault.training.state_compare import first_difference
 
 
@@ -59,13 +58,3 @@ def test_first_difference_names_the_place(path: list[Any], value: Any, message: 
 def test_keys_must_match_in_order() -> None:
     a, b = {"x": 1, "y": 2}, {"y": 2, "x": 1}
     assert first_difference(a, b) == "state: keys ['x', 'y'] vs ['y', 'x']"
-
-
-@pytest.mark.parametrize(("path", "value", "message"), CASES)
-def test_agrees_with_the_two_it_replaces(path: list[Any], value: Any, message: str) -> None:
-    """Same verdicts as check-resume's comparator (tensors and arrays left to its block diff),
-    until it calls this one (testing.invariants.same_state already is this one)."""
-    a, b = state(), changed(path, value)
-    old = getattr(check_resume, "_first_value_difference", None)  # gone once check-resume switches
-    if old is not None:
-        assert (first_difference(a, b, arrays=False) is None) == (old(a, b) is None)

@@ -27,6 +27,7 @@ from typing import Any
 from ..engine.manifests import read_manifest
 from ..engine.rundir import RunDirectory
 from ..errors import CheckpointError
+from ..policy.metrics import as_number
 from ..storage.base import Storage
 from .database import typed_db_errors
 from .files import VALIDATION_DIR, validation_of
@@ -277,13 +278,20 @@ _SKIP = object()
 
 
 def _metric(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A metric column's value by the package's one rule (policy.metrics); NaN is stored as NULL
+    (unranked), a non-number is left out."""
+    try:
+        number = as_number(value)
+    except OverflowError:
         return _SKIP
-    number = float(value)
+    if number is None:
+        return _SKIP
     return None if math.isnan(number) else number
 
 
 def _num(value: Any) -> float | None:
+    """A config value's number column (queries such as ``config.amp = 1``): unlike a metric, a
+    bool counts as 0/1 here."""
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, (int, float)) and math.isfinite(float(value)):

@@ -9,7 +9,6 @@ other value exactly. The script must save a full checkpoint when it finishes (``
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -18,12 +17,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .. import api
 from ..engine.inspect import diff_checkpoints
 from ..engine.rundir import RunDirectory
 from ..storage.resolve import storage_for
+from ..training.state_compare import first_difference
 
 RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
 
@@ -54,33 +53,6 @@ def _newest_full(run_dir: Path) -> str:
     if not candidates:
         raise RuntimeError(f"{run_dir}: the script left no full checkpoint (save one when training ends)")
     return max(candidates, key=lambda p: api.info(p).step)
-
-
-def _first_value_difference(a: Any, b: Any, path: str = "state") -> str | None:
-    """The first place two decoded trees differ in a non-tensor value (tensors are diffed apart)."""
-    if type(a) is not type(b):
-        return f"{path}: type {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, dict):
-        if list(a) != list(b):
-            return f"{path}: keys differ"
-        for key in a:
-            found = _first_value_difference(a[key], b[key], f"{path}[{key!r}]")
-            if found:
-                return found
-        return None
-    if isinstance(a, (list, tuple)):
-        if len(a) != len(b):
-            return f"{path}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = _first_value_difference(x, y, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if hasattr(a, "shape") and hasattr(a, "dtype"):
-        return None
-    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
-        return None
-    return None if a == b else f"{path}: {a!r} vs {b!r}"
 
 
 def _newest_commit(run_dir: Path) -> float:
@@ -152,5 +124,5 @@ def check_resume(
             difference = f"tensor {row.path}: {row.status}{detail}"
             break
     if difference is None:
-        difference = _first_value_difference(api.load(a), api.load(b))
+        difference = first_difference(api.load(a), api.load(b), arrays=False)
     return ResumeCheck(difference is None, landed, a, b, difference)

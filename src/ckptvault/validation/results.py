@@ -16,6 +16,7 @@ from typing import Any
 
 from ..engine.rundir import VALIDATION_DIR, RunDirectory
 from ..errors import CheckpointError
+from ..policy.metrics import as_number
 from ..storage.resolve import storage_for
 
 LEVELS = ("checksum", "readback", "full")
@@ -66,13 +67,11 @@ def check_level(level: str) -> str:
 
 
 def number(value: Any) -> float | None:
-    """``value`` as a float (None for booleans and what ``float`` refuses): how metrics are
-    compared, in the probe file and by the worker."""
-    if isinstance(value, bool):
-        return None
+    """A metric as the probe file records it and the worker compares it: the package's one rule
+    (:func:`~ckptvault.policy.metrics.as_number`), an int beyond any float left out."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        return as_number(value)
+    except OverflowError:
         return None
 
 
