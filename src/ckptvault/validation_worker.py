@@ -48,7 +48,7 @@ def _check(path: str, trust: TrustPolicy) -> dict[str, Any]:
 
     from .engine.reader import CheckpointReader
     from .engine.sidecar import sidecar_name
-    from .storage.local import LocalStorage
+    from .storage.resolve import storage_for
     from .training.rebuild import rebuild_model
 
     problems: list[str] = []
@@ -56,7 +56,8 @@ def _check(path: str, trust: TrustPolicy) -> dict[str, Any]:
     report = readback(path)
     problems += report.problems
     checks += report.checks
-    with CheckpointReader(LocalStorage(), path) as reader:
+    storage = storage_for(path)[0]
+    with CheckpointReader(storage, path) as reader:
         raw = reader.read_file(PROBE_FILE)
         sidecar = json.loads(reader.read_file(sidecar_name(reader.manifest.step)))
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
@@ -65,7 +66,7 @@ def _check(path: str, trust: TrustPolicy) -> dict[str, Any]:
     count = sum(k.startswith("input.") for k in tensors)
     inputs = [tensors[f"input.{i}"].clone() for i in range(count)]  # aligned, as at save time
     expected = [tensors[f"expected.{i}"] for i in range(sum(k.startswith("expected.") for k in tensors))]
-    model = rebuild_model(LocalStorage(), path, map_location="cpu", verify=True, policy=trust)
+    model = rebuild_model(storage, path, map_location="cpu", verify=True, policy=trust)
     checks.append(f"rebuilt {type(model).__qualname__} and loaded its weights")
     outputs = run_probe(model, inputs)
     exact = not str(meta.get("device", "cpu")).startswith(("cuda", "mps", "xpu"))

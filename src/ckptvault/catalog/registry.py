@@ -39,7 +39,6 @@ from ..engine.rundir import MAX_DOCUMENT_BYTES, REGISTERED_NAME, DamagedRunFileE
 from ..errors import CheckpointError, CheckpointNotFoundError, DocumentConflictError, typed_os_errors
 from ..format.manifest import Manifest
 from ..storage.resolve import storage_for
-from ..storage.safeopen import check_dir
 from .files import CATALOG_DIR
 
 REGISTRY_DIR = "registry"
@@ -327,9 +326,7 @@ class Registry:
 
     @typed_os_errors
     def names(self) -> list[str]:
-        # Listing follows a link in the prefix itself: a linked registry directory is refused first.
-        if not check_dir(self.root, Path(CATALOG_DIR, REGISTRY_DIR)):
-            return []
+        # The storage is rooted at the registry's root: a linked directory on the way is refused.
         entries = self.storage.list(str(self.directory))
         stems = (
             e.name[: -len(".json")] for e in entries if e.kind == "document" and e.name.endswith(".json")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..config import MANIFEST_NAME
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .atomic_file import atomic_output
 from .base import Entry, EntryKind
 from .chunkstore import ChunkStore
@@ -80,20 +80,30 @@ class LocalStorage(LocalDocuments):
                 yield dirpath
 
     def list(self, prefix: str) -> list[Entry]:
-        """Children of ``prefix``; links are never followed (a linked child is left out) and a
-        staging directory is listed as a plain directory, never as a checkpoint."""
+        """Children of ``prefix``; links are never followed (a linked child is left out, and below
+        the backend's root a linked directory on the way to ``prefix`` is refused) and a staging
+        directory is listed as a plain directory, never as a checkpoint."""
         try:
-            scan = list(os.scandir(prefix))
+            dir_fd = self._parent_fd(os.path.join(prefix, "_"), create=False)  # the parent of a child: prefix
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except StorageError:
+            raise
         except OSError as exc:
             raise storage_error("cannot list", prefix, exc) from exc
-        entries: list[Entry] = []
-        for item in sorted(scan, key=lambda e: e.name):
+        try:
+            return sorted(self._entries(prefix, dir_fd), key=lambda e: e.name)
+        except OSError as exc:
+            raise storage_error("cannot list", prefix, exc) from exc
+        finally:
+            os.close(dir_fd)
+
+    def _entries(self, prefix: str, dir_fd: int) -> Iterator[Entry]:
+        for name in os.listdir(dir_fd):
             try:
-                st = item.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                continue  # deleted since the scan
+                continue  # deleted since the listing
             kind: EntryKind
             if stat.S_ISREG(st.st_mode):
                 kind = "document"
@@ -101,16 +111,17 @@ class LocalStorage(LocalDocuments):
                 continue  # links, FIFOs, sockets: never ours
             else:
                 kind = "directory"
-                if STAGING_MARK not in item.name:
+                if STAGING_MARK not in name:
                     try:
-                        manifest = os.stat(os.path.join(item.path, MANIFEST_NAME), follow_symlinks=False)
+                        manifest = os.stat(f"{name}/{MANIFEST_NAME}", dir_fd=dir_fd, follow_symlinks=False)
                     except OSError:
                         pass
                     else:
                         if stat.S_ISREG(manifest.st_mode):
                             kind, st = "checkpoint", manifest
-            entries.append(Entry(item.name, item.path, kind, st.st_mtime, st.st_size))
-        return entries
+            yield Entry(
+                name, os.path.join(prefix, name), kind, st.st_mtime, st.st_size if kind != "directory" else 0
+            )
 
     def change_token(self, prefix: str) -> str | None:
         """The directory's identity and modification time: every entry added, renamed (a commit,

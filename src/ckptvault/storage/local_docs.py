@@ -58,7 +58,7 @@ class _Rooted:
     root: Path | None
 
     def _parent_fd(self, key: str, *, create: bool) -> int:
-        path = Path(key)
+        path = Path(os.path.abspath(key)) if self.root is not None else Path(key)
         if self.root is not None and path.parent.is_relative_to(self.root):
             if create:  # a new run: its directory appears with its first document or lease
                 self.root.mkdir(parents=True, exist_ok=True)
