@@ -5,6 +5,7 @@ and the manager speaks only the Storage protocol (a run on the in-memory backend
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,39 @@ def test_manager_runs_on_the_memory_backend(
         assert again.latest() is not None and again.latest().step == 4
     events = [e["event"] for e in RunDirectory("run", storage).read_events()]
     assert events.count("commit") == 4 and events.count("delete") == 2
+
+
+def test_manager_retention_frees_chunks_on_the_memory_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Incremental saves on a non-local backend: retention deletes through Storage.delete and the
+    chunk store's garbage collection runs through the same storage (engine.gc)."""
+    monkeypatch.chdir(tmp_path)
+    storage = MemoryStorage()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    state = cv.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    options = {"every_n_steps": 1, "keep_last": 1, "validate": "checksum", "incremental": True}
+    with cv.CheckpointManager("run", storage=storage, chunk_bytes=4096, **options) as manager:
+        for _ in range(3):
+            with torch.no_grad():
+                model.weight.add_(1.0)  # new weights: new chunks every save
+            manager.step(state)
+
+    def objects(prefix: str) -> list[str]:
+        found: list[str] = []
+        for entry in storage.list(prefix):
+            found += objects(entry.key) if entry.kind == "directory" else [entry.name]
+        return found
+
+    handle = storage.open("run/step_00000003")
+    try:
+        live = set(re.findall(r"[0-9a-f]{64}", handle.read_manifest().decode()))
+    finally:
+        handle.close()
+    chunks = [name for name in objects("run/.ckptvault-store") if re.match(r"^[0-9a-f]{64}\.", name)]
+    assert chunks and {name.split(".")[0] for name in chunks} <= live  # the deleted ones' chunks freed
+    back = read_checkpoint(
+        storage, "run/step_00000003", map_location="cpu", verify=True, threads=2, mapped=False
+    )
+    assert torch.equal(back["model"]["model"]["weight"], model.weight.detach())

@@ -115,11 +115,6 @@ class RunDirectory:
     def change_token(self) -> str | None:
         return self.storage.change_token(self.path)
 
-    def has_store(self) -> bool:
-        """Whether the run has a chunk store (incremental or compressed checkpoints were saved):
-        only then is there anything for a garbage collection to free."""
-        return any(e.name == STORE_NAME and e.kind == "directory" for e in self.storage.list(self.path))
-
     def exists(self) -> bool:
         return self.change_token() is not None
 

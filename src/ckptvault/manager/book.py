@@ -6,7 +6,7 @@ the index's claims against the manifests first (:mod:`.index_check`), never dele
 pin list or registry marker, and keeps the newest checkpoint that passed validation while newer
 ones are unproven. Everything it reads or writes goes through the run's
 :class:`~ckptvault.engine.rundir.RunDirectory`; chunks only deleted checkpoints used are freed by
-the chunk store's garbage collection afterwards.
+the chunk store's garbage collection (:mod:`ckptvault.engine.gc`, through the same storage).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog.registry import registered_in
+from ..engine.gc import collect_garbage
 from ..engine.rundir import RunDirectory
 from ..errors import CheckpointError, StorageError
 from ..policy import CheckpointRecord, TriggerState, retention_reasons
 from ..policy.records import best_of, metric_value
-from ..storage.chunkstore import collect_garbage
 from ..types import CheckpointInfo
 from ..validation import ValidationResult
 from .index_check import confirm_scope
@@ -137,8 +137,8 @@ class RunBook:
             if not why and name != fallback:
                 self.delete(name)
                 deleted = True
-        if deleted and self.run.has_store():
-            collect_garbage(self.run.path)  # chunks only the deleted checkpoints used
+        if deleted:  # chunks only the deleted checkpoints used (a run without a store: nothing to do)
+            collect_garbage(self.run.path, storage=self.run.storage)
 
     def _retention_reasons(self, scope: str, registered: set[str]) -> dict[str, tuple[str, ...]]:
         records = [
