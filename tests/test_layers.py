@@ -343,6 +343,39 @@ def test_file_operations_only_in_storage() -> None:
         raise AssertionError(f"no file operations left, remove from KNOWN_FILE_OPS: {gone}")
 
 
+# What code above storage/ may import from it: the protocol, the resolver, and the helpers for files
+# that are local by nature (an export or report the user asked for at a path, the user's own data
+# files, the catalog's SQLite database). Everything else in storage/ is a backend's mechanism, and
+# nothing above storage/ asks which backend it is talking to.
+STORAGE_FACADE = {
+    "ckptvault.storage",
+    "ckptvault.storage.base",
+    "ckptvault.storage.resolve",
+    "ckptvault.storage.atomic_file",
+    "ckptvault.storage.localfiles",
+    "ckptvault.storage.localfiles_fd",
+    "ckptvault.storage.catalogfiles",
+}
+# (importer, backend module) pairs that exist today.
+KNOWN_BACKEND_IMPORTS: dict[tuple[str, str], str] = {}
+
+
+def test_nothing_above_storage_names_a_backend() -> None:
+    found = {
+        (importer, target): f"line {line}"
+        for importer, target, _name, line in EDGES
+        if room_of(target) == "storage"
+        and room_of(importer) not in FILE_OPS_ALLOWED_UNDER
+        and target not in STORAGE_FACADE
+    }
+    new = sorted(set(found) - set(KNOWN_BACKEND_IMPORTS))
+    gone = sorted(set(KNOWN_BACKEND_IMPORTS) - set(found))
+    assert not new, "backend modules imported above storage/: " + "; ".join(
+        f"{i} -> {t} ({found[(i, t)]})" for i, t in new
+    )
+    assert not gone, f"no longer imported, remove from KNOWN_BACKEND_IMPORTS: {gone}"
+
+
 @pytest.mark.parametrize(
     ("graph", "expected"),
     [

@@ -13,10 +13,8 @@ digest, any codec) is referenced instead of written again. Before the checkpoint
 committed the writer fsyncs every directory it added a name to, so a committed manifest never
 references a chunk that a crash can take away.
 
-Garbage collection (:func:`collect_garbage`) takes the lock exclusively, so no save is between its
-first chunk and its commit; it marks every chunk any committed manifest of the run names and
-deletes the rest. Killed at any point it has deleted only unreferenced chunks: the mark is complete
-before the first deletion and no writer can add a reference while it holds the lock.
+Garbage collection (:mod:`ckptvault.engine.gc`, through the protocol) takes the lock exclusively
+and calls :meth:`ChunkStore.sweep` with every digest the run's committed manifests name.
 """
 
 from __future__ import annotations
@@ -30,16 +28,15 @@ import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES, Settings
-from ..errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError, typed_os_errors
+from ..config import Settings
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from .badlist import BadList
 from .base import SweepReport
 from .chunkfiles import DIRECT_MIN, frame_size, write_direct
 from .local_common import storage_error as _error
-from .safeopen import UnsafeFileError, fsync_dir, open_dir, open_file, read_file
+from .safeopen import UnsafeFileError, fsync_dir, open_dir, open_file
 
 STORE_NAME = ".ckptvault-store"
 CODECS = ("raw", "zstd", "lz4")
@@ -364,65 +361,3 @@ class ChunkStore:
         if not dry_run:
             self.bad.prune(self.chunks)
         return SweepReport(kept, deleted, freed, temporary)
-
-
-@dataclass(frozen=True)
-class GcReport:
-    """What one garbage collection found and did."""
-
-    checkpoints: int
-    live_chunks: int
-    deleted_chunks: int
-    freed_bytes: int
-    deleted_temporary: int
-
-
-def live_digests(run_dir: Path) -> tuple[set[str], int]:
-    """Every digest any committed manifest in ``run_dir`` mentions, and how many manifests there were.
-
-    Deliberately conservative: it collects every 64-hex-digit token of each manifest's text, so a
-    chunk is kept if anything names it, and a manifest too damaged to parse still protects every
-    chunk it mentions.
-    """
-    live: set[str] = set()
-    count = 0
-    for entry in os.scandir(run_dir):
-        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-            continue
-        manifest = Path(entry.path) / MANIFEST_NAME
-        try:
-            st = os.stat(manifest, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise StorageError(
-                errno.EFBIG, f"{manifest} is larger than any manifest can be; refusing to collect garbage"
-            )
-        try:
-            text = read_file(manifest, cap=MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
-            continue  # deleted since the stat (retention renames it away, no store lock): it needs nothing
-        live.update(m.decode() for m in _HEX64_ANYWHERE.findall(text))
-        count += 1
-    return live, count
-
-
-@typed_os_errors
-def collect_garbage(run_dir: str | Path, *, dry_run: bool = False) -> GcReport:
-    """Deletes every chunk of ``run_dir``'s store that no committed checkpoint references.
-
-    Safe against concurrent saves (it waits for them through the store lock) and against being
-    killed (see the module docstring).
-    """
-    run = Path(run_dir)
-    store = ChunkStore(run / STORE_NAME)
-    if not store._real_dir(store.root, create=False):  # a symlinked store raises: never swept
-        return GcReport(0, 0, 0, 0, 0)
-    with store.locked(exclusive=True):
-        live, checkpoints = live_digests(run)
-        swept = store.sweep(live, dry_run=dry_run)
-    return GcReport(
-        checkpoints, swept.live_chunks, swept.deleted_chunks, swept.freed_bytes, swept.deleted_temporary
-    )
