@@ -26,6 +26,8 @@ def test_public_surface_is_pinned() -> None:
         "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError", "DocumentConflictError",
         "IncompatibleCheckpointError", "IncompleteStateError", "PendingSave", "Problem", "Scope",
         "ResourceLimitError", "RestoreRefusedError",
+        "CatalogError", "DamagedRunFileError", "ExportError", "ExportMismatchError", "QueryError",
+        "RegistryError", "ReplacedCheckpointError", "ReportError", "UnsafeFileError",
         "StagingBudgetError", "StorageError",
         "TrainState", "UnsafeCheckpointError", "UnsafeLegacyFileError", "UnsupportedStateError",
         "VerifyReport", "__version__", "fingerprint", "info", "list_checkpoints", "load", "open",

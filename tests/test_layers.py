@@ -43,7 +43,6 @@ LAYERS: dict[str, int] = {
     "validation": 3,
     "validation_worker": 3,
     "legacy": 3,
-    "restore_skips": 3,
     "export": 3,
     "integrations": 4,
     "cli": 4,

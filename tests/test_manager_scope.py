@@ -61,8 +61,7 @@ def test_full_scope_object_equals_keyword_options(tmp_path: Path) -> None:
 
 
 def test_public_names_still_importable_from_the_package() -> None:
-    from ckptvault import manager
-    from ckptvault.restore_skips import RestoreRefusedError
+    from ckptvault import RestoreRefusedError, manager
 
     for name in (
         "CheckpointManager",

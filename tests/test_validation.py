@@ -22,11 +22,10 @@ from tests.models_for_validation import MLP, output_of, trained_mlp
 from typer.testing import CliRunner
 
 import ckptvault as cv
-from ckptvault import validation
+from ckptvault import RestoreRefusedError, validation
 from ckptvault.cli.main import app
 from ckptvault.engine import writer
 from ckptvault.engine.sidecar import sidecar_name
-from ckptvault.restore_skips import RestoreRefusedError
 from ckptvault.testing import serialization_bug
 from ckptvault.training.state import probe_from_batch
 

@@ -27,7 +27,11 @@ from .api import (
     validate,
     verify,
 )
+from .catalog.database import CatalogError
+from .catalog.query_tokens import QueryError
+from .catalog.registry import RegistryError, ReplacedCheckpointError
 from .engine.background import PendingSave
+from .engine.rundir import DamagedRunFileError
 from .engine.staging import StagingBudgetError
 from .errors import (
     CheckpointError,
@@ -40,11 +44,14 @@ from .errors import (
     ResourceLimitError,
     StorageError,
     UnsafeCheckpointError,
+    UnsafeFileError,
     UnsafeLegacyFileError,
     UnsupportedStateError,
 )
+from .export.common import ExportError, ExportMismatchError
 from .manager import CheckpointManager, Scope
-from .restore_skips import RestoreRefusedError
+from .manager.restore import RestoreRefusedError
+from .report_trajectory import ReportError
 from .training.architecture import ArchitectureError, ModelMismatchError, model_factory
 from .training.fingerprint import fingerprint
 from .training.state import IncompleteStateError, TrainState
@@ -54,6 +61,7 @@ from .version import __version__
 
 __all__ = [
     "ArchitectureError",
+    "CatalogError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointInfo",
@@ -61,12 +69,19 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConcurrentWriteError",
     "CorruptCheckpointError",
+    "DamagedRunFileError",
     "DocumentConflictError",
+    "ExportError",
+    "ExportMismatchError",
     "IncompatibleCheckpointError",
     "IncompleteStateError",
     "ModelMismatchError",
     "PendingSave",
     "Problem",
+    "QueryError",
+    "RegistryError",
+    "ReplacedCheckpointError",
+    "ReportError",
     "ResourceLimitError",
     "RestoreRefusedError",
     "Scope",
@@ -74,6 +89,7 @@ __all__ = [
     "StorageError",
     "TrainState",
     "UnsafeCheckpointError",
+    "UnsafeFileError",
     "UnsafeLegacyFileError",
     "UnsupportedStateError",
     "ValidationFailedError",

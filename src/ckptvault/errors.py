@@ -12,8 +12,9 @@ script can guard a whole save or restore with one ``except``. The tree::
     ├── UnsupportedStateError        a value in the state cannot be saved safely (names its path)
     ├── ResourceLimitError           reading would allocate or work beyond the caller's byte cap
     ├── StorageError                 the storage failed (disk full, permission, I/O error)
-    │   └── ConcurrentWriteError     another writer holds the target
-    │       └── DocumentConflictError  a compare-and-swap document write lost to another writer
+    │   ├── ConcurrentWriteError     another writer holds the target
+    │   │   └── DocumentConflictError  a compare-and-swap document write lost to another writer
+    │   └── UnsafeFileError          a bookkeeping file is a link, FIFO or device, or oversized
     ├── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
     └── declared beside the code that raises them (each a direct subclass unless noted):
         ArchitectureError, ModelMismatchError (training.architecture: the model cannot be rebuilt
@@ -22,9 +23,7 @@ script can guard a whole save or restore with one ``except``. The tree::
         (training.state), StagingBudgetError (engine.staging), DamagedRunFileError (engine.rundir:
         a run document exists but cannot be parsed), ExportError > ExportMismatchError
         (export.common), RegistryError > ReplacedCheckpointError (catalog.registry), CatalogError
-        (catalog.database), QueryError (catalog.query_tokens), ReportError (report_trajectory),
-        UnsafeFileError (storage.safeopen, a StorageError: a bookkeeping file is a link or not a
-        regular file)
+        (catalog.database), QueryError (catalog.query_tokens), ReportError (report_trajectory)
 
 Every class named in this tree is public: exported from the package root, so ``except
 ckptvault.ExportError`` works without knowing the module it lives in. ``tests/test_errors_tree.py``
@@ -131,6 +130,11 @@ class DocumentConflictError(ConcurrentWriteError):
 
     Raised by ``Storage.put(if_version=...)`` / ``put(if_absent=True)``; the caller re-reads and
     decides again (or reports the other writer), never overwrites blindly."""
+
+
+class UnsafeFileError(StorageError):
+    """A bookkeeping file or directory is a symbolic link, a FIFO, socket or device, or larger than
+    any such file may be: refused without following it, blocking on it or reading it whole."""
 
 
 class UnsafeLegacyFileError(CheckpointError):

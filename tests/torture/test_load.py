@@ -278,12 +278,12 @@ class _StatHook:
 
 
 def test_gc_survives_retention_deleting_under_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Regression (found by the scenario above): ``collect_garbage`` stat-ed a checkpoint's manifest,
+    """Regression (found by the scenario above): ``collect_garbage`` listed a checkpoint's manifest,
     the writer's retention renamed that checkpoint out of sight (deletion takes no store lock), and
     reading the manifest then failed the whole collection with ``StorageError`` (ENOENT). A
     checkpoint deleted during the mark references nothing any more: the collection must go on and
     free its chunks, keeping every chunk of the checkpoints that remain."""
-    from ckptvault.storage import chunkstore
+    from ckptvault.storage import local
 
     run = tmp_path / "run"
     box = W.Box()
@@ -296,11 +296,12 @@ def test_gc_survives_retention_deleting_under_it(tmp_path: Path, monkeypatch: py
     hit = []
 
     def delete_now(path: Path) -> None:  # what CheckpointManager._delete does, at the worst moment
-        if path == victim / "manifest.json" and not hit:
+        # The listing stats each checkpoint's manifest relative to the run's descriptor.
+        if path.parts[-2:] == (victim.name, "manifest.json") and not hit:
             hit.append(path)
             os.rename(victim, run / ".step_00000002.ckptvault-tmp.test.del")
 
-    monkeypatch.setattr(chunkstore, "os", _StatHook(delete_now))
+    monkeypatch.setattr(local, "os", _StatHook(delete_now))
     report = collect_garbage(run)
     monkeypatch.undo()
     assert hit, "the collector never looked at the victim's manifest: the race was not exercised"

@@ -34,7 +34,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from ..errors import StorageError
+from ..errors import UnsafeFileError
 
 # No bookkeeping document (run.json, index, pins, registry entry, validation result) comes near this;
 # a file larger than it is hostile or damaged and is refused before anything is allocated.
@@ -42,11 +42,6 @@ MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 _READ_BLOCK = 1 << 20
 
 PathArg = str | os.PathLike[str]
-
-
-class UnsafeFileError(StorageError):
-    """A bookkeeping file or directory is a symbolic link, a FIFO, socket or device, or larger than
-    any such file may be: refused without following it, blocking on it or reading it whole."""
 
 
 def _refuse(code: int, path: PathArg, why: str) -> UnsafeFileError:
