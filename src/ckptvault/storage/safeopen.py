@@ -34,7 +34,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnsafeFileError
+from ..errors import UnsafeFileError as UnsafeFileError  # re-exported: where the storage modules take it
 
 # No bookkeeping document (run.json, index, pins, registry entry, validation result) comes near this;
 # a file larger than it is hostile or damaged and is refused before anything is allocated.
