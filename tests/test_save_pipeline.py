@@ -5,6 +5,7 @@ and the manager speaks only the Storage protocol (a run on the in-memory backend
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -167,3 +168,23 @@ def test_manager_retention_frees_chunks_on_the_memory_backend(
         storage, "run/step_00000003", map_location="cpu", verify=True, threads=2, mapped=False
     )
     assert torch.equal(back["model"]["model"]["weight"], model.weight.detach())
+
+
+def test_a_registry_pin_protects_a_checkpoint_on_the_memory_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention reads the registry's pin marker through the run's own storage: a registered
+    checkpoint of a run that is not on local disk is kept like any other registered one."""
+    monkeypatch.chdir(tmp_path)
+    storage = MemoryStorage()
+    state = _train_state()
+    storage.put(
+        "run/.ckptvault-registered.json", json.dumps({"checkpoints": {"step_00000001": [["m", 1]]}}).encode()
+    )
+    with cv.CheckpointManager(
+        "run", storage=storage, every_n_steps=1, keep_last=1, validate="checksum"
+    ) as manager:
+        for _ in range(3):
+            _train(state)
+            manager.step(state)
+        assert [r.step for r in manager.checkpoints()] == [1, 3]

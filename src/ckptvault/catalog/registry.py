@@ -75,20 +75,22 @@ def _who() -> dict[str, str]:
 
 
 @typed_os_errors
-def registered_in(run_dir: Path) -> set[str]:
-    """Names of the checkpoints of ``run_dir`` that a registry pins (read by retention).
+def registered_in(run_dir: Path | RunDirectory) -> set[str]:
+    """Names of the checkpoints of ``run_dir`` that a registry pins (read by retention); a
+    :class:`RunDirectory` is read through its own storage (the run may not be on local disk).
 
     Only a missing file means "nothing pinned": an unreadable or damaged one raises
     (``StorageError`` / ``RegistryError``), because retention taking it for "no pins" would
     delete registered checkpoints."""
+    run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
     try:
-        doc = RunDirectory(run_dir).read_registered()
+        doc = run.read_registered()
     except DamagedRunFileError as exc:
-        raise RegistryError(f"{Path(run_dir) / REGISTERED_NAME} is damaged: {exc}") from exc
+        raise RegistryError(f"{run.key(REGISTERED_NAME)} is damaged: {exc}") from exc
     if doc is None:
         return set()
     if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints", {}), dict):
-        raise RegistryError(f"{Path(run_dir) / REGISTERED_NAME} is damaged: not a pin list")
+        raise RegistryError(f"{run.key(REGISTERED_NAME)} is damaged: not a pin list")
     entries = doc.get("checkpoints", {})
     return {name for name, refs in entries.items() if isinstance(name, str) and refs}
 

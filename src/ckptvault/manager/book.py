@@ -18,7 +18,6 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from ..catalog.registry import registered_in
@@ -122,7 +121,7 @@ class RunBook:
         if not self.pins_known:
             return  # pins.json is damaged: deleting now could delete a pinned checkpoint
         try:
-            registered = registered_in(Path(self.run.path))
+            registered = registered_in(self.run)
         except CheckpointError as exc:  # unknown pins: deleting now could delete a registered one
             warnings.warn(f"retention skipped: {exc}", stacklevel=4)
             return
