@@ -183,6 +183,7 @@ class Registry:
             _check_alias(alias)  # before anything is written: a refused registration pins nothing
         manifest = self._manifest(rel)
         self._key(name)  # a bad name is refused before anything is written
+        self._recover(rel)
         for attempt in range(_CAS_TRIES):
             found, version = self._get(name)
             doc: dict[str, Any] = found or {"name": name, "versions": [], "aliases": {}, "history": []}
@@ -222,7 +223,15 @@ class Registry:
             self._move(doc, alias, version, why)
             return doc
 
+        self._recover(None)
         self._notify(name, version, self._update(name, move))
+
+    def _recover(self, rel: str | None) -> None:
+        """Removes what registry writers killed mid-write left (their temporary documents) in the
+        registry and, when registering ``rel``, beside its run's pin marker; live writes are safe."""
+        self.storage.recover(str(self.directory))
+        if rel is not None:
+            self.storage.recover(str((self.root / rel).parent))
 
     def _move(self, doc: dict[str, Any], alias: str, version: int, why: str | None) -> None:
         _check_alias(alias)

@@ -251,7 +251,7 @@ class Storage(Protocol):
 
     def recover(self, prefix: str) -> None:
         """Removes what writers killed mid-``put`` left directly under ``prefix`` (temporary
-        documents). Call it holding the lease of every writer of ``prefix``: no live put owns one."""
+        documents); a put in progress is never disturbed, so any writer may call it, lease or not."""
 
     # -- single files outside runs --------------------------------------------------------------
     def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:

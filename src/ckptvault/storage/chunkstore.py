@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ..config import Settings
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from .badlist import BadList
 from .base import SweepReport
@@ -63,18 +62,18 @@ class ChunkStore:
     referencing the bad one again.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, direct_io: bool = True) -> None:
         self.root = Path(root)
         self.chunks = self.root / "chunks"
         self._dirty: set[Path] = set()
         self._dirty_lock = threading.Lock()
         self._real: set[Path] = set()  # directories checked to be real (not symlinks) in this store
         self.bad = BadList(self.root)
-        self.direct_io = Settings.from_env().direct_io
+        self.direct_io = direct_io
 
     @classmethod
-    def for_checkpoint(cls, checkpoint: str | Path) -> ChunkStore:
-        return cls(store_for(checkpoint))
+    def for_checkpoint(cls, checkpoint: str | Path, *, direct_io: bool = True) -> ChunkStore:
+        return cls(store_for(checkpoint), direct_io=direct_io)
 
     def exists(self) -> bool:
         return self._real_dir(self.root, create=False)  # a symlinked store raises UnsafeFileError

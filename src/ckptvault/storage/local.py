@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
 
-from ..config import MANIFEST_NAME
+from ..config import MANIFEST_NAME, Settings
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .atomic_file import atomic_output
 from .base import Entry, EntryKind
@@ -35,7 +35,6 @@ from .local_common import sweep_staging as sweep_staging
 from .local_docs import LocalDocuments
 from .local_read import LocalReadHandle
 from .local_write import LocalWriteTransaction
-from .safeopen import atomic_write_json as atomic_write_json
 from .safeopen import fsync_dir as fsync_dir
 
 __all__ = ["HOST_TAG", "STAGING_MARK", "LocalStorage"]
@@ -46,15 +45,20 @@ _OPEN_RETRIES = 5
 class LocalStorage(LocalDocuments):
     """The local-disk backend; keys are plain file-system paths."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, *, settings: Settings | None = None
+    ) -> None:
+        """``settings`` (the O_DIRECT choices) default to the environment's, read here, once: a
+        backend never consults the environment in the middle of a write."""
         self.root = Path(os.path.abspath(root)) if root is not None else None
+        self.settings = settings if settings is not None else Settings.from_env()
 
     def join(self, prefix: str, *names: str) -> str:
         return os.path.join(prefix, *names)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def begin(self, target: str, *, overwrite: bool) -> LocalWriteTransaction:
-        return LocalWriteTransaction(Path(target).absolute(), overwrite=overwrite)
+        return LocalWriteTransaction(Path(target).absolute(), overwrite=overwrite, settings=self.settings)
 
     def open(self, target: str) -> LocalReadHandle:
         # An overwrite can swap the directory out and delete it between our opening it and its
@@ -152,7 +156,7 @@ class LocalStorage(LocalDocuments):
         return True
 
     def chunk_store(self, checkpoint: str) -> ChunkStore:
-        return ChunkStore.for_checkpoint(checkpoint)
+        return ChunkStore.for_checkpoint(checkpoint, direct_io=self.settings.direct_io)
 
     def publish_file(self, target: str, action: str = "write") -> AbstractContextManager[BinaryIO]:
         path = Path(target)

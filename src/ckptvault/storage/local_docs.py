@@ -23,7 +23,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,9 +31,8 @@ from pathlib import Path
 from ..errors import ConcurrentWriteError, DocumentConflictError, StorageError
 from .base import Document
 from .local_common import storage_error
-from .safeopen import UnsafeFileError, open_dir, open_file, read_fd, replace_in_dir
+from .safeopen import UnsafeFileError, open_dir, open_file, read_fd, replace_in_dir, sweep_dead_temporaries
 
-_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what put() names its temporary files
 _LEASED: dict[str, str] = {}  # key -> owner, of leases this process holds (record locks do not exclude us)
 _LEASED_LOCK = threading.Lock()
 
@@ -174,10 +172,9 @@ class LocalDocuments(_Rooted):
         except OSError:
             return  # nothing there (or not a real directory): nothing of ours to remove
         try:
-            for name in os.listdir(dir_fd):
-                if _TEMP.match(name):
-                    with contextlib.suppress(OSError):
-                        os.unlink(name, dir_fd=dir_fd)
+            sweep_dead_temporaries(dir_fd)
+        except OSError as exc:
+            raise storage_error("cannot clean up", prefix, exc) from exc
         finally:
             os.close(dir_fd)
 

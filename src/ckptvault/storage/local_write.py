@@ -180,9 +180,11 @@ def open_writable(path: Path, *, direct: bool) -> LocalWritableFile | DirectWrit
 
 
 class LocalWriteTransaction:
-    def __init__(self, target: Path, *, overwrite: bool) -> None:
+    def __init__(self, target: Path, *, overwrite: bool, settings: Settings | None = None) -> None:
         self.target = target
         self.overwrite = overwrite
+        settings = settings or Settings()
+        self.direct_io, self.direct_io_min_bytes = settings.direct_io, settings.direct_io_min_bytes
         parent = target.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -237,8 +239,7 @@ class LocalWriteTransaction:
             )
 
     def create(self, name: str, *, size_hint: int = 0) -> LocalWritableFile | DirectWritableFile:
-        settings = Settings.from_env()
-        direct = settings.direct_io and size_hint >= settings.direct_io_min_bytes
+        direct = self.direct_io and size_hint >= self.direct_io_min_bytes
         handle = open_writable(self.staging / name, direct=direct)
         self._files.append(handle)
         return handle

@@ -12,7 +12,7 @@ that naming a hostile one is harmless:
 * never blocking: every open is ``O_NONBLOCK`` (a FIFO or a device opens at once), and anything
   that is not a regular file is refused after ``fstat`` before a byte is read or written;
 * never allocating more than the file holds, nor more than a cap (:func:`read_file`);
-* writes replace a file by renaming a private temporary file over it (:func:`atomic_write_json`),
+* writes replace a file by renaming a private temporary file over it (:func:`replace_in_dir`),
   inside a directory held by descriptor: a symlink planted at the destination is replaced, never
   written through, and nothing is created outside the directory checked.
 
@@ -26,13 +26,13 @@ catalog root) is followed: the user chose it, symlinks and all.
 from __future__ import annotations
 
 import errno
-import json
+import fcntl
 import os
+import re
 import secrets
 import stat
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 from ..errors import UnsafeFileError as UnsafeFileError  # re-exported: where the storage modules take it
 
@@ -173,7 +173,7 @@ def _parent_fd(path: Path, base: PathArg | None) -> int:
 
 def append_text(path: PathArg, text: str, *, base: PathArg | None = None) -> None:
     """Appends ``text`` to a regular file (created if missing), never through a link or into a FIFO.
-    ``base``: as for :func:`atomic_write_json`."""
+    ``base``: as for :func:`read_file`."""
     target = Path(path)
     dir_fd = _parent_fd(target, base)
     try:
@@ -188,67 +188,70 @@ def append_text(path: PathArg, text: str, *, base: PathArg | None = None) -> Non
         os.close(fd)
 
 
-def atomic_write_json(
-    path: PathArg,
-    doc: Any,
-    *,
-    durable: bool = True,
-    sort_keys: bool = False,
-    sweep: bool = False,
-    base: PathArg | None = None,
-) -> None:
-    """Replaces a small JSON file (run.json, pins, registry entries) atomically: readers see the old
-    or the new document, and a failure leaves no temporary file. ``durable=False`` skips the fsyncs
-    for derived data (the run index), which a crash may lose and which is then rebuilt. Temporary
-    names are ``.NAME.<random>.tmp``, which the manager's sweep and the torture leftover check know.
-    ``sweep=True`` first removes such files of ``path`` left by a writer killed mid-write; only for
-    callers holding a lock every writer of ``path`` takes (no live writer owns one then).
-
-    The parent directory is held by descriptor for the whole write, so the temporary file and the
-    rename stay in it; a symlink at ``path`` is replaced, never written through. ``base`` names the
-    directory the caller trusts: every directory between it and ``path`` must be a real one (created
-    if missing); without it the parent is opened as named."""
-    target = Path(path)
-    name = target.name
-    payload = json.dumps(
-        doc,
-        indent=1 if durable else None,
-        separators=None if durable else (",", ":"),
-        sort_keys=sort_keys,
-        default=str,
-    ).encode("utf-8")
-    dir_fd = _parent_fd(target, base)
-    try:
-        if sweep:
-            for stale in os.listdir(dir_fd):
-                if stale.startswith(f".{name}.") and stale.endswith(".tmp"):
-                    with suppress(FileNotFoundError):
-                        os.unlink(stale, dir_fd=dir_fd)
-        replace_in_dir(dir_fd, name, payload, durable=durable)
-    finally:
-        os.close(dir_fd)
+TEMP_DOCUMENT = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what replace_in_dir names its temporary files
+_REPLACE_TRIES = 3
 
 
 def replace_in_dir(dir_fd: int, name: str, data: bytes, *, durable: bool) -> None:
     """Replaces ``name`` in the directory held by ``dir_fd`` with ``data``: a private temporary
     file ``.NAME.<8 hex>.tmp`` (never through a link), fsynced unless ``durable=False``, renamed
-    over the name, then the directory fsynced; a failure leaves no temporary file."""
-    temp = f".{name}.{secrets.token_hex(4)}.tmp"
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+    over the name, then the directory fsynced; a failure leaves no temporary file.
+
+    The temporary file is ``flock``-ed while it lives, so :func:`sweep_dead_temporaries` can tell a
+    killed writer's leftover (lock free) from a live write without any lock of its own; if a sweep
+    takes it in the instant between its creation and its lock, the write starts over."""
+    for attempt in range(_REPLACE_TRIES):
+        temp = f".{name}.{secrets.token_hex(4)}.tmp"
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with suppress(OSError):  # already renamed, or the disk is gone
-            os.unlink(temp, dir_fd=dir_fd)
-        raise
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # ours alone: a new file; released by the close
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+                try:
+                    os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except FileNotFoundError:
+                    if attempt + 1 == _REPLACE_TRIES:
+                        raise
+                    continue  # swept away before we locked it: write it again
+            finally:
+                os.close(fd)
+        except BaseException:
+            with suppress(OSError):  # already renamed, or the disk is gone
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+        break
     if durable:
         os.fsync(dir_fd)  # the rename itself is durable too
+
+
+def sweep_dead_temporaries(dir_fd: int) -> int:
+    """Removes the temporary files of :func:`replace_in_dir` whose writer is gone (their lock is
+    free: a killed process's locks die with it) from the directory held by ``dir_fd``; a live
+    write's file is left alone. Returns how many it removed. Links and non-regular files named
+    like one are not ours and stay."""
+    removed = 0
+    for name in os.listdir(dir_fd):
+        if not TEMP_DOCUMENT.match(name):
+            continue
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue  # gone already, or a link
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer's
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+                removed += 1
+        finally:
+            os.close(fd)
+    return removed
