@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .safeopen import open_file
 
-# Chunks are written with O_DIRECT (as data files are, storage/local.py): buffered writes cost this
+# Chunks are written with O_DIRECT (as data files are, storage/local_write.py): buffered writes cost this
 # kind of machine more kernel CPU than the hashing of the same bytes. O_DIRECT needs aligned memory,
 # so each writer thread copies through its own page-aligned bounce buffer (a 4 MiB memcpy is a small
 # fraction of writing 4 MiB).

@@ -78,7 +78,7 @@ def number(value: Any) -> float | None:
 # -- results ------------------------------------------------------------------------------------
 # A result lives in its run's layout (``RUN/.ckptvault-validation/NAME.json``), which only
 # :class:`~ckptvault.engine.rundir.RunDirectory` knows how to reach; these names stay because the
-# manager, the API and validation_ids call them with a checkpoint's path.
+# manager, the API and manager.validation_ids call them with a checkpoint's path.
 def results_path(checkpoint: str | os.PathLike[str]) -> Path:
     """Where the result of ``checkpoint`` lives on local disk (a name only; nothing is touched)."""
     path = Path(checkpoint)
