@@ -183,13 +183,8 @@ def test_leases_of_different_keys_are_independent(backend: Backend) -> None:
     two.release()
 
 
-def _clocked(backend: Backend) -> None:
-    if backend.clock is None:
-        pytest.skip(f"{backend.name} leases do not expire by a clock (the holder's death ends them)")
-
-
-def test_expired_lease_is_taken_over_and_the_old_holder_loses_it(backend: Backend) -> None:
-    _clocked(backend)
+def test_expired_lease_is_taken_over_and_the_old_holder_loses_it(clocked_backend: Backend) -> None:
+    backend = clocked_backend
     assert backend.clock is not None
     s, key = backend.storage, backend.key("run", "lease")
     old = s.acquire_lease(key, owner="old", ttl_seconds=30)
@@ -209,8 +204,8 @@ def test_expired_lease_is_taken_over_and_the_old_holder_loses_it(backend: Backen
     new.release()
 
 
-def test_renewal_extends_and_an_expired_untaken_lease_renews(backend: Backend) -> None:
-    _clocked(backend)
+def test_renewal_extends_and_an_expired_untaken_lease_renews(clocked_backend: Backend) -> None:
+    backend = clocked_backend
     assert backend.clock is not None
     s, key = backend.storage, backend.key("run", "lease")
     lease = s.acquire_lease(key, owner="a", ttl_seconds=10)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from ckptvault.errors import ConcurrentWriteError
 from ckptvault.storage.local import LocalStorage
 from ckptvault.storage.safeopen import replace_in_dir
 
@@ -70,3 +73,26 @@ def test_direct_io_is_the_constructors_choice_not_the_environments_mid_write(
     finally:
         txn.abort()
     assert storage.chunk_store(str(tmp_path / "ckpt")).direct_io is False
+
+
+def test_a_local_lease_ends_with_its_holder(tmp_path: Path) -> None:
+    """The local backend's lease has no clock: it is a record lock the kernel drops when the holding
+    process dies (SIGKILL included), and until then a second writer is told who holds it."""
+    key = str(tmp_path / ".ckptvault-run.lock")
+    code = (
+        "import sys, time\n"
+        "from ckptvault.storage.local import LocalStorage\n"
+        f"LocalStorage().acquire_lease({key!r}, owner='holder-process', ttl_seconds=1)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        with pytest.raises(ConcurrentWriteError, match="holder-process"):
+            LocalStorage().acquire_lease(key, owner="second", ttl_seconds=1)
+    finally:
+        child.kill()
+        child.wait()
+    lease = LocalStorage().acquire_lease(key, owner="second", ttl_seconds=1)
+    lease.release()
