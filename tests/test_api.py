@@ -25,7 +25,7 @@ def test_public_surface_is_pinned() -> None:
         "CheckpointError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
         "CheckpointNotFoundError", "ConcurrentWriteError", "CorruptCheckpointError", "DocumentConflictError",
         "IncompatibleCheckpointError", "IncompleteStateError", "PendingSave", "Problem", "Scope",
-        "ResourceLimitError", "RestoreRefusedError",
+        "MirrorBehindError", "ResourceLimitError", "RestoreRefusedError",
         "CatalogError", "DamagedRunFileError", "ExportError", "ExportMismatchError", "QueryError",
         "RegistryError", "ReplacedCheckpointError", "ReportError", "UnsafeFileError",
         "StagingBudgetError", "StorageError",

@@ -14,6 +14,7 @@ script can guard a whole save or restore with one ``except``. The tree::
     ├── StorageError                 the storage failed (disk full, permission, I/O error)
     │   ├── ConcurrentWriteError     another writer holds the target
     │   │   └── DocumentConflictError  a compare-and-swap document write lost to another writer
+    │   ├── MirrorBehindError        a run's mirror (remote copy) fell too many checkpoints behind
     │   └── UnsafeFileError          a bookkeeping file is a link, FIFO or device, or oversized
     ├── UnsafeLegacyFileError        a legacy torch file needs globals we refuse to unpickle
     └── declared beside the code that raises them (each a direct subclass unless noted):
@@ -130,6 +131,13 @@ class DocumentConflictError(ConcurrentWriteError):
 
     Raised by ``Storage.put(if_version=...)`` / ``put(if_absent=True)``; the caller re-reads and
     decides again (or reports the other writer), never overwrites blindly."""
+
+
+class MirrorBehindError(StorageError):
+    """A run's mirror (``CheckpointManager(mirror=...)``) is more than ``mirror_max_behind``
+    committed checkpoints behind the local run: uploads keep failing (or cannot keep up), so a lost
+    machine would lose more work than the user allowed. Raised in the training loop (the next
+    ``step``/``save``); the message names the last upload failure."""
 
 
 class UnsafeFileError(StorageError):
