@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# moto_server / s3_bucket / fault_proxy: a real S3-compatible server on loopback.
+pytest_plugins = ["tests.s3_fixtures"]
+
 
 @pytest.fixture
 def ckpt_dir(tmp_path: Path) -> Path:

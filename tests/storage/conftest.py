@@ -16,6 +16,8 @@ import pytest
 from ckptvault.storage.base import Storage
 from ckptvault.storage.local import LocalStorage
 from ckptvault.storage.memory import MemoryStorage
+from ckptvault.storage.s3 import S3Storage
+from ckptvault.testing.s3server import MotoServer
 
 
 class FakeClock:
@@ -55,21 +57,51 @@ def _local(tmp_path: Path) -> Backend:
     return Backend("local", LocalStorage(root), str(root), lambda: LocalStorage(root))
 
 
+def s3_storage(server: MotoServer, bucket: str, **options: object) -> S3Storage:
+    """A backend on the test server configured by constructor arguments alone (no environment)."""
+    return S3Storage(
+        f"s3://{bucket}",
+        endpoint=server.endpoint,
+        config={
+            "access_key_id": server.ACCESS_KEY,
+            "secret_access_key": server.SECRET_KEY,
+            "region": server.REGION,
+        },
+        max_retries=2,
+        retry_timeout_seconds=10.0,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def _s3(request: pytest.FixtureRequest) -> Backend:
+    server: MotoServer = request.getfixturevalue("moto_server")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    clock = FakeClock()
+    storage = s3_storage(server, bucket, clock=clock)
+    return Backend(
+        "s3", storage, f"s3://{bucket}/vault", lambda: s3_storage(server, bucket, clock=clock), clock
+    )
+
+
 # Contract tests the local backend does not pass yet: strict xfail, so each entry must go (and the
 # test then pass) when LocalStorage is fixed -- an XPASS fails the run.
 LOCAL_GAPS: dict[str, str] = {}
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     gap = LOCAL_GAPS.get(getattr(request.node, "originalname", ""))
     if request.param == "local" and gap:
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"LocalStorage: {gap}"))
+    if request.param == "s3":
+        return _s3(request)
     return {"memory": _memory, "local": _local}[request.param](tmp_path)
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "s3"])
 def clocked_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """The backends whose leases lapse by a clock (an object store's); the local backend's end
     with the holding process instead (tests/storage/test_local_recover.py kills a holder)."""
-    return {"memory": _memory}[request.param](tmp_path)
+    if request.param == "s3":
+        return _s3(request)
+    return _memory(tmp_path)
