@@ -27,6 +27,7 @@ from ..errors import ConcurrentWriteError, typed_os_errors
 from ..policy import CheckpointRecord, epoch_trigger, step_trigger
 from ..policy.metrics import numeric_metrics, plain_metric
 from ..storage.base import Lease, Storage
+from ..storage.resolve import is_url
 from ..training.state import FULL, WEIGHTS, TrainState
 from ..types import CheckpointInfo
 from .book import RunBook, logger
@@ -110,7 +111,8 @@ class CheckpointManager:
             directory = os.environ.get(RUN_DIR_ENV)
             if not directory:
                 raise ValueError(f"give the run directory, or set {RUN_DIR_ENV}")
-        self.directory = Path(directory)  # a name only: the run is reached through self._run
+        # A name only (the run is reached through self._run); a URL stays a string.
+        self.directory: Path | str = os.fspath(directory) if is_url(directory) else Path(directory)
         scopes = {FULL: full_scope(full, scope_options)}
         if weights is not None:
             scopes[WEIGHTS] = weights

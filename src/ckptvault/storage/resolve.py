@@ -31,6 +31,16 @@ def is_url(location: PathLike) -> bool:
     return bool(sep) and scheme in SCHEMES
 
 
+def split_location(location: PathLike) -> tuple[str, str]:
+    """``(parent, name)`` of a checkpoint's location: a URL split at its last ``/`` (a ``Path``
+    would turn ``s3://b/k`` into ``s3:/b/k``), a path as ``os.path`` splits it."""
+    if is_url(location):
+        parent, _, name = os.fspath(location).rstrip("/").rpartition("/")
+        return parent, name
+    text = os.path.normpath(os.fspath(location))
+    return os.path.dirname(text) or ".", os.path.basename(text)
+
+
 def object_storage(url: str) -> Storage:
     """The backend of ``url``'s bucket, shared by every location in it."""
     from .s3 import S3Storage  # the object-store client loads only when a URL is used

@@ -17,7 +17,7 @@ from typing import Any
 from ..engine.rundir import VALIDATION_DIR, RunDirectory
 from ..errors import CheckpointError
 from ..policy.metrics import as_number
-from ..storage.resolve import storage_for
+from ..storage.resolve import split_location, storage_for
 
 LEVELS = ("checksum", "readback", "full")
 PROBE_FILE = "validation-probe.safetensors"
@@ -80,7 +80,7 @@ def number(value: Any) -> float | None:
 # :class:`~ckptvault.engine.rundir.RunDirectory` knows how to reach; these names stay because the
 # manager, the API and manager.validation_ids call them with a checkpoint's path.
 def results_path(checkpoint: str | os.PathLike[str]) -> Path:
-    """Where the result of ``checkpoint`` lives on local disk (a name only; nothing is touched)."""
+    """Where the result of a local ``checkpoint`` lives (a name only; nothing is touched)."""
     path = Path(checkpoint)
     return path.parent / RESULTS_DIR / f"{path.name}.json"
 
@@ -89,14 +89,14 @@ def record_result(result: ValidationResult) -> None:
     """Writes the result beside the run (atomically: a reader sees the old or the new one; not
     flushed: a result lost in a crash is only a validation to repeat). The run's storage is rooted
     at the run, so a linked results directory is refused, never written through."""
-    path = Path(result.checkpoint)
-    RunDirectory(path.parent).write_validation(path.name, result.as_dict())
+    parent, name = split_location(result.checkpoint)
+    RunDirectory(parent).write_validation(name, result.as_dict())
 
 
 def read_result(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The recorded result of ``checkpoint``; None when absent, damaged, a link or a FIFO."""
-    path = Path(checkpoint)
-    return RunDirectory(path.parent).read_validation(path.name)
+    parent, name = split_location(checkpoint)
+    return RunDirectory(parent).read_validation(name)
 
 
 # -- running a level ------------------------------------------------------------------------------
