@@ -24,8 +24,12 @@ from ..engine.gc import collect_garbage
 from ..engine.inspect import diff_checkpoints, iter_leaves
 from ..engine.reader import CheckpointReader, verify_checkpoint
 from ..errors import CheckpointError
+from ..storage.resolve import is_url, split_location
 from . import catalog_cmds, listing, pictures
 from .inert import UNREADABLE, console, emit_json, error_text, human_bytes, inert, install_inert_diagnostics
+
+# A checkpoint or run: a local path or an object-store URL (kept a string: Path folds "s3://").
+Location = Annotated[str, typer.Argument(help="A local path or an s3:// (gs://, az://) URL.")]
 
 app = typer.Typer(
     name="ckptvault",
@@ -92,7 +96,7 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int],
 
 
 @app.command()
-def show(checkpoint: Path, as_json: JsonOpt = False) -> None:
+def show(checkpoint: Location, as_json: JsonOpt = False) -> None:
     """Metadata and the tensor table (name, dtype, shape, bytes) of one checkpoint."""
     with _errors(hostile=True), CheckpointReader(*api.storage_for(checkpoint)) as reader:
         manifest = reader.manifest
@@ -149,7 +153,7 @@ def show(checkpoint: Path, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def validate(
-    checkpoint: Path,
+    checkpoint: Location,
     level: Annotated[
         str, typer.Option("--level", help="checksum, readback or full (rebuild the model, run the probe).")
     ] = "full",
@@ -180,7 +184,9 @@ def validate(
 
 @app.command()
 def verify(
-    checkpoints: Annotated[list[Path], typer.Argument(help="One or more checkpoint directories.")],
+    checkpoints: Annotated[
+        list[str], typer.Argument(help="One or more checkpoints (directories or s3:// URLs).")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Check every byte of each checkpoint; exit 1 if any problem is found."""
@@ -189,7 +195,7 @@ def verify(
         total = 0
         with suppress(CheckpointError):
             total = api.info(checkpoint).size_bytes
-        with _progress(total, f"verify {checkpoint.name}", not as_json) as advance:
+        with _progress(total, f"verify {split_location(checkpoint)[1]}", not as_json) as advance:
             reports.append(verify_checkpoint(*api.storage_for(checkpoint), progress=advance))
     if as_json:
         _emit_json([r.as_dict() for r in reports])
@@ -212,7 +218,7 @@ def verify(
 
 @app.command()
 def diff(
-    a: Path, b: Path, as_json: JsonOpt = False, all_: Annotated[bool, typer.Option("--all")] = False
+    a: Location, b: Location, as_json: JsonOpt = False, all_: Annotated[bool, typer.Option("--all")] = False
 ) -> None:
     """Per tensor: identical, changed (max abs / relative difference), added, removed."""
     with _errors():
@@ -250,8 +256,8 @@ def diff(
 
 @app.command()
 def export(
-    checkpoint: Path,
-    output: Path,
+    checkpoint: Location,
+    output: Location,
     fmt: Annotated[
         str,
         typer.Option(
@@ -305,7 +311,7 @@ def export(
     # Not _errors(): a FileNotFoundError here names the checkpoint or probe, so it gets no type name.
     try:
         total = api.info(checkpoint).tensor_bytes
-        with _progress(total, f"export {checkpoint.name}", not as_json) as advance:
+        with _progress(total, f"export {split_location(checkpoint)[1]}", not as_json) as advance:
             result = export_checkpoint(
                 checkpoint,
                 output,
@@ -332,7 +338,7 @@ def export(
 
 @app.command()
 def gc(
-    directory: Annotated[Path, typer.Argument(help="A run directory (the parent of its checkpoints).")],
+    directory: Annotated[str, typer.Argument(help="A run directory or URL (the parent of its checkpoints).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, delete nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -342,7 +348,7 @@ def gc(
     a committed checkpoint references.
     """
     with _errors():
-        if not directory.is_dir():
+        if not is_url(directory) and not Path(directory).is_dir():
             err.print(f"[red]error:[/red] {inert(directory)} is not a directory")
             raise typer.Exit(2)
         report = collect_garbage(directory, dry_run=dry_run)

@@ -17,6 +17,7 @@ from ..format.tree import TreeDecodeError
 from ..format.tree import iter_leaves as iter_leaf_nodes
 from ..storage.atomic_file import atomic_output
 from ..storage.base import Storage
+from ..storage.resolve import is_url, storage_for
 from .budget import ByteBudget, default_limit
 from .diffing import compare_leaves
 from .lazy import CheckpointView
@@ -120,7 +121,8 @@ def export_safetensors(
     """Writes every stored tensor into one standalone safetensors file; returns its size.
 
     Tensors are streamed one at a time, each digest-checked as it is read, into a temporary file
-    next to ``out`` that is fsynced and renamed into place — a crash never leaves a partial export.
+    next to ``out`` that is fsynced and renamed into place — a crash never leaves a partial export
+    (to an object-store URL: one upload that appears whole or not at all).
     The bytes written are capped like a load's (``max_bytes``; :mod:`.budget`): chunks the manifest
     repeats are written out in full, so a few stored bytes must not become a disk-filling export.
     """
@@ -137,7 +139,8 @@ def export_safetensors(
                 "step": str(manifest.step),
             },
         )
-        with atomic_output(target, "export to") as handle:
+        output = storage_for(out)[0].publish_file(out, "export to") if is_url(out) else None
+        with output or atomic_output(target, "export to") as handle:
             handle.write(header)
             for entry in entries:
                 data = reader.fetch(entry.name, verify=True)

@@ -35,8 +35,8 @@ from ``ckptvault.export`` itself.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from ..storage.resolve import is_url, split_location
 from .common import (
     DEFAULT_MAX_SHARD_SIZE,
     ExportError,
@@ -92,6 +92,8 @@ def export_checkpoint(
     ``trusted_modules`` (onnx, which rebuilds the model) is :func:`ckptvault.load_model`'s."""
     if format == "safetensors":
         return export_safetensors_file(checkpoint, out, progress=progress)
+    if is_url(out):
+        raise ExportError(f"--format {format} writes to a local path; export there, then upload it")
     if format == "torch":
         return export_torch(checkpoint, out)
     if format == "hf":
@@ -115,4 +117,6 @@ def export_safetensors_file(
     size = export_safetensors(storage, target, os.fspath(out), progress=progress)
     with CheckpointReader(storage, target) as reader:
         count = len(reader.manifest.tensors)
-    return ExportResult(os.fspath(out), "safetensors", (Path(out).name,), size, count, "every stored tensor")
+    return ExportResult(
+        os.fspath(out), "safetensors", (split_location(out)[1],), size, count, "every stored tensor"
+    )
