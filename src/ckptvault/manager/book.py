@@ -29,6 +29,8 @@ from ..policy.records import best_of, metric_value
 from ..types import CheckpointInfo
 from ..validation import ValidationResult
 from .index_check import confirm_scope
+from .mirror import Mirror, open_mirror
+from .mirror_config import MirrorOptions, MirrorTarget
 from .records import load_records, record_from_info, record_to_json, with_pin
 from .scope import Stream
 from .validation_ids import result_for
@@ -48,6 +50,7 @@ class RunBook:
         self.validation_passed: dict[str, bool] = {}  # by name, for the record's current id only
         self.pins: set[int] = set()
         self.pins_known = True
+        self.mirror: Mirror | None = None  # the run's mirror, if it has one (manager/mirror.py)
 
     def open(self) -> None:
         """Reads pins, the index and the listing; rewrites the index when it was rebuilt."""
@@ -75,6 +78,33 @@ class RunBook:
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     stream.state = TriggerState.from_dict(saved[scope])
 
+    # -- the mirror (manager/mirror.py) ---------------------------------------------------------
+    def open_mirror(
+        self,
+        target: MirrorTarget | None,
+        keep_last: int | None,
+        max_behind: int,
+        grace: float,
+        budget: int | None,
+    ) -> Mirror | None:
+        """Starts the run's mirror (after :meth:`open`: it queues what an earlier process left
+        un-uploaded); None without one."""
+        options = MirrorOptions(keep_last, max_behind, grace, budget)
+        self.mirror = open_mirror(self.run, target, options, self.records, self.streams)
+        return self.mirror
+
+    def check_mirror(self) -> None:
+        if self.mirror is not None:
+            self.mirror.check()
+
+    def mirror_preempted(self) -> None:
+        if self.mirror is not None:
+            self.mirror.preempted()
+
+    def close_mirror(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+
     # -- records --------------------------------------------------------------------------------
     def checkpoints(self, scope: str | None = None) -> list[CheckpointRecord]:
         """Committed checkpoints of this run, oldest first."""
@@ -99,6 +129,8 @@ class RunBook:
         self.records[record.name] = record
         self.confirmed.add(record.name)
         self.validation_passed.pop(record.name, None)  # a result of the checkpoint this one replaced
+        if self.mirror is not None:
+            self.mirror.committed(record)  # queued for upload, so protected from retention from now
         return record
 
     def mark_valid(self, name: str, valid: bool) -> None:
@@ -132,12 +164,26 @@ class RunBook:
             reasons = self._retention_reasons(scope, registered)  # decided again on manifest facts
         deleted = False
         fallback = self._last_validated(scope)
+        # A mirrored run keeps what its mirror lacks, and the newest it holds (manager/mirror.py).
+        protected = self.mirror.protected() if self.mirror is not None else set()
         for name, why in reasons.items():
-            if not why and name != fallback:
+            if not why and name != fallback and name not in protected:
                 self.delete(name)
                 deleted = True
+        if self.mirror is not None and self.mirror.options.local_budget_bytes is not None:
+            deleted = self._enforce_budget(self.mirror, registered) or deleted
         if deleted:  # chunks only the deleted checkpoints used (a run without a store: nothing to do)
             collect_garbage(self.run.path, storage=self.run.storage)
+
+    def _enforce_budget(self, mirror: Mirror, registered: set[str]) -> bool:
+        """Over the local-disk budget: the oldest checkpoints already on the mirror go first, whatever
+        the scopes' retention keeps (never a pinned or registered one); True if any was deleted."""
+        records = self.checkpoints()
+        untouchable = registered | {r.name for r in records if r.step in self.pins}
+        victims = mirror.over_budget(records, untouchable)
+        for name in victims:
+            self.delete(name)
+        return bool(victims)
 
     def _retention_reasons(self, scope: str, registered: set[str]) -> dict[str, tuple[str, ...]]:
         records = [

@@ -31,6 +31,7 @@ from ..storage.resolve import is_url
 from ..training.state import FULL, WEIGHTS, TrainState
 from ..types import CheckpointInfo
 from .book import RunBook, logger
+from .mirror_config import MirrorTarget
 from .records import checkpoint_info
 from .restore import restore_from
 from .saving import RunSaver, architecture_files, checkpoint_metadata
@@ -84,6 +85,10 @@ class CheckpointManager:
     Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
     :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
     exit cleanly.
+
+    Two tiers (``mirror="s3://..."`` or ``(storage, key)``): each commit is uploaded in the background
+    to a mirror run (``mirror_keep_last``), restore on an empty run pulls from it; retention keeps
+    what it lacks, ``local_budget_bytes`` deletes uploaded ones first (:mod:`.mirror`).
     """
 
     @typed_os_errors
@@ -105,6 +110,11 @@ class CheckpointManager:
         validate: str = "full",
         trackers: Sequence[Any] = (),
         storage: Storage | None = None,
+        mirror: MirrorTarget | None = None,
+        mirror_keep_last: int | None = None,
+        mirror_max_behind: int = 8,
+        mirror_grace_seconds: float = 30.0,
+        local_budget_bytes: int | None = None,
         **scope_options: Any,
     ) -> None:
         if directory is None:
@@ -127,6 +137,9 @@ class CheckpointManager:
         try:
             self.run = self._open_run(config, data_version, scopes)
             self._book.open()
+            self.mirror = self._book.open_mirror(
+                mirror, mirror_keep_last, mirror_max_behind, mirror_grace_seconds, local_budget_bytes
+            )
         except BaseException:
             self.close()
             raise
@@ -204,6 +217,7 @@ class CheckpointManager:
         saver = getattr(self, "_saver", None)
         if saver is not None:
             saver.shutdown()
+        self._book.close_mirror()  # uploads what is queued (after a preemption: no further wait)
         signals = getattr(self, "_signals", None)
         if signals is not None:
             signals.restore()
@@ -259,6 +273,7 @@ class CheckpointManager:
             state.stop_requested = True
             self._preemption = self._save(state, FULL, "preemption")  # synchronous: the job may exit
             self._preemption_step = state.step
+            self._book.mirror_preempted()  # a bounded grace for its uploads, then what is left is named
             return self._preemption
         if self._inflight is not None:
             self._finish_pending(block=False)
@@ -272,6 +287,7 @@ class CheckpointManager:
             )
             if reason is not None:
                 saved = self._save(state, stream.scope, reason, background=True)
+        self._book.check_mirror()  # MirrorBehindError: too many committed checkpoints not uploaded
         return saved
 
     @typed_os_errors
@@ -288,6 +304,7 @@ class CheckpointManager:
             self._note_metrics(state, metrics)
         info = self._save(state, scope, "explicit")
         assert info is not None  # explicit saves are synchronous
+        self._book.check_mirror()
         return info
 
     def _note_metrics(self, state: TrainState, metrics: Mapping[str, Any]) -> None:

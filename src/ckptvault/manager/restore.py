@@ -30,7 +30,7 @@ from ..policy import CheckpointRecord
 from ..training.state import FULL, WEIGHTS, TrainState
 from ..types import CheckpointInfo
 from .book import RunBook
-from .records import checkpoint_info, load_checkpoint
+from .records import checkpoint_info, load_checkpoint, record_from_info
 from .validation_ids import failure_text, result_for
 
 logger = logging.getLogger("ckptvault")
@@ -94,6 +94,21 @@ def refuse_fresh_start(run: RunDirectory, skipped: Sequence[Skip]) -> None:
         )
 
 
+def pull_from_mirror(book: RunBook, step: int | None) -> None:
+    """A fresh machine (an empty local run) with a mirror: the newest checkpoint the mirror holds
+    (full scope first; ``step``'s when given) is copied in, verified, and booked like a local one,
+    so the restore below loads it and the run continues here (its next saves are mirrored again)."""
+    assert book.mirror is not None
+    for scope in (FULL, WEIGHTS):
+        pulled = book.mirror.pull(scope, step)
+        if pulled is not None:
+            info = checkpoint_info(book.run, pulled.name)
+            book.records[pulled.name] = record_from_info(pulled.name, info)
+            book.confirmed.add(pulled.name)
+            book.write_index()
+            return
+
+
 def restore_from(
     book: RunBook, state: TrainState, which: Literal["latest", "best"] | int, *, partial: bool
 ) -> CheckpointInfo | None:
@@ -101,6 +116,8 @@ def restore_from(
     the newest (or best, or given) checkpoint that verifies, restored into ``state``; each skip
     reported, and a silent fresh start refused (:func:`refuse_fresh_start`)."""
     run = book.run
+    if not book.records and book.mirror is not None:
+        pull_from_mirror(book, which if isinstance(which, int) else None)
     scope = FULL if any(r.scope == FULL for r in book.records.values()) else WEIGHTS
     explicit = not isinstance(which, str)
     if which == "latest":
