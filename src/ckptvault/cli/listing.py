@@ -17,7 +17,8 @@ import typer
 from rich.table import Table
 
 from .. import api
-from ..engine.rundir import RunDirectory
+from ..engine.rundir import RunDirectory, parse_name
+from ..manager.tiers import read_tiers, tier_of
 from ..validation import read_result
 from .inert import (
     UNREADABLE,
@@ -48,6 +49,7 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
         err.print(f"[red]error:[/red] {error_text(exc)}")
         raise typer.Exit(1) from exc
     rows = [_row(path) for path in paths]
+    tiers = _add_tiers(rows, directory)
     rows.sort(key=lambda r: (r.get("step", -1), r["path"]))
     reasons = _kept_reasons(directory)
     if reasons is not None:
@@ -61,12 +63,17 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
         return
     metric_names = sorted({str(k) for r in rows for k in r.get("metrics", {})})[:_MAX_METRIC_COLUMNS]
     extra = ["kept because"] if reasons is not None else []
+    tier_column = ["tier"] if tiers else []
     table = Table(show_edge=False, header_style="bold")
-    for col in ("checkpoint", "step", "size", "created", "validation", *metric_names, *extra):
-        justify = "right" if col not in ("checkpoint", "created", "validation", "kept because") else "left"
+    for col in ("checkpoint", "step", "size", "created", "validation", *metric_names, *extra, *tier_column):
+        justify = (
+            "right" if col not in ("checkpoint", "created", "validation", "kept because", "tier") else "left"
+        )
         table.add_column(inert(col, 40), justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
-        table.add_row(*_cells(row, directory, metric_names, bool(extra)))
+        table.add_row(
+            *_cells(row, directory, metric_names, bool(extra)), *[row.get("tier", "")][: len(tier_column)]
+        )
     out.print(table)
     for row in rows:
         validation = row.get("validation") or {}
@@ -90,6 +97,7 @@ def _row(path: str) -> dict[str, Any]:
             "created_at": info.created_at,
             "metrics": _metrics_of(info.metadata),
             "validation": _validation_status(path, info.checkpoint_id),
+            "checkpoint_id": info.checkpoint_id,
         }
         return row
     except UNREADABLE as exc:
@@ -103,6 +111,15 @@ def _metrics_of(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def _cells(row: dict[str, Any], directory: Path, metric_names: list[str], kept_column: bool) -> list[str]:
     cells = [inert(_relative(row["path"], directory))]
+    if row.get("tier") == "remote":  # only on the mirror: nothing local to describe
+        return [
+            *cells,
+            metric_text(row.get("step")),
+            "-",
+            "-",
+            "-",
+            *[""] * (len(metric_names) + int(kept_column)),
+        ]
     if "error" in row:
         return [
             *cells,
@@ -138,6 +155,23 @@ def _fmt_validation(status: dict[str, Any] | None) -> str:
     if status.get("passed"):
         return f"{inert(status.get('level'), 20)} ok"
     return f"[red bold]{inert(status.get('level'), 20)} FAILED[/red bold]"
+
+
+def _add_tiers(rows: list[dict[str, Any]], directory: Path) -> bool:
+    """A mirrored run's tier of each row (local, uploading, both) and a row for each checkpoint only
+    the mirror holds (remote), from the run's tier record (manager/tiers.py); False for other runs.
+    The record is untrusted: only names this library writes, only integer steps."""
+    tiers = read_tiers(RunDirectory(directory))
+    if tiers is None:
+        return False
+    for row in rows:
+        row["tier"] = tier_of(tiers, Path(row["path"]).name, row.get("checkpoint_id"), local=True)
+    listed = {Path(row["path"]).name for row in rows}
+    for name in tiers["checkpoints"]:
+        parsed = parse_name(name) if isinstance(name, str) else None
+        if parsed and name not in listed and tier_of(tiers, name, None, local=False) == "remote":
+            rows.append({"path": os.path.join(directory, name), "step": parsed[1], "tier": "remote"})
+    return True
 
 
 def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
