@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,19 +58,19 @@ def _local(tmp_path: Path) -> Backend:
     return Backend("local", LocalStorage(root), str(root), lambda: LocalStorage(root))
 
 
-def s3_storage(server: MotoServer, bucket: str, **options: object) -> S3Storage:
-    """A backend on the test server configured by constructor arguments alone (no environment)."""
+def s3_storage(server: MotoServer, bucket: str, *, endpoint: str | None = None, **options: Any) -> S3Storage:
+    """A backend on the test server (or a proxy in front of it: ``endpoint``) configured by
+    constructor arguments alone (no environment); ``options`` override the defaults below."""
+    settings: dict[str, Any] = {"max_retries": 2, "retry_timeout_seconds": 10.0, **options}
     return S3Storage(
         f"s3://{bucket}",
-        endpoint=server.endpoint,
+        endpoint=endpoint or server.endpoint,
         config={
             "access_key_id": server.ACCESS_KEY,
             "secret_access_key": server.SECRET_KEY,
             "region": server.REGION,
         },
-        max_retries=2,
-        retry_timeout_seconds=10.0,
-        **options,  # type: ignore[arg-type]
+        **settings,
     )
 
 

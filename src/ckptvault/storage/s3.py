@@ -56,6 +56,7 @@ from .s3_txn import (
 )
 
 _APPEND_TRIES = 64
+MIN_PART_BYTES = 5 << 20  # S3 refuses a multipart upload whose parts (but the last) are smaller
 
 
 class S3Storage:
@@ -81,7 +82,7 @@ class S3Storage:
         scheme, bucket, _ = split_url(location)
         self.client = client or ObjectClient(scheme, bucket, **client_options)
         self.scheme, self.bucket = scheme, bucket
-        self.part_bytes = part_bytes
+        self.part_bytes = max(part_bytes, MIN_PART_BYTES)
         self.max_concurrency = max_concurrency
         self.orphan_grace_seconds = orphan_grace_seconds
         self.clock = clock

@@ -19,12 +19,15 @@ profiles, SSO and role assumption work as they do for the AWS CLI.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import random
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import CheckpointNotFoundError, DocumentConflictError, StorageError
 
@@ -105,7 +108,10 @@ class ObjectClient:
                 settings["region"] = region
             # The server checks this SHA-256 of every PUT and part and refuses a body that
             # changed on the way (on top of SigV4's signed payload hash).
-            settings.setdefault("checksum_algorithm", "sha256")
+            if settings.get("checksum_algorithm", "sha256") is None:
+                settings.pop("checksum_algorithm")
+            else:
+                settings.setdefault("checksum_algorithm", "sha256")
             profile = profile or os.environ.get("AWS_PROFILE")
             if profile:
                 kwargs["credential_provider"] = _profile_credentials(profile)
@@ -125,6 +131,7 @@ class ObjectClient:
         except Exception as exc:
             raise StorageError(errno.EINVAL, f"cannot configure {scheme}://{bucket}: {exc}") from exc
         self.ob = obstore
+        self.max_retries = max_retries
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://{self.bucket}/{path}" if path else f"{self.scheme}://{self.bucket}"
@@ -195,23 +202,35 @@ class ObjectClient:
     ) -> str:
         """Stores ``data`` (bytes, a buffer or a binary file); returns the new ETag. A failed
         condition raises DocumentConflictError."""
-        try:
-            result = self.ob.put(
-                self.store,
-                path,
-                data,
-                mode=mode,
-                attributes=attributes,
-                chunk_size=part_bytes,
-                max_concurrency=max_concurrency,
-            )
-        except Exception as exc:
-            if self._is_conflict(exc):
-                raise DocumentConflictError(
-                    errno.EEXIST, f"{self.url(path)} was changed by another writer"
-                ) from exc
-            raise self.error(exc, path, "write") from exc
+        for attempt in itertools.count():
+            try:
+                result = self.ob.put(
+                    self.store,
+                    path,
+                    data,
+                    mode=mode,
+                    attributes=attributes,
+                    chunk_size=part_bytes,
+                    max_concurrency=max_concurrency,
+                )
+                break
+            except Exception as exc:
+                # The client does not retry a conditional PUT whose connection broke (it is not
+                # idempotent in general); with the condition it is safe to send again: a first
+                # attempt that landed makes the retry fail its condition, which callers check.
+                if mode == "overwrite" or attempt >= self.max_retries or not _transport_error(exc):
+                    self._raise_put(exc, path)
+                if hasattr(data, "seek"):
+                    data.seek(0)
+                time.sleep(min(5.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
         return str(result["e_tag"])
+
+    def _raise_put(self, exc: Exception, path: str) -> NoReturn:
+        if self._is_conflict(exc):
+            raise DocumentConflictError(
+                errno.EEXIST, f"{self.url(path)} was changed by another writer"
+            ) from exc
+        raise self.error(exc, path, "write") from exc
 
     def open_writer(self, path: str, *, part_bytes: int, max_concurrency: int) -> Any:
         try:
@@ -250,6 +269,12 @@ class ObjectClient:
                     yield _meta(raw)
         except Exception as exc:
             raise self.error(exc, prefix, "list") from exc
+
+
+def _transport_error(exc: BaseException) -> bool:
+    """A request that may not have reached the server, or whose answer was lost."""
+    text = str(exc).lower()
+    return any(w in text for w in ("error sending request", "connection", "timed out", "timeout", "reset"))
 
 
 def _profile_credentials(profile: str) -> Any:

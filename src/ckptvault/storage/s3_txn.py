@@ -151,12 +151,19 @@ class S3Transaction:
             raise CheckpointExistsError(
                 f"{self.client.url(self.target)} was committed by another writer meanwhile"
             ) from exc
-        except StorageError:
+        except StorageError as exc:
+            self.finished = True
             if self._landed():
-                self.finished = True
                 return
-            self.abort()
-            raise
+            # The PUT may still be on its way (a timeout or a broken connection): its data stays,
+            # so a manifest landing later names whole files; recover() removes them after the
+            # grace period if it never does.
+            self._written.clear()
+            raise StorageError(
+                exc.errno or errno.EIO,
+                f"{exc.strerror}; the commit of {self.client.url(self.target)} did not answer: the "
+                "checkpoint appears whole later or never",
+            ) from exc
         self.finished = True
         if self.overwrite:
             self.storage.drop_strays(self.target)
