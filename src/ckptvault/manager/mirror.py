@@ -29,6 +29,7 @@ The promises, and where each is kept:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -55,7 +56,13 @@ logger = logging.getLogger("ckptvault")
 class Mirror:
     """The uploader of one run (see the module docstring). The loop's thread calls
     :meth:`committed`, :meth:`protected`, :meth:`over_budget`, :meth:`check`, :meth:`pull` and
-    :meth:`close`; one worker thread does every upload, remote deletion and remote document write."""
+    :meth:`close`; one worker thread does every upload, remote deletion and remote document write.
+
+    An upload is tried ``RETRIES`` times, waiting ``BACKOFF_SECONDS`` doubled after each failure
+    (class attributes: a test shortens them)."""
+
+    RETRIES = 3
+    BACKOFF_SECONDS = 1.0
 
     def __init__(
         self,
@@ -84,6 +91,7 @@ class Mirror:
         self._local = {r.name: r for r in self._behind()}  # left un-mirrored by an earlier process
         self._queue: deque[CheckpointRecord] = deque(self._local.values())  # oldest first
         self._uploading: str | None = None
+        self._active = False  # an upload and the tier record's update after it are under way
         self._failed: dict[str, str] = {}
         self.last_error: str | None = None
         self._preempted = False
@@ -161,8 +169,7 @@ class Mirror:
                 f"{self.local.path} holds {total} bytes, over local_budget_bytes={budget}: what is left "
                 f"is not on the mirror yet, pinned, registered or the newest checkpoint"
             )
-            logger.warning("%s", text)
-            warnings.warn(text, stacklevel=6)
+            _warn(text)
         return victims
 
     def check(self) -> None:
@@ -194,7 +201,7 @@ class Mirror:
         """Waits until nothing is queued or uploading (True), or ``timeout`` seconds passed (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._uploading is not None:
+            while self._queue or self._active:
                 if not self._thread.is_alive():
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
@@ -218,21 +225,23 @@ class Mirror:
             f"mirror_grace_seconds={self.options.grace_seconds}: {', '.join(left)} "
             f"(only in {self.local.path})"
         )
-        logger.warning("%s", text)
-        warnings.warn(text, stacklevel=4)
+        _warn(text)
 
     def close(self, timeout: float | None = None) -> None:
         """Uploads what is queued (waiting ``timeout`` seconds at most; after a preemption not at
         all: its grace is spent), stops the worker and releases the mirror's lease -- unless an upload
         is still running (it aborts unseen if the process ends; the lease then lapses)."""
-        if not self.flush(0 if self._preempted else timeout):
-            left = self.unuploaded()
-            if left and not self._preempted:
-                warnings.warn(f"closing with {left} not uploaded to the mirror {self.label}", stacklevel=4)
+        self.flush(0 if self._preempted else timeout)
+        left = self.unuploaded()
+        if left and not self._preempted:  # (a preemption named them already)
+            _warn(
+                f"closing with {', '.join(left)} not uploaded to the mirror {self.label} (last error: "
+                f"{self.last_error}); the next manager on {self.local.path} uploads them"
+            )
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=None if self._uploading is None else 1.0)
+        self._thread.join(timeout=None if not self._active else 1.0)
         if not self._thread.is_alive():
             self._lease.release()
         self._write_tiers()
@@ -261,8 +270,7 @@ class Mirror:
                 )
             except CheckpointError as exc:
                 text = f"restore could not pull {record.name} from the mirror {self.label}: {exc}"
-                logger.warning("%s", text)
-                warnings.warn(text, stacklevel=5)
+                _warn(text)
                 continue
             logger.info(
                 "pulled %s from %s: %d bytes (%d chunks already here) in %.1fs",
@@ -286,35 +294,37 @@ class Mirror:
                     return
                 record = self._queue.popleft()
                 self._uploading = record.name
+                self._active = True
             self._write_tiers()
             try:
                 self._upload_with_retries(record)
             finally:
                 with self._cond:
                     self._uploading = None
-                    self._cond.notify_all()
                 self._write_tiers()
+                with self._cond:  # idle only once the tier record says so (flush's callers read it)
+                    self._active = False
+                    self._cond.notify_all()
 
     def _upload_with_retries(self, record: CheckpointRecord) -> None:
-        for attempt in range(1, self.options.retries + 1):
+        for attempt in range(1, self.RETRIES + 1):
             try:
                 self._upload(record)
                 return
             except CheckpointNotFoundError:
                 return  # deleted (or replaced: queued again) before its upload; nothing to send
             except BaseException as exc:  # the worker must outlive any failure: it is reported
-                final = attempt == self.options.retries or isinstance(exc, CorruptCheckpointError)
+                final = attempt == self.RETRIES or isinstance(exc, CorruptCheckpointError)
                 text = (
                     f"upload of {record.name} to the mirror {self.label} failed "
-                    f"(attempt {attempt}/{self.options.retries}{'' if final else ', retrying'}): {exc}"
+                    f"(attempt {attempt}/{self.RETRIES}{'' if final else ', retrying'}): {exc}"
                 )
-                logger.warning("%s", text)
-                warnings.warn(text, stacklevel=2)
+                _warn(text)
                 with self._cond:
                     self.last_error = f"{record.name}: {exc}"
                     if final:
                         self._failed[record.name] = str(exc)
-                if final or self._stop.wait(self.options.backoff_seconds * 2 ** (attempt - 1)):
+                if final or self._stop.wait(self.BACKOFF_SECONDS * 2 ** (attempt - 1)):
                     return
 
     def _upload(self, record: CheckpointRecord) -> None:
@@ -402,6 +412,14 @@ class Mirror:
                 self.local.storage.put(self.local.key(MIRROR_NAME), dumps(doc, compact=True), durable=False)
             except OSError as exc:
                 logger.warning("could not record mirror tiers in %s: %s", self.local.path, exc)
+
+
+def _warn(text: str) -> None:
+    """A log line and a warning; a warnings filter that turns it into an error must not kill the
+    worker thread (the log line is still there)."""
+    logger.warning("%s", text)
+    with contextlib.suppress(Warning):
+        warnings.warn(text, stacklevel=3)
 
 
 def _same(a: CheckpointRecord, b: CheckpointRecord) -> bool:

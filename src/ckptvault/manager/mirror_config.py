@@ -25,14 +25,12 @@ class MirrorOptions:
     max_behind: int = 8
     grace_seconds: float = 30.0
     local_budget_bytes: int | None = None
-    retries: int = 3
-    backoff_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"mirror_keep_last must be at least 1 (or None: keep all), got {self.keep_last}")
-        if self.max_behind < 1 or self.retries < 1:
-            raise ValueError("mirror_max_behind and the retry count must be at least 1")
+        if self.max_behind < 1:
+            raise ValueError(f"mirror_max_behind must be at least 1, got {self.max_behind}")
         if self.grace_seconds < 0 or (self.local_budget_bytes is not None and self.local_budget_bytes < 0):
             raise ValueError("mirror_grace_seconds and local_budget_bytes cannot be negative")
 
