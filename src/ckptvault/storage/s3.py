@@ -302,10 +302,11 @@ class S3Storage:
         except DocumentConflictError:
             # Our own PUT may have landed with its answer lost (the retry then fails the
             # condition): the same bytes stored now mean it did.
-            found = self.client.get(path, max_bytes=len(data))
+            meta = self.client.head(path)
+            found = self.client.get(path, max_bytes=len(data)) if meta and meta.size == len(data) else None
             if found is not None and found[0] == data:
                 return found[1].etag
-            if found is None and if_version is not None:
+            if meta is None and if_version is not None:
                 raise DocumentConflictError(errno.ENOENT, f"{key} was removed by another writer") from None
             raise
 
