@@ -229,8 +229,9 @@ class Mirror:
 
     def close(self, timeout: float | None = None) -> None:
         """Uploads what is queued (waiting ``timeout`` seconds at most; after a preemption not at
-        all: its grace is spent), stops the worker and releases the mirror's lease -- unless an upload
-        is still running (it aborts unseen if the process ends; the lease then lapses)."""
+        all: its grace is spent), stops the worker and releases the mirror's lease. The lease goes
+        even when an upload is still running after a preemption (the process is about to end, and
+        the upload with it, unseen): a job restarted elsewhere must not wait for the lease to lapse."""
         self.flush(0 if self._preempted else timeout)
         left = self.unuploaded()
         if left and not self._preempted:  # (a preemption named them already)
@@ -242,8 +243,7 @@ class Mirror:
         with self._cond:
             self._cond.notify_all()
         self._thread.join(timeout=None if not self._active else 1.0)
-        if not self._thread.is_alive():
-            self._lease.release()
+        self._lease.release()
         self._write_tiers()
 
     def pull(self, scope: str, step: int | None = None) -> CheckpointRecord | None:
