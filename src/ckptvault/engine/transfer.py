@@ -110,14 +110,18 @@ def copy_checkpoint(
             lock: AbstractContextManager[None] = (
                 dst_store.locked(exclusive=False) if dst_store is not None else contextlib.nullcontext()
             )
-            with lock, ThreadPoolExecutor(threads, thread_name_prefix="ckptvault-copy") as pool:
-                pending = _copy_chunks(reader, dst_store, pool, counts) if dst_store is not None else []
-                _copy_files(reader, txn, pool, counts, part_bytes, 2 * threads, progress)
-                for future, stored in pending:
-                    future.result()
-                    counts.chunk_copied(stored)
-                    if progress is not None:
-                        progress(stored)
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptvault-copy")
+            with lock:
+                try:
+                    pending = _copy_chunks(reader, dst_store, pool, counts) if dst_store is not None else []
+                    _copy_files(reader, txn, pool, counts, part_bytes, 2 * threads, progress)
+                    for future, stored in pending:
+                        future.result()
+                        counts.chunk_copied(stored)
+                        if progress is not None:
+                            progress(stored)
+                finally:  # on a failure, reads not started yet are not worth starting
+                    pool.shutdown(wait=True, cancel_futures=True)
                 if dst_store is not None:
                     dst_store.sync()
                 txn.commit(manifest_bytes)
