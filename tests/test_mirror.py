@@ -347,3 +347,23 @@ def test_one_writer_per_mirror(tmp_path: Path, remote: GatedStorage) -> None:
         mirrored(tmp_path / "b", remote)
     with mirrored(tmp_path / "b", remote) as manager:  # released by the first one's close
         assert manager.mirror is not None
+
+
+def test_a_damaged_mirrored_checkpoint_is_skipped_for_the_next_older(
+    tmp_path: Path, recorded: list[warnings.WarningMessage]
+) -> None:
+    mirror = tmp_path / "mirror"
+    options: dict[str, Any] = {"every_n_steps": 3, "validate": "checksum", "mirror": str(mirror)}
+    state = make_state()
+    with cv.CheckpointManager(tmp_path / "machine_a", **options) as manager:
+        steps(manager, state, 6)
+    data = mirror / "step_00000006" / "data-00000.safetensors"
+    damaged = bytearray(data.read_bytes())
+    damaged[-10] ^= 0x01
+    data.write_bytes(bytes(damaged))
+    with cv.CheckpointManager(tmp_path / "machine_b", **options) as manager:
+        info = manager.restore(make_state(seed=5))
+        assert info is not None and info.step == 3
+    (skipped,) = texts(recorded, "could not pull")
+    assert "step_00000006" in skipped and "digest" in skipped
+    assert local_names(tmp_path / "machine_b") == ["step_00000003"]  # nothing of the damaged one
