@@ -271,7 +271,7 @@ def test_sigterm_gives_the_uploads_a_bounded_grace(
     tmp_path: Path, remote: GatedStorage, recorded: list[warnings.WarningMessage]
 ) -> None:
     state = make_state()
-    with mirrored(tmp_path / "run", remote, every_n_steps=1000, mirror_grace_seconds=0.3) as manager:
+    with mirrored(tmp_path / "run", remote, every_n_steps=1000, mirror_grace_seconds=30) as manager:
         steps(manager, state, 1)
         os.kill(os.getpid(), signal.SIGTERM)  # uploads healthy: the preemption checkpoint makes it
         train_step(state)
@@ -309,6 +309,7 @@ def test_ls_shows_each_checkpoints_tier(tmp_path: Path, remote: GatedStorage) ->
             assert manager.mirror.flush(10)
         assert tiers() == {"step_00000001": "remote", "step_00000002": "both", "step_00000003": "both"}
         remote.gate.clear()
+        remote.entered.clear()
         steps(manager, state, 1)
         assert remote.entered.wait(10)
         assert tiers()["step_00000004"] == "uploading"
