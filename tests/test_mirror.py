@@ -157,7 +157,7 @@ def test_retention_never_deletes_what_the_mirror_lacks(tmp_path: Path, remote: G
         assert manager.mirror.flush(10)
         steps(manager, state, 1)
         assert local_names(run) == ["step_00000004", "step_00000005"]
-        assert manager.mirror.flush(10)
+    assert local_names(run) == ["step_00000005"]  # closing uploaded the rest: retention ran once more
     assert remote_names(remote.inner) == [f"step_{i:08d}" for i in range(1, 6)]  # mirror_keep_last=None
 
 
@@ -297,10 +297,13 @@ def test_ls_shows_each_checkpoints_tier(tmp_path: Path, remote: GatedStorage) ->
     state = make_state()
     run = tmp_path / "run"
 
-    def tiers() -> dict[str, str]:
+    def listed() -> dict[str, dict[str, Any]]:
         result = CliRunner().invoke(app, ["ls", "--json", str(run)])
         assert result.exit_code == 0, result.output
-        return {Path(row["path"]).name: row["tier"] for row in json.loads(result.output)}
+        return {Path(row["path"]).name: row for row in json.loads(result.output)}
+
+    def tiers() -> dict[str, str]:
+        return {name: row["tier"] for name, row in listed().items()}
 
     with mirrored(run, remote, keep_last=1) as manager:
         assert manager.mirror is not None
@@ -313,6 +316,9 @@ def test_ls_shows_each_checkpoints_tier(tmp_path: Path, remote: GatedStorage) ->
         steps(manager, state, 1)
         assert remote.entered.wait(10)
         assert tiers()["step_00000004"] == "uploading"
+        rows = listed()  # what keep_last=1 alone would delete, and why the mirror keeps it
+        assert rows["step_00000004"]["kept_because"] == ["latest", "last 1", "not on the mirror yet"]
+        assert rows["step_00000003"]["kept_because"] == ["newest on the mirror"]
         remote.gate.set()
     result = CliRunner().invoke(app, ["ls", str(run)])
     assert result.exit_code == 0 and "tier" in result.output and "remote" in result.output

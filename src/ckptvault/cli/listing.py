@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .. import api
 from ..engine.rundir import RunDirectory, parse_name
-from ..manager.tiers import read_tiers, tier_of
+from ..manager.tiers import mirror_reasons, read_tiers, tier_of
 from ..validation import read_result
 from .inert import (
     UNREADABLE,
@@ -53,8 +53,10 @@ def list_(directory: Path, as_json: JsonOpt = False) -> None:
     rows.sort(key=lambda r: (r.get("step", -1), r["path"]))
     reasons = _kept_reasons(directory)
     if reasons is not None:
+        kept = mirror_reasons(tiers) if tiers else {}  # what a mirrored run's retention keeps too
         for row in rows:
-            row["kept_because"] = list(reasons.get(Path(row["path"]).name, ()))
+            name = Path(row["path"]).name
+            row["kept_because"] = [*reasons.get(name, ()), *([kept[name]] if name in kept else [])]
     if as_json:
         emit_json(rows)
         return
@@ -157,13 +159,13 @@ def _fmt_validation(status: dict[str, Any] | None) -> str:
     return f"[red bold]{inert(status.get('level'), 20)} FAILED[/red bold]"
 
 
-def _add_tiers(rows: list[dict[str, Any]], directory: Path) -> bool:
+def _add_tiers(rows: list[dict[str, Any]], directory: Path) -> dict[str, Any] | None:
     """A mirrored run's tier of each row (local, uploading, both) and a row for each checkpoint only
-    the mirror holds (remote), from the run's tier record (manager/tiers.py); False for other runs.
+    the mirror holds (remote), from the run's tier record (manager/tiers.py); None for other runs.
     The record is untrusted: only names this library writes, only integer steps."""
     tiers = read_tiers(RunDirectory(directory))
     if tiers is None:
-        return False
+        return None
     for row in rows:
         row["tier"] = tier_of(tiers, Path(row["path"]).name, row.get("checkpoint_id"), local=True)
     listed = {Path(row["path"]).name for row in rows}
@@ -171,7 +173,7 @@ def _add_tiers(rows: list[dict[str, Any]], directory: Path) -> bool:
         parsed = parse_name(name) if isinstance(name, str) else None
         if parsed and name not in listed and tier_of(tiers, name, None, local=False) == "remote":
             rows.append({"path": os.path.join(directory, name), "step": parsed[1], "tier": "remote"})
-    return True
+    return tiers
 
 
 def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:

@@ -102,8 +102,18 @@ class RunBook:
             self.mirror.preempted()
 
     def close_mirror(self) -> None:
-        if self.mirror is not None:
-            self.mirror.close()
+        """Closes the mirror (its queue uploaded), then applies retention once more: what waited
+        only for its upload goes now, not at the next run's first commit. A failure of that
+        retention is a warning: closing must go on to release the run."""
+        if self.mirror is None:
+            return
+        self.mirror.close()
+        try:
+            for scope in self.streams:
+                self.apply_retention(scope)
+            self.write_index()
+        except (CheckpointError, OSError) as exc:
+            warnings.warn(f"retention after the mirror's last uploads failed: {exc}", stacklevel=4)
 
     # -- records --------------------------------------------------------------------------------
     def checkpoints(self, scope: str | None = None) -> list[CheckpointRecord]:

@@ -46,3 +46,21 @@ def tier_of(tiers: Mapping[str, Any], name: str, checkpoint_id: str | None, *, l
     if state == "remote":
         return "both" if local else "remote"
     return "uploading" if state in ("queued", "uploading") else "local"
+
+
+def mirror_reasons(tiers: Mapping[str, Any]) -> dict[str, str]:
+    """Why local retention keeps a checkpoint its policy would delete, as the record last said
+    (:meth:`Mirror.protected <ckptvault.manager.mirror.Mirror.protected>`): it is not on the mirror
+    yet, or it is the newest checkpoint of its scope the mirror holds."""
+    reasons: dict[str, str] = {}
+    newest: dict[str, tuple[int, str]] = {}
+    for name, entry in tiers.get("checkpoints", {}).items():
+        if not isinstance(entry, dict) or type(entry.get("step")) is not int:
+            continue
+        if entry.get("tier") != "remote":
+            reasons[name] = "not on the mirror yet"
+        elif str(entry.get("scope")) not in newest or entry["step"] > newest[str(entry.get("scope"))][0]:
+            newest[str(entry.get("scope"))] = (entry["step"], name)
+    for _, name in newest.values():
+        reasons[name] = "newest on the mirror"
+    return reasons
