@@ -48,9 +48,15 @@ class GatedStorage:
         self.entered = threading.Event()
         self.failures = 0
         self.begins = 0
+        self.broken_reads = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    def open(self, target: str) -> Any:
+        if self.broken_reads:
+            raise cv.StorageError(errno.ECONNRESET, "simulated outage of the mirror (reads)")
+        return self.inner.open(target)
 
     def begin(self, target: str, *, overwrite: bool) -> Any:
         self.begins += 1
@@ -374,3 +380,19 @@ def test_a_damaged_mirrored_checkpoint_is_skipped_for_the_next_older(
     (skipped,) = texts(recorded, "could not pull")
     assert "step_00000006" in skipped and "digest" in skipped
     assert local_names(tmp_path / "machine_b") == ["step_00000003"]  # nothing of the damaged one
+
+
+def test_a_failing_mirror_fails_the_restore_instead_of_starting_fresh(
+    tmp_path: Path, remote: GatedStorage
+) -> None:
+    state = make_state()
+    with mirrored(tmp_path / "machine_a", remote) as manager:
+        steps(manager, state, 2)
+    with mirrored(tmp_path / "machine_b", remote) as manager:
+        remote.broken_reads = True
+        with pytest.raises(cv.StorageError, match="simulated outage"):
+            manager.restore(make_state(seed=5))
+        assert local_names(tmp_path / "machine_b") == []
+        remote.broken_reads = False
+        info = manager.restore(make_state(seed=5))  # the outage over: the newest one comes back
+        assert info is not None and info.step == 2

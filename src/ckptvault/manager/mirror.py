@@ -42,7 +42,13 @@ from typing import Any
 from ..engine.gc import collect_garbage
 from ..engine.rundir import RunDirectory, dumps
 from ..engine.transfer import copy_checkpoint
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, MirrorBehindError
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    MirrorBehindError,
+)
 from ..policy import CheckpointRecord
 from .disk_budget import LocalSizes
 from .mirror_config import LeaseRenewer, MirrorOptions, MirrorTarget, ProgressLog, resolve_mirror
@@ -248,8 +254,8 @@ class Mirror:
 
     def pull(self, scope: str, step: int | None = None) -> CheckpointRecord | None:
         """Copies the newest checkpoint of ``scope`` (of ``step``, if given) the mirror holds into the
-        local run, verified on the way; one that fails to copy is skipped with a warning and the next
-        older tried. The record of what was pulled, or None when nothing could be."""
+        local run, verified on the way; one that is damaged (or gone) is skipped with a warning and
+        the next older tried. The record of what was pulled, or None when nothing could be."""
         with self._cond:
             candidates = sorted(
                 (r for r in self._remote.values() if r.scope == scope and r.valid and step in (None, r.step)),
@@ -268,9 +274,10 @@ class Mirror:
                     overwrite=True,
                     progress=progress,
                 )
-            except CheckpointError as exc:
-                text = f"restore could not pull {record.name} from the mirror {self.label}: {exc}"
-                _warn(text)
+            except (CorruptCheckpointError, CheckpointNotFoundError, IncompatibleCheckpointError) as exc:
+                # That checkpoint's fault: the next older may do. A failing medium (StorageError)
+                # raises instead: restoring an older one, or nothing, would throw work away.
+                _warn(f"restore could not pull {record.name} from the mirror {self.label}: {exc}")
                 continue
             logger.info(
                 "pulled %s from %s: %d bytes (%d chunks already here) in %.1fs",
