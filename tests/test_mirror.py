@@ -396,3 +396,17 @@ def test_a_failing_mirror_fails_the_restore_instead_of_starting_fresh(
         remote.broken_reads = False
         info = manager.restore(make_state(seed=5))  # the outage over: the newest one comes back
         assert info is not None and info.step == 2
+
+
+def test_async_saves_are_mirrored_once_committed(tmp_path: Path, remote: GatedStorage) -> None:
+    remote.gate.clear()
+    state = make_state()
+    with mirrored(tmp_path / "run", remote, async_save=True, mirror_keep_last=2) as manager:
+        assert manager.mirror is not None
+        steps(manager, state, 3)  # each step waits only for the host copy (and the previous commit)
+        manager.wait()
+        assert local_names(tmp_path / "run") == ["step_00000001", "step_00000002", "step_00000003"]
+        assert remote_names(remote.inner) == []
+        remote.gate.set()
+        assert manager.mirror.flush(10) and manager.mirror.unuploaded() == []
+    assert remote_names(remote.inner) == ["step_00000002", "step_00000003"]
