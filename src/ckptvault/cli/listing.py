@@ -35,10 +35,14 @@ from .inert import (
 out = console()
 err = console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+# A run or directory: a local path or an object-store URL (kept a string: Path folds "s3://").
+Location = Annotated[
+    str, typer.Argument(help="A directory or run: a local path or an s3:// (gs://, az://) URL.")
+]
 _MAX_METRIC_COLUMNS = 6
 
 
-def list_(directory: Path, as_json: JsonOpt = False) -> None:
+def list_(directory: Location, as_json: JsonOpt = False) -> None:
     """Committed checkpoints under a directory: step, size, time, key metrics.
 
     A checkpoint that cannot be read is listed as unreadable, with its error; exits 0 when the
@@ -111,7 +115,7 @@ def _metrics_of(metadata: dict[str, Any]) -> dict[str, Any]:
     return metrics if isinstance(metrics, dict) else {}
 
 
-def _cells(row: dict[str, Any], directory: Path, metric_names: list[str], kept_column: bool) -> list[str]:
+def _cells(row: dict[str, Any], directory: str, metric_names: list[str], kept_column: bool) -> list[str]:
     cells = [inert(_relative(row["path"], directory))]
     if row.get("tier") == "remote":  # only on the mirror: nothing local to describe
         return [
@@ -159,7 +163,7 @@ def _fmt_validation(status: dict[str, Any] | None) -> str:
     return f"[red bold]{inert(status.get('level'), 20)} FAILED[/red bold]"
 
 
-def _add_tiers(rows: list[dict[str, Any]], directory: Path) -> dict[str, Any] | None:
+def _add_tiers(rows: list[dict[str, Any]], directory: str) -> dict[str, Any] | None:
     """A mirrored run's tier of each row (local, uploading, both) and a row for each checkpoint only
     the mirror holds (remote), from the run's tier record (manager/tiers.py); None for other runs.
     The record is untrusted: only names this library writes, only integer steps."""
@@ -176,7 +180,7 @@ def _add_tiers(rows: list[dict[str, Any]], directory: Path) -> dict[str, Any] | 
     return tiers
 
 
-def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
+def _kept_reasons(directory: str) -> dict[str, tuple[str, ...]] | None:
     """Retention reasons when ``directory`` is a CheckpointManager run (it has a run.json)."""
     from ..manager import kept_reasons
 
@@ -188,6 +192,6 @@ def _kept_reasons(directory: Path) -> dict[str, tuple[str, ...]] | None:
         return None
 
 
-def _relative(path: str, root: Path) -> str:
+def _relative(path: str, root: str) -> str:
     relative = os.path.relpath(path, root)
     return path if relative.startswith("..") else relative
