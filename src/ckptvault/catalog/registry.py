@@ -12,6 +12,12 @@ needs it is written), which retention reads before deleting anything.
 References: ``registry://NAME`` (newest version), ``registry://NAME@3`` (version 3),
 ``registry://NAME@production`` (an alias); :func:`resolve_reference` turns one into a path.
 
+A root is a local directory or an object-store URL (``s3://bucket/models``; also from
+``CKPTVAULT_ROOT``): the documents are the same, read and written through that URL's storage, and
+a version's checkpoint is a ``/``-separated key relative to the root either way. A URL root stays a
+string, never a ``Path`` (which would fold ``s3://`` into ``s3:/``): locations under it are built
+with ``storage.join`` and split with :func:`~ckptvault.storage.resolve.split_location`.
+
 A registry's files are untrusted input like any run directory (docs/security.md): its directories
 and files are read through storage rooted at the registry's root, which never follows a symlink
 below it or blocks on a FIFO, a
@@ -31,14 +37,20 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..engine.manifests import read_manifest
 from ..engine.rundir import MAX_DOCUMENT_BYTES, REGISTERED_NAME, DamagedRunFileError, RunDirectory
-from ..errors import CheckpointError, CheckpointNotFoundError, DocumentConflictError, typed_os_errors
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DocumentConflictError,
+    StorageError,
+    typed_os_errors,
+)
 from ..format.manifest import Manifest
-from ..storage.resolve import storage_for
+from ..storage.resolve import is_url, split_location, storage_for
 from .files import CATALOG_DIR
 
 REGISTRY_DIR = "registry"
@@ -57,9 +69,11 @@ class ReplacedCheckpointError(RegistryError):
     """A registered version's path now holds another checkpoint than the one registered."""
 
 
-def default_root() -> Path:
-    """``CKPTVAULT_ROOT`` if set, else the current directory (the CLI's ``--root`` overrides)."""
-    return Path(os.environ.get(ROOT_ENV) or os.getcwd())
+def default_root() -> Path | str:
+    """``CKPTVAULT_ROOT`` if set, else the current directory (the CLI's ``--root`` overrides); an
+    object-store URL stays a string."""
+    text = os.environ.get(ROOT_ENV) or os.getcwd()
+    return text if is_url(text) else Path(text)
 
 
 def _now() -> str:
@@ -109,10 +123,17 @@ class Registry:
     """The registry of a root. ``trackers`` get ``on_register`` calls (e.g. MLflow's registry)."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, trackers: Sequence[Any] = ()) -> None:
-        self.root = Path(root).absolute() if root is not None else default_root().absolute()
-        self.directory = self.root / CATALOG_DIR / REGISTRY_DIR
-        # Rooted at the registry's root: below it no link is followed (a planted one is refused).
-        self.storage = storage_for(self.root, rooted=True)[0]
+        location = root if root is not None else default_root()
+        self.root: Path | str
+        self.directory: Path | str
+        if is_url(location):  # the URL as its storage spells it (trailing "/" and "//" gone)
+            self.storage, self.root = storage_for(location, rooted=True)
+            self.directory = self.storage.join(self.root, CATALOG_DIR, REGISTRY_DIR)
+        else:
+            self.root = Path(location).absolute()
+            self.directory = self.root / CATALOG_DIR / REGISTRY_DIR
+            # Rooted at the registry's root: below it no link is followed (a planted one is refused).
+            self.storage = storage_for(self.root, rooted=True)[0]
         self.trackers = list(trackers)
 
     def _key(self, name: str) -> str:
@@ -155,6 +176,8 @@ class Registry:
         raise RegistryError(f"{name!r} kept changing under {_CAS_TRIES} attempts to update it; try again")
 
     def _relative(self, checkpoint: str | os.PathLike[str]) -> str:
+        if isinstance(self.root, str):
+            return self._relative_key(os.fspath(checkpoint), self.root)
         # Resolved, not lexical: ROOT/../elsewhere and a symlink out of the root are outside it.
         path = Path(checkpoint).resolve()
         try:
@@ -163,9 +186,34 @@ class Registry:
             raise RegistryError(f"{path} is not under the registry's root {self.root}") from None
         return rel.as_posix()
 
+    def _relative_key(self, checkpoint: str, root: str) -> str:
+        """``checkpoint``'s key relative to the URL root: it must be a URL strictly below it, in the
+        same bucket (an object store has no links, and a key never climbs with ``..``)."""
+        outside = RegistryError(f"{checkpoint} is not under the registry's root {root}")
+        if not is_url(checkpoint):
+            raise outside
+        try:
+            key = self.storage.join(checkpoint)  # normalised; another bucket or a ".." raises
+        except StorageError:
+            raise outside from None
+        prefix = root.rstrip("/") + "/"
+        if not key.startswith(prefix) or len(key) == len(prefix):
+            raise outside
+        return key[len(prefix) :]
+
+    def _location(self, rel: str) -> Path | str:
+        """Where the checkpoint at ``rel`` (relative to the root, ``/``-separated) is: a path or a URL."""
+        if isinstance(self.root, Path):
+            return self.root / rel
+        return self.storage.join(self.root, *rel.split("/"))
+
+    def _run_of(self, rel: str) -> str:
+        """The location of the run holding the checkpoint at ``rel``."""
+        return split_location(self._location(rel))[0]
+
     def _manifest(self, rel: str) -> Manifest:
         """The manifest of the checkpoint at ``rel`` (CheckpointNotFoundError if there is none)."""
-        return read_manifest(self.storage, self.storage.join(str(self.root), *Path(rel).parts))[0]
+        return read_manifest(self.storage, str(self._location(rel)))[0]
 
     # -- changes -----------------------------------------------------------------------------------
     @typed_os_errors
@@ -231,7 +279,7 @@ class Registry:
         registry and, when registering ``rel``, beside its run's pin marker; live writes are safe."""
         self.storage.recover(str(self.directory))
         if rel is not None:
-            self.storage.recover(str((self.root / rel).parent))
+            self.storage.recover(self._run_of(rel))
 
     def _move(self, doc: dict[str, Any], alias: str, version: int, why: str | None) -> None:
         _check_alias(alias)
@@ -243,24 +291,24 @@ class Registry:
 
     def _marker(self, rel: str) -> str:
         """The key of the pin marker of the run holding the checkpoint at ``rel``."""
-        return RunDirectory(str((self.root / rel).parent), self.storage).key(REGISTERED_NAME)
+        return RunDirectory(self._run_of(rel), self.storage).key(REGISTERED_NAME)
 
     def _change_pins(self, rel: str, change: Callable[[list[Any]], bool]) -> None:
         """Applies ``change`` to the checkpoint's list of ``[model, version]`` references in its
         run's pin marker, by compare-and-swap; ``change`` returns False when there is nothing to
         write. A damaged marker is rebuilt from this registry's versions."""
-        key, run_dir = self._marker(rel), (self.root / rel).parent
+        key, checkpoint = self._marker(rel), PurePosixPath(rel)
         for attempt in range(_CAS_TRIES):
             found = self.storage.get(key, max_bytes=MAX_DOCUMENT_BYTES)
             try:
                 doc = json.loads(found.data) if found is not None else {}
             except ValueError:
-                doc = self._pins_from_versions(run_dir)  # damaged: every version names its pin
+                doc = self._pins_from_versions(checkpoint.parent)  # damaged: every version names its pin
             if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints", {}), dict):
-                doc = self._pins_from_versions(run_dir)
-            refs = doc.setdefault("checkpoints", {}).setdefault(Path(rel).name, [])
+                doc = self._pins_from_versions(checkpoint.parent)
+            refs = doc.setdefault("checkpoints", {}).setdefault(checkpoint.name, [])
             if not isinstance(refs, list):
-                refs = doc["checkpoints"][Path(rel).name] = []
+                refs = doc["checkpoints"][checkpoint.name] = []
             if not change(refs):
                 return
             version = found.version if found is not None else None
@@ -299,9 +347,9 @@ class Registry:
 
         self._change_pins(rel, drop)
 
-    def _pins_from_versions(self, run_dir: Path) -> dict[str, Any]:
-        """The pin list of ``run_dir`` rebuilt from this registry's versions (a damaged pin file
-        must not lose the pins of the other registered checkpoints)."""
+    def _pins_from_versions(self, run_dir: PurePosixPath) -> dict[str, Any]:
+        """The pin list of ``run_dir`` (relative to the root) rebuilt from this registry's versions
+        (a damaged pin file must not lose the pins of the other registered checkpoints)."""
         entries: dict[str, list[list[Any]]] = {}
         for name in self.names():
             try:
@@ -309,8 +357,8 @@ class Registry:
             except RegistryError:
                 continue
             for version in doc["versions"]:
-                path = self.root / str(version.get("checkpoint", ""))
-                if path.parent == run_dir:
+                path = PurePosixPath(str(version.get("checkpoint", "")))
+                if path.name and path.parent == run_dir:
                     entries.setdefault(path.name, []).append([name, version.get("version")])
         return {"checkpoints": entries}
 
@@ -321,7 +369,7 @@ class Registry:
         aliases = sorted(a for a, v in doc["aliases"].items() if v == version)
         for tracker in self.trackers:
             try:  # the registry change is made; a tracker failing to mirror it is a warning
-                tracker.on_register(name, version, str(self.root / entry["checkpoint"]), aliases)
+                tracker.on_register(name, version, str(self._location(entry["checkpoint"])), aliases)
             except Exception as exc:
                 warnings.warn(
                     f"tracker {type(tracker).__name__} failed to mirror {name} v{version}: {exc}",
@@ -353,7 +401,7 @@ class Registry:
         return list(self._load(name)["history"])
 
     @typed_os_errors
-    def resolve(self, name: str, ref: str | None = None) -> Path:
+    def resolve(self, name: str, ref: str | None = None) -> Path | str:
         """The checkpoint a version number, an alias or (None) the newest version names."""
         doc = self._load(name)
         if not doc["versions"]:
@@ -368,16 +416,16 @@ class Registry:
             raise RegistryError(f"{name!r} has no alias {ref!r} (aliases: {sorted(doc['aliases'])})")
         return self._checked_path(name, entry)
 
-    def _checked_path(self, name: str, entry: dict[str, Any]) -> Path:
-        """The path of a version, after checking it is inside the root and still holds the
+    def _checked_path(self, name: str, entry: dict[str, Any]) -> Path | str:
+        """The path (or URL) of a version, after checking it is inside the root and still holds the
         checkpoint registered (same checkpoint id): the registry file is untrusted input, and a
         path may have been overwritten by another checkpoint since."""
         label = f"{name!r} version {entry.get('version')}"
         rel, pinned = entry.get("checkpoint"), entry.get("checkpoint_id")
         if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise RegistryError(f"{label}: path {str(rel)[:200]!r} is not inside the root {self.root}")
-        path = self.root / rel
-        if not path.resolve().is_relative_to(self.root.resolve()):
+        path = self._location(rel)  # under a URL root: joined part by part, no ".": never outside it
+        if isinstance(self.root, Path) and not Path(path).resolve().is_relative_to(self.root.resolve()):
             raise RegistryError(f"{label}: {rel!r} resolves outside the root {self.root}")
         if not isinstance(pinned, str) or not pinned:
             raise RegistryError(f"{label}: the entry records no checkpoint id; register the checkpoint again")
@@ -398,8 +446,8 @@ def _check_alias(alias: str) -> None:
         raise RegistryError(f"bad alias {str(alias)[:80]!r}: letters, digits, '.', '_', '-', not only digits")
 
 
-def resolve_reference(reference: str, root: str | os.PathLike[str] | None = None) -> Path:
-    """``registry://NAME[@VERSION|@ALIAS]`` -> the checkpoint's path."""
+def resolve_reference(reference: str, root: str | os.PathLike[str] | None = None) -> Path | str:
+    """``registry://NAME[@VERSION|@ALIAS]`` -> the checkpoint's path (a URL under a URL root)."""
     body = reference[len(SCHEME) :]
     name, _, ref = body.partition("@")
     return Registry(root).resolve(name, ref or None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..storage.base import Storage
 from .database import typed_db_errors
 from .query import DEFAULT_SORT, compile_filter, compile_sort, single_metric_sort
 
@@ -51,7 +52,8 @@ class CatalogRow:
 class CatalogRows:
     """The reading half of :class:`~ckptvault.catalog.store.Catalog` (its ``root`` and ``_db``)."""
 
-    root: Path
+    root: Path | str  # a local directory, or an object-store URL (kept a string)
+    storage: Storage
     _db: sqlite3.Connection
 
     @typed_db_errors
@@ -144,8 +146,12 @@ class CatalogRows:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
 
-    def absolute(self, row: CatalogRow) -> Path:
-        return self.root / row.path
+    def absolute(self, row: CatalogRow) -> Path | str:
+        """Where ``row``'s checkpoint is: a path under a local root, a URL under an object-store one
+        (``row.path`` is relative to the root, ``/``-separated, either way)."""
+        if isinstance(self.root, Path):
+            return self.root / row.path
+        return self.storage.join(self.root, *row.path.split("/"))
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

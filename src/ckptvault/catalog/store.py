@@ -1,15 +1,18 @@
 """The catalog: a SQLite index of every committed checkpoint under a root, derived from manifests.
 
 ``ROOT/.ckptvault/catalog.sqlite`` (WAL) indexes runs, checkpoints, metrics, config values, tags,
-sizes, provenance and validation status. It is never written by a save: every open *syncs* it with
-the tree by cheap checks instead, so a checkpoint another process committed a moment ago, or one
-whose process died between its commit and anything else, is found without any extra step:
+sizes, provenance and validation status (an object-store root, ``s3://bucket/runs``, has its
+database in the user's cache directory instead: :mod:`ckptvault.catalog.files`). It is never
+written by a save: every open *syncs* it with the tree by cheap checks instead, so a checkpoint
+another process committed a moment ago, or one whose process died between its commit and anything
+else, is found without any extra step:
 
 * each directory that is not a checkpoint has its storage change token taken; only those whose
   token changed are listed again (a commit, an overwrite or a deletion renames an entry in its run
-  directory, which changes the token; on local disk the token holds the directory's mtime). A
-  directory modified within the last two seconds is listed again at the next sync too, because
-  file-system timestamps are coarser than two quick renames ("racy" mtimes);
+  directory, which changes the token; on local disk the token holds the directory's mtime, on an
+  object store a digest of the listing's ETags). A directory modified within the last two seconds
+  is listed again at the next sync too, because file-system timestamps are coarser than two quick
+  renames ("racy" mtimes);
 * a listed checkpoint is (re)read when it is new or its manifest's commit time changed (an overwrite);
 * a run's ``.ckptvault-validation`` directory is checked the same way for new validation results.
 
@@ -31,12 +34,12 @@ from typing import Any
 from ..engine import manifests
 from ..format.manifest import Manifest
 from ..storage.catalogfiles import remove_database_files
-from ..storage.resolve import storage_for
+from ..storage.resolve import is_url, storage_for
 from .database import SCHEMA_VERSION, CatalogError, connect, typed_db_errors
 from .files import CATALOG_DIR as CATALOG_DIR
 from .files import CATALOG_NAME as CATALOG_NAME
 from .files import VALIDATION_DIR as VALIDATION_DIR
-from .files import check_catalog_files
+from .files import catalog_database
 from .rows import CatalogRow, CatalogRows
 from .sync import CatalogSync
 
@@ -59,17 +62,25 @@ def read_manifest(directory: str | os.PathLike[str]) -> tuple[Manifest, dict[str
 
 
 class Catalog(CatalogSync, CatalogRows):
-    """``Catalog(root)``: opens (creating if needed) and syncs the catalog of a tree of runs."""
+    """``Catalog(root)``: opens (creating if needed) and syncs the catalog of a tree of runs.
+
+    ``root`` is a local directory (``root`` becomes an absolute ``Path``) or an object-store URL
+    (``root`` stays the URL, normalised by its storage: a ``Path`` would fold ``s3://`` into
+    ``s3:/``). An object-store prefix is never "not a directory": one with nothing under it is an
+    empty tree, as prefixes exist only through the keys below them."""
 
     @typed_db_errors
     def __init__(self, root: str | os.PathLike[str], *, sync: bool = True) -> None:
-        self.root = Path(root).absolute()
-        if not self.root.is_dir():
-            raise CatalogError(f"{self.root} is not a directory")
-        self.path = self.root / CATALOG_DIR / CATALOG_NAME
-        # Rooted: below the root the tree is read through real directories only.
-        self.storage = storage_for(self.root, rooted=True)[0]
-        check_catalog_files(self.root)
+        self.root: Path | str
+        if is_url(root):
+            self.storage, self.root = storage_for(root, rooted=True)
+        else:
+            self.root = Path(root).absolute()
+            if not self.root.is_dir():
+                raise CatalogError(f"{self.root} is not a directory")
+            # Rooted: below the root the tree is read through real directories only.
+            self.storage = storage_for(self.root, rooted=True)[0]
+        self.path = catalog_database(self.root)  # ROOT/.ckptvault/catalog.sqlite, or in the cache
         self._db = self._connect()
         if sync:
             try:

@@ -29,6 +29,7 @@ from ..engine.rundir import RunDirectory
 from ..errors import CheckpointError
 from ..policy.metrics import as_number
 from ..storage.base import Storage
+from ..storage.resolve import split_location
 from .database import typed_db_errors
 from .files import VALIDATION_DIR, validation_of
 from .files import optional_text as _text
@@ -44,7 +45,7 @@ class CatalogSync:
     """The syncing half of :class:`~ckptvault.catalog.store.Catalog` (its ``root``, ``storage``
     and ``_db``)."""
 
-    root: Path
+    root: Path | str  # a local directory, or an object-store URL (kept a string)
     storage: Storage
     _db: sqlite3.Connection
     _listed: dict[str, dict[str, float]]  # during a sync: directory -> {child name: modified}
@@ -109,14 +110,15 @@ class CatalogSync:
         modified within the racy window (a second change in the same timestamp tick would leave
         the token as it is). Its modification time comes from its parent's listing (taken once
         per sync); one that cannot be found is looked at again too."""
+        above, root_name = split_location(self.root)  # a URL split at its last "/", never by Path
         parent, _, name = rel.rpartition("/") if rel else ("..", "", "")
         if parent not in self._listed:
-            key = self._key(parent) if parent != ".." else str(self.root.parent)
-            try:
+            key = self._key(parent) if parent != ".." else above
+            try:  # a bucket's root has no parent to list (no URL names one): looked at again
                 self._listed[parent] = {e.name: e.modified for e in self.storage.list(key)}
             except OSError:
                 self._listed[parent] = {}
-        modified = self._listed[parent].get(name or self.root.name)
+        modified = self._listed[parent].get(name or root_name)
         if modified is None or time.time() - modified < _RACY_S:
             return _LIST_AGAIN
         return token

@@ -1,9 +1,11 @@
 """``ckptvault find``, ``ckptvault catalog ...`` and ``ckptvault registry ...``: the tree-wide commands.
 
 Registry commands act on the tree given by ``--root``, else ``CKPTVAULT_ROOT``, else the current
-directory. Catalog rows and registry files are not trusted: every value is shown inert
-(``cli/inert.py``), and one damaged registry file or entry is a row with its error, never the end
-of a listing.
+directory. Roots and checkpoints may be object-store URLs (``s3://bucket/runs``): they are taken as
+strings, never as typer ``Path`` arguments (a ``Path`` folds ``s3://`` into ``s3:/``), and become a
+``Path`` only when they are local paths. Catalog rows and registry files are not trusted: every
+value is shown inert (``cli/inert.py``), and one damaged registry file or entry is a row with its
+error, never the end of a listing.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..catalog.registry import Registry, default_root
+from ..catalog.registry import Registry
 from ..catalog.store import Catalog, CatalogRow
 from ..errors import CheckpointError
+from ..storage.resolve import is_url
 from ..visible import visible
 from .inert import console, emit_json, error_text, human_bytes, inert, message_of, metric_text, timestamp
 
@@ -25,10 +28,30 @@ err = console(stderr=True)
 catalog_app = typer.Typer(help="The SQLite catalog of every checkpoint under a root.", no_args_is_help=True)
 registry_app = typer.Typer(help="Named models, their versions and aliases.", no_args_is_help=True)
 RootOpt = Annotated[
-    Path | None,
-    typer.Option("--root", help="The tree (default: $CKPTVAULT_ROOT, else the current directory)."),
+    str | None,
+    typer.Option(
+        "--root",
+        help="The tree, a directory or an s3:// (gs://, az://) URL (default: $CKPTVAULT_ROOT, else the "
+        "current directory).",
+    ),
+]
+# A tree of runs: a local directory or an object-store prefix (kept a string: Path folds "s3://").
+TreeArg = Annotated[str, typer.Argument(help="A directory or an s3:// (gs://, az://) URL.", metavar="ROOT")]
+CheckpointArg = Annotated[
+    str,
+    typer.Argument(help="A checkpoint: a local path or an s3:// (gs://, az://) URL.", metavar="CHECKPOINT"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _location(text: str) -> Path | str:
+    """A command-line location as the library takes it: a URL as given, anything else a ``Path``."""
+    return text if is_url(text) else Path(text)
+
+
+def _registry(root: str | None) -> Registry:
+    """The registry of ``--root`` (else ``$CKPTVAULT_ROOT``, else the current directory)."""
+    return Registry(_location(root) if root else None)
 
 
 def _fail(exc: CheckpointError) -> typer.Exit:
@@ -37,7 +60,12 @@ def _fail(exc: CheckpointError) -> typer.Exit:
 
 
 def find(
-    root: Annotated[Path, typer.Argument(help="A directory: every checkpoint below it is searched.")],
+    root: Annotated[
+        str,
+        typer.Argument(
+            help="A directory or an s3:// (gs://, az://) URL: every checkpoint below it is searched."
+        ),
+    ],
     where: Annotated[str, typer.Argument(help="Filter, e.g. 'val_acc > 0.9 and step >= 1000'.")] = "",
     sort: Annotated[str, typer.Option("--sort", help="Keys, '-' for descending: '-val_acc,step'.")] = "",
     limit: Annotated[int | None, typer.Option("--limit", help="At most this many rows.")] = None,
@@ -45,7 +73,7 @@ def find(
 ) -> None:
     """Search every checkpoint under ROOT by metrics, step/epoch, run, tags, config, git commit, time."""
     try:
-        with Catalog(root) as catalog:
+        with Catalog(_location(root)) as catalog:
             rows = catalog.find(where, sort=sort, limit=limit)
     except CheckpointError as exc:
         raise _fail(exc) from exc
@@ -75,10 +103,10 @@ def _find_cells(r: CatalogRow, metric_names: list[str]) -> list[str]:
 
 
 @catalog_app.command("rebuild")
-def catalog_rebuild(root: Path) -> None:
+def catalog_rebuild(root: TreeArg) -> None:
     """Delete the catalog of ROOT and index every manifest again."""
     try:
-        with Catalog(root, sync=False) as catalog:
+        with Catalog(_location(root), sync=False) as catalog:
             count = catalog.rebuild()
     except CheckpointError as exc:
         raise _fail(exc) from exc
@@ -86,10 +114,10 @@ def catalog_rebuild(root: Path) -> None:
 
 
 @catalog_app.command("sync")
-def catalog_sync(root: Path) -> None:
+def catalog_sync(root: TreeArg) -> None:
     """Bring the catalog of ROOT up to date (every command does this on its own)."""
     try:
-        with Catalog(root) as catalog:
+        with Catalog(_location(root)) as catalog:
             count = catalog.count()
     except CheckpointError as exc:
         raise _fail(exc) from exc
@@ -99,14 +127,14 @@ def catalog_sync(root: Path) -> None:
 @registry_app.command("register")
 def registry_register(
     name: str,
-    checkpoint: Path,
+    checkpoint: CheckpointArg,
     alias: Annotated[str | None, typer.Option("--alias", help="Point this alias at the new version.")] = None,
     note: Annotated[str | None, typer.Option("--note")] = None,
     root: RootOpt = None,
 ) -> None:
     """Register CHECKPOINT as the next version of NAME (it is pinned: retention keeps it)."""
     try:
-        version = Registry(root or default_root()).register(name, checkpoint, alias=alias, note=note)
+        version = _registry(root).register(name, _location(checkpoint), alias=alias, note=note)
     except CheckpointError as exc:
         raise _fail(exc) from exc
     out.print(f"{inert(name)} version {inert(version['version'])} -> {inert(version['checkpoint'])}")
@@ -122,7 +150,7 @@ def registry_alias(
 ) -> None:
     """Move ALIAS of NAME to VERSION."""
     try:
-        Registry(root or default_root()).alias(name, version, alias, why=why)
+        _registry(root).alias(name, version, alias, why=why)
     except CheckpointError as exc:
         raise _fail(exc) from exc
     out.print(f"{inert(name)}@{inert(alias)} -> version {version}")
@@ -131,8 +159,8 @@ def registry_alias(
 @registry_app.command("ls")
 def registry_ls(root: RootOpt = None, as_json: JsonOpt = False) -> None:
     """Registered models, their number of versions and their aliases (a damaged one: its error)."""
-    registry = Registry(root or default_root())
     try:
+        registry = _registry(root)
         names = registry.names()
     except CheckpointError as exc:
         raise _fail(exc) from exc
@@ -169,7 +197,7 @@ def _model_row(registry: Registry, name: str) -> dict[str, Any]:
 def registry_show(name: str, root: RootOpt = None, as_json: JsonOpt = False) -> None:
     """Every version of NAME with its checkpoint and aliases."""
     try:
-        doc = Registry(root or default_root()).show(name)
+        doc = _registry(root).show(name)
     except CheckpointError as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -201,7 +229,7 @@ def registry_show(name: str, root: RootOpt = None, as_json: JsonOpt = False) -> 
 def registry_history(name: str, root: RootOpt = None, as_json: JsonOpt = False) -> None:
     """Every alias move of NAME: when, from, to, why, by whom."""
     try:
-        history: list[Any] = Registry(root or default_root()).history(name)
+        history: list[Any] = _registry(root).history(name)
     except CheckpointError as exc:
         raise _fail(exc) from exc
     except (KeyError, TypeError) as exc:  # a registry file without a history list
