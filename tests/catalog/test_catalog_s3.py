@@ -423,3 +423,37 @@ def test_concurrent_writers_on_one_model_keep_every_change(root: str) -> None:
     assert [v["version"] for v in doc["versions"]] == [1, 2, 3]
     assert sorted(v["checkpoint"] for v in doc["versions"]) == [f"run/step_{s:08d}" for s in (1, 2, 3)]
     assert registered_in(RunDirectory(f"{root}/run")) == {f"step_{s:08d}" for s in (1, 2, 3)}
+
+
+def test_a_registered_checkpoint_in_a_bucket_run_survives_retention(
+    root: str, moto_server: MotoServer
+) -> None:
+    torch.manual_seed(0)
+    train = cv.TrainState(torch.nn.Linear(2, 2))
+    run = f"{root}/managed"
+    with cv.CheckpointManager(run, every_n_steps=1, keep_last=1, validate="checksum") as manager:
+        manager.step(train)
+        Registry(root).register("net", f"{run}/step_00000001")  # pinned in the run, in the bucket
+        for _ in range(3):
+            manager.step(train)
+    with Catalog(root) as catalog:  # retention kept the newest and the registered one only
+        assert [r.name for r in catalog.find(sort="step")] == ["step_00000001", "step_00000004"]
+    assert Registry(root).resolve("net") == f"{run}/step_00000001"
+
+
+def test_a_bucket_root_itself_is_a_root(cache: Path, s3_bucket: str) -> None:
+    bucket = f"s3://{s3_bucket}"
+    save(f"{bucket}/step_00000001", 1, 0.4)
+    save(f"{bucket}/run/step_00000002", 2, 0.6)
+    with Catalog(bucket) as catalog:
+        assert [r.path for r in catalog.find(sort="step")] == ["step_00000001", "run/step_00000002"]
+        save(f"{bucket}/run/step_00000003", 3, 0.9)
+        catalog.sync()
+        assert [r.path for r in catalog.find("val_acc > 0.5", sort="step")] == [
+            "run/step_00000002",
+            "run/step_00000003",
+        ]
+    registry = Registry(bucket + "/")
+    registry.register("net", f"{bucket}/run/step_00000003", alias="prod")
+    assert registry.resolve("net", "prod") == f"{bucket}/run/step_00000003"
+    assert registered_in(RunDirectory(f"{bucket}/run")) == {"step_00000003"}
