@@ -22,7 +22,6 @@ import json
 import os
 import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .catalog.registry import Registry, RegistryError
@@ -98,7 +97,7 @@ class _Registered:
     aliases: tuple[str, ...]
 
 
-def _registry(root: Path) -> tuple[list[_Registered], list[str]]:
+def _registry(root: str | os.PathLike[str]) -> tuple[list[_Registered], list[str]]:
     """Every registered version with its aliases, and the problems met reading the registry."""
     registry = Registry(root)
     entries: list[_Registered] = []

@@ -254,10 +254,11 @@ class CheckpointReader:
                 t.nbytes for t in self.manifest.tensors.values() if t.chunks is not None or not mapped
             )
             budget.charge(unmapped, "loading this checkpoint's tensors")
-        for name in self.manifest.files:
-            if self.manifest.files[name].header_size is not None:
+        data_files = [n for n in self.manifest.files if self.manifest.files[n].header_size is not None]
+        if mapped:
+            for name in data_files:
                 self.header(name)
-                mapping = self.mapping(name) if mapped else None
+                mapping = self.mapping(name)
                 if mapping is not None and hasattr(mmap, "MADV_WILLNEED"):
                     mapping.madvise(mmap.MADV_WILLNEED)  # start read-ahead of the whole file now
         names = sorted(self.manifest.tensors, key=lambda n: -self.manifest.tensors[n].nbytes)
@@ -275,8 +276,13 @@ class CheckpointReader:
             return self.fetch(name, verify=verify, mapped=mapped, out=outs.get(name))
 
         if threads <= 1 or len(names) < 2 or (mapped and not verify):
+            for name in data_files:
+                self.header(name)
             return {n: one(n) for n in names}  # zero-copy and nothing to hash: threads only cost
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptvault-read") as pool:
+            # Headers first, side by side: on an object store each is a request (and the block
+            # read ahead around it), which one thread would wait for file after file.
+            list(pool.map(self.header, data_files))
             return dict(zip(names, pool.map(one, names), strict=True))
 
     def read_file(self, name: str) -> bytes:

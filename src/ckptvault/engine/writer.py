@@ -136,8 +136,10 @@ def plan_save(
     ordered = sorted(blobs, key=lambda b: -SAFETENSORS_ITEMSIZE[b.dtype])
     shards: list[list[Blob]] = [[]]
     filled = 0
+    preferred = _backend(storage, target).file_bytes
+    limit = min(settings.shard_bytes, preferred) if preferred else settings.shard_bytes
     for blob in ordered:
-        if shards[-1] and filled + blob.nbytes > settings.shard_bytes:
+        if shards[-1] and filled + blob.nbytes > limit:
             shards.append([])
             filled = 0
         shards[-1].append(blob)

@@ -183,6 +183,10 @@ class ChunkBackend(Protocol):
 
 
 class Storage(Protocol):
+    #: The largest data file a save should write here (None: no preference). An object store
+    #: serves many mid-sized objects in parallel better than one huge one; a disk does not care.
+    file_bytes: int | None
+
     # -- naming -------------------------------------------------------------------------------
     def join(self, prefix: str, *names: str) -> str:
         """The key of ``names`` under ``prefix`` (a path join on disk, ``/`` on object stores)."""

@@ -45,6 +45,8 @@ _OPEN_RETRIES = 5
 class LocalStorage(LocalDocuments):
     """The local-disk backend; keys are plain file-system paths."""
 
+    file_bytes: int | None = None
+
     def __init__(
         self, root: str | os.PathLike[str] | None = None, *, settings: Settings | None = None
     ) -> None:

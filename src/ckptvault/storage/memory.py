@@ -48,6 +48,8 @@ class MemoryStorage(ObjectSpace):
     can move time forward without sleeping.
     """
 
+    file_bytes: int | None = None
+
     # -- naming and checkpoints -----------------------------------------------------------------
     def begin(self, target: str, *, overwrite: bool) -> MemoryTransaction:
         key = norm_key(target)

@@ -20,6 +20,7 @@ Keys are URLs (``s3://bucket/a/b``): an error always names the object in the use
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -65,7 +66,8 @@ class S3Storage:
     ``location`` is any URL in the bucket (``s3://bucket/prefix``); client settings (``endpoint``,
     ``region``, ``profile``, ``config``, retry and timeout limits) go to
     :class:`~ckptvault.storage.s3_client.ObjectClient`. ``part_bytes`` and ``max_concurrency`` shape
-    multipart uploads and parallel ranged reads.
+    multipart uploads and parallel ranged reads; ``file_bytes`` caps a save's data files (64 MiB:
+    a load then fetches whole files, several at once, in one request each).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class S3Storage:
         client: ObjectClient | None = None,
         part_bytes: int = 16 << 20,
         max_concurrency: int = 8,
+        file_bytes: int | None = 64 << 20,
         orphan_grace_seconds: float = 3600.0,
         clock: Callable[[], float] = time.time,
         **client_options: Any,
@@ -83,6 +86,7 @@ class S3Storage:
         self.client = client or ObjectClient(scheme, bucket, **client_options)
         self.scheme, self.bucket = scheme, bucket
         self.part_bytes = max(part_bytes, MIN_PART_BYTES)
+        self.file_bytes: int | None = file_bytes
         self.max_concurrency = max_concurrency
         self.orphan_grace_seconds = orphan_grace_seconds
         self.clock = clock
@@ -303,7 +307,10 @@ class S3Storage:
             # Our own PUT may have landed with its answer lost (the retry then fails the
             # condition): the same bytes stored now mean it did.
             meta = self.client.head(path)
-            found = self.client.get(path, max_bytes=len(data)) if meta and meta.size == len(data) else None
+            found = None
+            if meta is not None and meta.size == len(data):
+                with contextlib.suppress(StorageError):  # changed again since the HEAD: not ours
+                    found = self.client.get(path, max_bytes=len(data))
             if found is not None and found[0] == data:
                 return found[1].etag
             if meta is None and if_version is not None:

@@ -22,16 +22,12 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, DocumentConflictError, StorageError, UnsafeCheckpointError
 from .base import SweepReport
 from .chunkfiles import FRAME_HEAD_BYTES, frame_size_of
 from .chunkstore import CODECS
-from .s3_client import ObjectMeta
-
-if TYPE_CHECKING:
-    from .s3 import S3Storage
+from .s3_client import BucketOwner, ObjectMeta
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _LOCK_TTL_S = 3600.0  # a marker older than this belongs to a dead process
@@ -41,7 +37,7 @@ _LOCK_POLL_S = 0.2
 class S3ChunkStore:
     """A run's content-addressed chunks in the bucket (see the module docstring)."""
 
-    def __init__(self, storage: S3Storage, root: str) -> None:
+    def __init__(self, storage: BucketOwner, root: str) -> None:
         self._storage = storage
         self._client = storage.client
         self.root = root  # the store's key within the bucket

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from ..errors import CheckpointNotFoundError, DocumentConflictError, StorageError
 
@@ -218,7 +218,8 @@ class ObjectClient:
                 # The client does not retry a conditional PUT whose connection broke (it is not
                 # idempotent in general); with the condition it is safe to send again: a first
                 # attempt that landed makes the retry fail its condition, which callers check.
-                if mode == "overwrite" or attempt >= self.max_retries or not _transport_error(exc):
+                retry = not self._is_conflict(exc) and _transport_error(exc)  # a 412 names its timeout
+                if mode == "overwrite" or attempt >= self.max_retries or not retry:
                     self._raise_put(exc, path)
                 if hasattr(data, "seek"):
                     data.seek(0)
@@ -269,6 +270,18 @@ class ObjectClient:
                     yield _meta(raw)
         except Exception as exc:
             raise self.error(exc, prefix, "list") from exc
+
+
+class BucketOwner(Protocol):
+    """What the backend's parts (transactions, handles, leases, chunk store) need of their
+    :class:`~ckptvault.storage.s3.S3Storage` -- named here so they never import it (no cycle)."""
+
+    client: ObjectClient
+    part_bytes: int
+    max_concurrency: int
+
+    def clock(self) -> float: ...
+    def drop_strays(self, path: str) -> None: ...
 
 
 def _transport_error(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ import re
 import secrets
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..errors import (
@@ -27,10 +27,8 @@ from ..errors import (
     DocumentConflictError,
     StorageError,
 )
-from .s3_client import ObjectClient
-
-if TYPE_CHECKING:
-    from .s3 import S3Storage
+from .s3_blocks import BlockCache
+from .s3_client import BucketOwner, ObjectClient
 
 SAVES_NAME = ".ckptvault-saves"
 SAVE_ATTRIBUTE = "ckptvault-save"
@@ -102,7 +100,7 @@ class S3WritableFile:
 class S3Transaction:
     """A save: data under a fresh save id, then the manifest's conditional create (the commit)."""
 
-    def __init__(self, storage: S3Storage, target: str, overwrite: bool) -> None:
+    def __init__(self, storage: BucketOwner, target: str, overwrite: bool) -> None:
         self.storage = storage
         self.client: ObjectClient = storage.client
         self.target = target
@@ -214,6 +212,7 @@ class S3ReadHandle:
         self._files = files
         self._area = area
         self._pool = pool
+        self._cache = BlockCache(self._fetch, pool)
 
     def _check(self, name: str) -> int:
         if self._manifest is None:
@@ -263,26 +262,28 @@ class S3ReadHandle:
             assert self._manifest is not None
             view[:] = self._manifest[offset : offset + len(view)]
             return
-        path = f"{self._area}/{name}"
+        if len(view) < self._cache.block:
+            self._cache.read_into(name, size, offset, view)
+            return
         starts = range(0, len(view), _RANGE_BYTES)
 
         def fetch(start: int) -> None:
             length = min(_RANGE_BYTES, len(view) - start)
-            data = self.client.get_range(path, offset + start, length)
-            if len(data) != length:
-                raise CorruptCheckpointError(
-                    f"{len(data)} bytes came back for {length} asked at {offset + start}",
-                    path=self.client.url(self.target),
-                    file=name,
-                    kind="truncated",
-                )
-            view[start : start + length] = data
+            view[start : start + length] = self._fetch(name, offset + start, length)
 
-        if len(starts) == 1:
-            fetch(0)
-        else:
-            for future in [self._pool().submit(fetch, s) for s in starts]:
-                future.result()
+        for future in [self._pool().submit(fetch, s) for s in starts]:
+            future.result()
+
+    def _fetch(self, name: str, start: int, length: int) -> memoryview:
+        data = self.client.get_range(f"{self._area}/{name}", start, length)
+        if len(data) != length:
+            raise CorruptCheckpointError(
+                f"{len(data)} bytes came back for {length} asked at {start}",
+                path=self.client.url(self.target),
+                file=name,
+                kind="truncated",
+            )
+        return data
 
     def mmap(self, name: str, *, copy_on_write: bool = False) -> None:
         """Always None (objects cannot be mapped): callers read instead."""
@@ -294,6 +295,7 @@ class S3ReadHandle:
 
     def close(self) -> None:
         self._manifest = None
+        self._cache.clear()
 
 
 class S3Lease:
@@ -302,7 +304,7 @@ class S3Lease:
     (a conditional delete is not portable) so a taker never loses to a late release."""
 
     def __init__(
-        self, storage: S3Storage, key: str, path: str, owner: str, ttl: float, etag: str, expires: float
+        self, storage: BucketOwner, key: str, path: str, owner: str, ttl: float, etag: str, expires: float
     ):
         self._storage = storage
         self.key = key
@@ -356,7 +358,7 @@ def parse_lease(data: bytes) -> tuple[str, float]:
     return owner[:200], expires
 
 
-def lease_holder(storage: S3Storage, path: str) -> str:
+def lease_holder(storage: BucketOwner, path: str) -> str:
     try:
         found = storage.client.get(path, max_bytes=4096)
     except StorageError:

@@ -191,6 +191,7 @@ class FaultyStorage:
 
     def __init__(self, inner: Storage, fail_at: int | None = None, *, after: bool = False) -> None:
         self.inner = inner
+        self.file_bytes = inner.file_bytes
         self.counter = CallCounter(fail_at, after=after)
 
     @property
