@@ -52,13 +52,11 @@ class CheckpointManager:
     ``full=Scope(...)``; ``weights=Scope(...)`` adds a weights-only stream. ``storage=`` names the
     backend the run lives on (default: the local disk at ``directory``).
 
-    Concurrency contract: ONE writer per run directory, enforced by the run's lease
-    (``.ckptvault-run.lock`` on local disk); a second manager on the same directory (another
-    process, or another manager in this one) gets :class:`ConcurrentWriteError` naming the
-    holder. Any number of readers (``ckptvault.load``, ``ls``, ``verify``) may read the run
-    meanwhile: checkpoints appear atomically and are deleted so that they are never half visible.
-    Not thread-safe: call it from the training loop's thread. The lease is released by
-    :meth:`close` (on local disk also by process exit, including SIGKILL).
+    Concurrency contract: ONE writer per run, enforced by the run's lease; a second manager gets
+    :class:`ConcurrentWriteError` naming the holder. Any number of readers may read the run
+    meanwhile: checkpoints appear atomically and are never half visible when deleted. Not
+    thread-safe: call it from the training loop's thread. :meth:`close` releases the lease (on local
+    disk so does process exit, SIGKILL included; on an object store it lapses after 5 minutes).
 
     Asynchronous saves (``async_save=True``): a save fired by :meth:`step` or an epoch trigger
     blocks only while the state is copied into a reused host staging buffer (at most
@@ -67,20 +65,16 @@ class CheckpointManager:
     is seen complete (at the next ``step``/``save``/``wait``), which is also where a background
     failure is raised. Explicit :meth:`save` and preemption saves are synchronous.
 
-    Incremental saves (``incremental=True``) and compression (``compression="auto"|"zstd"|"lz4"``):
-    tensors of at least a quarter ``chunk_bytes`` are stored as chunks in the run's chunk store
-    (``.ckptvault-store``); a chunk already there is referenced, not rewritten, and a tensor whose
-    torch version counter and storage show it unchanged since the last save is not even hashed
-    (``trust_version_counter=False`` always hashes: writes through ``.data`` or raw pointers do
-    not bump the counter). Retention deletes a checkpoint, then frees the chunks nothing else uses.
+    Incremental saves (``incremental=True``; ``compression=`` too) store tensors of at least a
+    quarter ``chunk_bytes`` as chunks in the run's store: a stored chunk is referenced, not
+    rewritten, and a tensor whose torch version counter shows it unchanged is not even hashed
+    (``trust_version_counter=False`` always hashes: ``.data`` writes do not bump the counter).
 
-    Validation (``validate=``, default ``"full"``): after each commit a background thread checks the
-    checkpoint: ``"readback"`` re-reads and re-hashes it; ``"full"`` also rebuilds the model in a
-    separate process and compares its output on a probe batch with the in-memory model's (needs
-    ``TrainState(model_factory=..., model_kwargs=...)`` and a probe: ``probe=`` or the first batch of
-    ``state.batches()``; without them full validation runs readback and says so). The loop never
-    waits for it. A failure is logged loudly, recorded in ``.ckptvault-validation/`` (``ckptvault
-    ls`` shows it) and the checkpoint is never chosen by ``restore`` or ``best``.
+    Validation (``validate=``, default ``"full"``) runs in the background after each commit:
+    ``"readback"`` re-hashes the checkpoint; ``"full"`` also rebuilds the model in a separate
+    process and compares outputs on a probe batch (needs ``TrainState(model_factory=...)`` and a
+    probe, else it runs readback and says so). A failure is logged, recorded (``ckptvault ls``
+    shows it), and that checkpoint is never chosen by ``restore`` or ``best``.
 
     Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
     :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
