@@ -73,12 +73,11 @@ class CheckpointManager:
     Validation (``validate=``, default ``"full"``) runs in the background after each commit:
     ``"readback"`` re-hashes the checkpoint; ``"full"`` also rebuilds the model in a separate
     process and compares outputs on a probe batch (needs ``TrainState(model_factory=...)`` and a
-    probe, else it runs readback and says so). A failure is logged, recorded (``ckptvault ls``
-    shows it), and that checkpoint is never chosen by ``restore`` or ``best``.
+    probe, else it runs readback and says so). A failed checkpoint is logged, shown by ``ls``,
+    and never chosen by ``restore`` or ``best``.
 
-    Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) only set a flag; the next
-    :meth:`step` commits a full checkpoint and :attr:`should_stop` becomes true, so the loop can
-    exit cleanly.
+    Preemption: SIGTERM and SIGUSR1 (``preemption_signals``) set a flag; the next :meth:`step`
+    commits a full checkpoint and :attr:`should_stop` becomes true (the loop exits cleanly).
 
     Two tiers (``mirror="s3://..."`` or ``(storage, key)``): each commit is uploaded in the background
     to a mirror run (``mirror_keep_last``), restore on an empty run pulls from it; retention keeps
