@@ -3,9 +3,8 @@
 Built on the one save pipeline and the engine's readers, never beside them: every checkpoint it
 writes is an ordinary ckptvault checkpoint. The run's layout (docs/format.md, "Run layout") belongs
 to :class:`~ckptvault.engine.rundir.RunDirectory`; this module orchestrates the training loop's
-calls over the package's parts: the streams' configuration (:mod:`.scope`), the records and what
-retention does to them (:mod:`.book`), saving (:mod:`.saving`), background validation
-(:mod:`.validation_ids`), preemption signals (:mod:`.signals`) and restore (:mod:`.restore`).
+calls over the package's parts: streams (:mod:`.scope`), records and retention (:mod:`.book`),
+saving, validation (:mod:`.validation_ids`), signals, restore and the mirror (:mod:`.mirror`).
 """
 
 from __future__ import annotations
