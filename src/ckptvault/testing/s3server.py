@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -110,19 +111,35 @@ def _stop_all_servers() -> None:
 atexit.register(_stop_all_servers)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGKILL this child when the thread that forked it dies (PR_SET_PDEATHSIG).
+def _prctl() -> Any:
+    """libc's prctl, looked up in the parent (the child must do as little as possible before exec)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGKILL the child when the thread that forked it dies
+    (``PR_SET_PDEATHSIG``); None where that is not available.
 
     atexit does not run when the test process is itself SIGKILLed (a pytest-timeout in thread mode, an
-    OOM kill, a CI runner cancelling the job); this does. Best effort: ignored where prctl is missing.
+    OOM kill, a CI runner cancelling the job); this does. The function runs in the child between fork
+    and exec, so everything it needs is looked up here, in the parent.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent, kill = os.getpid(), int(signal.SIGKILL)
+
+    def preexec() -> None:  # pragma: no cover - runs in the child
+        prctl(1, kill, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 class MotoServer:
@@ -230,7 +247,7 @@ class MotoServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # its own process group: stop() kills moto and anything it forks
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_die_with_parent_fn(),
             )
         finally:
             if log_target is not subprocess.DEVNULL:
