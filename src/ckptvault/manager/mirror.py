@@ -41,7 +41,7 @@ from typing import Any
 
 from ..engine.gc import collect_garbage
 from ..engine.rundir import RunDirectory, dumps
-from ..engine.transfer import copy_checkpoint
+from ..engine.transfer import CopyReport, copy_checkpoint
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -100,6 +100,7 @@ class Mirror:
         self._active = False  # an upload and the tier record's update after it are under way
         self._failed: dict[str, str] = {}
         self.last_error: str | None = None
+        self.last_report: CopyReport | None = None
         self._preempted = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="ckptvault-mirror", daemon=True)
@@ -346,6 +347,7 @@ class Mirror:
         )
         held = dataclasses.replace(record, checkpoint_id=report.checkpoint_id)
         with self._cond:
+            self.last_report = report  # what the last upload sent and skipped (benchmarks, tests)
             self._remote[record.name] = held
             self._failed.pop(record.name, None)
             self._local = {r.name: r for r in self._behind()}
