@@ -31,13 +31,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from obstore.store import S3Store
-from tests.s3_fixtures import fault_proxy, moto_server, s3_bucket
 
 from ckptvault.testing.s3server import FAULT_KINDS, FaultProxy, MotoServer
-
-# pytest finds fixtures by name in the test module: these are the ones this module uses (named here so
-# that linters see the import used; tests/conftest.py may register tests.s3_fixtures for all modules).
-FIXTURES = (fault_proxy, moto_server, s3_bucket)
 
 KEY = "dir/object.bin"
 DATA = bytes(range(256)) * 64  # 16 KiB
