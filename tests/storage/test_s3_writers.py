@@ -157,3 +157,25 @@ def test_a_second_manager_is_refused_until_the_lease_expires_then_the_first_stop
     assert steps[-1] == "step_00000005"
     assert verify_checkpoint(s3_storage(moto_server, s3_bucket), f"{run}/step_00000005").ok
     assert torch.equal(model2.weight, model.weight + 2)  # +2 before the switch, +1 by the loser, +3 after
+
+
+def test_the_lease_is_kept_alive_between_saves_hours_apart(
+    moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = f"s3://{s3_bucket}/runs/long"
+    clock = FakeClock()
+    monotonic = [1000.0]
+    monkeypatch.setattr("ckptvault.manager.lease.time.monotonic", lambda: monotonic[0])
+    storage = s3_storage(moto_server, s3_bucket, clock=clock)
+    manager = cv.CheckpointManager(run, storage=storage, every_n_steps=10_000, validate="checksum")
+    state, model = _state()
+    for _ in range(6):  # half an hour of steps and no save: the 300 s lease would have lapsed
+        clock.advance(250)
+        monotonic[0] += 250
+        _train(manager, state, model, 1)
+    with pytest.raises(ConcurrentWriteError, match="already has a writer"):
+        cv.CheckpointManager(
+            run, storage=s3_storage(moto_server, s3_bucket, clock=clock), validate="checksum"
+        )
+    manager.save(state)  # and the owner still writes
+    manager.close()

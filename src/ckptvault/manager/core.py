@@ -22,14 +22,15 @@ from .. import validation
 from ..engine.background import PendingSave
 from ..engine.chunks import HintCache
 from ..engine.rundir import RunDirectory, checkpoint_name
-from ..errors import ConcurrentWriteError, typed_os_errors
+from ..errors import typed_os_errors
 from ..policy import CheckpointRecord, epoch_trigger, step_trigger
 from ..policy.metrics import numeric_metrics, plain_metric
-from ..storage.base import Lease, Storage
+from ..storage.base import Storage
 from ..storage.resolve import is_url
 from ..training.state import FULL, WEIGHTS, TrainState
 from ..types import CheckpointInfo
 from .book import RunBook, logger
+from .lease import RunLease
 from .mirror_config import MirrorTarget
 from .records import checkpoint_info
 from .restore import restore_from
@@ -125,7 +126,7 @@ class CheckpointManager:
         self._validate = validation.check_level(validate)
         self._run = RunDirectory(self.directory, storage)
         self._book = RunBook(self._run, self._streams, self._validate)
-        self._lease: Lease | None = self._acquire_lease()  # also removes dead writers' leftovers
+        self._lease: RunLease | None = RunLease(self._run, self.directory)  # removes dead writers' leftovers
         try:
             self.run = self._open_run(config, data_version, scopes)
             self._book.open()
@@ -162,17 +163,6 @@ class CheckpointManager:
         return self._saver.hints
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _acquire_lease(self) -> Lease:
-        """The run's single-writer lease (on local disk a POSIX record lock, which dies with the
-        process -- SIGKILL included -- and is not shared with forked DataLoader workers)."""
-        try:
-            return self._run.acquire()
-        except ConcurrentWriteError as exc:
-            raise ConcurrentWriteError(
-                exc.errno or 0,
-                f"{self.directory} already has a writer ({exc.strerror}); one manager per run directory",
-            ) from None
-
     def _open_run(self, config: Any, data_version: str | None, scopes: Mapping[str, Scope]) -> dict[str, Any]:
         from ..training.provenance import capture_provenance
 
@@ -258,6 +248,8 @@ class CheckpointManager:
         """Marks one optimizer step done (``state.step += 1``) and saves if a trigger fires."""
         state.step += 1
         state._on_epoch_end = self._on_epoch_end
+        if self._lease is not None:
+            self._lease.keep_alive()  # an object store's lease must not lapse between saves
         if metrics:
             self._note_metrics(state, metrics)
         if self._signals.take():
