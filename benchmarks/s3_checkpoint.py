@@ -380,6 +380,7 @@ def print_transfers(res: dict[str, Any], nbytes: int, reps: int) -> None:
 LOCAL, TWO_TIER = "local only: manager.save", "two-tier: manager.save (mirror idle)"
 BACK_TO_BACK = "two-tier: manager.save, back to back (upload in flight)"
 RESTORE, RESTORE_BOTO = "restore from the mirror (empty local dir)", "boto3 download_file + fsync"
+PULL = "copy_checkpoint(s3 -> empty local dir) + load(verify=True)"
 
 
 def part_two_tier(ctx: dict[str, Any], args: argparse.Namespace, uploads: UploadLog) -> dict[str, Any]:
@@ -433,7 +434,22 @@ def part_two_tier(ctx: dict[str, Any], args: argparse.Namespace, uploads: Upload
     for key in managers:
         remove(work / ("local_only" if key == LOCAL else "two_tier"))
 
-    restore: dict[str, list[float]] = {RESTORE: [], RESTORE_BOTO: []}
+    # What restore does, without the mirror's uploads: a checkpoint written by ckptvault.save
+    # straight to the bucket, pulled to an empty local dir (verified) and loaded from there.
+    import ckptvault
+    from ckptvault.engine.transfer import copy_checkpoint
+    from ckptvault.storage.resolve import storage_for
+
+    direct = f"s3://{bucket}/direct/ckpt"
+    ckptvault.save(direct, state)
+    src_storage, src_key = storage_for(direct)
+
+    def pull(target: Path) -> Any:
+        dst_storage, dst_key = storage_for(str(target))
+        copy_checkpoint(src_storage, src_key, dst_storage, dst_key)
+        return ckptvault.load(str(target), map_location="cpu", verify=True)
+
+    restore: dict[str, list[float]] = {RESTORE: [], PULL: [], RESTORE_BOTO: []}
     construct: list[float] = []
     outcomes: list[dict[str, Any]] = []
     checked = False
@@ -441,7 +457,14 @@ def part_two_tier(ctx: dict[str, Any], args: argparse.Namespace, uploads: Upload
     dst = work / "restore_anchor.bin"
     for rep in range(args.reps):
         for name in rotated(list(restore), rep):
-            if name == RESTORE:
+            if name == PULL:
+                target = work / f"pull_{rep}"
+                elapsed, loaded = timed(lambda t=target: pull(t))
+                if rep == 0:
+                    assert_same_tensors(state, loaded, "copy_checkpoint s3 -> local, then load")
+                del loaded
+                remove(target)
+            elif name == RESTORE:
                 fresh = work / f"restore_{rep}"
                 built, mgr = timed(lambda d=fresh: CheckpointManager(d, mirror=mirror, **opts))
                 construct.append(built)
@@ -473,6 +496,7 @@ def part_two_tier(ctx: dict[str, Any], args: argparse.Namespace, uploads: Upload
             log(f"rep {rep + 1}/{args.reps} {name}: {elapsed:.3f} s")
     remote_bytes = bucket_bytes(admin, bucket, "two_tier/")
     delete_prefix(admin, bucket, "two_tier/")
+    delete_prefix(admin, bucket, "direct/")
     return {
         "blocking": blocking,
         "to_remote": to_remote,
@@ -513,16 +537,17 @@ def print_two_tier(res: dict[str, Any], nbytes: int, saves: int, reps: int) -> N
             f"mirror uploads (CopyReport, from the log): {len(sizes)}, median {median(sizes) / MIB:.1f} MiB, "
             f"median {median([u['seconds'] for u in res['uploads']]):.2f} s inside copy_checkpoint"
         )
-    ref = median(res["restore"][RESTORE])
+    anchor = median(res["restore"][RESTORE_BOTO])
+    failed = [o for o in res["outcomes"] if o["step"] != res["newest_step"]]
     rows = []
     for name, values in res["restore"].items():
         t = median(values)
-        label = (
-            name
-            if name == RESTORE
-            else f"{name} ({res['boto3_settings'][0] // MIB} MiB x {res['boto3_settings'][1]})"
-        )
-        ratio = "-" if name == RESTORE else f"{t / ref:.2f}"
+        if name == RESTORE_BOTO:
+            label, ratio = f"{name} ({res['boto3_settings'][0] // MIB} MiB x {res['boto3_settings'][1]})", "-"
+        else:
+            label, ratio = name, f"{anchor / t:.2f}"
+            if name == RESTORE and failed:
+                label += f" -- FAILED {len(failed)}/{len(res['outcomes'])}, see below"
         rows.append([label, f"{t:.3f}", f"{nbytes / MIB / t:.0f}", ratio, fmt_samples(values, 3)])
     c = median(res["construct"])
     rows.append(
