@@ -548,6 +548,7 @@ def print_two_tier(res: dict[str, Any], nbytes: int, saves: int, reps: int) -> N
             label, ratio = name, f"{anchor / t:.2f}"
             if name == RESTORE and failed:
                 label += f" -- FAILED {len(failed)}/{len(res['outcomes'])}, see below"
+                ratio = "n/a"
         rows.append([label, f"{t:.3f}", f"{nbytes / MIB / t:.0f}", ratio, fmt_samples(values, 3)])
     c = median(res["construct"])
     rows.append(
