@@ -30,7 +30,8 @@ fp32 tensors (``_common.make_spec``/``build_state``, as in save_load.py). Median
    ~``--changed`` (10%) of the bytes changed as whole tensors (seeded choice, ``add_`` in place);
    save, flush. Bytes uploaded by the second upload (the mirror's ``CopyReport.bytes_copied``,
    from its log record, and the growth of the bucket under the mirror's prefix, by listing) against
-   the first (full) upload. Target: <= 12%.
+   the first (full) upload. Target: <= 12%. (Tensors under a quarter of ``chunk_bytes``, default
+   4 MiB, stay inside the data file, which every upload sends whole: ``--chunk-mib`` changes it.)
 
 s3fs needs aiobotocore, which pins botocore; it runs in its own virtual environment given as
 ``--s3fs-python PATH`` (as in s3_clients.py): each s3fs operation runs in a subprocess of that
@@ -39,7 +40,8 @@ with a note. Caveat, printed too: moto is the server, on loopback, on the same c
 (its CPU time counts against everyone); real S3 differs.
 
 Usage: ``python benchmarks/s3_checkpoint.py [--size-mib 1024] [--reps 3] [--saves 5] [--changed 0.1]
-[--dir DIR] [--s3fs-python /path/to/venv/bin/python] [--no-tune] [--parts 1,2,3] [--json OUT]``.
+[--chunk-mib N] [--dir DIR] [--s3fs-python /path/to/venv/bin/python] [--no-tune] [--parts 1,2,3]
+[--json OUT]``.
 """
 
 from __future__ import annotations
@@ -599,6 +601,7 @@ def part_incremental(ctx: dict[str, Any], args: argparse.Namespace, uploads: Upl
         mgr = CheckpointManager(
             work / prefix,
             incremental=True,
+            chunk_bytes=args.chunk_mib * MIB if args.chunk_mib else None,
             validate="checksum",
             keep_last=2,
             mirror=f"s3://{bucket}/{prefix}",
@@ -630,7 +633,12 @@ def part_incremental(ctx: dict[str, Any], args: argparse.Namespace, uploads: Upl
         results.append(row)
         remove(work / prefix)
         delete_prefix(admin, bucket, prefix + "/")
-    return {"rows": results, "changed_bytes": done, "changed_tensors": len(changed)}
+    return {
+        "rows": results,
+        "changed_bytes": done,
+        "changed_tensors": len(changed),
+        "chunk_mib": args.chunk_mib,
+    }
 
 
 def print_incremental(res: dict[str, Any], nbytes: int, reps: int) -> None:
@@ -663,7 +671,8 @@ def print_incremental(res: dict[str, Any], nbytes: int, reps: int) -> None:
         ],
     ]
     print(
-        f"\n## 3. incremental over the mirror ({res['changed_tensors']} whole tensors changed; "
+        f"\n## 3. incremental over the mirror ({res['changed_tensors']} whole tensors changed, "
+        f"chunk_bytes {res['chunk_mib'] or 'default'} MiB; "
         f"{reps} reps, medians)"
     )
     print(
@@ -695,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--saves", type=int, default=5, help="saves per manager in part 2")
     p.add_argument("--changed", type=float, default=0.10, help="fraction of bytes changed in part 3")
+    p.add_argument("--chunk-mib", type=int, default=None, help="part 3's chunk_bytes (default: ckptvault's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=Path("benchmarks/out/s3_checkpoint"))
     p.add_argument("--s3fs-python", default=None, help="a Python with s3fs installed (its own venv)")
