@@ -67,6 +67,29 @@ def test_commit_publishes_every_file_and_the_manifest(backend: Backend) -> None:
     handle.close()
 
 
+def test_a_writer_may_reuse_its_buffer_as_soon_as_write_returns(backend: Backend) -> None:
+    """What a copy through one reused buffer relies on (a mirror upload does exactly this): bytes
+    handed to ``write`` are the bytes stored, whatever the buffer holds afterwards. Small, one-part
+    and multipart sizes (the object store sends parts of at least 5 MiB later, in the background)."""
+    s = backend.storage
+    target = backend.key("run", "step-1")
+    txn = s.begin(target, overwrite=False)
+    sizes = {"small.bin": 1000, "parts.bin": 6 << 20}
+    for name, size in sizes.items():
+        buffer = bytearray(size)
+        out = txn.create(name, size_hint=2 * size)
+        for fill in (b"A", b"B"):
+            buffer[:] = fill * size
+            out.write(memoryview(buffer))
+        buffer[:] = b"C" * size
+        out.close()
+    txn.commit(b"{}")
+    handle = s.open(target)
+    for name, size in sizes.items():
+        assert handle.read(name, 0, 2 * size) == b"A" * size + b"B" * size, name
+    handle.close()
+
+
 def test_uncommitted_checkpoint_is_never_visible(backend: Backend) -> None:
     s, run = backend.storage, backend.key("run")
     target = s.join(run, "step-1")

@@ -86,7 +86,8 @@ class SweepReport:
 
 class WritableFile(Protocol):
     def write(self, data: memoryview | bytes, /) -> None:
-        """Writes all of ``data`` (no short writes surface to the caller)."""
+        """Writes all of ``data`` (no short writes surface to the caller). The caller may reuse
+        ``data``'s buffer as soon as this returns: a backend that sends later keeps a copy."""
 
     def close(self) -> None:
         """Makes the file durable (fsync or equivalent) and releases it."""

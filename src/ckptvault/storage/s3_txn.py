@@ -74,7 +74,9 @@ class S3WritableFile:
         if view.format != "B" or view.ndim != 1 or not view.contiguous:
             view = view.cast("B") if view.contiguous else memoryview(view.tobytes())
         try:
-            self._writer.write(view)
+            # A copy: the client keeps a reference to what it is given until the part is sent,
+            # and callers reuse their buffers as soon as write() returns (the protocol's promise).
+            self._writer.write(bytes(view))
         except Exception as exc:
             raise self._txn.client.error(exc, self._path, "write") from exc
 
