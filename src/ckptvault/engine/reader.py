@@ -37,6 +37,7 @@ from .chunks import read_chunked
 from .consistency import sidecar_problems
 from .fresh import fresh_bytes
 from .leaves import LeafChecker, leaf_nbytes_check, stored_nbytes_of
+from .read_order import file_groups
 from .streams import iter_stored_bytes, verify_chunked
 from .writer import NO_LEAVES
 
@@ -283,7 +284,13 @@ class CheckpointReader:
             # Headers first, side by side: on an object store each is a request (and the block
             # read ahead around it), which one thread would wait for file after file.
             list(pool.map(self.header, data_files))
-            return dict(zip(names, pool.map(one, names), strict=True))
+            groups = file_groups(self.manifest.tensors, names)
+            if len(groups) < threads:  # few files: tensors spread over the threads, big first
+                return dict(zip(names, pool.map(one, names), strict=True))
+            out: dict[str, np.ndarray] = {}  # else whole files per thread (see file_groups)
+            for part in pool.map(lambda group: {n: one(n) for n in group}, groups):
+                out.update(part)
+            return {n: out[n] for n in names}
 
     def read_file(self, name: str) -> bytes:
         """A whole non-data file of the checkpoint (probe, program), size and digest checked."""
