@@ -410,3 +410,35 @@ def test_async_saves_are_mirrored_once_committed(tmp_path: Path, remote: GatedSt
         remote.gate.set()
         assert manager.mirror.flush(10) and manager.mirror.unuploaded() == []
     assert remote_names(remote.inner) == ["step_00000002", "step_00000003"]
+
+
+def test_uploads_hold_while_the_loop_saves(
+    tmp_path: Path, remote: GatedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's save must not share the CPU and disk with an upload: the uploader waits at its
+    next part boundary while a local save runs, and goes on after."""
+    from ckptvault.manager.mirror_config import LeaseRenewer
+
+    state = make_state()
+    with mirrored(tmp_path / "run", remote) as manager:
+        assert manager.mirror is not None
+        seen: list[bool] = []
+        save = manager._saver.save
+
+        def watching(*args: Any, **kwargs: Any) -> Any:
+            seen.append(manager.mirror.loop_idle.is_set())  # type: ignore[union-attr]
+            return save(*args, **kwargs)
+
+        monkeypatch.setattr(manager._saver, "save", watching)
+        steps(manager, state, 2)
+        assert seen == [False, False] and manager.mirror.loop_idle.is_set()
+        assert manager.mirror.flush(10)
+    idle = threading.Event()
+    renewer = LeaseRenewer(manager.mirror._lease, idle)  # type: ignore[union-attr]
+    passed = threading.Event()
+    worker = threading.Thread(target=lambda: (renewer(1), passed.set()))
+    worker.start()
+    assert not passed.wait(0.3)  # held while the loop saves
+    idle.set()
+    assert passed.wait(5)
+    worker.join()

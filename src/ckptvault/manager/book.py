@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..catalog.registry import registered_in
@@ -92,6 +92,18 @@ class RunBook:
         options = MirrorOptions(keep_last, max_behind, grace, budget)
         self.mirror = open_mirror(self.run, target, options, self.records, self.streams)
         return self.mirror
+
+    @contextlib.contextmanager
+    def mirror_paused(self) -> Iterator[None]:
+        """Holds the mirror's uploads while the loop saves (the save's cost is the loop's)."""
+        if self.mirror is None:
+            yield
+            return
+        self.mirror.loop_idle.clear()
+        try:
+            yield
+        finally:
+            self.mirror.loop_idle.set()
 
     def check_mirror(self) -> None:
         if self.mirror is not None:

@@ -351,7 +351,8 @@ class CheckpointManager:
         )
         started = time.perf_counter()
         extra = architecture_files(state, metadata, self._validate, metrics)
-        outcome = self._saver.save(name, state.capture(scope), metadata, extra, background=background)
+        with self._book.mirror_paused():  # uploads hold while the loop waits for its own save
+            outcome = self._saver.save(name, state.capture(scope), metadata, extra, background=background)
         # The loop's cost of this save (for every="auto"): the blocking part only when async.
         self._streams[scope].state.record_save(
             step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started

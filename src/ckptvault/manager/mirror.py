@@ -101,6 +101,8 @@ class Mirror:
         self._failed: dict[str, str] = {}
         self.last_error: str | None = None
         self.last_report: CopyReport | None = None
+        self.loop_idle = threading.Event()  # cleared while the loop saves: uploads hold (LeaseRenewer)
+        self.loop_idle.set()
         self._preempted = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="ckptvault-mirror", daemon=True)
@@ -343,7 +345,7 @@ class Mirror:
             self.remote.storage,
             self.remote.checkpoint(record.name),
             overwrite=True,
-            progress=LeaseRenewer(self._lease),
+            progress=LeaseRenewer(self._lease, self.loop_idle),
         )
         held = dataclasses.replace(record, checkpoint_id=report.checkpoint_id)
         with self._cond:

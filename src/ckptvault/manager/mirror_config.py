@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -46,13 +47,21 @@ def resolve_mirror(target: MirrorTarget) -> tuple[RunDirectory, str]:
 
 
 class LeaseRenewer:
-    """A progress callback that renews the mirror's lease during a long upload."""
+    """A progress callback that renews the mirror's lease during a long upload, and holds the
+    upload at a part boundary while ``idle`` is clear: while the training loop saves locally, the
+    upload's reading, hashing and sending would take CPU and disk from the save the loop waits for."""
 
-    def __init__(self, lease: Lease) -> None:
+    def __init__(self, lease: Lease, idle: threading.Event | None = None) -> None:
         self.lease = lease
+        self.idle = idle
         self.renewed = time.monotonic()
 
     def __call__(self, nbytes: int) -> None:
+        while self.idle is not None and not self.idle.wait(5.0):
+            self._renew()
+        self._renew()
+
+    def _renew(self) -> None:
         if time.monotonic() - self.renewed > 30.0:
             self.lease.renew()
             self.renewed = time.monotonic()
