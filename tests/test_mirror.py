@@ -442,3 +442,27 @@ def test_uploads_hold_while_the_loop_saves(
     idle.set()
     assert passed.wait(5)
     worker.join()
+
+
+def test_a_pull_shows_a_progress_bar_on_a_terminal_and_counts_every_byte() -> None:
+    import io
+
+    from ckptvault.manager.mirror_config import ProgressLog
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    with ProgressLog("pulling step_00000003 from s3://b/[run]", total=40 << 20, stream=screen) as progress:
+        threads = [threading.Thread(target=lambda: [progress(1 << 20) for _ in range(10)]) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert progress.done == 40 << 20  # from four threads at once, nothing lost
+    assert "pulling step_00000003" in screen.getvalue() and "[run]" in screen.getvalue()
+    quiet = io.StringIO()  # not a terminal: no bar, only log lines
+    with ProgressLog("pulling", stream=quiet) as progress:
+        progress(5)
+    assert quiet.getvalue() == "" and progress.done == 5

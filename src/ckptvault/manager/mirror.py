@@ -267,16 +267,16 @@ class Mirror:
             )
         for record in candidates:
             source = self.remote.checkpoint(record.name)
-            progress = ProgressLog(f"pulling {source} from {self.label}")
             try:
-                report = copy_checkpoint(
-                    self.remote.storage,
-                    source,
-                    self.local.storage,
-                    self.local.checkpoint(record.name),
-                    overwrite=True,
-                    progress=progress,
-                )
+                with ProgressLog(f"pulling {record.name} from {self.label}") as progress:
+                    report = copy_checkpoint(
+                        self.remote.storage,
+                        source,
+                        self.local.storage,
+                        self.local.checkpoint(record.name),
+                        overwrite=True,
+                        progress=progress,
+                    )
             except (CorruptCheckpointError, CheckpointNotFoundError, IncompatibleCheckpointError) as exc:
                 # That checkpoint's fault: the next older may do. A failing medium (StorageError)
                 # raises instead: restoring an older one, or nothing, would throw work away.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, TextIO
 
 from ..engine.rundir import RunDirectory
 from ..storage.base import Lease, Storage
@@ -68,17 +70,51 @@ class LeaseRenewer:
 
 
 class ProgressLog:
-    """A progress callback that logs every 256 MiB (a pull on a fresh machine can be long)."""
+    """Progress of a pull (a restore on a fresh machine can move gigabytes): a progress bar on a
+    terminal (bytes, speed), and a log line every 256 MiB either way. A context manager; the
+    callback may be called from several copying threads at once."""
 
     STEP = 256 * 1024 * 1024
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, total: int | None = None, *, stream: TextIO | None = None) -> None:
         self.what = what
+        self.total = total
         self.done = 0
         self.logged = 0
+        self._lock = threading.Lock()
+        self._stream = stream if stream is not None else sys.stderr
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressLog:
+        if self._stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+            console = Console(file=self._stream)
+            self._bar = Progress(
+                TextColumn(self.what.replace("[", "\\[")),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=console,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.what, total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
     def __call__(self, nbytes: int) -> None:
-        self.done += nbytes
-        if self.done - self.logged >= self.STEP:
-            self.logged = self.done
+        with self._lock:
+            self.done += nbytes
+            log = self.done - self.logged >= self.STEP
+            if log:
+                self.logged = self.done
+        if self._bar is not None:
+            self._bar.advance(self._task, nbytes)
+        if log:
             logger.info("%s: %d MiB so far", self.what, self.done >> 20)
