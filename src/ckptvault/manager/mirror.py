@@ -18,8 +18,8 @@ The promises, and where each is kept:
   is retried with backoff ``retries`` times; when the mirror is more than ``max_behind`` checkpoints
   behind, :meth:`Mirror.check` raises :class:`~ckptvault.errors.MirrorBehindError` in the training
   loop. Checkpoints left un-mirrored by one process are queued again by the next one on the run;
-* **one writer on the mirror** -- the mirror run's lease is held from the manager's start to its
-  close (renewed before every upload), so two runs mirroring to one place fail fast;
+* **one writer on the mirror** -- the mirror run's lease is held from start to close (renewed
+  before every upload), so two runs mirroring to one place fail fast;
 * **tiers are visible** -- the tier of each checkpoint (queued, uploading, remote, failed) is written
   to the run's ``.ckptvault-mirror.json`` through the run's storage, where ``ckptvault ls`` (another
   process) reads it: a checkpoint is *local*, *uploading*, *remote* (deleted locally) or *both*;
@@ -56,6 +56,7 @@ from .records import load_records, record_to_json
 from .scope import Scope
 from .tiers import MIRROR_NAME, tier_entry
 
+PULL_PART_BYTES = 32 << 20  # a mirrored file may be one big object: fewer, larger ranged reads
 logger = logging.getLogger("ckptvault")
 
 
@@ -276,6 +277,7 @@ class Mirror:
                         self.local.checkpoint(record.name),
                         overwrite=True,
                         progress=progress,
+                        part_bytes=PULL_PART_BYTES,
                     )
             except (CorruptCheckpointError, CheckpointNotFoundError, IncompatibleCheckpointError) as exc:
                 # That checkpoint's fault: the next older may do. A failing medium (StorageError)
