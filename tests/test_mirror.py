@@ -466,3 +466,26 @@ def test_a_pull_shows_a_progress_bar_on_a_terminal_and_counts_every_byte() -> No
     with ProgressLog("pulling", stream=quiet) as progress:
         progress(5)
     assert quiet.getvalue() == "" and progress.done == 5
+
+
+def test_a_run_mirrored_to_an_object_store_writes_files_at_its_size(tmp_path: Path) -> None:
+    """Copies keep files as they are, so the local run writes them at the mirror's preferred size:
+    they then upload and pull as mid-sized objects, several at once."""
+    store = MemoryStorage()
+    store.file_bytes = 64 * 1024  # as an object store would prefer (S3Storage: 64 MiB)
+    state = make_state(width=256)  # ~260 KiB of weights
+    with mirrored(tmp_path / "run", store) as manager:
+        steps(manager, state, 1)
+        assert manager.mirror is not None and manager.mirror.flush(10)
+    files = [p for p in (tmp_path / "run" / "step_00000001").iterdir() if p.name.endswith(".safetensors")]
+    assert len(files) >= 3  # one ~260 KiB state in several files (a bigger tensor gets its own)
+    with cv.CheckpointManager(tmp_path / "plain", every_n_steps=1, validate="checksum") as manager:
+        steps(manager, make_state(width=256), 1)
+    plain = [p for p in (tmp_path / "plain" / "step_00000001").iterdir() if p.name.endswith(".safetensors")]
+    assert len(plain) == 1  # without a mirror: the local default (one file up to 4 GiB)
+    resumed = make_state(seed=5)
+    with mirrored(tmp_path / "fresh", store) as manager:
+        info = manager.restore(resumed)
+    assert info is not None and torch.equal(
+        resumed.parts["model"]["model"].weight, state.parts["model"]["model"].weight
+    )

@@ -91,6 +91,11 @@ class RunBook:
         un-uploaded); None without one."""
         options = MirrorOptions(keep_last, max_behind, grace, budget)
         self.mirror = open_mirror(self.run, target, options, self.records, self.streams)
+        remote_size = self.mirror.remote.storage.file_bytes if self.mirror is not None else None
+        if remote_size and self.run.storage.file_bytes is None:
+            # Copies keep files as they are: written at the mirror's preferred size, they upload
+            # and pull as mid-sized objects, several at once (this run's storage is its own).
+            self.run.storage.file_bytes = remote_size
         return self.mirror
 
     @contextlib.contextmanager
