@@ -483,7 +483,7 @@ def test_a_run_mirrored_to_an_object_store_writes_files_at_its_size(tmp_path: Pa
         steps(manager, make_state(width=256), 1)
     plain = [p for p in (tmp_path / "plain" / "step_00000001").iterdir() if p.name.endswith(".safetensors")]
     assert len(plain) == 1  # without a mirror: the local default (one file up to 4 GiB)
-    resumed = make_state(seed=5)
+    resumed = make_state(seed=5, width=256)
     with mirrored(tmp_path / "fresh", store) as manager:
         info = manager.restore(resumed)
     assert info is not None and torch.equal(
