@@ -6,7 +6,7 @@ A pytest plugin module: the suite's ``tests/conftest.py`` registers it with
 * ``moto_server`` (session): one :class:`~ckptvault.testing.s3server.MotoServer` for the whole run
   (starting one costs about half a second; buckets keep tests apart);
 * ``s3_bucket``: a fresh, uniquely named bucket on it; the name is returned;
-* ``fault_proxy``: a :class:`~ckptvault.testing.s3server.FaultProxy` in front of the server, with no
+* ``fault_proxy``: a :class:`~ckptvault.testing.s3proxy.FaultProxy` in front of the server, with no
   faults yet; stopped (and its faults gone) at the end of the test.
 """
 
@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ckptvault.testing.s3server import FaultProxy, MotoServer
+from ckptvault.testing.s3proxy import FaultProxy
+from ckptvault.testing.s3server import MotoServer
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ from ckptvault.engine.loading import read_checkpoint
 from ckptvault.engine.reader import verify_checkpoint
 from ckptvault.errors import CheckpointError, CheckpointNotFoundError, StorageError
 from ckptvault.storage.s3 import S3Storage
-from ckptvault.testing.s3server import FaultProxy, MotoServer
+from ckptvault.testing.s3proxy import FaultProxy
+from ckptvault.testing.s3server import MotoServer
 
 from .conftest import s3_storage
 

@@ -19,7 +19,8 @@ import pytest
 import ckptvault as cv
 from ckptvault.engine.reader import verify_checkpoint
 from ckptvault.errors import CheckpointNotFoundError
-from ckptvault.testing.s3server import FaultProxy, MotoServer
+from ckptvault.testing.s3proxy import FaultProxy
+from ckptvault.testing.s3server import MotoServer
 
 from .conftest import s3_storage
 

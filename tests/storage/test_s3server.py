@@ -32,7 +32,8 @@ from botocore.exceptions import (
 )
 from obstore.store import S3Store
 
-from ckptvault.testing.s3server import FAULT_KINDS, FaultProxy, MotoServer
+from ckptvault.testing.s3proxy import FAULT_KINDS, FaultProxy
+from ckptvault.testing.s3server import MotoServer
 
 KEY = "dir/object.bin"
 DATA = bytes(range(256)) * 64  # 16 KiB
