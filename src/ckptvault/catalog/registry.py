@@ -13,14 +13,11 @@ References: ``registry://NAME`` (newest version), ``registry://NAME@3`` (version
 ``registry://NAME@production`` (an alias); :func:`resolve_reference` turns one into a path.
 
 A root is a local directory or an object-store URL (``s3://bucket/models``; also from
-``CKPTVAULT_ROOT``): the documents are the same, read and written through that URL's storage, and
-a version's checkpoint is a ``/``-separated key relative to the root either way. A URL root stays a
-string, never a ``Path`` (which would fold ``s3://`` into ``s3:/``): locations under it are built
-with ``storage.join`` and split with :func:`~ckptvault.storage.resolve.split_location`.
+``CKPTVAULT_ROOT``), read and written through its storage; a version's checkpoint is a
+``/``-separated key relative to the root. A URL root stays a string (a ``Path`` folds ``s3://``).
 
-A registry's files are untrusted input like any run directory (docs/security.md): its directories
-and files are read through storage rooted at the registry's root, which never follows a symlink
-below it or blocks on a FIFO, a
+A registry's files are untrusted input like any run directory (docs/security.md): they are read
+through storage rooted at the registry's root (no symlink followed below it, no FIFO blocks), a
 version whose path leaves the root is refused, and a version pins its checkpoint id -- resolving it
 when its path now holds another checkpoint raises :class:`ReplacedCheckpointError`.
 """
