@@ -35,9 +35,9 @@ fp32 tensors (``_common.make_spec``/``build_state``, as in save_load.py). Median
 
 s3fs needs aiobotocore, which pins botocore; it runs in its own virtual environment given as
 ``--s3fs-python PATH`` (as in s3_clients.py): each s3fs operation runs in a subprocess of that
-Python (this file, ``--s3fs-worker``), which times itself; without it the s3fs rows are skipped,
-with a note. Caveat, printed too: moto is the server, on loopback, on the same cores as the client
-(its CPU time counts against everyone); real S3 differs.
+Python (``s3_clients.py --s3fs-worker``: this script shares its runners), which times itself;
+without it the s3fs rows are skipped, with a note. Caveat, printed too: moto is the server, on
+loopback, on the same cores as the client (its CPU time counts against everyone); real S3 differs.
 
 Usage: ``python benchmarks/s3_checkpoint.py [--size-mib 1024] [--reps 3] [--saves 5] [--changed 0.1]
 [--chunk-mib N] [--dir DIR] [--s3fs-python /path/to/venv/bin/python] [--no-tune] [--parts 1,2,3]
@@ -61,10 +61,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from s3_clients import Job, boto3_client, boto3_run, package_version, s3fs_via
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
-ACCESS_KEY = SECRET_KEY = "testing"
-REGION = "us-east-1"
 TARGET_INCREMENTAL = 0.12
 
 
@@ -75,89 +75,9 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- s3fs (own interpreter)
 
 
-def s3fs_run(job: dict[str, Any]) -> float:
-    """One s3fs transfer, timed here; runs in the s3fs interpreter (stdlib + s3fs only)."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(
-        key=ACCESS_KEY,
-        secret=SECRET_KEY,
-        endpoint_url=job["endpoint"],
-        client_kwargs={"region_name": REGION},
-        max_concurrency=job["concurrency"],
-    )
-    path = f"{job['bucket']}/{job['key']}"
-    opts = {"chunksize": job["chunk"], "max_concurrency": job["concurrency"]}
-    start = time.perf_counter()
-    if job["op"] == "upload":
-        fs.put_file(job["src"], path, **opts)
-    elif job["op"] == "download":
-        fs.get_file(path, job["dst"], **opts)
-        if job.get("fsync"):
-            fd = os.open(job["dst"], os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    else:
-        raise ValueError(job["op"])
-    return time.perf_counter() - start
-
-
-def s3fs_via(python: str) -> Callable[[dict[str, Any]], float]:
-    def run(job: dict[str, Any]) -> float:
-        out = subprocess.run(
-            [python, str(Path(__file__).resolve()), "--s3fs-worker", json.dumps(job)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return float(json.loads(out.stdout.strip().splitlines()[-1])["elapsed"])
-
-    return run
-
-
-# --------------------------------------------------------------------------- boto3
-
-
-def boto3_client(endpoint: str, pool: int = 32) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name=REGION,
-        config=Config(max_pool_connections=pool, s3={"addressing_style": "path"}, read_timeout=300),
-    )
-
-
-def boto3_run(job: dict[str, Any]) -> float:
-    from boto3.s3.transfer import TransferConfig
-
-    client = boto3_client(job["endpoint"], pool=max(32, job["concurrency"] + 4))
-    config = TransferConfig(
-        multipart_threshold=job["chunk"],
-        multipart_chunksize=job["chunk"],
-        max_concurrency=job["concurrency"],
-        use_threads=True,
-    )
-    start = time.perf_counter()
-    if job["op"] == "upload":
-        client.upload_file(job["src"], job["bucket"], job["key"], Config=config)
-    elif job["op"] == "download":
-        client.download_file(job["bucket"], job["key"], job["dst"], Config=config)
-        if job.get("fsync"):
-            fd = os.open(job["dst"], os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    else:
-        raise ValueError(job["op"])
-    return time.perf_counter() - start
+def anchor_job(**fields: Any) -> Job:
+    """A Job of benchmarks/s3_clients.py (whose runners and s3fs worker this script uses)."""
+    return Job(**{"src": "", "dst": "", "size": 0, "starts": (), "length": 0, "fsync": False, **fields})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -222,15 +142,6 @@ def write_raw(tensors: list[Any], path: Path) -> None:
         os.close(fd)
 
 
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    try:
-        return version(name)
-    except Exception:
-        return "?"
-
-
 # --------------------------------------------------------------------------- part 1
 
 
@@ -247,7 +158,7 @@ def part_transfers(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, A
 
     state, bucket, admin, common = ctx["state"], ctx["bucket"], ctx["admin"], ctx["common"]
     s3fs = ctx["s3fs"]
-    anchors: dict[str, Callable[[dict[str, Any]], float]] = {"boto3": boto3_run}
+    anchors: dict[str, Callable[[Job], float]] = {"boto3": boto3_run}
     if s3fs is not None:
         anchors["s3fs"] = s3fs
     settings: dict[tuple[str, str], tuple[int, int]] = {}
@@ -255,7 +166,7 @@ def part_transfers(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     dst = ctx["work"] / "download.bin"
 
     def anchor(client: str, op: str, key: str, chunk: int, conc: int) -> float:
-        job = {**common, "op": op, "key": key, "chunk": chunk, "concurrency": conc, "dst": str(dst)}
+        job = anchor_job(**common, op=op, key=key, chunk=chunk, concurrency=conc, dst=str(dst))
         elapsed = anchors[client](job)
         if op == "upload":
             size = admin.head_object(Bucket=bucket, Key=key)["ContentLength"]
@@ -488,9 +399,11 @@ def part_two_tier(ctx: dict[str, Any], args: argparse.Namespace, uploads: Upload
                     checked = True
                 remove(fresh)
             else:
-                job = {**ctx["common"], "op": "download", "key": "raw/boto3", "dst": str(dst), "fsync": True}
-                job["chunk"], job["concurrency"] = settings
-                elapsed = boto3_run(job)
+                chunk, concurrency = settings
+                common = {**ctx["common"], "chunk": chunk, "concurrency": concurrency}
+                elapsed = boto3_run(
+                    anchor_job(**common, op="download", key="raw/boto3", dst=str(dst), fsync=True)
+                )
                 if not filecmp.cmp(ctx["raw"], dst, shallow=False):
                     raise AssertionError("boto3 download_file: the file differs from the source")
                 dst.unlink()
@@ -713,12 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="8,16", help="concurrencies of the anchors' tuning grid")
     p.add_argument("--parts", default="1,2,3", help="which parts to run")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--s3fs-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    if args.s3fs_worker is not None:  # in the s3fs interpreter: stdlib + s3fs only from here
-        print(json.dumps({"elapsed": s3fs_run(json.loads(args.s3fs_worker))}))
-        return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import boto3
@@ -782,15 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"part 1 done, {time.perf_counter() - started:.0f} s elapsed")
             if 2 in parts:
                 if 1 not in parts:
-                    boto3_run(
-                        {
-                            **ctx["common"],
-                            "op": "upload",
-                            "key": "raw/boto3",
-                            "chunk": 64 * MIB,
-                            "concurrency": 8,
-                        }
-                    )
+                    boto3_run(anchor_job(**ctx["common"], op="upload", key="raw/boto3"))
                 results["two_tier"] = part_two_tier(ctx, args, uploads)
                 log(f"part 2 done, {time.perf_counter() - started:.0f} s elapsed")
             if 3 in parts:
@@ -804,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     import ckptvault
 
     print(
-        f"# ckptvault checkpoints on an S3-compatible server: moto {_version('moto')} on 127.0.0.1 "
+        f"# ckptvault checkpoints on an S3-compatible server: moto {package_version('moto')} on 127.0.0.1 "
         f"(one server, same run); state {nbytes / MIB:.0f} MiB in {len(tensors)} fp32 tensors; "
         f"{args.reps} reps, medians; {total:.0f} s in all"
     )
@@ -812,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {info['cores_usable']} cores ({info['cores_logical']} logical), {info['ram_gib']} GiB RAM, "
         f"local files on {info['work_dir_fs']}; python {info['python']}, torch {info['torch']}, "
         f"ckptvault {getattr(ckptvault, '__version__', '?')}, obstore {obstore.__version__}, "
-        f"boto3 {boto3.__version__}, moto {_version('moto')}, {s3fs_note}"
+        f"boto3 {boto3.__version__}, moto {package_version('moto')}, {s3fs_note}"
     )
     if "transfers" in results:
         print_transfers(results["transfers"], nbytes, args.reps)
