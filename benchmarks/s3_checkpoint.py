@@ -30,8 +30,8 @@ fp32 tensors (``_common.make_spec``/``build_state``, as in save_load.py). Median
    ~``--changed`` (10%) of the bytes changed as whole tensors (seeded choice, ``add_`` in place);
    save, flush. Bytes uploaded by the second upload (the mirror's ``CopyReport.bytes_copied``,
    from its log record, and the growth of the bucket under the mirror's prefix, by listing) against
-   the first (full) upload. Target: <= 12%. (Tensors under a quarter of ``chunk_bytes``, default
-   4 MiB, stay inside the data file, which every upload sends whole: ``--chunk-mib`` changes it.)
+   the first (full) upload. Target: <= 12%. (Tensors under 64 KiB, or a quarter of ``chunk_bytes``
+   if less, stay inside the data file, which every upload sends whole.)
 
 s3fs needs aiobotocore, which pins botocore; it runs in its own virtual environment given as
 ``--s3fs-python PATH`` (as in s3_clients.py): each s3fs operation runs in a subprocess of that

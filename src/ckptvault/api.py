@@ -16,7 +16,7 @@ from .catalog.registry import resolve_reference
 from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave, SaveRequest
 from .engine.checkpoint_info import info_from_manifest as info_from_manifest  # its old home
-from .engine.chunks import ChunkOptions, HintCache
+from .engine.chunks import MIN_CHUNKED_BYTES, ChunkOptions, HintCache
 from .engine.lazy import CheckpointView
 from .engine.loading import read_checkpoint
 from .engine.reader import CheckpointReader, verify_checkpoint
@@ -55,7 +55,7 @@ def chunk_options(incremental: bool, compression: str | None, chunk_bytes: int |
         return None
     if chunk_bytes is None:
         return ChunkOptions(compression=compression)
-    return ChunkOptions(chunk_bytes=chunk_bytes, min_bytes=chunk_bytes // 4, compression=compression)
+    return ChunkOptions(chunk_bytes, min(MIN_CHUNKED_BYTES, chunk_bytes // 4), compression)
 
 
 def save_request(
@@ -131,7 +131,7 @@ def save(
     ``path`` is a checkpoint and ``overwrite`` is false, :class:`StorageError` when the disk fails.
     When this returns, the checkpoint is durable; when it raises, nothing was committed.
 
-    ``incremental`` stores every tensor of at least a quarter chunk as ``chunk_bytes`` chunks
+    ``incremental`` stores every tensor of at least 64 KiB as ``chunk_bytes`` chunks
     (default 4 MiB) in the chunk store beside the checkpoint (``.ckptvault-store``): a chunk already
     there, from any checkpoint of the run, is referenced instead of written. ``compression``
     (``"auto"``, ``"zstd"``, ``"lz4"``) also chunks, compressing byte planes where that pays. Such

@@ -262,6 +262,20 @@ def test_incremental_save_of_a_small_state_stays_self_contained(tmp_path: Path) 
     assert torch.equal(cv.load(run / "ck")["w"], torch.ones(100))
 
 
+def test_default_chunking_takes_every_tensor_of_64_kib_and_up(tmp_path: Path) -> None:
+    """With the default 4 MiB chunks a 64 KiB tensor is its own chunk (a mirror then re-sends only
+    what changed), while a bias-sized one stays in the data file."""
+    run = tmp_path / "run"
+    state = {"w": torch.randn(16384), "bias": torch.randn(16383), "big": torch.randn(1 << 20)}
+    cv.save(run / "ck", state, incremental=True)
+    lists = chunk_lists(run / "ck")
+    assert set(lists) == {"w", "big"}
+    assert [r[1] for r in lists["w"]] == [64 * 1024]
+    assert [r[1] for r in lists["big"]] == [4 << 20]
+    assert_exact(state, cv.load(run / "ck"))
+    assert ChunkOptions().min_bytes == chunks.MIN_CHUNKED_BYTES == 64 * 1024
+
+
 # -- compression ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("compression", ["auto", "zstd"])
 def test_compression_shrinks_bf16_and_stores_random_bytes_raw(tmp_path: Path, compression: str) -> None:

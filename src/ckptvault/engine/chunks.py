@@ -36,6 +36,11 @@ from .fresh import fresh_bytes
 from .streams import read_chunk
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # measured: 4 MiB files write as fast as one big file with 4 threads
+# Smaller tensors stay in the checkpoint's data file, which every save writes and every mirror
+# upload sends whole, changed or not: at a quarter chunk (1 MiB) that was 2-4% of a realistic
+# state, re-sent each time (benchmarks/s3_checkpoint.py --parts 3). From 64 KiB a tensor is worth
+# its own chunk file; below it (biases and norms) the per-chunk put costs more than it saves.
+MIN_CHUNKED_BYTES = 64 * 1024
 _SAMPLE_WINDOWS = 32
 _SAMPLE_WIDTH = 128
 
@@ -45,7 +50,7 @@ class ChunkOptions:
     """How a save chunks its large tensors. ``compression``: None, "auto", "zstd" or "lz4"."""
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    min_bytes: int = DEFAULT_CHUNK_BYTES // 4
+    min_bytes: int = MIN_CHUNKED_BYTES
     compression: str | None = None
 
     def __post_init__(self) -> None:

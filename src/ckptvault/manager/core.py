@@ -65,8 +65,8 @@ class CheckpointManager:
     is seen complete (at the next ``step``/``save``/``wait``), which is also where a background
     failure is raised. Explicit :meth:`save` and preemption saves are synchronous.
 
-    Incremental saves (``incremental=True``; ``compression=`` too) store tensors of at least a
-    quarter ``chunk_bytes`` as chunks in the run's store: a stored chunk is referenced, not
+    Incremental saves (``incremental=True``; ``compression=`` too) store tensors of at least
+    64 KiB as ``chunk_bytes`` chunks in the run's store: a stored chunk is referenced, not
     rewritten, and a tensor whose torch version counter shows it unchanged is not even hashed
     (``trust_version_counter=False`` always hashes: ``.data`` writes do not bump the counter).
 
