@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "validation_worker": 3,
     "legacy": 3,
     "export": 3,
+    "distributed": 3,  # torch.distributed.checkpoint storage layer (issue 16)
     "integrations": 4,
     "cli": 4,
     "reporting": 4,

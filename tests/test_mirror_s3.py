@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import ckptvault as cv
 from ckptvault.cli.main import app
-from ckptvault.engine.reader import verify_checkpoint
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.storage.resolve import storage_for
 from ckptvault.testing.s3server import MotoServer
 

@@ -11,16 +11,16 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .catalog.registry import SCHEME as REGISTRY_SCHEME
-from .catalog.registry import resolve_reference
+from .catalog import registry
 from .config import Settings
 from .engine.background import BackgroundWriter, PendingSave, SaveRequest
 from .engine.checkpoint_info import info_from_manifest as info_from_manifest  # its old home
 from .engine.chunks import MIN_CHUNKED_BYTES, ChunkOptions, HintCache
 from .engine.lazy import CheckpointView
 from .engine.loading import read_checkpoint
-from .engine.reader import CheckpointReader, verify_checkpoint
+from .engine.reader import CheckpointReader
 from .engine.staging import StagingBuffer
+from .engine.verify import verify_checkpoint
 from .errors import CheckpointNotFoundError, UnsafeCheckpointError
 from .storage.base import Storage
 from .storage.resolve import storage_for as storage_for_location
@@ -44,8 +44,8 @@ def storage_for(path: PathLike) -> tuple[Storage, str]:
     like any other, goes to the storage layer's resolver (:mod:`ckptvault.storage.resolve`).
     """
     text = os.fspath(path)
-    if text.startswith(REGISTRY_SCHEME):
-        text = os.fspath(resolve_reference(text))
+    if text.startswith(registry.SCHEME):
+        text = os.fspath(registry.resolve_reference(text))
     return storage_for_location(text)
 
 

@@ -55,6 +55,26 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class ShardedEntry:
+    """A tensor stored in pieces: the shards several ranks of a distributed save wrote.
+
+    Each piece is an ordinary stored tensor (a :class:`TensorEntry` of the manifest, in some rank's
+    data file, so any safetensors tool reads it) of the same dtype; ``shards`` lists each piece's
+    name with the index of its first element in the whole tensor. The pieces tile the tensor
+    exactly (checked when the manifest is parsed), so the tensor is whole when every piece is read.
+    ``digest`` is combined from the pieces' offsets and digests: equal digests mean equal bytes cut
+    the same way.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shards: tuple[tuple[tuple[int, ...], str], ...]
+    digest: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     """What a caller learns about a committed checkpoint without loading its tensors."""
 

@@ -10,7 +10,7 @@ import pytest
 
 from ckptvault.engine.chunks import ChunkOptions
 from ckptvault.engine.gc import GcReport, collect_garbage
-from ckptvault.engine.reader import verify_checkpoint
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.engine.writer import write_checkpoint
 from ckptvault.storage.base import Storage
 from ckptvault.storage.local import LocalStorage

@@ -14,8 +14,8 @@ import torch
 
 import ckptvault as cv
 from ckptvault.engine.loading import read_checkpoint
-from ckptvault.engine.reader import verify_checkpoint
 from ckptvault.engine.transfer import CopyReport, copy_checkpoint
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.storage.base import Storage
 from ckptvault.storage.local import LocalStorage
 from ckptvault.storage.memory import MemoryStorage

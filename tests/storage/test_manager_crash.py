@@ -43,8 +43,8 @@ import torch
 
 import ckptvault as cv
 from ckptvault.engine.gc import collect_garbage
-from ckptvault.engine.reader import verify_checkpoint
 from ckptvault.engine.rundir import RunDirectory
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.errors import ConcurrentWriteError
 from ckptvault.storage.base import Storage
 from ckptvault.storage.memory import MemoryStorage

@@ -18,7 +18,7 @@ import pytest
 
 import ckptvault as cv
 from ckptvault.engine.loading import read_checkpoint
-from ckptvault.engine.reader import verify_checkpoint
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.errors import CheckpointError, CheckpointNotFoundError, StorageError
 from ckptvault.storage.s3 import S3Storage
 from ckptvault.testing.s3proxy import FaultProxy

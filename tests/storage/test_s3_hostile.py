@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ckptvault.config import MANIFEST_NAME
-from ckptvault.engine.reader import verify_checkpoint
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.errors import CorruptCheckpointError, StorageError
 from ckptvault.testing.s3server import MotoServer
 

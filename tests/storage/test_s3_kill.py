@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ckptvault as cv
-from ckptvault.engine.reader import verify_checkpoint
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.errors import CheckpointNotFoundError
 from ckptvault.testing.s3proxy import FaultProxy
 from ckptvault.testing.s3server import MotoServer

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckptvault as cv
-from ckptvault.engine.reader import verify_checkpoint
+from ckptvault.engine.verify import verify_checkpoint
 from ckptvault.errors import CheckpointExistsError, ConcurrentWriteError, DocumentConflictError
 from ckptvault.testing.s3server import MotoServer
 

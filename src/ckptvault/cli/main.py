@@ -22,7 +22,8 @@ from rich.table import Table
 from .. import api
 from ..engine.gc import collect_garbage
 from ..engine.inspect import diff_checkpoints, iter_leaves
-from ..engine.reader import CheckpointReader, verify_checkpoint
+from ..engine.reader import CheckpointReader
+from ..engine.verify import verify_checkpoint
 from ..errors import CheckpointError
 from ..storage.resolve import is_url, split_location
 from . import catalog_cmds, listing, pictures
@@ -108,7 +109,7 @@ def show(checkpoint: Location, as_json: JsonOpt = False) -> None:
                 "kind": leaf.kind,
                 "dtype": leaf.dtype,
                 "shape": list(leaf.shape),
-                "bytes": manifest.tensors[leaf.tensor].nbytes if leaf.tensor in manifest.tensors else None,
+                "bytes": entry.nbytes if (entry := manifest.entry(leaf.tensor)) is not None else None,
                 "stored_as": leaf.tensor,
             }
             for leaf in leaves

@@ -20,7 +20,7 @@ def info_from_manifest(path: str, manifest: Manifest, metadata: dict[str, Any]) 
         step=manifest.step,
         created_at=manifest.created_at,
         size_bytes=manifest.total_bytes,
-        num_tensors=len(manifest.tensors),
+        num_tensors=manifest.logical_count,
         tensor_bytes=manifest.tensor_bytes,
         digest_algorithm=manifest.digest_algorithm,
         metadata=metadata,

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError
 from ..format.dtypes import TORCH_DTYPES, parse_numpy_dtype
+from ..types import TensorEntry
 from .arrays import torch_dtype
 from .budget import ByteBudget
 from .lazy import CheckpointView, decode_node
@@ -97,10 +98,14 @@ def logical_blocks(view: CheckpointView, node: dict[str, Any], path: str) -> Ite
     if "view" in node:
         yield from _walk(decode_node(view, node, path))
         return
-    entry = view.manifest.tensors[node["tensor"]]
+    entry = view.manifest.entry(node["tensor"])
     itemsize, convert = _converter(node)
     carry = np.empty(0, dtype=np.uint8)
-    for block in iter_stored_bytes(view._reader, entry):
+    if isinstance(entry, TensorEntry):
+        blocks: Iterator[np.ndarray] = iter_stored_bytes(view._reader, entry)
+    else:  # a sharded tensor: whole, from its verified pieces
+        blocks = iter([view._reader.fetch(node["tensor"])])
+    for block in blocks:
         if carry.size:
             block = np.concatenate([carry, block])
         usable = block.size - block.size % itemsize

@@ -18,6 +18,7 @@ from ..format.tree import iter_leaves as iter_leaf_nodes
 from ..storage.atomic_file import atomic_output
 from ..storage.base import Storage
 from ..storage.resolve import is_url, storage_for
+from ..types import ShardedEntry, TensorEntry
 from .budget import ByteBudget, default_limit
 from .diffing import compare_leaves
 from .lazy import CheckpointView
@@ -98,7 +99,10 @@ def diff_checkpoints(storage: Storage, a: str, b: str, *, max_bytes: int | None 
                 detail = f"{la.dtype}{list(la.shape)} -> {lb.dtype}{list(lb.shape)}"
                 out.append(TensorDiff(path, status, detail=detail))
                 continue
-            same_bytes = left.manifest.tensors[la.tensor].digest == right.manifest.tensors[lb.tensor].digest
+            left_entry, right_entry = left.manifest.entry(la.tensor), right.manifest.entry(lb.tensor)
+            same_bytes = (
+                left_entry is not None and right_entry is not None and left_entry.digest == right_entry.digest
+            )
             if same_bytes and la.node.get("view") == lb.node.get("view"):
                 out.append(TensorDiff(path, "identical", 0.0, 0.0))  # same bytes, same geometry
                 continue
@@ -130,7 +134,10 @@ def export_safetensors(
     with CheckpointReader(storage, checkpoint) as reader:
         manifest = reader.manifest
         reader.budget(max_bytes).charge(manifest.tensor_bytes, "exporting this checkpoint's tensors")
-        entries = sorted(manifest.tensors.values(), key=lambda t: (t.file, t.offsets))
+        pieces = {piece for whole in manifest.sharded.values() for _, piece in whole.shards}
+        stored = [t for t in manifest.tensors.values() if t.name not in pieces]
+        entries: list[TensorEntry | ShardedEntry] = sorted(stored, key=lambda t: (t.file, t.offsets))
+        entries += sorted(manifest.sharded.values(), key=lambda t: t.name)  # whole, from their pieces
         header = build_header(
             [(t.name, t.dtype, t.shape, t.nbytes) for t in entries],
             {

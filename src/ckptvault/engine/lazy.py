@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import CorruptCheckpointError
 from ..format.tree import TreeDecodeError, TreeDecoder, shared_leaves
 from ..storage.base import Storage
-from ..types import CheckpointInfo
+from ..types import CheckpointInfo, TensorEntry
 from .arrays import BlobReader
 from .budget import ByteBudget
 from .checkpoint_info import info_from_manifest
@@ -128,8 +128,10 @@ class CheckpointView:
     def _fetch(self, name: str) -> np.ndarray:
         # Fresh memory by default (stays valid and unchanged after close()); the caller's BlobReader
         # caches it, so each stored tensor is charged once.
-        entry = self._reader.manifest.tensors.get(name)
-        if entry is not None and (entry.chunks is not None or not self._mmap):
+        entry = self._reader.manifest.entry(name)
+        if entry is not None and (
+            not isinstance(entry, TensorEntry) or entry.chunks is not None or not self._mmap
+        ):
             self.budget().charge(entry.nbytes, f"reading tensor {name[:80]!r}")
         return self._reader.fetch(name, verify=self._verify, mapped=self._mmap)
 

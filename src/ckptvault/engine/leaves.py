@@ -105,7 +105,7 @@ def stored_nbytes_of(manifest: Manifest) -> Callable[[str], int]:
     """The stored size of each tensor a tree names, for :class:`LeafChecker` (unknown: refused)."""
 
     def size(name: str) -> int:
-        entry = manifest.tensors.get(name)
+        entry = manifest.entry(name)
         if entry is None:
             raise TreeDecodeError(f"tree references unknown tensor {name[:80]!r}")
         return entry.nbytes

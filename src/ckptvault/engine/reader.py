@@ -17,28 +17,24 @@ holds more than one block or chunk, and reads a chunk the manifest repeats only 
 from __future__ import annotations
 
 import mmap
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ..config import MANIFEST_NAME
-from ..errors import CheckpointError, CorruptCheckpointError, ResourceLimitError
-from ..format.digest import data_file_digest, digest_bytes, new_hasher
+from ..errors import CorruptCheckpointError
+from ..format.digest import digest_bytes, new_hasher
 from ..format.manifest import Manifest, check_file_name, parse_manifest
 from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
 from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
 from ..storage.base import ChunkBackend, ReadHandle, Storage
-from ..types import Problem, TensorEntry, VerifyReport
+from ..types import TensorEntry
 from .budget import ByteBudget, limit_for, stored_bytes
 from .chunks import read_chunked
-from .consistency import sidecar_problems
 from .fresh import fresh_bytes
-from .leaves import LeafChecker, leaf_nbytes_check, stored_nbytes_of
 from .read_order import file_groups
-from .streams import iter_stored_bytes, verify_chunked
+from .sharded import direct_targets, place, read_whole
 from .writer import NO_LEAVES
 
 _READ_CHUNK = 64 * 1024 * 1024
@@ -196,6 +192,9 @@ class CheckpointReader:
         """
         entry = self.manifest.tensors.get(name)
         if entry is None:
+            whole = self.manifest.sharded.get(name)
+            if whole is not None:  # pieces read into their places, each verified
+                return read_whole(self.manifest, whole, lambda n, o: self.fetch(n, verify=verify, out=o))
             raise self._corrupt(
                 f"tree references tensor {name[:80]!r} that the manifest does not list", "bad-manifest"
             )
@@ -248,13 +247,28 @@ class CheckpointReader:
         self, *, verify: bool, threads: int, mapped: bool, budget: ByteBudget | None = None
     ) -> dict[str, np.ndarray]:
         """Every tensor's bytes, read (and hashed) in parallel; big tensors first to balance threads.
+        A sharded tensor is returned whole (its pieces read into place, never mapped).
 
         The whole allocation is charged to ``budget`` before the first byte is read."""
+        sharded = self.manifest.sharded
         if budget is not None:
             unmapped = sum(
                 t.nbytes for t in self.manifest.tensors.values() if t.chunks is not None or not mapped
             )
+            unmapped += sum(t.nbytes for t in sharded.values()) if mapped else 0
             budget.charge(unmapped, "loading this checkpoint's tensors")
+        wholes = {name: fresh_bytes(entry.nbytes) for name, entry in sharded.items()}
+        direct = direct_targets(self.manifest, wholes)
+        result = self._fetch_stored(verify, threads, mapped, direct)
+        for name, whole in wholes.items():
+            place(self.manifest, sharded[name], whole, result)
+            result[name] = whole
+        return result
+
+    def _fetch_stored(
+        self, verify: bool, threads: int, mapped: bool, direct: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Every stored tensor's bytes (``direct``: pieces read into a sharded tensor's buffer)."""
         data_files = [n for n in self.manifest.files if self.manifest.files[n].header_size is not None]
         if mapped:
             for name in data_files:
@@ -266,15 +280,15 @@ class CheckpointReader:
         # Destinations are allocated here, on the calling thread: glibc gives each reading thread
         # its own arena, whose memory a later load on another thread cannot reuse, so buffers
         # allocated by the pool would pay fresh page faults on every load (see fresh_bytes).
-        outs: dict[str, np.ndarray] = {}
+        outs: dict[str, np.ndarray] = dict(direct)
         if not mapped:
             for name in names:
                 entry = self.manifest.tensors[name]
-                if entry.chunks is None:
+                if entry.chunks is None and name not in outs:
                     outs[name] = fresh_bytes(entry.nbytes)
 
         def one(name: str) -> np.ndarray:
-            return self.fetch(name, verify=verify, mapped=mapped, out=outs.get(name))
+            return self.fetch(name, verify=verify, mapped=mapped and name not in direct, out=outs.get(name))
 
         if threads <= 1 or len(names) < 2 or (mapped and not verify):
             for name in data_files:
@@ -308,7 +322,7 @@ class CheckpointReader:
         for name, entry in self.manifest.files.items():
             if entry.header_size is None:
                 self.check_size(name)
-                _check_whole_file_digest(self, name)
+                check_whole_file_digest(self, name)
 
     # -- decoding -----------------------------------------------------------------------------
     def decode_tree(self, blobs: LeafDecoder, node: Any = None, path: str = "state") -> Any:
@@ -327,104 +341,7 @@ class CheckpointReader:
         return value
 
 
-def verify_checkpoint(
-    storage: Storage, path: str, *, progress: Callable[[int], None] | None = None
-) -> VerifyReport:
-    """Checks everything and reports every problem; never raises for a bad checkpoint.
-
-    ``progress`` is called with the number of bytes each checked file added (for progress bars).
-    """
-    started = time.perf_counter()
-    problems: list[Problem] = []
-    files_checked = tensors_checked = bytes_checked = 0
-
-    def note(exc: CheckpointError, kind: str) -> None:
-        problems.append(Problem(kind, str(exc), getattr(exc, "file", None), getattr(exc, "tensor", None)))
-
-    try:
-        reader = CheckpointReader(storage, path)
-    except CheckpointError as exc:
-        note(exc, _kind(exc))
-        return VerifyReport(path, tuple(problems), 0, 0, 0, time.perf_counter() - started)
-    with reader:
-        manifest = reader.manifest
-        present = set(reader.handle.file_names())
-        for name in sorted(set(manifest.files) - present):
-            problems.append(Problem("missing-file", "file listed in the manifest is missing", name))
-        for name in sorted(present - set(manifest.files) - {MANIFEST_NAME}):
-            problems.append(Problem("extra-file", "unexpected file not listed in the manifest", name))
-        for name, entry in manifest.files.items():
-            if name not in present:
-                continue
-            files_checked += 1
-            try:
-                reader.check_size(name)
-                if entry.header_size is None:
-                    _check_whole_file_digest(reader, name)
-                else:
-                    reader.header(name)
-            except CheckpointError as exc:
-                note(exc, _kind(exc))
-                continue
-            if entry.header_size is not None:
-                clean = True
-                for tensor in reader.tensors_in(name):
-                    tensors_checked += 1
-                    try:
-                        _check_streamed(reader, tensor)
-                    except CheckpointError as exc:
-                        clean = False
-                        note(exc, _kind(exc))
-                    if progress is not None:
-                        progress(tensor.nbytes)
-                if clean and not _data_digest_consistent(reader, name):
-                    problems.append(Problem("digest-mismatch", "file digest disagrees with its parts", name))
-            bytes_checked += entry.size
-        checked: dict[tuple[str, str, int, int], CorruptCheckpointError | None] = {}
-        for tensor in manifest.tensors.values():
-            if tensor.chunks is None:
-                continue
-            tensors_checked += 1
-            try:
-                verify_chunked(reader.store, tensor, algorithm=reader.algorithm, where=path, checked=checked)
-            except CheckpointError as exc:
-                note(exc, _kind(exc))
-            bytes_checked += sum(c.stored_len for c in tensor.chunks)
-            if progress is not None:
-                progress(tensor.nbytes)
-        if not problems:
-            try:
-                metadata = reader.decode_metadata()
-                problems += sidecar_problems(manifest.step, set(manifest.files), reader.read_file, metadata)
-                # What a default load would refuse, verify reports (no bytes read for it).
-                limit = reader.budget(None).limit
-                leaf_nbytes_check(manifest.tensor_bytes, limit, "loading this checkpoint's tensors")
-                reader.decode_tree(LeafChecker(stored_nbytes_of(manifest), limit))
-            except CheckpointError as exc:
-                note(exc, _kind(exc))
-    return VerifyReport(
-        path, tuple(problems), files_checked, tensors_checked, bytes_checked, time.perf_counter() - started
-    )
-
-
-def _check_streamed(reader: CheckpointReader, tensor: TensorEntry) -> None:
-    """A data-file tensor's digest, read in blocks: memory stays one block whatever its size."""
-    for _ in iter_stored_bytes(reader, tensor):
-        pass
-
-
-def _data_digest_consistent(reader: CheckpointReader, name: str) -> bool:
-    """The recorded file digest equals the one combined from its (verified) header and tensors."""
-    manifest = reader.manifest
-    entry = manifest.files[name]
-    parts = reader.tensors_in(name)
-    combined = data_file_digest(
-        manifest.digest_algorithm, entry.size, str(entry.header_digest), [t.digest for t in parts]
-    )
-    return combined == entry.digest
-
-
-def _check_whole_file_digest(reader: CheckpointReader, name: str) -> int:
+def check_whole_file_digest(reader: CheckpointReader, name: str) -> int:
     entry = reader.manifest.files[name]
     hasher = new_hasher(reader.manifest.digest_algorithm, size_hint=entry.size)
     buffer = bytearray(min(_READ_CHUNK, max(entry.size, 1)))
@@ -440,9 +357,3 @@ def _check_whole_file_digest(reader: CheckpointReader, name: str) -> int:
             "file digest mismatch", path=reader.path, file=name, kind="digest-mismatch"
         )
     return entry.size
-
-
-def _kind(exc: CheckpointError) -> str:
-    if isinstance(exc, ResourceLimitError):
-        return "resource-limit"
-    return exc.kind if isinstance(exc, CorruptCheckpointError) else type(exc).__name__

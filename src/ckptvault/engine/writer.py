@@ -172,8 +172,8 @@ def data_file_name(index: int) -> str:
     return f"data-{index:05d}.safetensors"
 
 
-def _write_data_file(
-    syncing: _Syncer,
+def write_data_file(
+    syncing: Syncer,
     txn: WriteTransaction,
     name: str,
     blobs: list[Blob],
@@ -220,7 +220,7 @@ def _write_data_file(
     return FileEntry(name, total, file_digest, len(header) - 8, header_digest), entries
 
 
-class _Syncer:
+class Syncer:
     """Closes (fsyncs) written files in the background; ``wait`` re-raises the first failure.
 
     A failed fsync fails the save: the data may be lost, so it is never retried as success.
@@ -330,11 +330,11 @@ def _commit_locked(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-hash") as hash_pool,
             ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptvault-sync") as sync_pool,
         ):
-            syncing = _Syncer(sync_pool)
+            syncing = Syncer(sync_pool)
             for index, shard in enumerate(plan.shards):
                 if not shard and index > 0:
                     continue
-                entry, shard_tensors = _write_data_file(
+                entry, shard_tensors = write_data_file(
                     syncing, txn, data_file_name(index), shard, checkpoint_id, algorithm, hash_pool, plan.feed
                 )
                 files[entry.name] = entry

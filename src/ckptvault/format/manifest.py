@@ -10,19 +10,21 @@ names and inconsistent cross-references, so everything downstream can trust a pa
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import FORMAT_NAME, MAX_NAME_BYTES, MAX_NDIM, SCHEMA_VERSION
 from ..errors import CorruptCheckpointError, IncompatibleCheckpointError, UnsafeCheckpointError
-from ..types import ChunkRef, FileEntry, TensorEntry
+from ..types import ChunkRef, FileEntry, ShardedEntry, TensorEntry
 from .dtypes import SAFETENSORS_ITEMSIZE
+from .sharding import SHARDED_TENSORS, parse_sharded, sharded_json
 from .strictjson import StrictJSONError, dumps, loads
 
 # Features a reader must understand to read a checkpoint correctly; this reader refuses others.
 # "chunked-tensors": some tensors live in the run's chunk store (docs/format.md §11).
+# "sharded-tensors": some tensors are stored as pieces, listed in "sharded" (§15).
 CHUNKED_TENSORS = "chunked-tensors"
-KNOWN_FEATURES: frozenset[str] = frozenset({CHUNKED_TENSORS})
+KNOWN_FEATURES: frozenset[str] = frozenset({CHUNKED_TENSORS, SHARDED_TENSORS})
 CHUNK_CODECS = ("raw", "zstd", "lz4")
 MAX_CHUNK_BYTES = 1 << 30
 
@@ -59,6 +61,18 @@ class Manifest:
     metadata: Any
     schema_version: int = SCHEMA_VERSION
     required_features: tuple[str, ...] = ()
+    sharded: dict[str, ShardedEntry] = field(default_factory=dict)
+
+    def entry(self, name: str) -> TensorEntry | ShardedEntry | None:
+        """What a tree leaf's tensor name refers to: a stored tensor or a sharded one."""
+        found = self.tensors.get(name)
+        return found if found is not None else self.sharded.get(name)
+
+    @property
+    def logical_count(self) -> int:
+        """Tensors as a user counts them: a sharded tensor once, not its pieces."""
+        pieces = sum(len(s.shards) for s in self.sharded.values())
+        return len(self.tensors) - pieces + len(self.sharded)
 
     def to_json(self) -> bytes:
         doc = {
@@ -74,6 +88,8 @@ class Manifest:
             "tree": self.tree,
             "metadata": self.metadata,
         }
+        if self.sharded:
+            doc["sharded"] = {name: sharded_json(entry) for name, entry in self.sharded.items()}
         return dumps(doc, indent=1) + b"\n"
 
     @property
@@ -122,9 +138,13 @@ def check_file_name(name: Any, *, path: str | None = None) -> str:
 
 def _require(cond: bool, message: str, path: str | None) -> None:
     if not cond:
-        raise CorruptCheckpointError(
-            f"manifest: {message}", path=path, file="manifest.json", kind="bad-manifest"
-        )
+        raise _bad(message, path)
+
+
+def _bad(message: str, path: str | None) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"manifest: {message}", path=path, file="manifest.json", kind="bad-manifest"
+    )
 
 
 def _is_uint(value: Any) -> bool:
@@ -164,7 +184,7 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
             f"{path}: written with schema_version {version}; this ckptvault reads up to {SCHEMA_VERSION}. "
             "Upgrade ckptvault to read it."
         )
-    unknown = set(doc) - _TOP_KEYS
+    unknown = set(doc) - _TOP_KEYS - {"sharded"}
     _require(not unknown, f"unknown fields {sorted(unknown)[:5]}", path)
     missing = _TOP_KEYS - set(doc)
     _require(not missing, f"missing fields {sorted(missing)}", path)
@@ -262,6 +282,10 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
         tensors[name] = TensorEntry(
             name, raw["file"], raw["dtype"], tuple(shape), (offsets[0], offsets[1]), raw["digest"]
         )
+    sharded: dict[str, ShardedEntry] = {}
+    if "sharded" in doc:
+        _require(SHARDED_TENSORS in features, "sharded tensors without the feature", path)
+        sharded = parse_sharded(doc["sharded"], tensors, algorithm, lambda m: _bad(m, path))
     return Manifest(
         checkpoint_id=doc["checkpoint_id"],
         created_at=doc["created_at"],
@@ -273,6 +297,7 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
         metadata=doc["metadata"],
         schema_version=version,
         required_features=tuple(features),
+        sharded=sharded,
     )
 
 

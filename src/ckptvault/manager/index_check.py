@@ -26,8 +26,8 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..engine.reader import verify_checkpoint
 from ..engine.rundir import RunDirectory
+from ..engine.verify import verify_checkpoint
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..policy import CheckpointRecord
 from ..types import CheckpointInfo

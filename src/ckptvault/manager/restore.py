@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ..engine.reader import verify_checkpoint
 from ..engine.rundir import RunDirectory
+from ..engine.verify import verify_checkpoint
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..policy import CheckpointRecord
 from ..training.state import FULL, WEIGHTS, TrainState

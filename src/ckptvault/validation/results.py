@@ -101,7 +101,7 @@ def read_result(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 # -- running a level ------------------------------------------------------------------------------
 def readback(path: str, requested: str = "readback", note: str = "") -> ValidationResult:
-    from ..engine.reader import verify_checkpoint
+    from ..engine.verify import verify_checkpoint
 
     started = time.perf_counter()
     report = verify_checkpoint(*storage_for(path))

@@ -1,0 +1,245 @@
+"""``StorageReader``: torch.distributed.checkpoint's load from a ckptvault checkpoint, at any world
+size.
+
+``read_metadata`` rebuilds DCP's ``Metadata`` from the manifest and ``dcp.json`` (:mod:`.metadata`)
+-- nothing is unpickled. DCP's planner then asks each rank for the boxes of each tensor it holds
+now, whatever the world size at save time; ``read_data`` reads, for each box, only the stored row
+blocks that overlap it, verifies each block's digest (``verify=True``, the default) and copies the
+overlap into the rank's tensor. A block several boxes need is read once (a small cache).
+
+Non-tensor values come from the manifest's tree, decoded without pickle, and are handed to DCP's
+default load planner the way its own ``load_bytes`` would place an unpickled value; other planners,
+which can only take pickled bytes, are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from ..engine.arrays import BlobReader, torch_dtype
+from ..engine.reader import CheckpointReader
+from ..errors import CorruptCheckpointError, UnsupportedStateError
+from ..storage.resolve import storage_for
+from .metadata import DCP_FILE, ChunkPieces, chunk_pieces_of, parse_document
+
+_CACHED_PIECES = 4
+
+
+class _Placeholder:
+    """Stands for a DCP tensor while the tree's non-tensor values are decoded."""
+
+
+class _ValuesOnly:
+    """Leaf decoder for reading a checkpoint's values: DCP's own tensors stay placeholders (the
+    planner reads them box by box); arrays inside values are read and verified here."""
+
+    def __init__(self, reader: CheckpointReader, dcp_tensors: set[str]) -> None:
+        self._dcp = dcp_tensors
+        self._blobs = BlobReader(lambda name: reader.fetch(name, verify=True), "cpu", None)
+
+    def decode_leaf(self, node: dict[str, Any], path: str) -> Any:
+        if node.get("t") == "torch.Tensor" and node.get("tensor") in self._dcp:
+            return _Placeholder()
+        return self._blobs.decode_leaf(node, path)
+
+
+class StorageReader:
+    """DCP ``StorageReader`` of the ckptvault checkpoint at ``path`` (a directory or a URL)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        self.path = os.fspath(path)
+        self.verify = verify
+        self._reader: CheckpointReader | None = None
+        self._index: dict[Any, ChunkPieces] = {}
+        self._dtypes: dict[str, Any] = {}
+        self._values: dict[str, Any] = {}
+        self.bytes_read = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_reader=None, _index={}, _dtypes={}, _values={})
+        return state
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.close()
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
+            ChunkStorageMetadata,
+            Metadata,
+            MetadataIndex,
+            StorageMeta,
+            TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        self.close()
+        reader = self._reader = CheckpointReader(*storage_for(self.path))
+        manifest = reader.manifest
+        if DCP_FILE not in manifest.files:
+            raise CorruptCheckpointError(
+                "not a distributed checkpoint (no dcp.json): load it with ckptvault.load",
+                path=self.path,
+                kind="bad-manifest",
+            )
+        doc = parse_document(reader.read_file(DCP_FILE), self.path)
+        entries: dict[str, Any] = {}
+        self._index, self._dtypes = {}, {}
+        for fqn, raw in doc["tensors"].items():
+            entry = manifest.entry(fqn)
+            if entry is None:
+                raise CorruptCheckpointError(
+                    f"{DCP_FILE} lists {fqn[:80]!r}, the manifest does not", path=self.path
+                )
+            chunks = [(tuple(o), tuple(s)) for o, s in raw["chunks"]]
+            dtype = self._dtypes[fqn] = torch_dtype(raw["dtype"], fqn)
+            for pieces in chunk_pieces_of(fqn, entry, chunks, manifest.tensors):
+                self._index[MetadataIndex(fqn, pieces.offsets)] = pieces
+            entries[fqn] = TensorStorageMetadata(
+                TensorProperties(dtype=dtype, requires_grad=raw["requires_grad"]),
+                torch.Size(raw["size"]),
+                [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks],
+            )
+        self._values = _values(reader, set(doc["tensors"]), doc["planner_data"])
+        for fqn in self._values:
+            entries[fqn] = BytesStorageMetadata()
+        meta = doc["storage_meta"]
+        return Metadata(
+            state_dict_metadata=entries,
+            planner_data=doc["planner_data"],
+            storage_data=None,
+            storage_meta=StorageMeta(**meta) if meta is not None else None,
+            version=doc["dcp_version"],
+        )
+
+    def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if self._reader is None:  # DCP read the metadata on another rank only: read it here too
+            self.read_metadata()
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        return plans
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        import torch
+        from torch.distributed.checkpoint.planner import LoadItemType
+
+        future: Any = torch.futures.Future()  # what DCP waits on
+        cache: OrderedDict[str, Any] = OrderedDict()
+        try:
+            for item in plan.items:
+                if item.type == LoadItemType.BYTE_IO:
+                    _place_value(planner, item, self._values[item.storage_index.fqn])
+                    continue
+                target = planner.resolve_tensor(item).detach()
+                self._copy_box(item, target, cache)
+                planner.commit_tensor(item, target)
+        except BaseException as exc:
+            future.set_exception(exc)
+            return future
+        future.set_result(None)
+        return future
+
+    def _copy_box(self, item: Any, target: Any, cache: OrderedDict[str, Any]) -> None:
+        """Fills ``target`` with the box ``item`` names, from the row blocks that overlap it."""
+        chunk = self._index.get(item.storage_index)
+        if chunk is None:
+            raise CorruptCheckpointError(
+                f"no stored chunk {item.storage_index.fqn[:80]!r} at {list(item.storage_index.offset or ())}",
+                path=self.path,
+            )
+        start = tuple(int(s) for s in item.storage_offsets)
+        lengths = tuple(int(n) for n in item.lengths)
+        dtype = self._dtypes[item.storage_index.fqn]
+        if not lengths:  # a 0-d tensor: one piece, the value
+            target.copy_(self._piece(chunk.pieces[0][1], dtype, (), cache).reshape(()))
+            return
+        lo, hi = start[0], start[0] + lengths[0]
+        inner = tuple(slice(s, s + n) for s, n in zip(start[1:], lengths[1:], strict=True))
+        for row, name, rows in chunk.pieces:
+            a, b = max(lo, row), min(hi, row + rows)
+            if a >= b:
+                continue
+            block = self._piece(name, dtype, (rows, *chunk.sizes[1:]), cache)
+            target[a - lo : b - lo].copy_(block[(slice(a - row, b - row), *inner)])
+
+    def _piece(self, name: str, dtype: Any, shape: tuple[int, ...], cache: OrderedDict[str, Any]) -> Any:
+        import torch
+
+        found = cache.get(name)
+        if found is not None:
+            cache.move_to_end(name)
+            return found
+        assert self._reader is not None
+        data: np.ndarray = self._reader.fetch(name, verify=self.verify)
+        self.bytes_read += data.nbytes
+        raw = torch.from_numpy(data) if data.size else torch.empty(0, dtype=torch.uint8)
+        expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if raw.numel() != expected:
+            raise CorruptCheckpointError(
+                f"stored piece is {raw.numel()} bytes, its box needs {expected}", path=self.path, tensor=name
+            )
+        tensor = raw.view(dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)
+        cache[name] = tensor
+        if len(cache) > _CACHED_PIECES:
+            cache.popitem(last=False)
+        return tensor
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+def _values(reader: CheckpointReader, dcp_tensors: set[str], planner_data: Any) -> dict[str, Any]:
+    """The checkpoint's non-tensor values by DCP key, decoded from the tree (no pickle)."""
+    state = reader.decode_tree(_ValuesOnly(reader, dcp_tensors))
+    out: dict[str, Any] = {}
+    if isinstance(planner_data, dict) and planner_data:
+        for fqn, path in planner_data.items():
+            if fqn in dcp_tensors:
+                continue
+            node = state
+            try:
+                for key in path:
+                    node = node[key]
+            except (KeyError, IndexError, TypeError) as exc:
+                raise CorruptCheckpointError(
+                    f"value {fqn[:80]!r} missing from the tree", path=reader.path
+                ) from exc
+            out[fqn] = node
+        return out
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError("a distributed checkpoint's tree must be a dict", path=reader.path)
+    return {k: v for k, v in state.items() if k not in dcp_tensors and not isinstance(v, _Placeholder)}
+
+
+def _place_value(planner: Any, item: Any, value: Any) -> None:
+    """Puts a decoded value where DCP's default planner's ``load_bytes`` puts an unpickled one."""
+    mappings = getattr(planner, "mappings", None)
+    if not hasattr(planner, "flatten_state_dict") or mappings is None:
+        raise UnsupportedStateError(
+            item.dest_index.fqn, "this load planner only takes pickled bytes; use DCP's default planner"
+        )
+    fqn = item.dest_index.fqn
+    if planner.flatten_state_dict:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        set_element(planner.original_state_dict, mappings[fqn], value)
+    else:
+        planner.state_dict[fqn] = value
