@@ -30,6 +30,7 @@ from .api import (
 from .catalog.database import CatalogError
 from .catalog.query_tokens import QueryError
 from .catalog.registry import RegistryError, ReplacedCheckpointError
+from .distributed.api import DistributedCheckpointError
 from .engine.background import PendingSave
 from .engine.rundir import DamagedRunFileError
 from .engine.staging import StagingBudgetError
@@ -71,6 +72,7 @@ __all__ = [
     "ConcurrentWriteError",
     "CorruptCheckpointError",
     "DamagedRunFileError",
+    "DistributedCheckpointError",
     "DocumentConflictError",
     "ExportError",
     "ExportMismatchError",

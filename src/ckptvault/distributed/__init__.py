@@ -8,7 +8,8 @@ a checkpoint saved at one world size loads at any other. See docs/distributed.md
 
 from __future__ import annotations
 
+from .api import DistributedCheckpointError, load, save
 from .reader import StorageReader
 from .writer import StorageWriter
 
-__all__ = ["StorageReader", "StorageWriter"]
+__all__ = ["DistributedCheckpointError", "StorageReader", "StorageWriter", "load", "save"]

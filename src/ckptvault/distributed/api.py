@@ -1,0 +1,92 @@
+"""``save`` and ``load`` for distributed states: DCP with ckptvault's storage layer, and the
+clean-up DCP leaves to its caller.
+
+Every rank calls them with its own (sharded) state dict. Over plain ``dcp.save`` they add: the
+staging area of a save that failed anywhere -- a rank raised, a rank died, a collective timed out --
+is removed at once instead of at the next save; DCP's ``CheckpointException`` (a ``BaseException``,
+which ``except Exception`` misses) becomes a :class:`~ckptvault.errors.CheckpointError` naming each
+failed rank; and the coordinator gets the committed manifest back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import CheckpointError
+from ..format.manifest import Manifest
+from .reader import StorageReader
+from .writer import DEFAULT_PIECE_BYTES, StorageWriter
+
+
+class DistributedCheckpointError(CheckpointError):
+    """A distributed save or load failed on at least one rank; ``failures`` maps each failed
+    rank to what it raised (as text: the exceptions lived in other processes)."""
+
+    def __init__(self, message: str, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+def save(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    process_group: Any = None,
+    planner: Any = None,
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
+) -> Manifest | None:
+    """Saves ``state_dict`` from every rank as one checkpoint at ``path``; returns the committed
+    manifest on the coordinator (rank 0 of ``process_group``), None elsewhere. Outside an
+    initialised process group it saves from this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    writer = StorageWriter(path, metadata=metadata, overwrite=overwrite, piece_bytes=piece_bytes)
+    try:
+        dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
+    except BaseException as exc:
+        writer.abort()
+        raise _typed(exc, f"saving {os.fspath(path)}") from exc
+    return writer.committed
+
+
+def load(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    process_group: Any = None,
+    planner: Any = None,
+    verify: bool = True,
+) -> None:
+    """Loads the checkpoint at ``path`` into ``state_dict`` in place, on every rank, resharding to
+    the tensors' current layout (``verify``: each stored block read is digest-checked)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = StorageReader(path, verify=verify)
+    try:
+        dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)
+    except BaseException as exc:
+        raise _typed(exc, f"loading {os.fspath(path)}") from exc
+    finally:
+        reader.close()
+
+
+def _typed(exc: BaseException, what: str) -> BaseException:
+    """DCP's CheckpointException as our error (each rank's failure as text); others unchanged."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not isinstance(exc, CheckpointException):
+        return exc
+    failures = {rank: _describe(failure) for rank, failure in exc.failures.items()}
+    first = next(iter(failures.values()), "unknown failure")
+    return DistributedCheckpointError(f"{what} failed on rank(s) {sorted(failures)}: {first}", failures)
+
+
+def _describe(failure: Any) -> str:
+    if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+        failure = failure[0]  # DCP wraps (exception, traceback)
+    if isinstance(failure, BaseException):
+        return f"{type(failure).__name__}: {failure}"
+    return str(failure)[:500]
