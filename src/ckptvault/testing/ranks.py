@@ -1,0 +1,140 @@
+"""Real ``torch.distributed`` jobs on one machine, for tests, benchmarks and ``check-resume --nproc``.
+
+:func:`run_ranks` starts ``world`` fresh Python processes (the ``spawn`` start method: no state
+inherited from the caller), each joining a gloo process group on 127.0.0.1 with a collective
+timeout, runs ``fn(rank, world, *args)`` in each and returns every rank's result in rank order.
+Why not ``torch.multiprocessing.spawn``: a test must be able to kill one rank mid-save and still
+collect what the others did, bound the whole job by a deadline (a hung collective must fail the
+test, not the CI run), and get each rank's exception back as text.
+
+``fn`` must be importable by module and name (a module-level function in an importable module) and
+its arguments and result picklable -- the usual ``spawn`` rules. Not for production use.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .s3server import LOOPBACK, free_port
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """What one rank did: its return value, or the exception it raised (as text), or its exit code
+    when it died without answering (killed, crashed)."""
+
+    rank: int
+    value: Any = None
+    error: str | None = None
+    exitcode: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.exitcode in (0, None)
+
+
+class RanksFailedError(AssertionError):
+    """At least one rank raised or died; the message shows each rank's failure."""
+
+    def __init__(self, outcomes: list[RankOutcome]) -> None:
+        self.outcomes = outcomes
+        lines = [f"rank {o.rank}: {o.error or f'exit code {o.exitcode}'}" for o in outcomes if not o.ok]
+        super().__init__("\n".join(lines))
+
+
+def _entry(
+    fn: Callable[..., Any],
+    rank: int,
+    world: int,
+    port: int,
+    timeout: float,
+    args: tuple[Any, ...],
+    results: Any,
+    env: dict[str, str],
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR=LOOPBACK,
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    try:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+        )
+        try:
+            value = fn(rank, world, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, value, None))
+    except BaseException:
+        results.put((rank, None, traceback.format_exc()[-4000:]))
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    timeout: float = 120.0,
+    collective_timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> list[RankOutcome]:
+    """Runs ``fn(rank, world, *args)`` on ``world`` ranks (see module doc); every process is gone
+    when this returns. ``timeout`` bounds the whole job (stragglers are killed); ``check`` raises
+    :class:`RanksFailedError` unless every rank returned."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    procs = [
+        ctx.Process(
+            target=_entry, args=(fn, rank, world, port, collective_timeout, args, results, env), daemon=True
+        )
+        for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    answers: dict[int, tuple[Any, str | None]] = {}
+    while len(answers) < world and time.monotonic() < deadline:
+        try:
+            rank, value, error = results.get(timeout=0.2)
+            answers[rank] = (value, error)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs):
+                # every process ended: drain what they put before exiting, then stop waiting
+                while True:
+                    try:
+                        rank, value, error = results.get(timeout=0.5)
+                    except queue.Empty:
+                        break
+                    answers[rank] = (value, error)
+                break
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()) if proc.is_alive() else 0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    outcomes = []
+    for rank, proc in enumerate(procs):
+        if rank in answers:
+            value, error = answers[rank]
+            outcomes.append(RankOutcome(rank, value, error, proc.exitcode))
+        else:
+            outcomes.append(RankOutcome(rank, error=None, exitcode=proc.exitcode if proc.exitcode else -9))
+    if check and not all(o.ok for o in outcomes):
+        raise RanksFailedError(outcomes)
+    return outcomes
