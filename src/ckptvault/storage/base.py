@@ -14,6 +14,12 @@ file), an *event log*, a *lease*, or a *chunk store*; ``join`` builds child keys
        txn.commit(manifest_bytes)                     # manifest written last: the commit point
        # or txn.abort() on any failure: nothing becomes visible
 
+   A save may be written by several processes (the ranks of a torch.distributed job): the
+   transaction from ``begin`` -- the *coordinator* -- hands its ``token`` to the others, each calls
+   ``storage.join_transaction(target, token)`` and writes its own files into the same staging area
+   through that *participant*; once every rank's files are durable (their ``close`` returned) the
+   coordinator alone commits, publishing them all in its one atomic step.
+
 2. **Reads** -- :meth:`Storage.open` gives a :class:`ReadHandle` on a committed checkpoint: whole and
    ranged reads, an optional map. ``close`` closes its files; maps it handed out stay valid.
 3. **Listing and deletion** -- :meth:`Storage.list` shows a prefix's children, committed checkpoints
@@ -94,17 +100,34 @@ class WritableFile(Protocol):
 
 
 class WriteTransaction(Protocol):
+    """A save in progress: the *coordinator* ``begin`` returned, or a *participant* from
+    ``join_transaction`` writing into the coordinator's staging area (a multi-rank save: every rank
+    writes its own files, the coordinator commits once all of them are durable)."""
+
+    @property
+    def token(self) -> str:
+        """Names this transaction's staging area: opaque, printable ASCII of at most 200
+        characters, safe to send to other processes, which pass it to
+        :meth:`Storage.join_transaction`. A participant's is its coordinator's. (An object store
+        may record on first read that the area is shared, so read it only to share it.)"""
+        ...
+
     def create(self, name: str, *, size_hint: int = 0) -> WritableFile:
-        """A new file; ``size_hint`` (its expected size) lets a backend pick a write path."""
+        """A new file; ``size_hint`` (its expected size) lets a backend pick a write path. A name
+        already in the staging area (written by anyone) raises StorageError EEXIST where the
+        backend can tell (a participant's only best effort on an object store)."""
 
     def commit(self, manifest: bytes) -> None:
-        """Writes the manifest last and publishes the checkpoint atomically and durably. Every
-        created file is closed first. CheckpointExistsError when another writer committed the
-        target meanwhile (and this one was not an overwrite)."""
+        """Writes the manifest last and publishes the checkpoint atomically and durably, with
+        every file in the staging area, participants' included. Every created file is closed
+        first. CheckpointExistsError when another writer committed the target meanwhile (and this
+        one was not an overwrite). A participant's raises StorageError EPERM and changes nothing:
+        only the transaction that began the save commits it."""
 
     def abort(self) -> None:
         """Discards everything written; safe to call more than once, after a failed commit, and
-        after a successful one (then it does nothing)."""
+        after a successful one (then it does nothing). The coordinator's discards participants'
+        files too; a participant's only its own, best effort (never raising for an area gone)."""
 
 
 class ReadHandle(Protocol):
@@ -196,6 +219,19 @@ class Storage(Protocol):
     def begin(self, target: str, *, overwrite: bool) -> WriteTransaction:
         """A private staging area for ``target``. CheckpointExistsError when ``target`` is committed
         and not ``overwrite``, or is a non-empty prefix that is not a checkpoint."""
+
+    def join_transaction(self, target: str, token: str) -> WriteTransaction:
+        """A participant in the save of ``target`` that ``begin`` started (in any process) and whose
+        ``token`` this is: its files land in the same staging area, durable when their ``close``
+        returns; the coordinator publishes them with its commit (see :class:`WriteTransaction`).
+
+        Why: a multi-rank save writes each rank's shards from that rank, never through one
+        process. The token comes over the network, so it is untrusted input: a malformed one (wrong
+        shape, path separators, naming another target's staging area, a link, not a directory)
+        raises StorageError EINVAL and touches nothing; one whose area is gone (the save was aborted
+        or committed, or its dead writer's leftovers swept) raises StorageError ENOENT, here or at
+        ``create`` (on an object store a token is a bare save id that cannot name another target's
+        area: there a foreign one is unknown, ENOENT). A participant never locks or sweeps."""
 
     def open(self, target: str) -> ReadHandle: ...
 

@@ -2,6 +2,7 @@
 
 Its mechanisms live in sibling modules, one per part of the protocol: ``local_write``
 (transactions: staging directory, fsync, manifest last, rename/``renameat2`` as the commit),
+``local_join`` (other processes' participants in a save, by the staging directory's name),
 ``local_read`` (reads through descriptors that never follow links), ``local_docs`` (documents with
 compare-and-swap, event logs, leases as record locks), ``chunkstore`` (the run's chunk store) and
 ``local_common`` (staging names and the sweep of dead writers' leftovers). docs/format.md's "local
@@ -33,6 +34,7 @@ from .local_common import HOST_TAG, STAGING_MARK, is_committed, storage_error
 from .local_common import exchange_paths as exchange_paths
 from .local_common import sweep_staging as sweep_staging
 from .local_docs import LocalDocuments
+from .local_join import LocalParticipant
 from .local_read import LocalReadHandle
 from .local_write import LocalWriteTransaction
 from .safeopen import fsync_dir as fsync_dir
@@ -61,6 +63,10 @@ class LocalStorage(LocalDocuments):
     # -- checkpoints ----------------------------------------------------------------------------
     def begin(self, target: str, *, overwrite: bool) -> LocalWriteTransaction:
         return LocalWriteTransaction(Path(target).absolute(), overwrite=overwrite, settings=self.settings)
+
+    def join_transaction(self, target: str, token: str) -> LocalParticipant:
+        """A participant writing into the staging directory ``token`` names (local_join)."""
+        return LocalParticipant(Path(target).absolute(), token, settings=self.settings)
 
     def open(self, target: str) -> LocalReadHandle:
         # An overwrite can swap the directory out and delete it between our opening it and its

@@ -43,10 +43,16 @@ _LOCK_WAIT_SECONDS = 2.0
 class LocalWritableFile:
     """A file in a staging directory; ``close`` fsyncs it so it is durable before the commit."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, dir_fd: int | None = None) -> None:
+        """``dir_fd``: create ``path.name`` in that directory (a participant's pinned staging
+        directory) instead of opening ``path`` through its parents."""
         self._path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            if dir_fd is None:
+                self._fd = os.open(path, flags, 0o644)
+            else:
+                self._fd = os.open(path.name, flags | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
         except OSError as exc:
             raise storage_error("cannot create", path, exc) from exc
 
@@ -165,18 +171,24 @@ class DirectWritableFile:
             os.close(fd)
 
 
-def open_writable(path: Path, *, direct: bool) -> LocalWritableFile | DirectWritableFile:
-    """A new file for a staging directory: ``O_DIRECT`` where asked and supported, else buffered."""
+def open_writable(
+    path: Path, *, direct: bool, dir_fd: int | None = None
+) -> LocalWritableFile | DirectWritableFile:
+    """A new file for a staging directory: ``O_DIRECT`` where asked and supported, else buffered.
+    With ``dir_fd`` the file is ``path.name`` in that directory (never through a link)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            if dir_fd is None:
+                fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            else:
+                fd = os.open(path.name, flags | os.O_DIRECT | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT (tmpfs)
                 raise storage_error("cannot create", path, exc) from exc
         else:
             return DirectWritableFile(path, fd)
-    return LocalWritableFile(path)
+    return LocalWritableFile(path, dir_fd=dir_fd)
 
 
 class LocalWriteTransaction:
@@ -194,6 +206,8 @@ class LocalWriteTransaction:
         sweep_staging(parent)
         name = f".{target.name}{STAGING_MARK}{HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
         self.staging = parent / name
+        #: What participants (other ranks) join by: the staging directory's name (local_join).
+        self.token = name
         try:
             os.mkdir(self.staging, 0o755)
             self._lock_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -7,7 +7,9 @@ has no rename, as an object store has none:
 
 * a write transaction stages its files privately (inside the transaction object); ``commit`` puts
   the manifest and every file under the target in one step under the lock. Nothing staged is ever
-  listed or openable, and a crashed writer leaves nothing behind (its transaction is just garbage);
+  listed or openable, and a crashed writer leaves nothing behind (its transaction is just garbage).
+  Participants (``join_transaction``, by the token of a transaction open on this same object) stage
+  into it too;
 * documents, event logs, published files and chunks are *objects* (bytes with a version and a
   modification time) in one ``/``-joined namespace, so ``list`` and ``delete`` see them as a bucket
   listing would; a document's version is a digest of its bytes, as on local disk;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import io
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO
@@ -35,9 +38,10 @@ from ..errors import (
 from .base import Document, Entry, EntryKind, Storage
 from .chunkstore import STORE_NAME
 from .memory_chunks import MemoryChunkStore
-from .memory_handles import MemoryLease, MemoryReadHandle, MemoryTransaction
+from .memory_handles import MemoryLease, MemoryParticipant, MemoryReadHandle, MemoryTransaction
 from .memory_space import LeaseState, ObjectSpace, norm_key, rel_key
 
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 _RANK: dict[EntryKind, int] = {"checkpoint": 0, "document": 1, "directory": 2}
 
 
@@ -56,6 +60,20 @@ class MemoryStorage(ObjectSpace):
         with self._cond:
             self._check_target(key, overwrite)
         return MemoryTransaction(self, key, overwrite)
+
+    def join_transaction(self, target: str, token: str) -> MemoryParticipant:
+        """A participant in a save this storage object began (in this process: memory is not
+        shared); an unknown or finished token is ENOENT, another target's EINVAL."""
+        key = norm_key(target)
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise StorageError(errno.EINVAL, f"{str(token)[:80]!r} is not a transaction token")
+        with self._cond:
+            txn = self._transactions.get(token)
+        if txn is None:
+            raise StorageError(errno.ENOENT, f"{key}: no open save has token {token}")
+        if txn.target != key:
+            raise StorageError(errno.EINVAL, f"token {token} names a save of another target")
+        return MemoryParticipant(txn)
 
     def open(self, target: str) -> MemoryReadHandle:
         key = norm_key(target)

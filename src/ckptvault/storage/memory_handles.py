@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import errno
+import secrets
+from typing import Protocol
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..errors import ConcurrentWriteError, CorruptCheckpointError, StorageError
 from .memory_space import CheckpointObject, LeaseState, ObjectSpace
 
 
+class _FileOwner(Protocol):
+    """What a staged file reports to: the coordinator's transaction or a participant."""
+
+    @property
+    def finished(self) -> bool: ...
+    def _closed(self, name: str, data: bytes) -> None: ...
+
+
 class MemoryWritableFile:
     """A staged file: its bytes reach the transaction when ``close`` returns (an upload)."""
 
-    def __init__(self, txn: MemoryTransaction, name: str) -> None:
+    def __init__(self, txn: _FileOwner, name: str) -> None:
         self._txn = txn
         self._name = name
         self._data: bytearray | None = bytearray()
@@ -29,17 +39,23 @@ class MemoryWritableFile:
 
 
 class MemoryTransaction:
-    """Private staging (nothing shared is touched before ``commit``)."""
+    """Private staging (nothing shared is touched before ``commit``). Registered under its
+    ``token`` while open, so participants of this process can join it; staged state changes under
+    the storage's lock (participants may write from other threads)."""
 
     def __init__(self, storage: ObjectSpace, target: str, overwrite: bool) -> None:
         self._storage = storage
         self.target = target
         self.overwrite = overwrite
+        self.token = secrets.token_hex(16)
         self._staged: dict[str, bytes] = {}
         self._open: set[str] = set()
         self.finished = False
+        with storage._cond:
+            storage._transactions[self.token] = self
 
-    def create(self, name: str, *, size_hint: int = 0) -> MemoryWritableFile:
+    def _claim(self, name: str) -> None:
+        """Reserves ``name`` in the staging area (caller holds the lock): one writer per name."""
         if self.finished:
             raise StorageError(errno.EBADF, "transaction already finished")
         if name in ("", ".", "..") or "/" in name or "\0" in name:
@@ -47,28 +63,95 @@ class MemoryTransaction:
         if name == MANIFEST_NAME or name in self._staged or name in self._open:
             raise StorageError(errno.EEXIST, f"{self.target}/{name} was already created")
         self._open.add(name)
+
+    def create(self, name: str, *, size_hint: int = 0) -> MemoryWritableFile:
+        with self._storage._cond:
+            self._claim(name)
         return MemoryWritableFile(self, name)
 
     def _closed(self, name: str, data: bytes) -> None:
-        self._open.discard(name)
-        if not self.finished:
-            self._staged[name] = data
+        with self._storage._cond:
+            self._open.discard(name)
+            if not self.finished:
+                self._staged[name] = data
 
     def commit(self, manifest: bytes) -> None:
-        if self.finished:
-            raise StorageError(0, "transaction already finished")
-        if self._open:
-            self.abort()
-            raise StorageError(errno.EBUSY, f"{sorted(self._open)} not closed before the commit")
-        files = {**self._staged, MANIFEST_NAME: bytes(manifest)}
-        try:
-            self._storage._publish(self.target, files, overwrite=self.overwrite)
-        finally:
-            self.abort()
+        with self._storage._cond:  # no participant's file lands between the check and the publish
+            if self.finished:
+                raise StorageError(0, "transaction already finished")
+            if self._open:
+                names = sorted(self._open)
+                self.abort()
+                raise StorageError(errno.EBUSY, f"{names} not closed before the commit")
+            files = {**self._staged, MANIFEST_NAME: bytes(manifest)}
+            try:
+                self._storage._publish(self.target, files, overwrite=self.overwrite)
+            finally:
+                self.abort()
 
     def abort(self) -> None:
-        self.finished = True
-        self._staged.clear()
+        """Drops every staged file, participants' included, and the token's registration."""
+        with self._storage._cond:
+            self.finished = True
+            self._staged.clear()
+            self._storage._transactions.pop(self.token, None)
+
+
+class MemoryParticipant:
+    """Another writer of a :class:`MemoryTransaction`'s staging area (see base.WriteTransaction):
+    its files are staged into the coordinator's; it never commits."""
+
+    def __init__(self, txn: MemoryTransaction) -> None:
+        self._txn = txn
+        self._lock = txn._storage._cond
+        self.target = txn.target
+        self.token = txn.token
+        self._open: set[str] = set()
+        self._written: set[str] = set()
+        self._done = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done or self._txn.finished
+
+    def create(self, name: str, *, size_hint: int = 0) -> MemoryWritableFile:
+        with self._lock:
+            if self._done:
+                raise StorageError(errno.EBADF, "transaction already finished")
+            if self._txn.finished:
+                raise StorageError(errno.ENOENT, f"{self.target}: the save joined is over")
+            self._txn._claim(name)
+            self._open.add(name)
+        return MemoryWritableFile(self, name)
+
+    def _closed(self, name: str, data: bytes) -> None:
+        with self._lock:
+            if name not in self._open:
+                return  # aborted meanwhile: the name was released then
+            self._open.discard(name)
+            self._txn._open.discard(name)
+            if self._done:
+                return
+            if self._txn.finished:
+                raise StorageError(errno.ENOENT, f"{self.target}/{name}: the save joined is over")
+            self._txn._staged[name] = data
+            self._written.add(name)
+
+    def commit(self, manifest: bytes) -> None:
+        raise StorageError(errno.EPERM, "only the transaction that began the save commits it")
+
+    def abort(self) -> None:
+        """Withdraws this participant's files (staged or still open) from the save, if it is open."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            if not self._txn.finished:
+                for name in self._written:
+                    self._txn._staged.pop(name, None)
+                self._txn._open.difference_update(self._open)
+            self._open.clear()
+            self._written.clear()
 
 
 class MemoryReadHandle:

@@ -11,8 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointExistsError, StorageError
+
+if TYPE_CHECKING:
+    from .memory_handles import MemoryTransaction
 
 
 def norm_key(key: str) -> str:
@@ -85,6 +89,8 @@ class ObjectSpace:
         self._bad: set[tuple[str, int]] = set()  # (chunk key, serial) reported damaged
         self._store_locks: dict[str, SharedExclusive] = {}
         self._serial = 0
+        # Open transactions by token, what join_transaction finds (in this process only).
+        self._transactions: dict[str, MemoryTransaction] = {}
 
     # -- bookkeeping (callers hold the lock) -----------------------------------------------------
     def _bump(self, key: str) -> int:

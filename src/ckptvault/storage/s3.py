@@ -45,6 +45,7 @@ from .base import Document, Entry, Storage
 from .chunkstore import STORE_NAME
 from .s3_chunks import S3ChunkStore
 from .s3_client import ObjectClient, ObjectMeta, split_url
+from .s3_join import S3Participant, check_save_token
 from .s3_txn import (
     SAVES_NAME,
     S3Lease,
@@ -134,6 +135,14 @@ class S3Storage:
         parent, _, name = path.rpartition("/")
         self._sweep_saves(parent, only=name)
         return S3Transaction(self, path, overwrite)
+
+    def join_transaction(self, target: str, token: str) -> S3Participant:
+        """A participant uploading into the area of the save ``token`` (its save id) names."""
+        check_save_token(token)
+        path = self._path(target)
+        if not path:
+            raise StorageError(errno.EINVAL, f"{target!r} names no checkpoint")
+        return S3Participant(self, path, token)
 
     def _has_children(self, path: str, committed: ObjectMeta | None) -> bool:
         if committed is not None:

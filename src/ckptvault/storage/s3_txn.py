@@ -5,7 +5,9 @@ A save writes its data files under a name no other save uses -- ``<parent>/.ckpt
 <name>/<save id>/<file>`` -- and commits by creating ``<target>/manifest.json`` with
 ``If-None-Match: *`` (or replacing it, for an overwrite), the save id in the object's metadata.
 No rename anywhere: until that one PUT succeeds nothing is visible, and two writers can never both
-commit one checkpoint.
+commit one checkpoint. Other processes may write into a save's area (participants, :mod:`.s3_join`):
+reading the transaction's ``token`` puts the area's join marker, which they check, commit removes
+before the manifest's PUT and abort deletes with everything else in the area.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import secrets
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..errors import (
@@ -32,6 +34,8 @@ from .s3_client import BucketOwner, ObjectClient
 
 SAVES_NAME = ".ckptvault-saves"
 SAVE_ATTRIBUTE = "ckptvault-save"
+#: In a shared save's area while participants may join it (nested: never listed as a file).
+JOIN_MARKER = ".ckptvault-join/open"
 _SAVE_ID = re.compile(r"^[0-9a-f]{32}$")
 _RANGE_BYTES = 16 << 20  # one ranged GET; larger reads go as parallel ranges
 
@@ -50,18 +54,36 @@ def save_id_of(attributes: dict[str, str], where: str) -> str | None:
     value = attributes.get(SAVE_ATTRIBUTE)
     if value is None:
         return None
-    if not _SAVE_ID.match(value):
+    if not _SAVE_ID.fullmatch(value):
         raise CorruptCheckpointError(
             f"manifest names save {value[:70]!r}, not a save id", path=where, kind="bad-manifest"
         )
     return value
 
 
+def check_file_name(name: str, target: str) -> None:
+    """A data file's name: one key component, never the manifest (the commit writes that)."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise StorageError(errno.EINVAL, f"{name!r} is not a file name")
+    if name == MANIFEST_NAME:
+        raise StorageError(errno.EEXIST, f"{target}/{name} is the commit's to write")
+
+
+class Uploader(Protocol):
+    """What a file reports to: the coordinator's transaction or a participant (:mod:`.s3_join`)."""
+
+    client: ObjectClient
+
+    @property
+    def finished(self) -> bool: ...
+    def _closed(self, name: str) -> None: ...
+
+
 class S3WritableFile:
     """One data file, streamed as a multipart upload (parts of ``part_bytes``, several in flight);
     durable when ``close`` returns. ``abort`` cancels the upload (no dangling parts)."""
 
-    def __init__(self, txn: S3Transaction, name: str, path: str, writer: Any) -> None:
+    def __init__(self, txn: Uploader, name: str, path: str, writer: Any) -> None:
         self._txn = txn
         self._name = name
         self._path = path
@@ -111,16 +133,29 @@ class S3Transaction:
         self.area = area_of(target, self.save_id)
         self._open: dict[str, S3WritableFile] = {}
         self._written: set[str] = set()
+        self._shared = False  # the token was read: participants may write into the area
         self.finished = False
+
+    @property
+    def token(self) -> str:
+        """The save id, for participants. The first read puts the area's join marker (one small
+        PUT; a save never shared pays nothing) and from then on abort lists the whole area."""
+        if not self._shared:
+            if self.finished:
+                raise StorageError(errno.EBADF, "transaction already finished")
+            self._shared = True  # before the PUT: one that fails may still have landed
+            self.client.put(f"{self.area}/{JOIN_MARKER}", b"", mode="overwrite")
+        return self.save_id
 
     def create(self, name: str, *, size_hint: int = 0) -> S3WritableFile:
         if self.finished:
             raise StorageError(errno.EBADF, "transaction already finished")
-        if name in ("", ".", "..") or "/" in name or "\0" in name:
-            raise StorageError(errno.EINVAL, f"{name!r} is not a file name")
-        if name == MANIFEST_NAME or name in self._written or name in self._open:
+        check_file_name(name, self.target)
+        if name in self._written or name in self._open:
             raise StorageError(errno.EEXIST, f"{self.target}/{name} was already created")
         path = f"{self.area}/{name}"
+        if self._shared and self.client.head(path) is not None:  # a participant's
+            raise StorageError(errno.EEXIST, f"{self.client.url(path)} was already created")
         part = self.storage.part_bytes
         writer = self.client.open_writer(path, part_bytes=part, max_concurrency=self.storage.max_concurrency)
         file = self._open[name] = S3WritableFile(self, name, path, writer)
@@ -137,6 +172,12 @@ class S3Transaction:
             names = sorted(self._open)
             self.abort()
             raise StorageError(errno.EBUSY, f"{names} not closed before the commit")
+        if self._shared:
+            try:  # no participant joins or creates from here on (they find no marker: ENOENT)
+                self.client.delete([f"{self.area}/{JOIN_MARKER}"])
+            except StorageError:
+                self.abort()
+                raise
         key = f"{self.target}/{MANIFEST_NAME}"
         attributes = {SAVE_ATTRIBUTE: self.save_id, "Content-Type": "application/json"}
         try:
@@ -177,20 +218,23 @@ class S3Transaction:
         return found is not None and found[2].get(SAVE_ATTRIBUTE) == self.save_id
 
     def abort(self) -> None:
-        """Cancels open uploads and deletes what this save wrote -- unless the manifest names this
-        save (a commit whose answer was lost): then nothing is touched."""
-        if self.finished and not self._open and not self._written:
-            return
+        """Cancels open uploads and deletes what this save wrote -- every object in the area once
+        it was shared (participants' files, the join marker) -- unless the manifest names this save
+        (a commit whose answer was lost): then nothing is touched. A participant's upload finishing
+        after the listing is left to the sweep of dead saves (recover(), the next save)."""
         for file in list(self._open.values()):
             file.abort()
         self._open.clear()
         was_finished, self.finished = self.finished, True
-        if was_finished or not self._written or self._landed():
+        if was_finished or not (self._written or self._shared) or self._landed():
             return
-        written = [f"{self.area}/{name}" for name in sorted(self._written)]
+        doomed = [f"{self.area}/{name}" for name in sorted(self._written)]
         self._written.clear()
+        if self._shared:
+            with contextlib.suppress(StorageError):  # unlisted: at least our own files go
+                doomed = [m.path for m in self.client.list_all(f"{self.area}/")]
         with contextlib.suppress(StorageError):  # else the next save or recover() sweeps them
-            self.client.delete(written)
+            self.client.delete(doomed)
 
 
 class S3ReadHandle:

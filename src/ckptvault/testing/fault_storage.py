@@ -84,9 +84,17 @@ class _File:
 
 
 class _Transaction:
+    """A coordinator's transaction or a participant's (``join_transaction``): the same wrapper, so
+    a crash can fall between any two calls of any rank sharing this counter."""
+
     def __init__(self, inner: WriteTransaction, counter: CallCounter) -> None:
         self._inner = inner
         self._c = counter
+
+    @property
+    def token(self) -> str:
+        # A call like the others: reading it may touch storage (an object store's join marker).
+        return self._c.run("txn.token", lambda: self._inner.token)
 
     def create(self, name: str, *, size_hint: int = 0) -> WritableFile:
         inner = self._c.run(f"txn.create {name}", lambda: self._inner.create(name, size_hint=size_hint))
@@ -208,6 +216,12 @@ class FaultyStorage:
     def begin(self, target: str, *, overwrite: bool) -> WriteTransaction:
         return _Transaction(
             self.counter.run("begin", lambda: self.inner.begin(target, overwrite=overwrite)), self.counter
+        )
+
+    def join_transaction(self, target: str, token: str) -> WriteTransaction:
+        return _Transaction(
+            self.counter.run("join_transaction", lambda: self.inner.join_transaction(target, token)),
+            self.counter,
         )
 
     def open(self, target: str) -> ReadHandle:
