@@ -11,12 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..errors import CheckpointExistsError, StorageError
-
-if TYPE_CHECKING:
-    from .memory_handles import MemoryTransaction
 
 
 def norm_key(key: str) -> str:
@@ -90,7 +87,8 @@ class ObjectSpace:
         self._store_locks: dict[str, SharedExclusive] = {}
         self._serial = 0
         # Open transactions by token, what join_transaction finds (in this process only).
-        self._transactions: dict[str, MemoryTransaction] = {}
+        # token -> open MemoryTransaction (typed loosely: memory_handles imports this module)
+        self._transactions: dict[str, Any] = {}
 
     # -- bookkeeping (callers hold the lock) -----------------------------------------------------
     def _bump(self, key: str) -> int:
