@@ -20,12 +20,12 @@ import errno
 
 from ..errors import StorageError
 from .s3_client import BucketOwner, ObjectClient
-from .s3_txn import _SAVE_ID, JOIN_MARKER, S3WritableFile, area_of, check_file_name
+from .s3_txn import JOIN_MARKER, SAVE_ID, S3WritableFile, area_of, check_file_name
 
 
 def check_save_token(token: object) -> str:
     """The token as a save id; anything else (a path, a separator, other text) is EINVAL."""
-    if not isinstance(token, str) or not _SAVE_ID.fullmatch(token):
+    if not isinstance(token, str) or not SAVE_ID.fullmatch(token):
         raise StorageError(errno.EINVAL, f"{str(token)[:80]!r} is not a save token (32 hex digits)")
     return token
 

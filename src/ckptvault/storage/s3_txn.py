@@ -36,7 +36,7 @@ SAVES_NAME = ".ckptvault-saves"
 SAVE_ATTRIBUTE = "ckptvault-save"
 #: In a shared save's area while participants may join it (nested: never listed as a file).
 JOIN_MARKER = ".ckptvault-join/open"
-_SAVE_ID = re.compile(r"^[0-9a-f]{32}$")
+SAVE_ID = re.compile(r"^[0-9a-f]{32}$")
 _RANGE_BYTES = 16 << 20  # one ranged GET; larger reads go as parallel ranges
 
 
@@ -54,7 +54,7 @@ def save_id_of(attributes: dict[str, str], where: str) -> str | None:
     value = attributes.get(SAVE_ATTRIBUTE)
     if value is None:
         return None
-    if not _SAVE_ID.fullmatch(value):
+    if not SAVE_ID.fullmatch(value):
         raise CorruptCheckpointError(
             f"manifest names save {value[:70]!r}, not a save id", path=where, kind="bad-manifest"
         )
