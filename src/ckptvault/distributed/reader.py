@@ -243,3 +243,16 @@ def _place_value(planner: Any, item: Any, value: Any) -> None:
         set_element(planner.original_state_dict, mappings[fqn], value)
     else:
         planner.state_dict[fqn] = value
+
+
+def planner_paths(path: str | os.PathLike[str]) -> dict[str, tuple[Any, ...]]:
+    """Each saved key's path in the state as DCP's default planner flattened it (read from
+    ``dcp.json``, verified): what a caller checks before a load it wants strict everywhere but in
+    parts it knows may be absent (a rank's own part at another world size)."""
+    with CheckpointReader(*storage_for(os.fspath(path))) as reader:
+        if DCP_FILE not in reader.manifest.files:
+            return {}
+        data = parse_document(reader.read_file(DCP_FILE), reader.path)["planner_data"]
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): tuple(v) for k, v in data.items() if isinstance(v, tuple)}

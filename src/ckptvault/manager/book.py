@@ -293,3 +293,35 @@ class RunBook:
             changed = True
         if changed:
             self.write_index()
+
+
+def call_trackers(trackers: list[Any], hook: str, *args: Any) -> None:
+    """Calls a tracker hook; a tracker failure is a warning, never a failed training step (a
+    tracker whose run could not start is dropped: its later calls could only fail)."""
+    for tracker in list(trackers):
+        try:
+            getattr(tracker, hook)(*args)
+        except Exception as exc:
+            logger.warning("tracker %s failed in %s: %s", type(tracker).__name__, hook, exc)
+            warnings.warn(f"tracker {type(tracker).__name__} failed in {hook}: {exc}", stacklevel=4)
+            if hook == "on_run_start":
+                trackers.remove(tracker)
+
+
+def open_run(
+    run: RunDirectory, config: Any, data_version: str | None, scopes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The run's record (run.json) as this session starts: provenance captured for a new run, a
+    restart noted for an existing one, the retention in force (for ``ckptvault ls``)."""
+    from ..training.provenance import capture_provenance
+
+    settings = {name: dataclasses.asdict(scope) for name, scope in scopes.items()}
+    record = run.read_run()
+    if record is not None:
+        resumes = [*record.get("resumes", []), {"at": time.time(), "pid": os.getpid()}]
+        record["resumes"] = resumes[-100:]  # the most recent restarts; bounded
+    else:
+        record = capture_provenance(config=config, data_version=data_version)
+    record["scopes"] = settings
+    run.write_run(record)
+    return record

@@ -14,7 +14,6 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,13 +26,16 @@ from ..policy import CheckpointRecord, epoch_trigger, step_trigger
 from ..policy.metrics import numeric_metrics, plain_metric
 from ..storage.base import Storage
 from ..storage.resolve import is_url
+from ..training.sharded_state import sharded_tree
 from ..training.state import FULL, WEIGHTS, TrainState
 from ..types import CheckpointInfo
-from .book import RunBook, logger
+from .book import RunBook, call_trackers, open_run
 from .lease import RunLease
 from .mirror_config import MirrorTarget
+from .ranks import RankGroup
 from .records import checkpoint_info
 from .restore import restore_from
+from .restore_ranks import restore_ranks
 from .saving import RunSaver, architecture_files, checkpoint_metadata
 from .scope import Scope, Stream, full_scope
 from .signals import SIGNALS, Preemption
@@ -53,8 +55,12 @@ class CheckpointManager:
     backend the run lives on (default: the local disk at ``directory``).
 
     Concurrency contract: ONE writer per run, enforced by the run's lease; a second manager gets
-    :class:`ConcurrentWriteError` naming the holder. Any number of readers may read the run
-    meanwhile: checkpoints appear atomically and are never half visible when deleted. Not
+    :class:`ConcurrentWriteError` naming the holder. Inside a torch.distributed job every rank
+    constructs the manager and makes the same calls: triggers and preemption are agreed by a
+    collective each step, every rank writes its shards of each checkpoint, and rank 0 alone holds
+    the lease, keeps the records, retention, validation and trackers (:mod:`.ranks`). Any number
+    of readers may read the run meanwhile: checkpoints appear atomically and are never half
+    visible when deleted. Not
     thread-safe: call it from the training loop's thread. :meth:`close` releases the lease (on local
     disk so does process exit, SIGKILL included; on an object store it lapses after 5 minutes).
 
@@ -126,13 +132,15 @@ class CheckpointManager:
         self._validate = validation.check_level(validate)
         self._run = RunDirectory(self.directory, storage)
         self._book = RunBook(self._run, self._streams, self._validate)
-        self._lease: RunLease | None = RunLease(self._run, self.directory)  # removes dead writers' leftovers
+        self._ranks = RankGroup.detect()  # in a torch.distributed job: only rank 0 keeps the books
+        lead = self._ranks is None or self._ranks.is_coordinator
+        self._lease: RunLease | None = RunLease(self._run, self.directory) if lead else None
         try:
-            self.run = self._open_run(config, data_version, scopes)
-            self._book.open()
-            self.mirror = self._book.open_mirror(
-                mirror, mirror_keep_last, mirror_max_behind, mirror_grace_seconds, local_budget_bytes
-            )
+            self.run = open_run(self._run, config, data_version, scopes) if lead else {}
+            if lead:
+                self._book.open()
+            options = (mirror_keep_last, mirror_max_behind, mirror_grace_seconds, local_budget_bytes)
+            self.mirror = self._book.open_mirror(mirror if lead else None, *options)
         except BaseException:
             self.close()
             raise
@@ -154,7 +162,7 @@ class CheckpointManager:
         self._step_metrics: dict[str, Any] = {}
         self._metrics_step = -1
         self._signals.install(preemption_signals)
-        self._trackers = list(trackers)
+        self._trackers = list(trackers) if lead else []
         self._track("on_run_start", str(self.directory), dict(self.run))
 
     @property
@@ -163,20 +171,6 @@ class CheckpointManager:
         return self._saver.hints
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _open_run(self, config: Any, data_version: str | None, scopes: Mapping[str, Scope]) -> dict[str, Any]:
-        from ..training.provenance import capture_provenance
-
-        settings = {name: asdict(scope) for name, scope in scopes.items()}
-        run = self._run.read_run()
-        if run is not None:
-            resumes = [*run.get("resumes", []), {"at": time.time(), "pid": os.getpid()}]
-            run["resumes"] = resumes[-100:]  # the most recent restarts; bounded
-        else:
-            run = capture_provenance(config=config, data_version=data_version)
-        run["scopes"] = settings  # the retention in force, for `ckptvault ls`
-        self._run.write_run(run)
-        return run
-
     @typed_os_errors
     def close(self) -> None:
         """Finishes a pending save (a failure is reported as a warning: use ``wait()`` to get it
@@ -252,7 +246,16 @@ class CheckpointManager:
             self._lease.keep_alive()  # an object store's lease must not lapse between saves
         if metrics:
             self._note_metrics(state, metrics)
-        if self._signals.take():
+        now = time.time()
+        current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
+        reasons = [
+            step_trigger(s.triggers, s.state, step=state.step, epoch=state.epoch, now=now, metrics=current)
+            for s in self._streams.values()
+        ]
+        preempted = self._signals.take()
+        if self._ranks is not None:  # one decision for every rank (time, metrics, signals differ)
+            preempted, reasons = self._ranks.agree(preempted, reasons)
+        if preempted:
             self.should_stop = True
             state.stop_requested = True
             self._preemption = self._save(state, FULL, "preemption")  # synchronous: the job may exit
@@ -262,13 +265,8 @@ class CheckpointManager:
         if self._inflight is not None:
             self._finish_pending(block=False)
         self._apply_validation_results()
-        now = time.time()
-        current = self._step_metrics if self._metrics_step == state.step else _NO_METRICS
         saved = None
-        for stream in self._streams.values():
-            reason = step_trigger(
-                stream.triggers, stream.state, step=state.step, epoch=state.epoch, now=now, metrics=current
-            )
+        for stream, reason in zip(self._streams.values(), reasons, strict=True):
             if reason is not None:
                 saved = self._save(state, stream.scope, reason, background=True)
         self._book.check_mirror()  # MirrorBehindError: too many committed checkpoints not uploaded
@@ -287,7 +285,7 @@ class CheckpointManager:
         if metrics:
             self._note_metrics(state, metrics)
         info = self._save(state, scope, "explicit")
-        assert info is not None  # explicit saves are synchronous
+        assert info is not None  # explicit saves are synchronous (and shared by every rank)
         self._book.check_mirror()
         return info
 
@@ -318,6 +316,7 @@ class CheckpointManager:
                 now=now,
                 metrics=self._current_metrics(state),
             )
+            reason = reason if self._ranks is None else self._ranks.share(reason)
             if reason is not None:
                 self._save(state, stream.scope, reason, background=True)
 
@@ -350,9 +349,13 @@ class CheckpointManager:
             state.step in self._book.pins,
         )
         started = time.perf_counter()
-        extra = architecture_files(state, metadata, self._validate, metrics)
         with self._book.mirror_paused():  # uploads hold while the loop waits for its own save
-            outcome = self._saver.save(name, state.capture(scope), metadata, extra, background=background)
+            if self._ranks is not None:  # every rank writes its shards; rank 0 commits
+                tree = sharded_tree(state, scope, self._ranks.rank)
+                outcome = self._ranks.share(self._saver.save_sharded(name, tree, metadata))
+            else:
+                extra = architecture_files(state, metadata, self._validate, metrics)
+                outcome = self._saver.save(name, state.capture(scope), metadata, extra, background=background)
         # The loop's cost of this save (for every="auto"): the blocking part only when async.
         self._streams[scope].state.record_save(
             step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
@@ -360,7 +363,8 @@ class CheckpointManager:
         if isinstance(outcome, PendingSave):
             self._inflight = (outcome, record)
             return None
-        self._committed(record, outcome)
+        if self._lease is not None or self._ranks is None:  # the books are the coordinator's
+            self._committed(record, outcome)
         return outcome
 
     def _committed(self, record: CheckpointRecord, info: CheckpointInfo | None = None) -> None:
@@ -386,16 +390,7 @@ class CheckpointManager:
         self._committed(record, info)
 
     def _track(self, hook: str, *args: Any) -> None:
-        """Calls a tracker hook; a tracker failure is a warning, never a failed training step (a
-        tracker whose run could not start is dropped: its later calls could only fail)."""
-        for tracker in list(self._trackers):
-            try:
-                getattr(tracker, hook)(*args)
-            except Exception as exc:
-                logger.warning("tracker %s failed in %s: %s", type(tracker).__name__, hook, exc)
-                warnings.warn(f"tracker {type(tracker).__name__} failed in {hook}: {exc}", stacklevel=3)
-                if hook == "on_run_start":
-                    self._trackers.remove(tracker)
+        call_trackers(self._trackers, hook, *args)
 
     # -- pins -----------------------------------------------------------------------------------
     @typed_os_errors
@@ -440,4 +435,6 @@ class CheckpointManager:
         would start fresh and retention would then delete that work. ``which=STEP`` restores that
         step's checkpoint whatever its validation said."""
         state._on_epoch_end = self._on_epoch_end
+        if self._ranks is not None:
+            return restore_ranks(self._book, self._ranks, state, which, partial=partial)
         return restore_from(self._book, state, which, partial=partial)

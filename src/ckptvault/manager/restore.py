@@ -109,6 +109,25 @@ def pull_from_mirror(book: RunBook, step: int | None) -> None:
             return
 
 
+def restore_candidates(
+    book: RunBook, which: Literal["latest", "best"] | int
+) -> tuple[str, list[CheckpointRecord]]:
+    """The scope restore reads and its candidates, preferred first (pulled from the mirror first
+    when the local run is empty); a step with no checkpoint raises CheckpointNotFoundError."""
+    if not book.records and book.mirror is not None:
+        pull_from_mirror(book, which if isinstance(which, int) else None)
+    scope = FULL if any(r.scope == FULL for r in book.records.values()) else WEIGHTS
+    if which == "latest":
+        return scope, list(reversed(book.checkpoints(scope)))  # invalid ones: skipped, loudly
+    if which == "best":
+        best = book.best_record(scope)
+        return scope, [best] if best else []
+    candidates = [r for r in book.records.values() if r.step == int(which) and r.scope == scope]
+    if not candidates:
+        raise CheckpointNotFoundError(f"{book.run.path}: no {scope} checkpoint at step {which}")
+    return scope, candidates
+
+
 def restore_from(
     book: RunBook, state: TrainState, which: Literal["latest", "best"] | int, *, partial: bool
 ) -> CheckpointInfo | None:
@@ -116,19 +135,8 @@ def restore_from(
     the newest (or best, or given) checkpoint that verifies, restored into ``state``; each skip
     reported, and a silent fresh start refused (:func:`refuse_fresh_start`)."""
     run = book.run
-    if not book.records and book.mirror is not None:
-        pull_from_mirror(book, which if isinstance(which, int) else None)
-    scope = FULL if any(r.scope == FULL for r in book.records.values()) else WEIGHTS
+    scope, candidates = restore_candidates(book, which)
     explicit = not isinstance(which, str)
-    if which == "latest":
-        candidates = list(reversed(book.checkpoints(scope)))  # invalid ones: skipped, loudly
-    elif which == "best":
-        best = book.best_record(scope)
-        candidates = [best] if best else []
-    else:
-        candidates = [r for r in book.records.values() if r.step == int(which) and r.scope == scope]
-        if not candidates:
-            raise CheckpointNotFoundError(f"{run.path}: no {scope} checkpoint at step {which}")
     skipped: list[Skip] = []
     for record in candidates:
         if not record.valid and not explicit:

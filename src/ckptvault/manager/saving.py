@@ -104,6 +104,17 @@ class RunSaver:
             return self.writer.submit_save(request, tree, self.staging)
         return api.save(target, tree, **where, **self.options)
 
+    def save_sharded(self, name: str, tree: Any, metadata: dict[str, Any]) -> CheckpointInfo | None:
+        """Every rank's part of ``tree`` as checkpoint ``name`` (replacing one of that name), through
+        :func:`ckptvault.distributed.save`; the committed info on the coordinator, None elsewhere.
+        Synchronous: DCP's collectives make every rank wait for the commit anyway."""
+        from ..distributed.api import save as save_distributed
+        from ..engine.checkpoint_info import info_from_manifest
+
+        target = self.run.checkpoint(name)
+        manifest = save_distributed(tree, target, metadata=metadata, overwrite=True)
+        return info_from_manifest(target, manifest, metadata) if manifest is not None else None
+
     def shutdown(self) -> None:
         if self.writer is not None:
             self.writer.shutdown()

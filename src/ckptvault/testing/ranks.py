@@ -58,6 +58,7 @@ def _entry(
     timeout: float,
     args: tuple[Any, ...],
     results: Any,
+    collected: Any,
     env: dict[str, str],
 ) -> None:
     os.environ.update(env)
@@ -81,6 +82,9 @@ def _entry(
         results.put((rank, value, None))
     except BaseException:
         results.put((rank, None, traceback.format_exc()[-4000:]))
+    # Tensors in a result travel as shared memory that this process must keep alive until the
+    # parent has taken them (torch's queue reductions): exit only once everything is collected.
+    collected.wait(60)
 
 
 def run_ranks(
@@ -97,11 +101,14 @@ def run_ranks(
     :class:`RanksFailedError` unless every rank returned."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    collected = ctx.Event()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
         ctx.Process(
-            target=_entry, args=(fn, rank, world, port, collective_timeout, args, results, env), daemon=True
+            target=_entry,
+            args=(fn, rank, world, port, collective_timeout, args, results, collected, env),
+            daemon=True,
         )
         for rank in range(world)
     ]
@@ -123,6 +130,7 @@ def run_ranks(
                         break
                     answers[rank] = (value, error)
                 break
+    collected.set()
     for proc in procs:
         proc.join(timeout=max(0.0, deadline - time.monotonic()) if proc.is_alive() else 0)
         if proc.is_alive():

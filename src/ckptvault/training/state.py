@@ -173,8 +173,11 @@ class TrainState:
             tree["metrics_history"] = self.metrics_history.to_tree()
         return tree
 
-    def restore(self, tree: Mapping[str, Any], *, partial: bool = False) -> list[str]:
-        """Loads a captured tree into this state's objects; returns what was not restored.
+    def restore(
+        self, tree: Mapping[str, Any], *, partial: bool = False, skip: tuple[str, ...] = ()
+    ) -> list[str]:
+        """Loads a captured tree into this state's objects; returns what was not restored. ``skip``
+        names part kinds the caller loads itself (a distributed restore: torch's ``set_*`` functions).
 
         Raises :class:`IncompleteStateError` naming every part of this state the tree lacks, unless
         ``partial``; parts the tree has that this state lacks are always an error (silently dropping
@@ -203,7 +206,7 @@ class TrainState:
             )
         for kind in _PART_KINDS:
             for name, obj in self.parts[kind].items():
-                if name in tree.get(kind, {}):
+                if name in tree.get(kind, {}) and kind not in skip:
                     obj.load_state_dict(tree[kind][name])
         self.step = int(tree["step"])
         self.epoch = int(tree["epoch"])
