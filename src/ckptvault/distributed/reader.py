@@ -172,12 +172,35 @@ class StorageReader:
             return
         lo, hi = start[0], start[0] + lengths[0]
         inner = tuple(slice(s, s + n) for s, n in zip(start[1:], lengths[1:], strict=True))
+        whole_rows = not any(start[1:]) and lengths[1:] == tuple(chunk.sizes[1:])
         for row, name, rows in chunk.pieces:
             a, b = max(lo, row), min(hi, row + rows)
             if a >= b:
                 continue
+            dest = target[a - lo : b - lo]
+            if whole_rows and (a, b) == (row, row + rows) and self._read_into(name, dest, cache):
+                continue
             block = self._piece(name, dtype, (rows, *chunk.sizes[1:]), cache)
-            target[a - lo : b - lo].copy_(block[(slice(a - row, b - row), *inner)])
+            dest.copy_(block[(slice(a - row, b - row), *inner)])
+
+    def _read_into(self, name: str, dest: Any, cache: OrderedDict[str, Any]) -> bool:
+        """Reads (and verifies) a whole piece straight into ``dest`` when that is plain contiguous
+        host memory of the piece's size: no intermediate buffer, no copy. False: take the general
+        path."""
+        import torch
+
+        if name in cache or dest.device.type != "cpu" or not dest.is_contiguous() or dest.numel() == 0:
+            return False
+        assert self._reader is not None
+        entry = self._reader.manifest.tensors.get(name)
+        if entry is None or entry.chunks is not None or entry.nbytes != dest.numel() * dest.element_size():
+            return False
+        out = dest.reshape(-1).view(torch.uint8).numpy()
+        got = self._reader.fetch(name, verify=self.verify, out=out)
+        if got is not out:  # pragma: no cover - fetch fills ``out`` for data-file tensors
+            out[:] = got
+        self.bytes_read += out.nbytes
+        return True
 
     def _piece(self, name: str, dtype: Any, shape: tuple[int, ...], cache: OrderedDict[str, Any]) -> Any:
         import torch
