@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..config import Settings
+from ..engine.chunks import HintCache
 from ..errors import CheckpointError
 from ..format.manifest import Manifest
 from .reader import StorageReader
@@ -37,18 +39,36 @@ def save(
     process_group: Any = None,
     planner: Any = None,
     piece_bytes: int = DEFAULT_PIECE_BYTES,
+    incremental: bool = False,
+    compression: str | None = None,
+    chunk_bytes: int | None = None,
+    hints: HintCache | None = None,
 ) -> Manifest | None:
     """Saves ``state_dict`` from every rank as one checkpoint at ``path``; returns the committed
     manifest on the coordinator (rank 0 of ``process_group``), None elsewhere. Outside an
-    initialised process group it saves from this one process."""
+    initialised process group it saves from this one process.
+
+    ``incremental``/``compression``/``chunk_bytes`` as for :func:`ckptvault.save`: each rank puts
+    its large pieces in the run's chunk store, so what did not change since an earlier checkpoint
+    of the run is not written again; ``hints`` is this rank's memory of its last save (the
+    manager's), which also skips hashing what a version counter proves unchanged."""
     import torch.distributed.checkpoint as dcp
 
-    writer = StorageWriter(path, metadata=metadata, overwrite=overwrite, piece_bytes=piece_bytes)
+    from ..api import chunk_options
+
+    chunking = chunk_options(incremental, compression, chunk_bytes)
+    writer = StorageWriter(
+        path, metadata=metadata, overwrite=overwrite, piece_bytes=piece_bytes, chunking=chunking, hints=hints
+    )
     try:
         dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
     except BaseException as exc:
         writer.abort()
+        if hints is not None:
+            hints.clear()  # what it remembers may no longer be in the store
         raise _typed(exc, f"saving {os.fspath(path)}") from exc
+    if hints is not None:  # committed on every rank: DCP raised nowhere
+        hints.remember(writer.last_chunked, writer.last_entries, Settings.from_env().digest)
     return writer.committed
 
 

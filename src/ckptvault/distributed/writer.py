@@ -25,6 +25,7 @@ target and options travel, never a transaction.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -35,6 +36,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..config import Settings
+from ..engine.chunks import ChunkedBlob, ChunkOptions, HintCache, split_blobs, write_chunked
 from ..errors import CheckpointError, StorageError, UnsupportedStateError
 from ..format.dtypes import SAFETENSORS_ITEMSIZE
 from ..format.manifest import check_file_name
@@ -63,7 +65,12 @@ class StorageWriter:
 
     ``piece_bytes`` caps each stored row block (a rank resharding on load reads, and verifies, only
     the blocks it needs); ``metadata`` is the checkpoint's user metadata (step, metrics...);
-    ``overwrite`` replaces a committed checkpoint at ``path``.
+    ``overwrite`` replaces a committed checkpoint at ``path``. ``chunking`` (incremental or
+    compressed saves, :class:`~ckptvault.engine.chunks.ChunkOptions`) puts each rank's large pieces
+    in the run's chunk store, where a piece unchanged since an earlier save costs nothing;
+    ``hints`` (this process's :class:`~ckptvault.engine.chunks.HintCache`) skips hashing those a
+    version counter proves unchanged. After a save, ``last_chunked`` and ``last_entries`` hold what
+    this rank stored (for ``hints.remember`` once the save is known committed).
     """
 
     def __init__(
@@ -73,6 +80,8 @@ class StorageWriter:
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
         piece_bytes: int = DEFAULT_PIECE_BYTES,
+        chunking: ChunkOptions | None = None,
+        hints: HintCache | None = None,
     ) -> None:
         if piece_bytes < 4096:
             raise ValueError(f"piece_bytes must be >= 4096, got {piece_bytes}")
@@ -85,13 +94,21 @@ class StorageWriter:
         self._txn: WriteTransaction | None = None
         self._checkpoint_id = ""
         self.committed: Any = None  # the Manifest of the last commit (coordinator only)
+        self.chunking = chunking
+        self.hints = hints
+        self.last_chunked: list[ChunkedBlob] = []
+        self.last_entries: dict[str, TensorEntry] = {}
+        self._held = contextlib.ExitStack()  # the chunk store's shared lock, begin to commit
 
     # -- pickling: a writer travels without its live parts ---------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_txn"] = None
-        state["committed"] = None
+        state.update(_txn=None, committed=None, hints=None, last_chunked=[], last_entries={}, _held=None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._held = contextlib.ExitStack()
 
     # -- DCP's interface -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -114,6 +131,8 @@ class StorageWriter:
     def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
         storage, key = self._storage()
         self.abort()  # an earlier save of this writer that never finished
+        if self.chunking is not None:  # garbage collection waits until the commit (or abort)
+            self._held.enter_context(storage.chunk_store(key).locked(exclusive=False))
         self._txn = storage.begin(key, overwrite=self.overwrite)
         self._checkpoint_id = checkpoint_id = uuid.uuid4().hex
         return [
@@ -177,6 +196,8 @@ class StorageWriter:
         except BaseException:
             txn.abort()
             raise
+        finally:
+            self._held.close()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -187,8 +208,11 @@ class StorageWriter:
         """Aborts a transaction this writer began and never finished (its staging area and every
         rank's files in it are removed). Safe to call any time."""
         txn, self._txn = self._txn, None
-        if txn is not None:
-            txn.abort()
+        try:
+            if txn is not None:
+                txn.abort()
+        finally:
+            self._held.close()
 
     def _storage(self) -> tuple[Storage, str]:
         return storage_for(self.path)
@@ -217,8 +241,17 @@ class StorageWriter:
             for offsets, blob in encode_piece(item, tensor, self.piece_bytes):
                 pieces.append(Piece(fqn, offsets, blob.name))
                 blobs.append(blob)
+        chunked: list[ChunkedBlob] = []
+        by_name: dict[str, TensorEntry] = {}
+        if self.chunking is not None:  # large pieces into the run's chunk store, new chunks only
+            store = storage.chunk_store(ticket.target)
+            blobs, chunked = split_blobs(blobs, self.chunking, self.hints, store, settings.digest)
+            by_name, _ = write_chunked(
+                store, chunked, algorithm=settings.digest, options=self.chunking, threads=settings.io_threads
+            )
         files, entries = _write_files(storage, txn, blobs, ticket, settings)
-        by_name = {e.name: e for e in entries}
+        by_name.update((e.name, e) for e in entries)
+        self.last_chunked, self.last_entries = chunked, by_name
         return RankResult(
             ticket.rank,
             tuple(files),

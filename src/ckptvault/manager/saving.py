@@ -112,7 +112,7 @@ class RunSaver:
         from ..engine.checkpoint_info import info_from_manifest
 
         target = self.run.checkpoint(name)
-        manifest = save_distributed(tree, target, metadata=metadata, overwrite=True)
+        manifest = save_distributed(tree, target, metadata=metadata, overwrite=True, **self.options)
         return info_from_manifest(target, manifest, metadata) if manifest is not None else None
 
     def shutdown(self) -> None:
