@@ -8,8 +8,16 @@ a checkpoint saved at one world size loads at any other. See docs/distributed.md
 
 from __future__ import annotations
 
-from .api import DistributedCheckpointError, load, save
+from .api import DistributedCheckpointError, PendingDistributedSave, load, save, save_async
 from .reader import StorageReader
 from .writer import StorageWriter
 
-__all__ = ["DistributedCheckpointError", "StorageReader", "StorageWriter", "load", "save"]
+__all__ = [
+    "DistributedCheckpointError",
+    "PendingDistributedSave",
+    "StorageReader",
+    "StorageWriter",
+    "load",
+    "save",
+    "save_async",
+]

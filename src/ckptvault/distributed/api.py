@@ -72,6 +72,64 @@ def save(
     return writer.committed
 
 
+class PendingDistributedSave:
+    """A distributed save running in DCP's background thread (:func:`save_async`): the state was
+    already copied to host memory when this was returned. ``wait`` re-raises a failure (after
+    removing the save's staging area) and returns the manifest on the coordinator."""
+
+    def __init__(self, future: Any, writer: StorageWriter, hints: HintCache | None, path: str) -> None:
+        self._future = future
+        self._writer = writer
+        self._hints = hints
+        self._path = path
+
+    def done(self) -> bool:
+        return bool(self._future.done())
+
+    def wait(self) -> Manifest | None:
+        try:
+            self._future.result()
+        except BaseException as exc:
+            self._writer.abort()
+            if self._hints is not None:
+                self._hints.clear()
+            raise _typed(exc, f"saving {self._path}") from exc
+        if self._hints is not None:
+            self._hints.remember(
+                self._writer.last_chunked, self._writer.last_entries, Settings.from_env().digest
+            )
+        return self._writer.committed
+
+
+def save_async(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    process_group: Any = None,
+    incremental: bool = False,
+    compression: str | None = None,
+    chunk_bytes: int | None = None,
+    hints: HintCache | None = None,
+) -> PendingDistributedSave:
+    """:func:`save` through ``dcp.async_save``: returns once DCP has copied the state to host
+    memory; hashing, writing and the commit run in a background thread. Give it a process group of
+    its own (a gloo group): the training loop's collectives must not interleave with the save's."""
+    import torch.distributed.checkpoint as dcp
+
+    from ..api import chunk_options
+
+    chunking = chunk_options(incremental, compression, chunk_bytes)
+    writer = StorageWriter(path, metadata=metadata, overwrite=overwrite, chunking=chunking, hints=hints)
+    try:
+        future = dcp.async_save(state_dict, storage_writer=writer, process_group=process_group)
+    except BaseException as exc:
+        writer.abort()
+        raise _typed(exc, f"saving {os.fspath(path)}") from exc
+    return PendingDistributedSave(future, writer, hints, os.fspath(path))
+
+
 def load(
     state_dict: dict[str, Any],
     path: str | os.PathLike[str],

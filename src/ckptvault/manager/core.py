@@ -36,7 +36,7 @@ from .ranks import RankGroup
 from .records import checkpoint_info
 from .restore import restore_from
 from .restore_ranks import restore_ranks
-from .saving import RunSaver, architecture_files, checkpoint_metadata
+from .saving import RunSaver, ShardedPending, architecture_files, checkpoint_metadata
 from .scope import Scope, Stream, full_scope
 from .signals import SIGNALS, Preemption
 from .validation_ids import BackgroundValidator, result_for
@@ -133,7 +133,7 @@ class CheckpointManager:
         self._run = RunDirectory(self.directory, storage)
         self._book = RunBook(self._run, self._streams, self._validate)
         self._ranks = RankGroup.detect()  # in a torch.distributed job: only rank 0 keeps the books
-        lead = self._ranks is None or self._ranks.is_coordinator
+        self._lead = lead = self._ranks is None or self._ranks.is_coordinator
         self._lease: RunLease | None = RunLease(self._run, self.directory) if lead else None
         try:
             self.run = open_run(self._run, config, data_version, scopes) if lead else {}
@@ -144,7 +144,7 @@ class CheckpointManager:
         except BaseException:
             self.close()
             raise
-        self._inflight: tuple[PendingSave, CheckpointRecord] | None = None
+        self._inflight: tuple[PendingSave | ShardedPending, CheckpointRecord] | None = None
         self._saver = RunSaver(
             self._run,
             async_save=async_save,
@@ -351,8 +351,11 @@ class CheckpointManager:
         started = time.perf_counter()
         with self._book.mirror_paused():  # uploads hold while the loop waits for its own save
             if self._ranks is not None:  # every rank writes its shards; rank 0 commits
-                tree = sharded_tree(state, scope, self._ranks.rank)
-                outcome = self._ranks.share(self._saver.save_sharded(name, tree, metadata))
+                group = self._ranks.async_group() if background and self._saver.writer else None
+                outcome = self._saver.save_sharded(
+                    name, sharded_tree(state, scope, self._ranks.rank), metadata, group=group
+                )
+                outcome = outcome if isinstance(outcome, ShardedPending) else self._ranks.share(outcome)
             else:
                 extra = architecture_files(state, metadata, self._validate, metrics)
                 outcome = self._saver.save(name, state.capture(scope), metadata, extra, background=background)
@@ -360,10 +363,10 @@ class CheckpointManager:
         self._streams[scope].state.record_save(
             step=state.step, epoch=state.epoch, now=time.time(), duration=time.perf_counter() - started
         )
-        if isinstance(outcome, PendingSave):
+        if isinstance(outcome, (PendingSave, ShardedPending)):
             self._inflight = (outcome, record)
             return None
-        if self._lease is not None or self._ranks is None:  # the books are the coordinator's
+        if self._lead:  # the books are the coordinator's
             self._committed(record, outcome)
         return outcome
 
@@ -387,7 +390,8 @@ class CheckpointManager:
             return
         self._inflight = None
         info = pending.wait()  # re-raises a background failure here, in the training loop
-        self._committed(record, info)
+        if self._lead:
+            self._committed(record, info)
 
     def _track(self, hook: str, *args: Any) -> None:
         call_trackers(self._trackers, hook, *args)

@@ -40,6 +40,7 @@ class RankGroup:
     rank: int
     world: int
     group: Any
+    _async: Any = None
 
     @property
     def is_coordinator(self) -> bool:
@@ -75,6 +76,17 @@ class RankGroup:
         box = [value if self.is_coordinator else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
         return box[0]
+
+    def async_group(self) -> Any:
+        """A second gloo group, for background saves: DCP's thread runs its collectives there while
+        the loop's own (:meth:`agree`) keep using :attr:`group`. Created at the first background
+        save, which every rank reaches at the same step."""
+        if self._async is None:
+            import torch.distributed as dist
+
+            timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_SECONDS)
+            self._async = dist.new_group(backend="gloo", timeout=timeout)
+        return self._async
 
     def barrier(self) -> None:
         import torch.distributed as dist

@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import api, validation
 from ..engine.background import BackgroundWriter, PendingSave
+from ..engine.checkpoint_info import info_from_manifest
 from ..engine.chunks import HintCache
 from ..engine.rundir import RunDirectory
 from ..engine.staging import StagingBuffer
@@ -104,17 +105,42 @@ class RunSaver:
             return self.writer.submit_save(request, tree, self.staging)
         return api.save(target, tree, **where, **self.options)
 
-    def save_sharded(self, name: str, tree: Any, metadata: dict[str, Any]) -> CheckpointInfo | None:
+    def save_sharded(
+        self, name: str, tree: Any, metadata: dict[str, Any], *, group: Any = None
+    ) -> CheckpointInfo | ShardedPending | None:
         """Every rank's part of ``tree`` as checkpoint ``name`` (replacing one of that name), through
-        :func:`ckptvault.distributed.save`; the committed info on the coordinator, None elsewhere.
-        Synchronous: DCP's collectives make every rank wait for the commit anyway."""
+        :mod:`ckptvault.distributed`; the committed info on the coordinator, None elsewhere. On an
+        async saver with a ``group`` of its own for the save's collectives: DCP's background save,
+        returned pending once the state is copied to host memory."""
         from ..distributed.api import save as save_distributed
-        from ..engine.checkpoint_info import info_from_manifest
+        from ..distributed.api import save_async
 
         target = self.run.checkpoint(name)
+        if group is not None and self.writer is not None:
+            pending = save_async(
+                tree, target, metadata=metadata, overwrite=True, process_group=group, **self.options
+            )
+            return ShardedPending(pending, target, metadata)
         manifest = save_distributed(tree, target, metadata=metadata, overwrite=True, **self.options)
         return info_from_manifest(target, manifest, metadata) if manifest is not None else None
 
     def shutdown(self) -> None:
         if self.writer is not None:
             self.writer.shutdown()
+
+
+class ShardedPending:
+    """A distributed save in flight, as the manager waits for it: ``wait`` gives the committed
+    info on the coordinator (None on other ranks) or re-raises the save's failure."""
+
+    def __init__(self, pending: Any, target: str, metadata: dict[str, Any]) -> None:
+        self._pending = pending
+        self._target = target
+        self._metadata = metadata
+
+    def done(self) -> bool:
+        return bool(self._pending.done())
+
+    def wait(self) -> CheckpointInfo | None:
+        manifest = self._pending.wait()
+        return info_from_manifest(self._target, manifest, self._metadata) if manifest is not None else None
