@@ -1990,6 +1990,154 @@ def _(w: CaseWriter) -> None:
     w.write(f"root/run/step_2/{MANIFEST}", "[" * 10_000 + "]" * 10_000)
 
 
+# -- sharded tensors (feature sharded-tensors, docs/format.md §15) -------------------------------
+def sharded_ckpt() -> Ckpt:
+    """A valid checkpoint whose one tensor ``w`` (F32 [4, 8]) is stored as four [2, 4] pieces on a
+    2x2 grid (what Shard(0), Shard(1) on a 2x2 mesh writes), named ``w#<row>_<col>``."""
+    ck = Ckpt()
+    ck.header = {"__metadata__": ck.header["__metadata__"]}
+    for i, (row, col) in enumerate(((0, 0), (0, 4), (2, 0), (2, 4))):
+        ck.header[f"w#{row}_{col}"] = {"dtype": "F32", "shape": [2, 4], "data_offsets": [32 * i, 32 * i + 32]}
+    ck.data = _floats(32, 0.0)
+    ck.tree = {"t": "dict", "v": {"w": {"t": "ndarray", "tensor": "w", "dtype": "<f4", "shape": [4, 8]}}}
+    return ck
+
+
+def with_sharded(change: Callable[[dict[str, Any]], None] | None = None) -> Callable[[dict[str, Any]], None]:
+    """A doc hook adding the feature and ``sharded`` for :func:`sharded_ckpt`, then ``change``."""
+
+    def hook(doc: dict[str, Any]) -> None:
+        doc["required_features"] = ["sharded-tensors"]
+        shards = [[[r, c], f"w#{r}_{c}"] for r, c in ((0, 0), (0, 4), (2, 0), (2, 4))]
+        doc["sharded"] = {"w": {"dtype": "F32", "shape": [4, 8], "shards": shards}}
+        if change is not None:
+            change(doc)
+
+    return hook
+
+
+def _shards(doc: dict[str, Any]) -> list[Any]:
+    return doc["sharded"]["w"]["shards"]
+
+
+@case(
+    "control_valid_sharded", "nothing: a 2x2 grid of pieces tiling one tensor, which must load", expect="ok"
+)
+def _(w: CaseWriter) -> None:
+    sharded_ckpt().write(w, doc_hook=with_sharded())
+
+
+def _sharded_case(name: str, attacks: str, change: Callable[[dict[str, Any]], None], **kw: Any) -> None:
+    @case(name, attacks, **kw)
+    def _(w: CaseWriter) -> None:
+        sharded_ckpt().write(w, doc_hook=with_sharded(change))
+
+
+def _set_offsets(i: int, offsets: list[Any]) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        _shards(doc)[i][0] = offsets
+
+    return change
+
+
+_sharded_case(
+    "sharded_pieces_overlap",
+    "piece [2:4, 4:8] moved to [1:3, 4:8]: overlaps, leaves a row unwritten",
+    _set_offsets(3, [1, 4]),
+)
+_sharded_case(
+    "sharded_piece_out_of_bounds",
+    "a piece placed at [3, 4]: one row outside the tensor",
+    _set_offsets(3, [3, 4]),
+)
+_sharded_case(
+    "sharded_offsets_bool", "offsets [false, 4] (a bool is not an int here)", _set_offsets(1, [False, 4])
+)
+_sharded_case("sharded_offsets_negative", "offsets [-2, 4]", _set_offsets(3, [-2, 4]))
+_sharded_case("sharded_gap", "one piece left out: 8 elements no piece writes", lambda d: _shards(d).pop())
+_sharded_case(
+    "sharded_piece_used_twice",
+    "one piece listed at two places (its bytes would fill both)",
+    lambda d: _shards(d)[3].__setitem__(1, "w#2_0"),
+)
+_sharded_case(
+    "sharded_missing_piece",
+    "a shard naming a tensor the manifest does not store",
+    lambda d: _shards(d)[3].__setitem__(1, "w#9_9"),
+)
+_sharded_case(
+    "sharded_name_is_a_stored_tensor",
+    "the sharded tensor named like one of its own pieces",
+    lambda d: d["sharded"].__setitem__("w#0_0", d["sharded"].pop("w")),
+)
+_sharded_case(
+    "sharded_without_feature",
+    "sharded present, sharded-tensors not in required_features",
+    lambda d: d.__setitem__("required_features", []),
+)
+_sharded_case(
+    "sharded_shape_product_beyond_2_62",
+    "a sharded shape of 2^31 x 2^32 elements around the four small pieces",
+    lambda d: d["sharded"]["w"].__setitem__("shape", [1 << 31, 1 << 32]),
+)
+_sharded_case(
+    "sharded_empty_shards",
+    "a non-empty sharded tensor with no pieces",
+    lambda d: d["sharded"]["w"].__setitem__("shards", []),
+)
+
+
+@case("sharded_piece_other_dtype", "one piece stored as I32 (bytes and digests consistent)")
+def _(w: CaseWriter) -> None:
+    ck = sharded_ckpt()
+    ck.header["w#2_4"] = dict(ck.header["w#2_4"], dtype="I32")
+    ck.write(w, doc_hook=with_sharded())
+
+
+@case("sharded_piece_byte_flipped", "one byte of a piece flipped after the manifest was written")
+def _(w: CaseWriter) -> None:
+    sharded_ckpt().write(
+        w, doc_hook=with_sharded(), raw_hook=lambda raw: raw[:-40] + bytes([raw[-40] ^ 1]) + raw[-39:]
+    )
+
+
+@case("sharded_data_file_truncated", "the data file holding the pieces cut 40 bytes short")
+def _(w: CaseWriter) -> None:
+    sharded_ckpt().write(w, doc_hook=with_sharded(), raw_hook=lambda raw: raw[:-40])
+
+
+@case(
+    "sharded_grid_too_irregular",
+    "4,096 pieces cut in a staircase: a valid tiling whose grid is 2048 x 2049 cells (over MAX_GRID_CELLS)",
+)
+def _(w: CaseWriter) -> None:
+    rows = 2048
+    ck = Ckpt()
+    ck.header = {"__metadata__": ck.header["__metadata__"]}
+    shards: list[Any] = []
+    offset = 0
+    for i in range(rows):
+        for col, width in ((0, i + 1), (i + 1, rows - i)):
+            ck.header[f"w#{i}_{col}"] = {
+                "dtype": "U8",
+                "shape": [1, width],
+                "data_offsets": [offset, offset + width],
+            }
+            shards.append([[i, col], f"w#{i}_{col}"])
+            offset += width
+    ck.data = bytes(offset)
+    ck.tree = {
+        "t": "dict",
+        "v": {"w": {"t": "ndarray", "tensor": "w", "dtype": "|u1", "shape": [rows, rows + 1]}},
+    }
+
+    def hook(doc: dict[str, Any]) -> None:
+        doc["required_features"] = ["sharded-tensors"]
+        doc["sharded"] = {"w": {"dtype": "U8", "shape": [rows, rows + 1], "shards": shards}}
+
+    ck.write(w, doc_hook=hook)
+
+
 # -- generation and --check -------------------------------------------------------------------------
 def generate(out: Path, *, compress: bool = True) -> list[dict[str, Any]]:
     """Writes every case under ``out/cases`` and ``out/index.json``; returns the index entries."""

@@ -97,8 +97,8 @@ def chunk_pieces_of(
     one's pieces must be whole rows of exactly one chunk each, in row order, and every piece must be
     used -- the writer never cuts otherwise, so anything else is refused as damaged."""
     if isinstance(entry, TensorEntry):
-        if len(chunks) != 1 or any(chunks[0][0]):
-            raise _corrupt(f"{fqn}: stored whole, but {len(chunks)} chunks are listed")
+        if len(chunks) != 1 or any(chunks[0][0]) or tuple(chunks[0][1]) != entry.shape:
+            raise _corrupt(f"{fqn}: stored whole, but its chunks are not the one whole tensor")
         offsets, sizes = chunks[0]
         return [ChunkPieces(offsets, sizes, ((0, entry.name, sizes[0] if sizes else 1),))]
     starts = {offsets: name for offsets, name in entry.shards}
@@ -138,6 +138,7 @@ def parse_document(data: bytes, where: str) -> dict[str, Any]:
         if not (
             isinstance(raw, dict)
             and set(raw) == {"dtype", "requires_grad", "size", "chunks"}
+            and isinstance(raw["dtype"], str)
             and raw["dtype"] in TORCH_DTYPES
             and isinstance(raw["requires_grad"], bool)
             and _dims(raw["size"])
