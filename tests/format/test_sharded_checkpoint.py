@@ -223,11 +223,6 @@ def test_dcp_json_changed_without_resigning(ckpt: Path) -> None:
     assert caught.value.kind == "digest-mismatch"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="distributed/reader.py read_metadata does not compare dcp.json's size/dtype with the "
-    "manifest's entry (a re-signed dcp.json can describe w as [80, 64] or int32)",
-)
 @pytest.mark.parametrize("field", ["size", "dtype"])
 def test_dcp_json_disagreeing_with_the_manifest(ckpt: Path, field: str) -> None:
     doc = json.loads((ckpt / "dcp.json").read_bytes())

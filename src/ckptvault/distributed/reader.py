@@ -24,8 +24,11 @@ import numpy as np
 from ..engine.arrays import BlobReader, torch_dtype
 from ..engine.reader import CheckpointReader
 from ..errors import CorruptCheckpointError, UnsupportedStateError
+from ..format.dtypes import TORCH_DTYPES
 from ..storage.resolve import storage_for
+from ..types import TensorEntry
 from .metadata import DCP_FILE, ChunkPieces, chunk_pieces_of, parse_document
+from .portable import portable
 
 _CACHED_PIECES = 4
 
@@ -76,6 +79,12 @@ class StorageReader:
             reader.close()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._read_metadata()
+        except BaseException as exc:
+            raise portable(exc) from exc  # DCP pickles it to every other rank
+
+    def _read_metadata(self) -> Any:
         import torch
         from torch.distributed.checkpoint.metadata import (
             BytesStorageMetadata,
@@ -104,6 +113,17 @@ class StorageReader:
             if entry is None:
                 raise CorruptCheckpointError(
                     f"{DCP_FILE} lists {fqn[:80]!r}, the manifest does not", path=self.path
+                )
+            form = TORCH_DTYPES[raw["dtype"]]
+            stored_shape = tuple(raw["size"]) + ((form.extra_dim,) if form.extra_dim else ())
+            if entry.dtype != form.code or tuple(entry.shape) != (
+                stored_shape if isinstance(entry, TensorEntry) else tuple(raw["size"])
+            ):
+                raise CorruptCheckpointError(
+                    f"{DCP_FILE} describes {fqn[:80]!r} as {raw['dtype']} {raw['size']}, the manifest "
+                    f"stores {entry.dtype} {list(entry.shape)}",
+                    path=self.path,
+                    kind="bad-manifest",
                 )
             chunks = [(tuple(o), tuple(s)) for o, s in raw["chunks"]]
             dtype = self._dtypes[fqn] = torch_dtype(raw["dtype"], fqn)
@@ -151,7 +171,7 @@ class StorageReader:
                 self._copy_box(item, target, cache)
                 planner.commit_tensor(item, target)
         except BaseException as exc:
-            future.set_exception(exc)
+            future.set_exception(portable(exc))  # DCP gathers it to the coordinator, pickled
             return future
         future.set_result(None)
         return future
