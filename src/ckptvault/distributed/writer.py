@@ -45,6 +45,7 @@ from ..storage.resolve import storage_for
 from ..types import FileEntry, TensorEntry
 from .arrays_io import encode_piece
 from .commit import Piece, RankFailure, RankResult, commit_checkpoint
+from .portable import portable
 
 DEFAULT_PIECE_BYTES = 16 * 1024 * 1024
 FILES_FQN = "\x00ckptvault-files"  # the index of the one result that lists a rank's files
@@ -193,9 +194,9 @@ class StorageWriter:
                 self.metadata,
                 Settings.from_env(),
             )
-        except BaseException:
+        except BaseException as exc:
             txn.abort()
-            raise
+            raise portable(exc) from exc  # DCP pickles it to every other rank
         finally:
             self._held.close()
 
