@@ -5,13 +5,19 @@ CheckpointManager reads it when given no directory): once uninterrupted, once ki
 at random moments and restarted until it finishes. The newest full checkpoints of the two runs are
 then compared: every tensor by digest (with the largest difference where they differ) and every
 other value exactly. The script must save a full checkpoint when it finishes (``manager.save``).
+
+With ``nproc=N`` the command is started N times as the ranks of one torch.distributed job
+(``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, as torchrun would; the
+script calls ``dist.init_process_group`` itself), and every kill takes down all ranks at once --
+a real preemption ends the whole job, never one rank. The checkpoints are then sharded ones;
+they compare the same way.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -36,15 +42,55 @@ class ResumeCheck:
     first_difference: str | None
 
 
-def _run(command: list[str], run_dir: Path, timeout: float) -> float:
+class _Job:
+    """The command's processes: one, or ``nproc`` ranks of a torch.distributed job."""
+
+    def __init__(self, command: list[str], env: dict[str, str], nproc: int | None) -> None:
+        if nproc is None:
+            self.procs = [subprocess.Popen(command, env=env)]
+            return
+        with socket.socket() as sock:  # a free port for this job's rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ranks = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc)}
+        ranks["LOCAL_WORLD_SIZE"] = str(nproc)
+        self.procs = [
+            subprocess.Popen(command, env={**env, **ranks, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(nproc)
+        ]
+
+    def poll(self) -> int | None:
+        """None while any rank runs; then the first failing rank's exit code (0 if none). A rank
+        that failed brings the others down: they would wait in their next collective."""
+        codes = [p.poll() for p in self.procs]
+        if any(c not in (None, 0) for c in codes):
+            self.kill()
+            return next(c for c in codes if c not in (None, 0))
+        return None if None in codes else 0
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the training command ran longer than {timeout:.0f} s")
+            time.sleep(0.02)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL to every rank at once (then reaped)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+def _run(command: list[str], run_dir: Path, timeout: float, nproc: int | None = None) -> float:
     started = time.monotonic()
-    done = subprocess.run(
-        command, env={**os.environ, RUN_DIR_ENV: str(run_dir)}, timeout=timeout, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"the training command failed with exit code {done.returncode}: {' '.join(command)}"
-        )
+    code = _Job(command, {**os.environ, RUN_DIR_ENV: str(run_dir)}, nproc).wait(timeout)
+    if code != 0:
+        raise RuntimeError(f"the training command failed with exit code {code}: {' '.join(command)}")
     return time.monotonic() - started
 
 
@@ -67,12 +113,14 @@ def _newest_commit(run_dir: Path) -> float:
     )
 
 
-def _watch(command: list[str], run_dir: Path, timeout: float) -> tuple[float, float]:
+def _watch(
+    command: list[str], run_dir: Path, timeout: float, nproc: int | None = None
+) -> tuple[float, float]:
     """Runs the reference to the end; returns (seconds to its first checkpoint, total seconds)."""
     started = time.monotonic()
-    child = subprocess.Popen(command, env={**os.environ, RUN_DIR_ENV: str(run_dir)})
+    child = _Job(command, {**os.environ, RUN_DIR_ENV: str(run_dir)}, nproc)
     first: float | None = None
-    while child.poll() is None:
+    while (code := child.poll()) is None:
         if first is None and _newest_commit(run_dir) > 0:
             first = time.monotonic() - started
         if time.monotonic() - started > timeout:
@@ -80,38 +128,42 @@ def _watch(command: list[str], run_dir: Path, timeout: float) -> tuple[float, fl
             raise RuntimeError(f"the training command ran longer than {timeout:.0f} s")
         time.sleep(0.02)
     total = time.monotonic() - started
-    if child.returncode != 0:
-        raise RuntimeError(
-            f"the training command failed with exit code {child.returncode}: {' '.join(command)}"
-        )
+    if code != 0:
+        raise RuntimeError(f"the training command failed with exit code {code}: {' '.join(command)}")
     return (first if first is not None else total), total
 
 
 def check_resume(
-    command: list[str], *, kills: int = 5, seed: int = 0, workdir: str | None = None, timeout: float = 3600
+    command: list[str],
+    *,
+    kills: int = 5,
+    seed: int = 0,
+    workdir: str | None = None,
+    timeout: float = 3600,
+    nproc: int | None = None,
 ) -> ResumeCheck:
     """Each kill lands only after the restarted script committed a new checkpoint (it is training,
-    not still importing), at a random moment within a share of the reference's training time."""
+    not still importing), at a random moment within a share of the reference's training time.
+    ``nproc``: run the command as that many ranks (see the module docstring)."""
     root = Path(workdir or tempfile.mkdtemp(prefix="ckptvault-check-resume-"))
     reference, resumed = root / "reference", root / "resumed"
-    first, total = _watch(command, reference, timeout)
+    first, total = _watch(command, reference, timeout, nproc)
     training = max(total - first, 0.05)
     rng = random.Random(seed)
     landed = 0
     env = {**os.environ, RUN_DIR_ENV: str(resumed)}
     for _ in range(kills):
         before = _newest_commit(resumed)
-        child = subprocess.Popen(command, env=env)
+        child = _Job(command, env, nproc)
         deadline = time.monotonic() + total + 60
         while child.poll() is None and _newest_commit(resumed) <= before and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, training / max(kills, 1)))
         if child.poll() is not None:
             break  # it finished: the remaining kills have nothing to interrupt
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        child.kill()
         landed += 1
-    _run(command, resumed, timeout)
+    _run(command, resumed, timeout, nproc)
     a, b = _newest_full(reference), _newest_full(resumed)
     difference = None
     for row in diff_checkpoints(storage_for(a)[0], a, b):

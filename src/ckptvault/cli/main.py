@@ -387,13 +387,15 @@ def check_resume_command(
     kills: Annotated[int, typer.Option(help="How many times to SIGKILL the second run.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for the kill times.")] = 0,
     workdir: Annotated[Path | None, typer.Option(help="Where the two run directories go.")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Run the command as N torch.distributed ranks.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a training script uninterrupted and killed-and-resumed; report 'exact' or the first difference."""
     from .check_resume import check_resume
 
     try:
-        result = check_resume(command, kills=kills, seed=seed, workdir=str(workdir) if workdir else None)
+        where = str(workdir) if workdir else None
+        result = check_resume(command, kills=kills, seed=seed, workdir=where, nproc=nproc)
     except (RuntimeError, CheckpointError) as exc:
         err.print(f"[red]error:[/red] {error_text(exc, with_type=False)}")
         raise typer.Exit(2) from exc
@@ -413,6 +415,7 @@ app.add_typer(catalog_cmds.catalog_app, name="catalog")
 app.add_typer(catalog_cmds.registry_app, name="registry")
 app.command()(pictures.plot)
 app.command()(pictures.report)
+from . import dcp_cmds  # noqa: E402, F401  (registers import-dcp and export-dcp on app)
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ class RunBook:
         self.pins: set[int] = set()
         self.pins_known = True
         self.mirror: Mirror | None = None  # the run's mirror, if it has one (manager/mirror.py)
+        self.following = False  # a follower rank's book: read from the run, never written
 
     def open(self) -> None:
         """Reads pins, the index and the listing; rewrites the index when it was rebuilt."""
@@ -66,6 +67,14 @@ class RunBook:
         self._load_trigger_states(index)
         if len(index.get("records", ())) != len(self.records):
             self.write_index()  # rebuilt or reconciled: later opens need not read the manifests
+
+    def follow(self) -> None:
+        """Opens the book of a rank other than 0 in a torch.distributed job: rank 0 keeps the
+        records, this rank reads them from the index rank 0 writes (reconciled with the listing)
+        each time it is asked, so ``latest()``/``checkpoints()``/``best()`` give every rank the same
+        answer without a collective (a call made on one rank only must not hang)."""
+        self.following = True
+        self.records = load_records(self.run)
 
     def _load_trigger_states(self, index: Mapping[str, Any]) -> None:
         """Best-so-far values survive a restart, so a resumed run does not mistake its first metric
@@ -135,6 +144,8 @@ class RunBook:
     # -- records --------------------------------------------------------------------------------
     def checkpoints(self, scope: str | None = None) -> list[CheckpointRecord]:
         """Committed checkpoints of this run, oldest first."""
+        if self.following:
+            self.records = load_records(self.run)
         records = [r for r in self.records.values() if scope is None or r.scope == scope]
         return sorted(records, key=lambda r: (r.step, r.created, r.name))
 
@@ -144,6 +155,8 @@ class RunBook:
         monitor = stream.config.monitor if stream else None
         if stream is None or monitor is None:
             raise ValueError("best() needs a monitor metric (monitor=...)")
+        if self.following:
+            self.records = load_records(self.run)
         newest_first = sorted(
             (r for r in self.records.values() if r.scope == scope and r.valid), key=lambda r: r.newness()
         )[::-1]

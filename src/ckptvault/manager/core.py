@@ -26,7 +26,7 @@ from ..policy import CheckpointRecord, epoch_trigger, step_trigger
 from ..policy.metrics import numeric_metrics, plain_metric
 from ..storage.base import Storage
 from ..storage.resolve import is_url
-from ..training.sharded_state import sharded_tree
+from ..training.sharded_state import sharded_tree, unsendable
 from ..training.state import FULL, WEIGHTS, TrainState
 from ..types import CheckpointInfo
 from .book import RunBook, call_trackers, open_run
@@ -137,8 +137,7 @@ class CheckpointManager:
         self._lease: RunLease | None = RunLease(self._run, self.directory) if lead else None
         try:
             self.run = open_run(self._run, config, data_version, scopes) if lead else {}
-            if lead:
-                self._book.open()
+            self._book.open() if lead else self._book.follow()  # followers read rank 0's records
             options = (mirror_keep_last, mirror_max_behind, mirror_grace_seconds, local_budget_bytes)
             self.mirror = self._book.open_mirror(mirror if lead else None, *options)
         except BaseException:
@@ -352,10 +351,9 @@ class CheckpointManager:
         with self._book.mirror_paused():  # uploads hold while the loop waits for its own save
             if self._ranks is not None:  # every rank writes its shards; rank 0 commits
                 group = self._ranks.async_group() if background and self._saver.writer else None
-                outcome = self._saver.save_sharded(
-                    name, sharded_tree(state, scope, self._ranks.rank), metadata, group=group
-                )
-                outcome = outcome if isinstance(outcome, ShardedPending) else self._ranks.share(outcome)
+                tree = sharded_tree(state, scope, self._ranks.rank)
+                self._ranks.check(unsendable(tree), f"saving {name}")  # fail every rank, never hang them
+                outcome = self._saver.save_sharded(name, tree, metadata, group=group)
             else:
                 extra = architecture_files(state, metadata, self._validate, metrics)
                 outcome = self._saver.save(name, state.capture(scope), metadata, extra, background=background)
@@ -366,11 +364,13 @@ class CheckpointManager:
         if isinstance(outcome, (PendingSave, ShardedPending)):
             self._inflight = (outcome, record)
             return None
-        if self._lead:  # the books are the coordinator's
-            self._committed(record, outcome)
-        return outcome
+        if self._ranks is not None:  # rank 0 keeps the books; every rank returns once they are written
+            return self._ranks.lead(lambda: self._committed(record, outcome))
+        return self._committed(record, outcome)
 
-    def _committed(self, record: CheckpointRecord, info: CheckpointInfo | None = None) -> None:
+    def _committed(
+        self, record: CheckpointRecord, info: CheckpointInfo | None = None
+    ) -> CheckpointInfo | None:
         """A durable commit: only now do "latest", retention and the index move on."""
         record = self._book.committed(record, info)
         if info is not None:  # before retention, which may delete the checkpoint just committed
@@ -381,6 +381,7 @@ class CheckpointManager:
             self._validator.submit(self._run.checkpoint(record.name), self._validate, record.checkpoint_id)
         self._book.apply_retention(record.scope)
         self._book.write_index()
+        return info
 
     def _finish_pending(self, *, block: bool) -> None:
         if self._inflight is None:

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import datetime
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..errors import CheckpointError
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
 
@@ -76,6 +79,46 @@ class RankGroup:
         box = [value if self.is_coordinator else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
         return box[0]
+
+    def lead(self, work: Callable[[], Any]) -> Any:
+        """``work()`` run on the coordinator alone (the run's books), its result on every rank.
+
+        Its failure is raised on every rank -- as itself on the coordinator, as a
+        :class:`CheckpointError` naming it on the others -- instead of leaving them to time out in
+        the next collective while rank 0 has already given up. Every rank waits until the books are
+        written, so what a follower reads of them next (``latest()``) is already up to date."""
+        value: Any = None
+        failure: BaseException | None = None
+        if self.is_coordinator:
+            try:
+                value = work()
+            except Exception as exc:
+                failure = exc
+        text = None if failure is None else f"{type(failure).__name__}: {failure}"
+        value, text = self.share((value, text))
+        if failure is not None:
+            raise failure
+        if text is not None:
+            raise CheckpointError(f"rank 0 failed to record the checkpoint: {text}")
+        return value
+
+    def check(self, problem: str | None, what: str) -> None:
+        """Raises :class:`~ckptvault.distributed.DistributedCheckpointError` on every rank when any
+        rank has a ``problem`` (text), naming each failed rank. For failures one rank finds before a
+        collective its peers are already waiting in: without it they would wait for the whole
+        collective timeout, and the default group would be unusable afterwards."""
+        import torch.distributed as dist
+
+        from ..distributed.api import DistributedCheckpointError
+
+        problems: list[str | None] = [None] * self.world
+        dist.all_gather_object(problems, problem, group=self.group)
+        failures = {rank: text for rank, text in enumerate(problems) if text is not None}
+        if failures:
+            listed = "; ".join(f"rank {rank}: {text}" for rank, text in failures.items())
+            raise DistributedCheckpointError(
+                f"{what} failed on rank(s) {sorted(failures)}: {listed}", failures
+            )
 
     def async_group(self) -> Any:
         """A second gloo group, for background saves: DCP's thread runs its collectives there while

@@ -22,7 +22,7 @@ from ..distributed.api import DistributedCheckpointError
 from ..distributed.api import load as load_distributed
 from ..distributed.reader import planner_paths
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ..training.sharded_state import RANKS_KEY, restore_sharded, sharded_tree
+from ..training.sharded_state import RANKS_KEY, expect_saved, restore_sharded, sharded_tree
 from ..training.state import TrainState
 from ..types import CheckpointInfo
 from .book import RunBook, logger
@@ -62,6 +62,8 @@ def restore_ranks(
         template = sharded_tree(state, scope, ranks.rank)
         if ranks.rank not in saved:
             template.pop(RANKS_KEY, None)
+        else:  # keys of its own part this rank's template lacks (metrics history columns)
+            expect_saved(template, _paths(run.checkpoint(name)), ranks.rank)
         try:
             load_distributed(template, run.checkpoint(name))
         except _LOAD_FAILURES as exc:
@@ -85,6 +87,14 @@ def restore_ranks(
             info = checkpoint_info(run, name)
         return ranks.share(info)
     return None
+
+
+def _paths(target: str) -> list[tuple[object, ...]]:
+    """The saved keys' paths (none when they cannot be read: the load then fails as it would)."""
+    try:
+        return list(planner_paths(target).values())
+    except CheckpointError:
+        return []
 
 
 def _saved_ranks(target: str) -> list[int]:

@@ -20,7 +20,8 @@ ranks' parts it could not restore, and those ranks keep their current RNG and da
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import pickle
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import UnsupportedStateError
@@ -58,6 +59,29 @@ def sharded_tree(state: TrainState, scope: str, rank: int) -> dict[str, Any]:
     return tree
 
 
+def expect_saved(template: dict[str, Any], saved: Iterable[tuple[Any, ...]], rank: int) -> None:
+    """Adds to a load template the keys of this rank's own part that the checkpoint holds and the
+    template lacks (a ``None`` to load into).
+
+    DCP loads *into* the template: a key absent from it is silently not read. The template is this
+    rank's current state, whose metrics history of a fresh process has no columns yet -- without
+    this, a resumed rank would come back with the saved history's columns dropped."""
+    for path in saved:
+        if len(path) < 3 or path[0] != RANKS_KEY or path[1] != str(rank):
+            continue
+        node: Any = template
+        for key in path[:-1]:
+            if not isinstance(node, dict):
+                break
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            node = child
+        else:
+            if isinstance(node, dict):
+                node.setdefault(path[-1], None)
+
+
 def restore_sharded(
     state: TrainState, loaded: Mapping[str, Any], rank: int, *, partial: bool = False
 ) -> list[str]:
@@ -85,3 +109,33 @@ def restore_sharded(
             tree.setdefault(key, current[key])
     missing += state.restore(tree, partial=True if missing else partial, skip=("model", "optimizer"))
     return missing
+
+
+def unsendable(tree: Any, path: str = "") -> str | None:
+    """The first non-tensor value of ``tree`` that cannot be pickled (as text), or None.
+
+    DCP sends every rank's non-tensor values to the coordinator by pickling them inside its first
+    collective; a rank that fails there raises alone while its peers wait in that collective until
+    it times out. Checked before the save (and the verdict shared by the manager) every rank fails
+    at once instead."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return None
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            found = unsendable(value, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            found = unsendable(value, f"{path}.{i}")
+            if found is not None:
+                return found
+        return None
+    try:
+        pickle.dumps(tree)
+    except Exception as exc:
+        return f"{path or 'the state'} cannot be saved: {type(exc).__name__}: {exc}"
+    return None
