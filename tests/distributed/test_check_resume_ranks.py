@@ -6,9 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from ckptvault.cli.main import app
+
+pytestmark = pytest.mark.distributed
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fsdp2_train.py"
 

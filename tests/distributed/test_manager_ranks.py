@@ -17,6 +17,8 @@ from tests.distributed import manager_ranks
 from ckptvault.engine.rundir import EVENTS_NAME, INDEX_NAME, LEASE_NAME
 from ckptvault.testing.ranks import run_ranks
 
+pytestmark = pytest.mark.distributed
+
 WORLD = 2
 
 
