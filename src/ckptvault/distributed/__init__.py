@@ -9,6 +9,7 @@ a checkpoint saved at one world size loads at any other. See docs/distributed.md
 from __future__ import annotations
 
 from .api import DistributedCheckpointError, PendingDistributedSave, load, save, save_async
+from .interop import export_dcp, import_dcp
 from .reader import StorageReader
 from .writer import StorageWriter
 
@@ -17,6 +18,8 @@ __all__ = [
     "PendingDistributedSave",
     "StorageReader",
     "StorageWriter",
+    "export_dcp",
+    "import_dcp",
     "load",
     "save",
     "save_async",
