@@ -416,7 +416,6 @@ app.add_typer(catalog_cmds.registry_app, name="registry")
 app.command()(pictures.plot)
 app.command()(pictures.report)
 from . import dcp_cmds  # noqa: E402, F401  (registers import-dcp and export-dcp on app)
-from . import dcp_cmds  # noqa: E402, F401  (registers import-dcp and export-dcp on app)
 
 
 def main() -> None:
