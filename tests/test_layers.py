@@ -355,6 +355,7 @@ STORAGE_FACADE = {
     "ckptvault.storage.localfiles",
     "ckptvault.storage.localfiles_fd",
     "ckptvault.storage.catalogfiles",
+    "ckptvault.storage.foreign",  # other tools' files (DCP directories), read and written safely
 }
 # (importer, backend module) pairs that exist today.
 KNOWN_BACKEND_IMPORTS: dict[tuple[str, str], str] = {}

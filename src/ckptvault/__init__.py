@@ -30,7 +30,7 @@ from .api import (
 from .catalog.database import CatalogError
 from .catalog.query_tokens import QueryError
 from .catalog.registry import RegistryError, ReplacedCheckpointError
-from .distributed.api import DistributedCheckpointError
+from .distributed.commit import DistributedCheckpointError
 from .engine.background import PendingSave
 from .engine.rundir import DamagedRunFileError
 from .engine.staging import StagingBudgetError

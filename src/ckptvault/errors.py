@@ -25,7 +25,7 @@ script can guard a whole save or restore with one ``except``. The tree::
         a run document exists but cannot be parsed), ExportError > ExportMismatchError
         (export.common), RegistryError > ReplacedCheckpointError (catalog.registry), CatalogError
         (catalog.database), QueryError (catalog.query_tokens), ReportError (report_trajectory),
-        DistributedCheckpointError (distributed.api: a save or load failed on some rank)
+        DistributedCheckpointError (distributed.commit: a save or load failed on some rank)
 
 Every class named in this tree is public: exported from the package root, so ``except
 ckptvault.ExportError`` works without knowing the module it lives in. ``tests/test_errors_tree.py``

@@ -3,8 +3,7 @@ torch.distributed.checkpoint's own directory format (``FileSystemWriter``).
 
 They are commands of their own rather than ``export --format dcp``: ``export`` writes what model
 consumers load (the model's weights, checked against its consumer), while these carry the whole
-training state -- optimizer, counters, sharding -- both ways. The module registers itself on the
-``ckptvault`` app when ``cli.main`` imports it.
+training state -- optimizer, counters, sharding -- both ways. ``cli.main`` registers them.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import typer
 
 from ..errors import CheckpointError
 from .inert import console, emit_json, error_text, inert
-from .main import app
 
 out = console()
 err = console(stderr=True)
@@ -27,7 +25,6 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(1)
 
 
-@app.command("import-dcp")
 def import_dcp_command(
     source: Annotated[
         str, typer.Argument(help="A DCP checkpoint directory (FileSystemWriter's).", metavar="SRC")
@@ -65,7 +62,6 @@ def import_dcp_command(
     )
 
 
-@app.command("export-dcp")
 def export_dcp_command(
     source: Annotated[str, typer.Argument(help="A checkpoint: a local path or an s3:// URL.", metavar="SRC")],
     target: Annotated[str, typer.Argument(help="The DCP directory to write.", metavar="DST")],

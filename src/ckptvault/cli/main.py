@@ -26,7 +26,7 @@ from ..engine.reader import CheckpointReader
 from ..engine.verify import verify_checkpoint
 from ..errors import CheckpointError
 from ..storage.resolve import is_url, split_location
-from . import catalog_cmds, listing, pictures
+from . import catalog_cmds, dcp_cmds, listing, pictures
 from .inert import UNREADABLE, console, emit_json, error_text, human_bytes, inert, install_inert_diagnostics
 
 # A checkpoint or run: a local path or an object-store URL (kept a string: Path folds "s3://").
@@ -415,7 +415,8 @@ app.add_typer(catalog_cmds.catalog_app, name="catalog")
 app.add_typer(catalog_cmds.registry_app, name="registry")
 app.command()(pictures.plot)
 app.command()(pictures.report)
-from . import dcp_cmds  # noqa: E402, F401  (registers import-dcp and export-dcp on app)
+app.command("import-dcp")(dcp_cmds.import_dcp_command)
+app.command("export-dcp")(dcp_cmds.export_dcp_command)
 
 
 def main() -> None:

@@ -15,19 +15,10 @@ from typing import Any
 
 from ..config import Settings
 from ..engine.chunks import HintCache
-from ..errors import CheckpointError
 from ..format.manifest import Manifest
+from .commit import DistributedCheckpointError
 from .reader import StorageReader
 from .writer import DEFAULT_PIECE_BYTES, StorageWriter
-
-
-class DistributedCheckpointError(CheckpointError):
-    """A distributed save or load failed on at least one rank; ``failures`` maps each failed
-    rank to what it raised (as text: the exceptions lived in other processes)."""
-
-    def __init__(self, message: str, failures: dict[int, str]) -> None:
-        super().__init__(message)
-        self.failures = failures
 
 
 def save(
@@ -157,7 +148,13 @@ def _typed(exc: BaseException, what: str) -> BaseException:
 
     if not isinstance(exc, CheckpointException):
         return exc
-    failures = {rank: _describe(failure) for rank, failure in exc.failures.items()}
+    failures: dict[int, str] = {}
+    for rank, failure in exc.failures.items():
+        inner = failure[0] if isinstance(failure, tuple) and failure else failure
+        if isinstance(inner, DistributedCheckpointError):  # the coordinator's report of the ranks
+            failures.update(inner.failures)
+        else:
+            failures[rank] = _describe(failure)
     first = next(iter(failures.values()), "unknown failure")
     return DistributedCheckpointError(f"{what} failed on rank(s) {sorted(failures)}: {first}", failures)
 

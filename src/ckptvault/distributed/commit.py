@@ -57,6 +57,18 @@ class RankFailure:
     message: str
 
 
+class DistributedCheckpointError(CheckpointError):
+    """A distributed save or load failed on at least one rank; ``failures`` maps each failed
+    rank to what it raised (as text: the exceptions lived in other processes)."""
+
+    def __init__(self, message: str, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+    def __reduce__(self) -> Any:  # DCP carries it between ranks: rebuild with its failures
+        return (type(self), (str(self), self.failures))
+
+
 class _Leaf:
     """A tensor's leaf node, built here, inserted into the tree as it is."""
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import shutil
 import tempfile
 import uuid
 import zipfile
@@ -46,6 +45,7 @@ from ..errors import (
     UnsupportedStateError,
 )
 from ..format.manifest import Manifest
+from ..storage.foreign import read_range, remove_tree, replace_directory, scratch_file
 from .commit import RankFailure
 from .interop_metadata import DcpCheckpoint, DcpTensor, Location, read_metadata
 from .writer import FILES_FQN, StorageWriter
@@ -62,12 +62,7 @@ class _Items:
         self.error: BaseException | None = None  # the first typed failure, for the caller
 
     def read(self, location: Location) -> bytes:
-        path = self.ckpt.root / location.file
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        try:
-            data = os.pread(fd, location.length, location.offset)
-        finally:
-            os.close(fd)
+        data = read_range(self.ckpt.root / location.file, location.offset, location.length)
         if len(data) != location.length:
             raise CorruptCheckpointError(
                 f"item at bytes {location.offset}..{location.offset + location.length} is cut short",
@@ -129,25 +124,21 @@ class _Items:
         location = self.ckpt.values[fqn]
         data = self.read(location)
         # read_legacy takes a path: the item's bytes go to a private scratch file (values are small).
-        path = os.path.join(self.scratch, f"{uuid.uuid4().hex}.pt")
-        with open(path, "wb") as handle:
-            handle.write(data)
-        try:
-            value = read_legacy(path)
-        except UnsafeLegacyFileError as exc:
-            message = str(exc).replace(path, "the item")
-            raise UnsafeLegacyFileError(
-                f"{self.ckpt.root}/{location.file}: the value {fqn!r}: {message}"
-            ) from exc
-        except CheckpointError as exc:
-            raise CorruptCheckpointError(
-                f"the value {fqn[:80]!r} is not a torch.save'd object: "
-                f"{str(exc).replace(path, 'item')[:300]}",
-                path=str(self.ckpt.root),
-                file=location.file,
-            ) from exc
-        finally:
-            os.unlink(path)
+        with scratch_file(self.scratch, data, ".pt") as path:
+            try:
+                value = read_legacy(path)
+            except UnsafeLegacyFileError as exc:
+                message = str(exc).replace(path, "the item")
+                raise UnsafeLegacyFileError(
+                    f"{self.ckpt.root}/{location.file}: the value {fqn!r}: {message}"
+                ) from exc
+            except CheckpointError as exc:
+                raise CorruptCheckpointError(
+                    f"the value {fqn[:80]!r} is not a torch.save'd object: "
+                    f"{str(exc).replace(path, 'item')[:300]}",
+                    path=str(self.ckpt.root),
+                    file=location.file,
+                ) from exc
         check_bounds(value, max_nodes=MAX_TREE_NODES, max_bytes=default_limit(len(data)))
         return value
 
@@ -346,10 +337,8 @@ def export_dcp(
     staging = target.parent / f".{target.name}.dcp-export-{uuid.uuid4().hex[:12]}"
     try:
         dcp.save(state, storage_writer=FileSystemWriter(staging), no_dist=True)
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-        os.replace(staging, target)
+        replace_directory(staging, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     return target

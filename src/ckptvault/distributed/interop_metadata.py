@@ -22,10 +22,8 @@ from __future__ import annotations
 import io
 import itertools
 import math
-import os
 import pickle
 import re
-import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from ..errors import (
     UnsupportedStateError,
 )
 from ..format.dtypes import TORCH_DTYPES
+from ..storage.foreign import read_head, regular_size
 
 METADATA_FILE = ".metadata"
 MAX_METADATA_BYTES = 256 * 1024 * 1024
@@ -182,21 +181,18 @@ def read_metadata(root: Path) -> DcpCheckpoint:
     path = root / METADATA_FILE
     where = str(path)
     try:
-        info = os.lstat(path)
+        size = regular_size(path)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{root}: no {METADATA_FILE} (not a DCP checkpoint directory)") from exc
-    if not stat.S_ISREG(info.st_mode):
+    if size is None:
         raise UnsafeCheckpointError(f"{METADATA_FILE} is not a regular file", path=str(root), kind="unsafe")
-    if info.st_size > MAX_METADATA_BYTES:
+    if size > MAX_METADATA_BYTES:
         raise CorruptCheckpointError(
-            f"{METADATA_FILE} is {info.st_size} bytes, "
-            f"more than the {MAX_METADATA_BYTES} this importer reads",
+            f"{METADATA_FILE} is {size} bytes, more than the {MAX_METADATA_BYTES} this importer reads",
             path=str(root),
             kind="size-mismatch",
         )
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(MAX_METADATA_BYTES + 1)
+    data = read_head(path, MAX_METADATA_BYTES + 1)
     if len(data) > MAX_METADATA_BYTES:
         raise CorruptCheckpointError(f"{METADATA_FILE} grew past the limit while read", path=str(root))
     unpickler = MetadataUnpickler(data, where)
@@ -345,7 +341,7 @@ class _Parser:
         if known is not None:
             return known
         try:
-            info = os.lstat(self.root / name)
+            size = regular_size(self.root / name)
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(
                 "a data file the metadata names is missing",
@@ -353,12 +349,12 @@ class _Parser:
                 file=name,
                 kind="missing-file",
             ) from exc
-        if not stat.S_ISREG(info.st_mode):
+        if size is None:
             raise UnsafeCheckpointError(
                 "a data file is a link or not a regular file", path=str(self.root), file=name, kind="unsafe"
             )
-        self.out.file_sizes[name] = info.st_size
-        return info.st_size
+        self.out.file_sizes[name] = size
+        return size
 
     def check_overlaps(self) -> None:
         """Items never share bytes in a DCP directory; refusing overlaps bounds the import's work

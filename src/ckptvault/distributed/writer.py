@@ -36,15 +36,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..config import Settings
+from ..engine.arrays import BlobCollector
 from ..engine.chunks import ChunkedBlob, ChunkOptions, HintCache, split_blobs, write_chunked
-from ..errors import CheckpointError, StorageError, UnsupportedStateError
+from ..errors import StorageError, UnsupportedStateError
 from ..format.dtypes import SAFETENSORS_ITEMSIZE
 from ..format.manifest import check_file_name
+from ..format.tree import TreeEncoder
 from ..storage.base import Storage, WriteTransaction
 from ..storage.resolve import storage_for
 from ..types import FileEntry, TensorEntry
 from .arrays_io import encode_piece
-from .commit import Piece, RankFailure, RankResult, commit_checkpoint
+from .commit import DistributedCheckpointError, Piece, RankFailure, RankResult, commit_checkpoint
 from .portable import portable
 
 DEFAULT_PIECE_BYTES = 16 * 1024 * 1024
@@ -181,8 +183,9 @@ class StorageWriter:
             ranks = [r.storage_data for rank in results for r in rank if r.index.fqn == FILES_FQN]
             failed = [r for r in ranks if isinstance(r, RankFailure)]
             if failed:
-                raise CheckpointError(
-                    f"saving {self.path} failed on rank(s) {[f.rank for f in failed]}: {failed[0].message}"
+                raise DistributedCheckpointError(
+                    f"saving {self.path} failed on rank(s) {[f.rank for f in failed]}: {failed[0].message}",
+                    {f.rank: f.message for f in failed},
                 )
             self.committed = commit_checkpoint(
                 txn,
@@ -236,7 +239,10 @@ class StorageWriter:
                         fqn,
                         "this planner gives non-tensor values only as pickled bytes; use DCP's default one",
                     )
-                values[fqn] = lookup(item.index)
+                values[fqn] = value = lookup(item.index)
+                # Encoded once here only to refuse what cannot be stored while the failure can
+                # still travel in this rank's results (the coordinator encodes it for real).
+                TreeEncoder(BlobCollector()).encode(value, fqn)
                 continue
             tensor = planner.resolve_data(item)
             for offsets, blob in encode_piece(item, tensor, self.piece_bytes):
