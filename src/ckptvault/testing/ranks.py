@@ -104,45 +104,57 @@ def run_ranks(
     collected = ctx.Event()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    # Not daemonic: a rank may start processes of its own (DCP's process-based async save). Every
+    # rank is joined or killed below, whatever happens here.
     procs = [
         ctx.Process(
-            target=_entry,
-            args=(fn, rank, world, port, collective_timeout, args, results, collected, env),
-            daemon=True,
+            target=_entry, args=(fn, rank, world, port, collective_timeout, args, results, collected, env)
         )
         for rank in range(world)
     ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + timeout
     answers: dict[int, tuple[Any, str | None]] = {}
-    while len(answers) < world and time.monotonic() < deadline:
-        try:
-            rank, value, error = results.get(timeout=0.2)
-            answers[rank] = (value, error)
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs):
-                # every process ended: drain what they put before exiting, then stop waiting
-                while True:
-                    try:
-                        rank, value, error = results.get(timeout=0.5)
-                    except queue.Empty:
-                        break
-                    answers[rank] = (value, error)
-                break
-    collected.set()
-    for proc in procs:
-        proc.join(timeout=max(0.0, deadline - time.monotonic()) if proc.is_alive() else 0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.start()
+        while len(answers) < world and time.monotonic() < deadline:
+            try:
+                rank, value, error = results.get(timeout=0.2)
+                answers[rank] = (value, error)
+            except queue.Empty:
+                # Stop waiting once every rank that has not answered is gone (killed, crashed):
+                # the ranks that did answer wait for ``collected`` and would otherwise be waited on.
+                if all(not procs[r].is_alive() for r in range(world) if r not in answers):
+                    _drain(results, answers)
+                    break
+    finally:
+        collected.set()
+        for proc in procs:
+            if proc.pid is None:
+                continue
+            proc.join(timeout=max(0.0, deadline - time.monotonic()) if proc.is_alive() else 0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
     outcomes = []
     for rank, proc in enumerate(procs):
         if rank in answers:
             value, error = answers[rank]
             outcomes.append(RankOutcome(rank, value, error, proc.exitcode))
         else:
-            outcomes.append(RankOutcome(rank, error=None, exitcode=proc.exitcode if proc.exitcode else -9))
+            # no answer: killed, crashed, or it left without one (exit code as the kernel gave it)
+            code = -9 if proc.exitcode is None else proc.exitcode
+            outcomes.append(RankOutcome(rank, error=f"no answer (exit code {code})", exitcode=code))
     if check and not all(o.ok for o in outcomes):
         raise RanksFailedError(outcomes)
     return outcomes
+
+
+def _drain(results: Any, answers: dict[int, tuple[Any, str | None]]) -> None:
+    """What ranks put in the queue before they ended."""
+    while True:
+        try:
+            rank, value, error = results.get(timeout=0.5)
+        except queue.Empty:
+            return
+        answers[rank] = (value, error)
