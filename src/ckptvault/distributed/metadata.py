@@ -26,6 +26,7 @@ from typing import Any
 from ..config import MAX_NDIM
 from ..errors import CorruptCheckpointError
 from ..format.dtypes import TORCH_DTYPES
+from ..format.manifest import INDENT_MAX_TENSORS
 from ..format.strictjson import StrictJSONError, dumps, loads
 from ..format.tree import TreeDecodeError, TreeDecoder, TreeEncoder
 from ..types import ShardedEntry, TensorEntry
@@ -84,7 +85,8 @@ def encode_document(
         "planner_data": TreeEncoder(PLAIN).encode(planner_data, "planner_data"),
         "storage_meta": meta,
     }
-    return dumps(doc, indent=1) + b"\n"
+    chunks = sum(len(t["chunks"]) for t in tensors.values())
+    return dumps(doc, indent=1 if chunks <= INDENT_MAX_TENSORS else None) + b"\n"
 
 
 def chunk_pieces_of(

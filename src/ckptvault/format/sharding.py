@@ -81,17 +81,15 @@ def parse_sharded(
         boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
         refs: list[tuple[tuple[int, ...], str]] = []
         digests: list[tuple[tuple[int, ...], str]] = []
+        used: set[str] = set()  # a set, not a scan of refs: pieces per tensor grow with the ranks
         for item in shards:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)):
                 raise fail(f"{label}: bad shard")
             offsets, piece_name = item
             piece = tensors.get(piece_name) if isinstance(piece_name, str) else None
-            if (
-                piece is None
-                or owner.setdefault(piece_name, name) != name
-                or piece_name in (r[1] for r in refs)
-            ):
+            if piece is None or owner.setdefault(piece_name, name) != name or piece_name in used:
                 raise fail(f"{label}: shard names a missing or already used piece")
+            used.add(piece_name)
             if piece.dtype != dtype or len(piece.shape) != len(shape) or len(offsets) != len(shape):
                 raise fail(f"{label}: piece {piece_name[:80]!r} has another dtype or rank")
             if not all(_uint(o) for o in offsets) or any(
