@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from ..config import Settings
 from ..engine.arrays import BlobReader, torch_dtype
 from ..engine.reader import CheckpointReader
 from ..errors import CorruptCheckpointError, UnsupportedStateError
@@ -62,11 +65,17 @@ class StorageReader:
         self._dtypes: dict[str, Any] = {}
         self._values: dict[str, Any] = {}
         self.bytes_read = 0
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.update(_reader=None, _index={}, _dtypes={}, _values={})
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.close()
@@ -163,12 +172,21 @@ class StorageReader:
         future: Any = torch.futures.Future()  # what DCP waits on
         cache: OrderedDict[str, Any] = OrderedDict()
         try:
+            boxes = []
             for item in plan.items:
                 if item.type == LoadItemType.BYTE_IO:
                     _place_value(planner, item, self._values[item.storage_index.fqn])
-                    continue
-                target = planner.resolve_tensor(item).detach()
-                self._copy_box(item, target, cache)
+                else:  # the planner is asked on this thread only; its answers are filled in parallel
+                    boxes.append((item, planner.resolve_tensor(item).detach()))
+            # A few boxes at a time: while one thread hashes a block, another waits for the disk.
+            threads = min(Settings.from_env().io_threads, len(boxes))
+            if threads > 1:
+                with ThreadPoolExecutor(threads, thread_name_prefix="ckptvault-dcp-read") as pool:
+                    list(pool.map(lambda box: self._copy_box(box[0], box[1], cache), boxes))
+            else:
+                for item, target in boxes:
+                    self._copy_box(item, target, cache)
+            for item, target in boxes:
                 planner.commit_tensor(item, target)
         except BaseException as exc:
             future.set_exception(portable(exc))  # DCP gathers it to the coordinator, pickled
@@ -219,19 +237,22 @@ class StorageReader:
         got = self._reader.fetch(name, verify=self.verify, out=out)
         if got is not out:  # pragma: no cover - fetch fills ``out`` for data-file tensors
             out[:] = got
-        self.bytes_read += out.nbytes
+        with self._lock:
+            self.bytes_read += out.nbytes
         return True
 
     def _piece(self, name: str, dtype: Any, shape: tuple[int, ...], cache: OrderedDict[str, Any]) -> Any:
         import torch
 
-        found = cache.get(name)
-        if found is not None:
-            cache.move_to_end(name)
-            return found
+        with self._lock:
+            found = cache.get(name)
+            if found is not None:
+                cache.move_to_end(name)
+                return found
         assert self._reader is not None
         data: np.ndarray = self._reader.fetch(name, verify=self.verify)
-        self.bytes_read += data.nbytes
+        with self._lock:
+            self.bytes_read += data.nbytes
         raw = torch.from_numpy(data) if data.size else torch.empty(0, dtype=torch.uint8)
         expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if raw.numel() != expected:
@@ -239,9 +260,10 @@ class StorageReader:
                 f"stored piece is {raw.numel()} bytes, its box needs {expected}", path=self.path, tensor=name
             )
         tensor = raw.view(dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)
-        cache[name] = tensor
-        if len(cache) > _CACHED_PIECES:
-            cache.popitem(last=False)
+        with self._lock:
+            cache[name] = tensor
+            if len(cache) > _CACHED_PIECES:
+                cache.popitem(last=False)
         return tensor
 
     @classmethod
