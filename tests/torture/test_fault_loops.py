@@ -135,6 +135,51 @@ def _save_case(name: str, *, big: bool = False, use_async: bool = False, increme
     return Case(name, build, operation, check, next_operation, after)
 
 
+def _distributed_save_case(name: str, *, incremental: bool = False) -> Case:
+    """ckptvault.distributed.save from one process (DCP's no-dist mode): the writer, its commit
+    and its clean-up on failure go through the same file operations a multi-rank save makes."""
+    from ckptvault import distributed
+
+    options: dict[str, Any] = {"incremental": True, "chunk_bytes": CHUNK} if incremental else {}
+
+    def build(root: Path) -> dict[str, Any]:
+        a = state_of(1)
+        b = changed(a) if incremental else state_of(2)
+        distributed.save(a, root / "c1", metadata={"step": 1}, piece_bytes=16384, **options)
+        return {"a": a, "b": b}
+
+    def operation(root: Path, ctx: dict[str, Any]) -> None:
+        distributed.save(ctx["b"], root / "c2", metadata={"step": 2}, piece_bytes=16384, **options)
+
+    def check(root: Path, ctx: dict[str, Any], completed: bool) -> list[str]:
+        return check_checkpoints(
+            root,
+            expected={"c1": [ctx["a"]], "c2": [ctx["b"]]},
+            must_exist=["c1", "c2"] if completed else ["c1"],
+            may_exist=["c1", "c2"],
+        )
+
+    def next_operation(root: Path, ctx: dict[str, Any]) -> None:
+        distributed.save(
+            ctx["b"], root / "c2", metadata={"step": 2}, overwrite=True, piece_bytes=16384, **options
+        )
+        if incremental:
+            collect_garbage(root)
+
+    def after(root: Path, ctx: dict[str, Any]) -> list[str]:
+        problems = check_checkpoints(
+            root,
+            expected={"c1": [ctx["a"]], "c2": [ctx["b"]]},
+            must_exist=["c1", "c2"],
+            may_exist=["c1", "c2"],
+        )
+        if incremental and collect_garbage(root, dry_run=True).deleted_chunks:
+            problems.append("unreferenced chunks left after the next save and a GC")
+        return problems
+
+    return Case(name, build, operation, check, next_operation, after)
+
+
 def _overwrite_case() -> Case:
     def build(root: Path) -> dict[str, Any]:
         a, b, c = state_of(1), state_of(2), state_of(3)
@@ -400,6 +445,8 @@ CASES = [
     _overwrite_case(),
     _save_case("async_save", use_async=True),
     _save_case("incremental", incremental=True),
+    _distributed_save_case("distributed_save"),
+    _distributed_save_case("distributed_incremental", incremental=True),
     _retention_case(),
     _manager_async_case(),
     _gc_case(),
