@@ -8,7 +8,8 @@ a checkpoint saved at one world size loads at any other. See docs/distributed.md
 
 from __future__ import annotations
 
-from .api import DistributedCheckpointError, PendingDistributedSave, load, save, save_async
+from .api import PendingDistributedSave, load, save, save_async
+from .commit import DistributedCheckpointError
 from .interop import export_dcp, import_dcp
 from .reader import StorageReader
 from .writer import StorageWriter

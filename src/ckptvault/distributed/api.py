@@ -11,7 +11,7 @@ failed rank; and the coordinator gets the committed manifest back.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from ..config import Settings
 from ..engine.chunks import HintCache
@@ -43,7 +43,7 @@ def save(
     its large pieces in the run's chunk store, so what did not change since an earlier checkpoint
     of the run is not written again; ``hints`` is this rank's memory of its last save (the
     manager's), which also skips hashing what a version counter proves unchanged."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     from ..api import chunk_options
 
@@ -51,8 +51,8 @@ def save(
     writer = StorageWriter(
         path, metadata=metadata, overwrite=overwrite, piece_bytes=piece_bytes, chunking=chunking, hints=hints
     )
-    try:
-        dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
+    try:  # our writer follows DCP's StorageWriter interface without importing torch to subclass it
+        dcp_save(state_dict, storage_writer=cast(Any, writer), process_group=process_group, planner=planner)
     except BaseException as exc:
         writer.abort()
         if hints is not None:
@@ -107,14 +107,14 @@ def save_async(
     """:func:`save` through ``dcp.async_save``: returns once DCP has copied the state to host
     memory; hashing, writing and the commit run in a background thread. Give it a process group of
     its own (a gloo group): the training loop's collectives must not interleave with the save's."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import async_save
 
     from ..api import chunk_options
 
     chunking = chunk_options(incremental, compression, chunk_bytes)
     writer = StorageWriter(path, metadata=metadata, overwrite=overwrite, chunking=chunking, hints=hints)
     try:
-        future = dcp.async_save(state_dict, storage_writer=writer, process_group=process_group)
+        future = async_save(state_dict, storage_writer=cast(Any, writer), process_group=process_group)
     except BaseException as exc:
         writer.abort()
         raise _typed(exc, f"saving {os.fspath(path)}") from exc
@@ -131,11 +131,11 @@ def load(
 ) -> None:
     """Loads the checkpoint at ``path`` into ``state_dict`` in place, on every rank, resharding to
     the tensors' current layout (``verify``: each stored block read is digest-checked)."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     reader = StorageReader(path, verify=verify)
     try:
-        dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)
+        dcp_load(state_dict, storage_reader=cast(Any, reader), process_group=process_group, planner=planner)
     except BaseException as exc:
         raise _typed(exc, f"loading {os.fspath(path)}") from exc
     finally:

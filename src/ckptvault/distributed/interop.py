@@ -322,8 +322,8 @@ def export_dcp(
     saved by DCP in this one process; the directory appears under its name only when complete
     (written beside it, then renamed). An existing non-empty ``dst_dir`` is replaced only with
     ``overwrite``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     from ..api import load
 
@@ -336,7 +336,7 @@ def export_dcp(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.dcp-export-{uuid.uuid4().hex[:12]}"
     try:
-        dcp.save(state, storage_writer=FileSystemWriter(staging), no_dist=True)
+        dcp_save(state, storage_writer=FileSystemWriter(staging), no_dist=True)
         replace_directory(staging, target)
     except BaseException:
         remove_tree(staging)

@@ -185,7 +185,7 @@ def read_metadata(root: Path) -> DcpCheckpoint:
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{root}: no {METADATA_FILE} (not a DCP checkpoint directory)") from exc
     if size is None:
-        raise UnsafeCheckpointError(f"{METADATA_FILE} is not a regular file", path=str(root), kind="unsafe")
+        raise UnsafeCheckpointError(f"{METADATA_FILE} is not a regular file", path=str(root))
     if size > MAX_METADATA_BYTES:
         raise CorruptCheckpointError(
             f"{METADATA_FILE} is {size} bytes, more than the {MAX_METADATA_BYTES} this importer reads",
@@ -315,7 +315,6 @@ class _Parser:
                 f"{fqn[:80]!r} is stored in {str(name)[:80]!r}, not a plain file name of the directory",
                 path=str(self.root),
                 file=METADATA_FILE,
-                kind="unsafe",
             )
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
             raise self.fail(f"{fqn[:80]!r}: bad byte range")
@@ -351,7 +350,7 @@ class _Parser:
             ) from exc
         if size is None:
             raise UnsafeCheckpointError(
-                "a data file is a link or not a regular file", path=str(self.root), file=name, kind="unsafe"
+                "a data file is a link or not a regular file", path=str(self.root), file=name
             )
         self.out.file_sizes[name] = size
         return size

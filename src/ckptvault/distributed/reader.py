@@ -219,7 +219,8 @@ class StorageReader:
             if whole_rows and (a, b) == (row, row + rows) and self._read_into(name, dest, cache):
                 continue
             block = self._piece(name, dtype, (rows, *chunk.sizes[1:]), cache)
-            dest.copy_(block[(slice(a - row, b - row), *inner)])
+            index = (slice(a - row, b - row), *inner)
+            dest.copy_(block[index])
 
     def _read_into(self, name: str, dest: Any, cache: OrderedDict[str, Any]) -> bool:
         """Reads (and verifies) a whole piece straight into ``dest`` when that is plain contiguous

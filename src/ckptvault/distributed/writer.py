@@ -40,7 +40,7 @@ from ..engine.arrays import BlobCollector
 from ..engine.chunks import ChunkedBlob, ChunkOptions, HintCache, split_blobs, write_chunked
 from ..errors import StorageError, UnsupportedStateError
 from ..format.dtypes import SAFETENSORS_ITEMSIZE
-from ..format.manifest import check_file_name
+from ..format.manifest import Manifest, check_file_name
 from ..format.tree import TreeEncoder
 from ..storage.base import Storage, WriteTransaction
 from ..storage.resolve import storage_for
@@ -99,7 +99,7 @@ class StorageWriter:
         self.rank = 0
         self._txn: WriteTransaction | None = None
         self._checkpoint_id = ""
-        self.committed: Any = None  # the Manifest of the last commit (coordinator only)
+        self.committed: Manifest | None = None  # the last commit's manifest (coordinator only)
         self.chunking = chunking
         self.hints = hints
         self.last_chunked: list[ChunkedBlob] = []

@@ -135,8 +135,9 @@ def export_safetensors(
         manifest = reader.manifest
         reader.budget(max_bytes).charge(manifest.tensor_bytes, "exporting this checkpoint's tensors")
         pieces = {piece for whole in manifest.sharded.values() for _, piece in whole.shards}
-        stored = [t for t in manifest.tensors.values() if t.name not in pieces]
-        entries: list[TensorEntry | ShardedEntry] = sorted(stored, key=lambda t: (t.file, t.offsets))
+        stored: list[TensorEntry] = [t for t in manifest.tensors.values() if t.name not in pieces]
+        stored.sort(key=lambda t: (t.file, t.offsets))
+        entries: list[TensorEntry | ShardedEntry] = list(stored)
         entries += sorted(manifest.sharded.values(), key=lambda t: t.name)  # whole, from their pieces
         header = build_header(
             [(t.name, t.dtype, t.shape, t.nbytes) for t in entries],

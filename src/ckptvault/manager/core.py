@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .. import validation
 from ..engine.background import PendingSave
@@ -353,6 +353,7 @@ class CheckpointManager:
                 group = self._ranks.async_group() if background and self._saver.writer else None
                 tree = sharded_tree(state, scope, self._ranks.rank)
                 self._ranks.check(unsendable(tree), f"saving {name}")  # fail every rank, never hang them
+                outcome: CheckpointInfo | PendingSave | ShardedPending | None
                 outcome = self._saver.save_sharded(name, tree, metadata, group=group)
             else:
                 extra = architecture_files(state, metadata, self._validate, metrics)
@@ -365,7 +366,7 @@ class CheckpointManager:
             self._inflight = (outcome, record)
             return None
         if self._ranks is not None:  # rank 0 keeps the books; every rank returns once they are written
-            return self._ranks.lead(lambda: self._committed(record, outcome))
+            return cast(CheckpointInfo | None, self._ranks.lead(lambda: self._committed(record, outcome)))
         return self._committed(record, outcome)
 
     def _committed(

@@ -109,7 +109,7 @@ class RankGroup:
         collective timeout, and the default group would be unusable afterwards."""
         import torch.distributed as dist
 
-        from ..distributed.api import DistributedCheckpointError
+        from ..distributed.commit import DistributedCheckpointError
 
         problems: list[str | None] = [None] * self.world
         dist.all_gather_object(problems, problem, group=self.group)

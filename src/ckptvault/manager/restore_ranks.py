@@ -18,8 +18,8 @@ import time
 import warnings
 from typing import Literal
 
-from ..distributed.api import DistributedCheckpointError
 from ..distributed.api import load as load_distributed
+from ..distributed.commit import DistributedCheckpointError
 from ..distributed.reader import planner_paths
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..training.sharded_state import RANKS_KEY, expect_saved, restore_sharded, sharded_tree
@@ -85,7 +85,8 @@ def restore_ranks(
         if ranks.is_coordinator:
             book.mark_valid(name, True)
             info = checkpoint_info(run, name)
-        return ranks.share(info)
+        shared: CheckpointInfo | None = ranks.share(info)
+        return shared
     return None
 
 
