@@ -28,7 +28,7 @@ def test_public_surface_is_pinned() -> None:
         "MirrorBehindError", "ResourceLimitError", "RestoreRefusedError",
         "CatalogError", "DamagedRunFileError", "ExportError", "ExportMismatchError", "QueryError",
         "RegistryError", "ReplacedCheckpointError", "ReportError", "UnsafeFileError",
-        "StagingBudgetError", "StorageError",
+        "StagingBudgetError", "StorageError", "DistributedCheckpointError",
         "TrainState", "UnsafeCheckpointError", "UnsafeLegacyFileError", "UnsupportedStateError",
         "VerifyReport", "__version__", "fingerprint", "info", "list_checkpoints", "load", "open",
         "save", "save_async", "verify",
