@@ -216,7 +216,9 @@ def test_dcp_json_not_strict_json(ckpt: Path, text: bytes) -> None:
 
 
 def test_dcp_json_changed_without_resigning(ckpt: Path) -> None:
-    data = (ckpt / "dcp.json").read_bytes().replace(b'"requires_grad": false', b'"requires_grad": true ')
+    original = (ckpt / "dcp.json").read_bytes()
+    data = original.replace(b'"requires_grad":false', b'"requires_grad":true ')  # same length
+    assert data != original
     (ckpt / "dcp.json").write_bytes(data)
     with pytest.raises(CorruptCheckpointError) as caught:
         read_metadata(ckpt)

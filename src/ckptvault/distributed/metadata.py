@@ -26,7 +26,6 @@ from typing import Any
 from ..config import MAX_NDIM
 from ..errors import CorruptCheckpointError
 from ..format.dtypes import TORCH_DTYPES
-from ..format.manifest import INDENT_MAX_TENSORS
 from ..format.strictjson import StrictJSONError, dumps, loads
 from ..format.tree import TreeDecodeError, TreeDecoder, TreeEncoder
 from ..types import ShardedEntry, TensorEntry
@@ -85,8 +84,7 @@ def encode_document(
         "planner_data": TreeEncoder(PLAIN).encode(planner_data, "planner_data"),
         "storage_meta": meta,
     }
-    chunks = sum(len(t["chunks"]) for t in tensors.values())
-    return dumps(doc, indent=1 if chunks <= INDENT_MAX_TENSORS else None) + b"\n"
+    return dumps(doc) + b"\n"  # compact: machine-read, and Python's C encoder only does compact
 
 
 def chunk_pieces_of(

@@ -132,6 +132,17 @@ def _check_tiling(
         return 0
     if sum(math.prod(size) for _, size in boxes) != numel:
         raise fail(f"{label}: shards do not cover the tensor exactly")
+    if all(not any(o[1:]) and s[1:] == shape[1:] for o, s in boxes):
+        # Row blocks (what DCP's Shard(0), FSDP and the writer's blocks produce): the proof is that
+        # the row ranges, sorted, follow each other from 0 to the end -- no grid needed.
+        end = 0
+        for start, rows in sorted((o[0], s[0]) for o, s in boxes):
+            if start != end:
+                raise fail(f"{label}: shards {'overlap' if start < end else 'leave a gap'}")
+            end = start + rows
+        if end != shape[0]:
+            raise fail(f"{label}: shards do not cover the tensor")
+        return numel
     cuts = [
         np.unique(
             np.array([0, dim] + [o[d] for o, _ in boxes] + [o[d] + s[d] for o, s in boxes], dtype=np.int64)
