@@ -202,24 +202,26 @@ def commit_checkpoint(
             out.write(data)
             syncing.start(out)
             _put(files, name, FileEntry(name, len(data), digest_bytes(algorithm, data)), "file")
+        # The manifest is built and proven while those files' fsyncs run (both are on the save's
+        # critical path, after every rank has written); the commit waits for the fsyncs.
+        features = (SHARDED_TENSORS,) if sharded else ()
+        if any(t.chunks is not None for t in tensors.values()):
+            features = (CHUNKED_TENSORS, *features)
+        manifest = Manifest(
+            checkpoint_id=checkpoint_id,
+            created_at=created_at,
+            step=step,
+            digest_algorithm=algorithm,
+            files=files,
+            tensors=tensors,
+            tree=tree,
+            metadata=TreeEncoder(NO_LEAVES).encode(user_metadata, "metadata"),
+            required_features=features,
+            sharded=sharded,
+        )
+        data = manifest.to_json()
+        parse_manifest(data, path=path)  # the proof every reader makes, before anything is visible
         syncing.wait()
-    features = (SHARDED_TENSORS,) if sharded else ()
-    if any(t.chunks is not None for t in tensors.values()):
-        features = (CHUNKED_TENSORS, *features)
-    manifest = Manifest(
-        checkpoint_id=checkpoint_id,
-        created_at=created_at,
-        step=step,
-        digest_algorithm=algorithm,
-        files=files,
-        tensors=tensors,
-        tree=tree,
-        metadata=TreeEncoder(NO_LEAVES).encode(user_metadata, "metadata"),
-        required_features=features,
-        sharded=sharded,
-    )
-    data = manifest.to_json()
-    parse_manifest(data, path=path)  # the same proof every reader makes, before anything is visible
     txn.commit(data)
     return manifest
 
