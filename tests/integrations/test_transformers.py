@@ -107,3 +107,77 @@ def test_hf_export_round_trip_gives_identical_logits(trained: tuple[Path, Path, 
     trainer.model.eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(probe).logits, trainer.model(probe).logits)
+
+
+def _accelerated(tmp: Path, **project: Any) -> tuple[Any, Any, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(str(tmp), **project))
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
+
+
+def _train_step(model: Any, optimizer: Any) -> None:
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_accelerate_total_limit_deletes_before_the_new_state_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import accelerate.accelerator as acc_module
+
+    accelerator, model, optimizer = _accelerated(tmp_path, automatic_checkpoint_naming=True, total_limit=1)
+    _train_step(model, optimizer)
+    accelerator.save_state()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_0"]
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError("simulated crash inside save_state")
+
+    monkeypatch.setattr(acc_module, "save_accelerator_state", crash)
+    _train_step(model, optimizer)
+    with pytest.raises(OSError, match="simulated"):
+        accelerator.save_state()
+    # checkpoint_0 was deleted before the failed save: nothing complete is left to load.
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "checkpoint_0" not in left
+
+
+def test_vault_accelerate_failed_save_keeps_the_previous_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptvault.integrations.transformers_accelerate import VaultAccelerate
+    from ckptvault.training.state import TrainState
+
+    accelerator, model, optimizer = _accelerated(tmp_path / "acc")
+    vault = VaultAccelerate(accelerator, tmp_path / "run", keep_last=1)
+    _train_step(model, optimizer)
+    vault.save_state()
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_step(model, optimizer)
+
+    def crash(self: TrainState, scope: str = "full") -> Any:
+        raise OSError("simulated crash inside the save")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainState, "capture", crash)
+        with pytest.raises(OSError, match="simulated"):
+            vault.save_state()
+    assert [Path(p).name for p in ckptvault.list_checkpoints(tmp_path / "run")] == ["step_00000001"]
+    vault.save_state()  # step 2 commits; step 1 may go only after that (keep_last=1)
+    names = [Path(p).name for p in ckptvault.list_checkpoints(tmp_path / "run")]
+    assert names[-1] == "step_00000002" and set(names) <= {"step_00000001", "step_00000002"}
+    vault.close()
+
+    accelerator2, model2, _ = _accelerated(tmp_path / "acc2")
+    vault2 = VaultAccelerate(accelerator2, tmp_path / "run", keep_last=1)
+    info = vault2.load_state()
+    assert info is not None and vault2.step == 2
+    assert_equal_tree(dict(model2.state_dict()), dict(model.state_dict()))
+    assert not torch.equal(good["weight"], model2.state_dict()["weight"])
+    vault2.close()
