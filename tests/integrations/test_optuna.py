@@ -134,7 +134,7 @@ def test_killed_trial_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
     assert _steps(root / "trial_00000") == [2, 4]
     time.sleep(3.0)  # past the grace period: the killed trial's heartbeat is stale
 
-    n = 4
+    n = 3
     study = optuna.load_study(study_name=STUDY, storage=storage(db), sampler=_sampler())
     study.optimize(lambda t: objective(t, root), n_trials=n + 1)
     killed, retry = study.trials[0], study.trials[1]
