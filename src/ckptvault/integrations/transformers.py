@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ import transformers
 from transformers import TrainerCallback
 
 from ..manager.core import CheckpointManager
+from ..storage.foreign import remove_tree, replace_directory
 from ..training.architecture import model_factory
 from ..training.state import TrainState
 
@@ -294,11 +294,9 @@ def materialize_checkpoint(
             staging / "rng_state.pth",
         )
         (staging / TRAINER_STATE).write_text(trainer_state, encoding="utf-8")  # last, as Trainer does
-        if target.exists():
-            shutil.rmtree(target)  # incomplete (checked above): a crash's leftover
-        os.replace(staging, target)
+        replace_directory(staging, target)  # an existing one is incomplete (checked above)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     return str(target)
 

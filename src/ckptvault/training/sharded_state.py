@@ -20,11 +20,12 @@ ranks' parts it could not restore, and those ranks keep their current RNG and da
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..engine.arrays import BlobCollector
 from ..errors import UnsupportedStateError
+from ..format.tree import TreeEncoder
 from .state import FULL, TrainState
 
 RANKS_KEY = "ranks"
@@ -112,7 +113,7 @@ def restore_sharded(
 
 
 def unsendable(tree: Any, path: str = "") -> str | None:
-    """The first non-tensor value of ``tree`` that cannot be pickled (as text), or None.
+    """The first non-tensor value of ``tree`` that cannot be stored (as text), or None.
 
     DCP sends every rank's non-tensor values to the coordinator by pickling them inside its first
     collective; a rank that fails there raises alone while its peers wait in that collective until
@@ -134,8 +135,8 @@ def unsendable(tree: Any, path: str = "") -> str | None:
             if found is not None:
                 return found
         return None
-    try:
-        pickle.dumps(tree)
+    try:  # what ckptvault can encode, DCP can carry too (plain values, arrays, torch objects)
+        TreeEncoder(BlobCollector()).encode(tree, path or "state")
     except Exception as exc:
         return f"{path or 'the state'} cannot be saved: {type(exc).__name__}: {exc}"
     return None
