@@ -46,6 +46,7 @@ from typing import Any
 from .. import api
 from ..engine.background import PendingSave
 from ..errors import CheckpointNotFoundError
+from ..storage.foreign import present, remove_link, resolved_link
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -227,8 +228,9 @@ class VaultCheckpointIO(CheckpointIO):
             raise TypeError("VaultCheckpointIO.load_checkpoint takes a device or a dict, not a function")
         target = os.fspath(path)
         local = _local_path(target)
-        if local is not None and os.path.islink(local):
-            target = os.path.realpath(local)
+        linked = resolved_link(local) if local is not None else None
+        if linked is not None:
+            target = linked
         state = api.load(target, map_location="cpu" if map_location is None else map_location)
         if not isinstance(state, dict):
             raise CheckpointNotFoundError(f"{target} is a ckptvault checkpoint but not a Lightning one")
@@ -243,14 +245,13 @@ class VaultCheckpointIO(CheckpointIO):
         else:
             self._raise_pending_failure()
         local = _local_path(target)
-        if local is not None and os.path.islink(local):
-            os.unlink(local)
+        if local is not None and remove_link(local):
             return
         storage, where = api.storage_for(target)
         try:
             api.info(target)
         except CheckpointNotFoundError:
-            if local is None or os.path.lexists(local):
+            if local is None or present(local):
                 log.warning("not removing %s: it is not a committed ckptvault checkpoint", target)
             return
         storage.delete(where)

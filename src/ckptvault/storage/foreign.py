@@ -66,3 +66,22 @@ def replace_directory(staging: Path, target: Path) -> None:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def resolved_link(path: str) -> str | None:
+    """Where ``path`` points when it is a symlink (as another tool may make one, e.g. Lightning's
+    ``last.ckpt``), else None."""
+    return os.path.realpath(path) if os.path.islink(path) else None
+
+
+def remove_link(path: str) -> bool:
+    """Removes ``path`` when it is a symlink (the link itself, never its target); False otherwise."""
+    if not os.path.islink(path):
+        return False
+    os.unlink(path)
+    return True
+
+
+def present(path: str) -> bool:
+    """Whether anything (a dangling link included) is at ``path``."""
+    return os.path.lexists(path)
