@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .sample_rng import SeededCollate, SeededPositions, SeededSamples
+
 
 @dataclass
 class DataPosition:
@@ -28,9 +30,17 @@ class DataPosition:
     epoch_seed: int | None = None  # drawn when an epoch starts; None between epochs
     batches_done: int = 0
     exhausted: bool = False  # every batch of the epoch was consumed: we are in the epoch's tail
+    workers: int | None = None  # iterable datasets: the num_workers that loaded the epoch (replay needs it)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch_seed": self.epoch_seed, "batches_done": self.batches_done, "exhausted": self.exhausted}
+        data: dict[str, Any] = {
+            "epoch_seed": self.epoch_seed,
+            "batches_done": self.batches_done,
+            "exhausted": self.exhausted,
+        }
+        if self.workers is not None:
+            data["workers"] = self.workers
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataPosition:
@@ -41,9 +51,10 @@ class DataPosition:
         )
         if (seed is not None and type(seed) is not int) or type(done) is not int or done < 0:
             raise ValueError(f"bad data position {data!r}")
-        if type(exhausted) is not bool:
+        workers = data.get("workers")
+        if type(exhausted) is not bool or (workers is not None and (type(workers) is not int or workers < 0)):
             raise ValueError(f"bad data position {data!r}")
-        return cls(seed, done, exhausted)
+        return cls(seed, done, exhausted, workers)
 
 
 def is_stateful_loader(loader: Any) -> bool:
@@ -89,34 +100,66 @@ def _epoch_indices(loader: Any, seed: int) -> list[int]:
     return [int(i) for i in sampler]  # a deterministic custom sampler
 
 
-def epoch_loader(loader: Any, position: DataPosition) -> Any:
-    """The loader to iterate for the rest of the current epoch (see the module docstring)."""
-    import torch
-    from torch.utils.data import DataLoader, IterableDataset
+class EpochLoaders:
+    """Builds the loader to iterate for the rest of the current epoch (see the module docstring).
 
-    if position.epoch_seed is None:
-        position.epoch_seed = draw_epoch_seed(loader)
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        raise TypeError(
-            "TrainState.batches() resumes torch DataLoaders over map-style datasets, or loaders "
-            "with their own state_dict() (torchdata StatefulDataLoader); got "
-            f"{type(loader).__qualname__}"
-        )
-    if loader.batch_size is None:
-        raise TypeError("loaders built with a custom batch_sampler are not resumable yet; pass batch_size")
-    start = position.batches_done * loader.batch_size
-    sampler = _ResumedSampler(_epoch_indices(loader, position.epoch_seed), start)
-    options: dict[str, Any] = {
-        "batch_size": loader.batch_size,
-        "drop_last": loader.drop_last,
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "generator": torch.Generator().manual_seed(position.epoch_seed),
-    }
-    if loader.num_workers > 0:
-        options["prefetch_factor"] = loader.prefetch_factor
-        options["multiprocessing_context"] = loader.multiprocessing_context
-    return DataLoader(loader.dataset, sampler=sampler, **options)
+    With per-sample RNG (:mod:`.sample_rng`, the default) the dataset and ``collate_fn`` are wrapped
+    and the sampler yields ``(seed, index)`` keys. A loader with ``persistent_workers=True`` is built
+    once and kept: each later epoch only resets its sampler, so its workers live as long as the run
+    (without per-sample RNG their streams would then run on across epochs, which a resumed run cannot
+    reproduce; per-sample RNG makes that irrelevant)."""
+
+    def __init__(self, per_sample_rng: bool = True) -> None:
+        self.per_sample_rng = per_sample_rng
+        self._kept: tuple[Any, Any, Any] | None = None  # (user loader, built loader, its sampler)
+
+    def for_epoch(self, loader: Any, position: DataPosition) -> Any:
+        import torch
+        from torch.utils.data import DataLoader, IterableDataset
+
+        if position.epoch_seed is None:
+            position.epoch_seed = draw_epoch_seed(loader)
+        if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+            raise TypeError(
+                "TrainState.batches() resumes torch DataLoaders, or loaders with their own "
+                f"state_dict() (torchdata StatefulDataLoader); got {type(loader).__qualname__}"
+            )
+        if loader.batch_size is None:
+            raise TypeError(
+                "loaders built with a custom batch_sampler are not resumable yet; pass batch_size"
+            )
+        start = position.batches_done * loader.batch_size
+        indices = _epoch_indices(loader, position.epoch_seed)
+        persistent = self.per_sample_rng and loader.num_workers > 0 and loader.persistent_workers
+        if persistent and self._kept is not None and self._kept[0] is loader:
+            _, kept, kept_sampler = self._kept
+            kept_sampler.reset(indices, start, position.epoch_seed)
+            kept.generator.manual_seed(position.epoch_seed)
+            return kept
+        dataset: Any = loader.dataset
+        collate_fn = loader.collate_fn
+        sampler: Any
+        if self.per_sample_rng:
+            samples = SeededSamples(dataset)
+            dataset, collate_fn = samples, SeededCollate(collate_fn, samples)
+            sampler = SeededPositions(indices, start, position.epoch_seed)
+        else:
+            sampler = _ResumedSampler(indices, start)
+        options: dict[str, Any] = {
+            "batch_size": loader.batch_size,
+            "drop_last": loader.drop_last,
+            "num_workers": loader.num_workers,
+            "collate_fn": collate_fn,
+            "pin_memory": loader.pin_memory,
+            "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn,
+            "generator": torch.Generator().manual_seed(position.epoch_seed),
+        }
+        if loader.num_workers > 0:
+            options["prefetch_factor"] = loader.prefetch_factor
+            options["multiprocessing_context"] = loader.multiprocessing_context
+            options["persistent_workers"] = persistent
+        built = DataLoader(dataset, sampler=sampler, **options)
+        if persistent:
+            self._kept = (loader, built, sampler)
+        return built

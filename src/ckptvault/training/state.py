@@ -23,8 +23,9 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .architecture import ModelSpec, spec_for
-from .data import DataPosition, epoch_loader, is_stateful_loader
+from .data import DataPosition, EpochLoaders, is_stateful_loader
 from .history import MetricsHistory
+from .iterable import IterableLoaders, has_own_state, is_iterable_loader, logger
 
 STATE_FORMAT = "ckptvault.TrainState/1"
 FULL, WEIGHTS = "full", "weights"
@@ -60,7 +61,12 @@ class TrainState:
         model_factory: Any = None,
         model_kwargs: Mapping[str, Any] | None = None,
         probe: Any = None,
+        per_sample_rng: bool = True,
     ) -> None:
+        """``per_sample_rng``: seed the global RNGs from each sample's place in the epoch before its
+        ``__getitem__`` (:mod:`.sample_rng`), so random augmentation in loader workers resumes exactly;
+        False keeps a plain ``DataLoader``'s per-worker streams (exact only without worker-side
+        randomness, or with ``num_workers=0``)."""
         self.parts: dict[str, dict[str, Any]] = {
             "model": _named(model, "model"),
             "optimizer": _named(optimizer, "optimizer"),
@@ -78,6 +84,8 @@ class TrainState:
                         f"{kind} {name!r} ({type(obj).__qualname__}) has no state_dict/load_state_dict"
                     )
         self.loader = loader
+        self._map_loaders = EpochLoaders(per_sample_rng)
+        self._iterable_loaders = IterableLoaders()
         self.generators = dict(generators or {})
         self.step = 0
         self.epoch = 0  # completed epochs
@@ -137,7 +145,13 @@ class TrainState:
             raise ValueError("TrainState has no loader; pass loader=... to iterate batches")
         if self.position.exhausted or self.stop_requested:
             return
-        source = self.loader if is_stateful_loader(self.loader) else epoch_loader(self.loader, self.position)
+        source: Any
+        if is_stateful_loader(self.loader):
+            source = self.loader
+        elif is_iterable_loader(self.loader):
+            source = self._iterable_loaders.for_epoch(self.loader, self.position)
+        else:
+            source = self._map_loaders.for_epoch(self.loader, self.position)
         for batch in source:
             if self._stopping():
                 return
@@ -147,6 +161,11 @@ class TrainState:
             yield batch
         if not self.stop_requested:
             self.position.exhausted = True
+
+    @property
+    def last_replay(self) -> Any:
+        """What resuming an iterable dataset by replay cost last (:class:`.iterable.Replay`), or None."""
+        return self._iterable_loaders.last_replay
 
     def record_metrics(self, metrics: Mapping[str, Any]) -> None:
         if metrics:
@@ -257,12 +276,23 @@ class TrainState:
         data: dict[str, Any] = self.position.to_dict()
         if self.loader is not None and is_stateful_loader(self.loader):
             data["loader"] = self.loader.state_dict()
+        elif self.loader is not None and is_iterable_loader(self.loader) and has_own_state(self.loader):
+            data["dataset"] = self.loader.dataset.state_dict()
         return data
 
     def _restore_data(self, data: Mapping[str, Any]) -> None:
         self.position = DataPosition.from_dict(dict(data)) if data else DataPosition()
         if self.loader is not None and is_stateful_loader(self.loader) and "loader" in data:
             self.loader.load_state_dict(data["loader"])
+        elif self.loader is not None and is_iterable_loader(self.loader):
+            if has_own_state(self.loader) and "dataset" in data:
+                self.loader.dataset.load_state_dict(data["dataset"])
+            elif self.position.batches_done and not self.position.exhausted:
+                logger.info(
+                    "restored mid-epoch in an IterableDataset without its own state (or loaded by workers): "
+                    "its first %d batches will be loaded again and discarded when batches() starts",
+                    self.position.batches_done,
+                )
 
 
 def _generator_state(generator: Any) -> Any:

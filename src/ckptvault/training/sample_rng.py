@@ -1,0 +1,171 @@
+"""Per-sample RNG: a sample's random augmentation depends on its place in the epoch, not on a worker.
+
+A plain ``DataLoader`` gives each worker one RNG stream (seeded from the iterator's base seed and the
+worker id) and the worker draws every augmentation of every sample it loads from that stream. After a
+mid-epoch resume the rebuilt loader's workers start their streams again at the epoch's worker seeds
+while the samples they load are the epoch's later ones, so every augmentation after the resume point
+differs from the uninterrupted run (and it differs again when ``num_workers`` changes).
+
+Here the epoch's sampler yields ``(seed, index)`` keys, the seed derived in the main process from
+(epoch seed, position in the epoch's order), and the dataset is wrapped so that right before each
+``__getitem__`` torch's CPU generator, numpy's global ``RandomState`` and Python's ``random`` are seeded
+from the key. A worker's stream is simply replaced; nothing of it survives between samples. Collation
+is seeded the same way from the batch's first key. So a sample's augmentation is a function of the
+epoch seed and its position alone: resume is exact after skipping, with any ``num_workers`` on either
+side of the interruption, persistent workers or not, and two draws of the same index in one epoch
+(a sampler with replacement) still get different augmentations.
+
+In the main process (``num_workers=0``) the global RNG states are saved before a batch's samples are
+loaded and put back after its collation, so loading data never moves the training loop's own RNG
+stream (dropout, noise) -- otherwise that stream would depend on how many workers load the data.
+
+CUDA generators are not seeded per sample: data loading runs on the CPU. A dataset holding its *own*
+generator (``self.rng = np.random.default_rng(0)``) is not reseeded either; derive it from
+:func:`current_sample_seed` inside ``__getitem__`` instead.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+_COLLATE_SALT = 0xC011A7E5EED
+_current_seed: int | None = None  # the seed of the sample being loaded in this process, if any
+
+
+def sample_seed(epoch_seed: int, position: int) -> int:
+    """A 64-bit seed for the sample at ``position`` of an epoch (splitmix64 of the pair): nearby
+    positions and nearby epoch seeds give unrelated seeds."""
+    z = (epoch_seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def current_sample_seed() -> int | None:
+    """The seed of the sample being loaded right now (inside ``__getitem__`` under per-sample RNG), for
+    a dataset that keeps its own generator: ``rng = np.random.default_rng(current_sample_seed())``.
+    None outside per-sample loading."""
+    return _current_seed
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seeds torch's CPU generator, numpy's global RandomState and Python's ``random`` from ``seed``.
+
+    ``torch.default_generator.manual_seed`` rather than ``torch.manual_seed``: the latter also queues
+    seeds for every accelerator backend and costs ~100x more, per sample."""
+    global _current_seed
+    import torch
+
+    _current_seed = seed
+    torch.default_generator.manual_seed(seed)
+    np.random.seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+    random.seed(seed)
+
+
+GlobalRngState = tuple[Any, Any, Any]
+
+
+def capture_global_rngs() -> GlobalRngState:
+    import torch
+
+    return torch.default_generator.get_state(), np.random.get_state(), random.getstate()
+
+
+def restore_global_rngs(saved: GlobalRngState) -> None:
+    global _current_seed
+    import torch
+
+    torch.default_generator.set_state(saved[0])
+    np.random.set_state(saved[1])
+    random.setstate(saved[2])
+    _current_seed = None
+
+
+def _in_main_process() -> bool:
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is None
+
+
+class SeededPositions:
+    """The epoch's sampler under per-sample RNG: ``(seed, index)`` keys for positions ``start`` on.
+
+    Mutable (:meth:`reset`) so that one ``DataLoader`` with persistent workers serves every epoch: the
+    sampler lives in the main process, so the workers never need to know the epoch."""
+
+    def __init__(self, indices: Sequence[int], start: int, epoch_seed: int) -> None:
+        self.reset(indices, start, epoch_seed)
+
+    def reset(self, indices: Sequence[int], start: int, epoch_seed: int) -> None:
+        self._indices, self._start, self._epoch_seed = indices, start, epoch_seed
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed, indices = self._epoch_seed, self._indices
+        for position in range(self._start, len(indices)):
+            yield sample_seed(seed, position), indices[position]
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices) - self._start)
+
+
+class SeededSamples:
+    """A map-style view of the user's dataset whose keys are ``(seed, index)``; see the module docstring.
+
+    ``__getitems__`` (which the ``DataLoader`` prefers for a whole batch) is where the main process
+    saves its RNG states; :class:`SeededCollate` puts them back once the batch is collated. A user
+    dataset's own ``__getitems__`` is bypassed: samples are loaded one at a time, each under its seed."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.pending: GlobalRngState | None = None  # main process: the states to put back after collate
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        seed, index = key
+        saved = capture_global_rngs() if _in_main_process() else None
+        try:
+            seed_global_rngs(seed)
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                restore_global_rngs(saved)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        saved = capture_global_rngs() if _in_main_process() else None
+        try:
+            items = []
+            for seed, index in keys:
+                seed_global_rngs(seed)
+                items.append(self.dataset[index])
+            if keys:
+                seed_global_rngs(sample_seed(keys[0][0], _COLLATE_SALT))
+        except BaseException:
+            if saved is not None:
+                restore_global_rngs(saved)
+            raise
+        self.pending = saved
+        return items
+
+
+class SeededCollate:
+    """The user's ``collate_fn`` (run under the batch's collate seed); afterwards, in the main
+    process, the RNG states saved by :meth:`SeededSamples.__getitems__` are put back."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], samples: SeededSamples) -> None:
+        self.collate_fn = collate_fn
+        self.samples = samples
+
+    def __call__(self, items: list[Any]) -> Any:
+        try:
+            return self.collate_fn(items)
+        finally:
+            saved, self.samples.pending = self.samples.pending, None
+            if saved is not None:
+                restore_global_rngs(saved)
