@@ -356,6 +356,7 @@ STORAGE_FACADE = {
     "ckptvault.storage.localfiles_fd",
     "ckptvault.storage.catalogfiles",
     "ckptvault.storage.foreign",  # other tools' files (DCP directories), read and written safely
+    "ckptvault.storage.pools",  # the process's long-lived I/O threads (hashing, fsync), any backend
 }
 # (importer, backend module) pairs that exist today.
 KNOWN_BACKEND_IMPORTS: dict[tuple[str, str], str] = {}

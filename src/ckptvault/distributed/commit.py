@@ -11,7 +11,6 @@ data file the coordinator writes itself.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ from ..format.sharding import SHARDED_TENSORS, sharded_digest
 from ..format.strictjson import dumps
 from ..format.tree import TreeEncoder
 from ..storage.base import WriteTransaction
+from ..storage.pools import shared_pool
 from ..types import FileEntry, ShardedEntry, TensorEntry
 from .metadata import DCP_FILE, encode_document
 
@@ -166,11 +166,9 @@ def commit_checkpoint(
     codec = _Leaves()
     tree = TreeEncoder(codec).encode(nest(leaves, metadata.planner_data), "state")
     step = resolve_step(path, user_metadata)
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-hash") as hash_pool,
-        ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptvault-sync") as sync_pool,
-    ):
-        syncing = Syncer(sync_pool)
+    syncing = Syncer(shared_pool("sync"))
+    hash_pool = shared_pool("hash")
+    try:
         extra = codec.collector.finalize()
         if extra:  # arrays inside non-tensor values: one more data file, the coordinator's
             entry, stored = write_data_file(
@@ -203,7 +201,8 @@ def commit_checkpoint(
             syncing.start(out)
             _put(files, name, FileEntry(name, len(data), digest_bytes(algorithm, data)), "file")
         # The manifest is built and proven while those files' fsyncs run (both are on the save's
-        # critical path, after every rank has written); the commit waits for the fsyncs.
+        # critical path, after every rank has written); the commit waits for the fsyncs while the
+        # manifest's own runs.
         features = (SHARDED_TENSORS,) if sharded else ()
         if any(t.chunks is not None for t in tensors.values()):
             features = (CHUNKED_TENSORS, *features)
@@ -221,8 +220,9 @@ def commit_checkpoint(
         )
         data = manifest.to_json()
         parse_manifest(data, path=path)  # the proof every reader makes, before anything is visible
-        syncing.wait()
-    txn.commit(data)
+        txn.commit(data, wait_files=syncing.wait)
+    finally:
+        syncing.settle()  # every fsync done before an abort touches the files
     return manifest
 
 

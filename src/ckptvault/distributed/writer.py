@@ -30,7 +30,6 @@ import dataclasses
 import math
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -43,6 +42,7 @@ from ..format.dtypes import SAFETENSORS_ITEMSIZE
 from ..format.manifest import Manifest, check_file_name
 from ..format.tree import TreeEncoder
 from ..storage.base import Storage, WriteTransaction
+from ..storage.pools import shared_pool
 from ..storage.resolve import storage_for
 from ..types import FileEntry, TensorEntry
 from .arrays_io import encode_piece
@@ -290,11 +290,9 @@ def _write_files(
         filled += blob.nbytes
     files: list[FileEntry] = []
     entries: list[TensorEntry] = []
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-hash") as hash_pool,
-        ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptvault-sync") as sync_pool,
-    ):
-        syncing = Syncer(sync_pool)
+    syncing = Syncer(shared_pool("sync"))
+    hash_pool = shared_pool("hash")
+    try:
         for index, group in enumerate(groups):
             name = check_file_name(f"data-r{ticket.rank:05d}-{index:05d}.safetensors")
             entry, tensors = write_data_file(
@@ -303,6 +301,8 @@ def _write_files(
             files.append(entry)
             entries += tensors
         syncing.wait()
+    finally:
+        syncing.settle()  # every fsync done before an abort touches the files
     return files, entries
 
 

@@ -26,6 +26,7 @@ import re
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,6 +42,7 @@ from ..format.strictjson import dumps
 from ..format.tensorfile import build_header
 from ..format.tree import TreeEncoder
 from ..storage.base import ChunkBackend, Storage, WritableFile, WriteTransaction
+from ..storage.pools import shared_pool, wait_all
 from ..storage.resolve import storage_for
 from ..types import FileEntry, TensorEntry
 from .arrays import Blob, BlobCollector
@@ -194,10 +196,15 @@ def write_data_file(
 
     out = txn.create(name, size_hint=total)
     out.write(header)
+    # A failed write still waits for the hash reading the same bytes (``finally``): a staged piece
+    # is released, and the pool is shared, only once nothing reads it any more.
     if feed is None:
         hashing: Future[list[str]] = hasher_pool.submit(hash_all)
-        for blob in blobs:
-            out.write(blob.data)
+        try:
+            for blob in blobs:
+                out.write(blob.data)
+        finally:
+            wait_futures([hashing])
         tensor_digests = hashing.result()
     else:  # staged in pieces: each piece is written while the hash thread reads it, then released
         tensor_digests = []
@@ -205,7 +212,10 @@ def write_data_file(
             hasher = new_hasher(algorithm, size_hint=blob.nbytes)
             for piece in feed.pieces(blob):
                 hashed = hasher_pool.submit(hasher.update, piece)
-                out.write(piece)
+                try:
+                    out.write(piece)
+                finally:
+                    wait_futures([hashed])
                 hashed.result()
             tensor_digests.append(hasher.hexdigest())
     syncing.start(out)
@@ -234,8 +244,12 @@ class Syncer:
         self._futures.append(self._pool.submit(handle.close))
 
     def wait(self) -> None:
-        for future in self._futures:
-            future.result()
+        """Waits for every close started, then raises the first failure."""
+        wait_all(self._futures)
+
+    def settle(self) -> None:
+        """Waits for every close started, raising nothing (the path of a save already failing)."""
+        wait_futures(self._futures)
 
 
 def write_checkpoint(
@@ -324,13 +338,13 @@ def _commit_locked(
                 feed=plan.feed,
             )
             tensors.update(chunk_entries)
-        # Leaving the with-block waits for every background hash and fsync, so an abort below never
-        # races a thread still using the transaction's files.
-        with (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-hash") as hash_pool,
-            ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptvault-sync") as sync_pool,
-        ):
-            syncing = Syncer(sync_pool)
+        # Hashing and fsyncs run on the process's long-lived pools (no thread start per save).
+        # Every fsync started here is waited for before an abort (``finally``), so an abort never
+        # races a thread still using the transaction's files; the commit waits for them
+        # (``wait_files``) while the manifest and staging directory are made durable beside them.
+        syncing = Syncer(shared_pool("sync"))
+        try:
+            hash_pool = shared_pool("hash")
             for index, shard in enumerate(plan.shards):
                 if not shard and index > 0:
                     continue
@@ -360,19 +374,20 @@ def _commit_locked(
                 out.write(data)
                 syncing.start(out)
                 files[name] = FileEntry(name, len(data), digest_bytes(algorithm, data))
-            syncing.wait()
-        manifest = Manifest(
-            checkpoint_id=checkpoint_id,
-            created_at=created_at,
-            step=plan.step,
-            digest_algorithm=algorithm,
-            files=files,
-            tensors=tensors,
-            tree=plan.tree,
-            metadata=plan.metadata_tree,
-            required_features=(CHUNKED_TENSORS,) if plan.chunked else (),
-        )
-        txn.commit(manifest.to_json())
+            manifest = Manifest(
+                checkpoint_id=checkpoint_id,
+                created_at=created_at,
+                step=plan.step,
+                digest_algorithm=algorithm,
+                files=files,
+                tensors=tensors,
+                tree=plan.tree,
+                metadata=plan.metadata_tree,
+                required_features=(CHUNKED_TENSORS,) if plan.chunked else (),
+            )
+            txn.commit(manifest.to_json(), wait_files=syncing.wait)
+        finally:
+            syncing.settle()
     except BaseException as exc:
         txn.abort()
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):

@@ -51,7 +51,7 @@ middle of a write.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO, Literal, Protocol
@@ -117,11 +117,14 @@ class WriteTransaction(Protocol):
         already in the staging area (written by anyone) raises StorageError EEXIST where the
         backend can tell (a participant's only best effort on an object store)."""
 
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, *, wait_files: Callable[[], None] | None = None) -> None:
         """Writes the manifest last and publishes the checkpoint atomically and durably, with
         every file in the staging area, participants' included. Every created file is closed
-        first. CheckpointExistsError when another writer committed the target meanwhile (and this
-        one was not an overwrite). A participant's raises StorageError EPERM and changes nothing:
+        first, or by ``wait_files``: the caller's wait for files it is still closing (fsyncing) in
+        the background, which the commit calls before it publishes -- a backend may make the
+        manifest durable meanwhile, so a save pays one round of fsyncs, not two.
+        CheckpointExistsError when another writer committed the target meanwhile (and this one
+        was not an overwrite). A participant's raises StorageError EPERM and changes nothing:
         only the transaction that began the save commits it."""
 
     def abort(self) -> None:

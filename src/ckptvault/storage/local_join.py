@@ -25,6 +25,7 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -111,7 +112,7 @@ class LocalParticipant:
         self._names.append(name)
         return handle
 
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, *, wait_files: Callable[[], None] | None = None) -> None:
         """Refused: only the transaction that began the save commits it (after every rank's files
         are durable); nothing is touched."""
         raise StorageError(errno.EPERM, "only the transaction that began the save commits it")

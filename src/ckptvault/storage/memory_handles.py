@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import secrets
+from collections.abc import Callable
 from typing import Protocol
 
 from ..config import MANIFEST_NAME, MAX_MANIFEST_BYTES
@@ -75,7 +76,9 @@ class MemoryTransaction:
             if not self.finished:
                 self._staged[name] = data
 
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, *, wait_files: Callable[[], None] | None = None) -> None:
+        if wait_files is not None:
+            wait_files()
         with self._storage._cond:  # no participant's file lands between the check and the publish
             if self.finished:
                 raise StorageError(0, "transaction already finished")
@@ -137,7 +140,7 @@ class MemoryParticipant:
             self._txn._staged[name] = data
             self._written.add(name)
 
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, *, wait_files: Callable[[], None] | None = None) -> None:
         raise StorageError(errno.EPERM, "only the transaction that began the save commits it")
 
     def abort(self) -> None:

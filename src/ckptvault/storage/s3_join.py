@@ -17,6 +17,7 @@ Object stores have no create-if-absent for multipart uploads here, so the EEXIST
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 from ..errors import StorageError
 from .s3_client import BucketOwner, ObjectClient
@@ -71,7 +72,7 @@ class S3Participant:
         self._open.pop(name, None)
         self._written.add(name)
 
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, *, wait_files: Callable[[], None] | None = None) -> None:
         """Refused: only the transaction that began the save commits it; nothing is touched."""
         raise StorageError(errno.EPERM, "only the transaction that began the save commits it")
 

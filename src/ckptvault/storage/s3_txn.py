@@ -165,7 +165,9 @@ class S3Transaction:
         self._open.pop(name, None)
         self._written.add(name)
 
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, *, wait_files: Callable[[], None] | None = None) -> None:
+        if wait_files is not None:
+            wait_files()
         if self.finished:
             raise StorageError(0, "transaction already finished")
         if self._open:

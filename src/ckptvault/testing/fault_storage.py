@@ -100,7 +100,11 @@ class _Transaction:
         inner = self._c.run(f"txn.create {name}", lambda: self._inner.create(name, size_hint=size_hint))
         return _File(inner, self._c)
 
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, *, wait_files: Callable[[], None] | None = None) -> None:
+        # The caller's background closes finish first, as before wait_files existed: the call log
+        # stays one deterministic sequence, which the crash-at-every-call tests replay.
+        if wait_files is not None:
+            wait_files()
         self._c.run("txn.commit", lambda: self._inner.commit(manifest))
 
     def abort(self) -> None:
