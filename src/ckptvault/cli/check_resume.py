@@ -1,10 +1,15 @@
 """``ckptvault check-resume -- python train.py ARGS``: prove a training script resumes exactly.
 
-The script is run twice with ``CKPTVAULT_RUN_DIR`` pointing at a fresh run directory (the
-CheckpointManager reads it when given no directory): once uninterrupted, once killed with SIGKILL
-at random moments and restarted until it finishes. The newest full checkpoints of the two runs are
-then compared: every tensor by digest (with the largest difference where they differ) and every
-other value exactly. The script must save a full checkpoint when it finishes (``manager.save``).
+The script is run with ``CKPTVAULT_RUN_DIR`` pointing at a fresh run directory each time (the
+CheckpointManager reads it when given no directory): twice uninterrupted, then killed with SIGKILL
+at random moments and restarted until it finishes. The newest full checkpoints are compared: every
+tensor by digest (with the largest difference where they differ) and every other value exactly. The
+script must save a full checkpoint when it finishes (``manager.save``).
+
+The second uninterrupted run is what tells an inexact resume from a script that is not deterministic
+at all: when the two uninterrupted runs already differ, no kill is made and the report says so,
+naming the part that differs and its likely cause (an RNG the script never seeds, a
+non-deterministic kernel) -- blaming resume for that would send the user to the wrong place.
 
 With ``nproc=N`` the command is started N times as the ranks of one torch.distributed job
 (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, as torchrun would; the
@@ -35,11 +40,81 @@ RUN_DIR_ENV = "CKPTVAULT_RUN_DIR"
 
 @dataclass(frozen=True)
 class ResumeCheck:
+    """``exact``: the resumed run ended bit-identical to the reference. ``deterministic``: two
+    uninterrupted runs agreed (False: ``resumed`` is the second uninterrupted run, no kill was made,
+    and ``cause`` says what to fix); None when that check was skipped."""
+
     exact: bool
     kills: int
     reference: str
     resumed: str
     first_difference: str | None
+    deterministic: bool | None = None
+    cause: str | None = None
+
+
+# What a difference between two *uninterrupted* runs most likely means, by the state path's start.
+_CAUSES: tuple[tuple[str, str], ...] = (
+    ("rng.numpy", "numpy's global RNG is not seeded the same way in every run (np.random.seed)"),
+    ("rng.python", "Python's random module is not seeded the same way in every run (random.seed)"),
+    ("rng.torch", "torch's RNG is not seeded the same way in every run (torch.manual_seed)"),
+    ("rng.cuda", "the CUDA RNGs are not seeded the same way in every run (torch.manual_seed)"),
+    ("rng.loader", "the DataLoader's generator= is not seeded the same way in every run"),
+    ("rng.generators", "a generator given in generators= is not seeded the same way in every run"),
+    (
+        "metrics_history",
+        "the runs recorded different metrics or steps: something depends on time, on the machine's "
+        "load or on an unordered listing",
+    ),
+)
+_DEFAULT_CAUSE = (
+    "values computed differently from run to run: an unseeded RNG, a non-deterministic kernel "
+    "(torch.use_deterministic_algorithms(True); on CUDA also CUBLAS_WORKSPACE_CONFIG), or data "
+    "read in a varying order"
+)
+
+
+def likely_cause(path: str) -> str:
+    """The likely reason two uninterrupted runs differ at ``path`` (a dotted state path)."""
+    for prefix, cause in _CAUSES:
+        if path.startswith(prefix):
+            return cause
+    return _DEFAULT_CAUSE
+
+
+def _differences(a: str, b: str) -> list[tuple[str, str]]:
+    """(dotted path, description) of every difference between two checkpoints: tensors by digest
+    first, then the first difference among the other values."""
+    found: list[tuple[str, str]] = []
+    for row in diff_checkpoints(storage_for(a)[0], a, b):
+        if row.status != "identical":
+            detail = (
+                f" (max abs diff {row.max_abs:.6g}, max rel {row.max_rel:.6g})"
+                if row.max_abs is not None
+                else ""
+            )
+            found.append((row.path, f"tensor {row.path}: {row.status}{detail}"))
+    other = first_difference(api.load(a), api.load(b), arrays=False)
+    if other is not None:
+        found.append((_dotted(other), other))
+    return found
+
+
+def _dotted(where: str) -> str:
+    """``state['rng']['python'][1]: ...`` -> ``rng.python.1``."""
+    head = where.split(":", 1)[0].removeprefix("state")
+    parts = [p.strip("'\"") for p in head.replace("]", "").split("[") if p]
+    return ".".join(parts)
+
+
+def _root_cause(found: list[tuple[str, str]]) -> tuple[str, str]:
+    """The difference to name first: an RNG (a cause) before the weights it made differ."""
+    for prefix, _ in _CAUSES:
+        for path, text in found:
+            if path.startswith(prefix):
+                return text, likely_cause(path)
+    path, text = found[0]
+    return text, likely_cause(path)
 
 
 class _Job:
@@ -141,13 +216,26 @@ def check_resume(
     workdir: str | None = None,
     timeout: float = 3600,
     nproc: int | None = None,
+    determinism: bool = True,
 ) -> ResumeCheck:
     """Each kill lands only after the restarted script committed a new checkpoint (it is training,
     not still importing), at a random moment within a share of the reference's training time.
-    ``nproc``: run the command as that many ranks (see the module docstring)."""
+    ``nproc``: run the command as that many ranks (see the module docstring). ``determinism=False``
+    skips the second uninterrupted run (one run's time less, but a non-deterministic script is then
+    reported as an inexact resume)."""
     root = Path(workdir or tempfile.mkdtemp(prefix="ckptvault-check-resume-"))
     reference, resumed = root / "reference", root / "resumed"
     first, total = _watch(command, reference, timeout, nproc)
+    deterministic: bool | None = None
+    if determinism:
+        again = root / "reference-again"
+        _run(command, again, timeout, nproc)
+        a, b = _newest_full(reference), _newest_full(again)
+        found = _differences(a, b)
+        if found:
+            text, cause = _root_cause(found)
+            return ResumeCheck(False, 0, a, b, text, deterministic=False, cause=cause)
+        deterministic = True
     training = max(total - first, 0.05)
     rng = random.Random(seed)
     landed = 0
@@ -165,16 +253,6 @@ def check_resume(
         landed += 1
     _run(command, resumed, timeout, nproc)
     a, b = _newest_full(reference), _newest_full(resumed)
-    difference = None
-    for row in diff_checkpoints(storage_for(a)[0], a, b):
-        if row.status != "identical":
-            detail = (
-                f" (max abs diff {row.max_abs:.6g}, max rel {row.max_rel:.6g})"
-                if row.max_abs is not None
-                else ""
-            )
-            difference = f"tensor {row.path}: {row.status}{detail}"
-            break
-    if difference is None:
-        difference = first_difference(api.load(a), api.load(b), arrays=False)
-    return ResumeCheck(difference is None, landed, a, b, difference)
+    found = _differences(a, b)
+    difference = found[0][1] if found else None
+    return ResumeCheck(difference is None, landed, a, b, difference, deterministic=deterministic)

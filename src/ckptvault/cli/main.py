@@ -388,23 +388,39 @@ def check_resume_command(
     seed: Annotated[int, typer.Option(help="Seed for the kill times.")] = 0,
     workdir: Annotated[Path | None, typer.Option(help="Where the two run directories go.")] = None,
     nproc: Annotated[int | None, typer.Option(help="Run the command as N torch.distributed ranks.")] = None,
+    determinism: Annotated[
+        bool, typer.Option(help="First run the script twice uninterrupted to check it is deterministic.")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a training script uninterrupted and killed-and-resumed; report 'exact' or the first difference."""
+    """Run a training script twice uninterrupted, then killed-and-resumed; report 'exact' or what differs.
+
+    Exit status: 0 exact, 1 the resumed run differs, 3 the script is not deterministic (two
+    uninterrupted runs differ), 2 an error."""
     from .check_resume import check_resume
 
     try:
         where = str(workdir) if workdir else None
-        result = check_resume(command, kills=kills, seed=seed, workdir=where, nproc=nproc)
+        result = check_resume(
+            command, kills=kills, seed=seed, workdir=where, nproc=nproc, determinism=determinism
+        )
     except (RuntimeError, CheckpointError) as exc:
         err.print(f"[red]error:[/red] {error_text(exc, with_type=False)}")
         raise typer.Exit(2) from exc
     if as_json:
         _emit_json(result.__dict__)
+    elif result.deterministic is False:
+        out.print(
+            "[red]not deterministic[/red]: two uninterrupted runs of the script already differ, so "
+            f"resume cannot be judged. First: {inert(result.first_difference)}. "
+            f"Likely cause: {inert(result.cause)}"
+        )
     elif result.exact:
         out.print(f"[green]exact[/green]: killed {result.kills} times and resumed; final state bit-identical")
     else:
         out.print(f"[red]differs[/red] after {result.kills} kills: {inert(result.first_difference)}")
+    if result.deterministic is False:
+        raise typer.Exit(3)
     if not result.exact:
         raise typer.Exit(1)
 
