@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any
 
 from ..config import FORMAT_NAME, MAX_NAME_BYTES, MAX_NDIM, SCHEMA_VERSION
@@ -18,7 +19,7 @@ from ..errors import CorruptCheckpointError, IncompatibleCheckpointError, Unsafe
 from ..types import ChunkRef, FileEntry, ShardedEntry, TensorEntry
 from .dtypes import SAFETENSORS_ITEMSIZE
 from .sharding import SHARDED_TENSORS, parse_sharded, sharded_json
-from .strictjson import StrictJSONError, dumps, loads
+from .strictjson import StrictJSONError, dumps, gc_paused, loads
 
 # Features a reader must understand to read a checkpoint correctly; this reader refuses others.
 # "chunked-tensors": some tensors live in the run's chunk store (docs/format.md §11).
@@ -159,7 +160,8 @@ def _is_uint(value: Any) -> bool:
 def parse_manifest(data: bytes, *, path: str | None = None) -> Manifest:
     """Parses and validates manifest bytes; raises typed errors naming what is wrong."""
     try:
-        return _parse_manifest(data, path)
+        with gc_paused():
+            return _parse_manifest(data, path)
     except (CorruptCheckpointError, IncompatibleCheckpointError):
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as exc:  # incl. UnicodeError
@@ -244,49 +246,9 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
             )
         files[name] = FileEntry(name, raw["size"], raw["digest"], header_size, header_digest)
 
-    tensors: dict[str, TensorEntry] = {}
     raw_tensors = doc["tensors"]
     _require(isinstance(raw_tensors, dict), "tensors must be an object", path)
-    for name, raw in raw_tensors.items():
-        _require(0 < len(name.encode()) <= MAX_NAME_BYTES, "tensor name empty or too long", path)
-        if isinstance(raw, dict) and "chunks" in raw:
-            _require(CHUNKED_TENSORS in features, f"tensor {name[:80]!r}: chunks without the feature", path)
-            tensors[name] = _parse_chunked(name, raw, path)
-            continue
-        _require(isinstance(raw, dict) and set(raw) == _TENSOR_KEYS, f"tensor {name[:80]!r}: bad entry", path)
-        file_entry = files.get(raw["file"]) if isinstance(raw["file"], str) else None
-        _require(
-            file_entry is not None and file_entry.header_size is not None,
-            f"tensor {name[:80]!r}: file is not a listed tensor file",
-            path,
-        )
-        _require(
-            isinstance(raw["dtype"], str) and raw["dtype"] in SAFETENSORS_ITEMSIZE,
-            f"tensor {name[:80]!r}: unknown dtype",
-            path,
-        )
-        shape, offsets = raw["shape"], raw["offsets"]
-        _require(
-            isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_uint(d) for d in shape),
-            f"tensor {name[:80]!r}: bad shape",
-            path,
-        )
-        _require(
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(_is_uint(o) for o in offsets)
-            and offsets[0] <= offsets[1],
-            f"tensor {name[:80]!r}: bad offsets",
-            path,
-        )
-        _require(
-            isinstance(raw["digest"], str) and bool(_HEX.match(raw["digest"])),
-            f"tensor {name[:80]!r}: bad digest",
-            path,
-        )
-        tensors[name] = TensorEntry(
-            name, raw["file"], raw["dtype"], tuple(shape), (offsets[0], offsets[1]), raw["digest"]
-        )
+    tensors = _parse_tensors(raw_tensors, files, features, path)
     sharded: dict[str, ShardedEntry] = {}
     if "sharded" in doc:
         _require(SHARDED_TENSORS in features, "sharded tensors without the feature", path)
@@ -304,6 +266,71 @@ def _parse_manifest(data: bytes, path: str | None) -> Manifest:
         required_features=tuple(features),
         sharded=sharded,
     )
+
+
+def _uints(values: list[Any]) -> bool:
+    """Every item a non-negative int (bool excluded), checked without a Python call per item."""
+    return {*map(type, values)} <= _INT_TYPE and (not values or min(values) >= 0)
+
+
+_INT_TYPE = {int}
+_MAX_DIM = 2**63 - 1  # what numpy (intp) and torch (int64) can hold; tensorfile refuses more too
+
+
+def _too_big(shape: list[int]) -> bool:
+    return bool(shape) and max(shape) > _MAX_DIM
+
+
+def _parse_tensors(
+    raw_tensors: dict[str, Any], files: dict[str, FileEntry], features: list[str], path: str | None
+) -> dict[str, TensorEntry]:
+    """The tensor table. Why it is written this way: it runs once per tensor (50,000 for an optimizer
+    state), so each rule is an inline test that builds its message only when it fails, and the
+    per-item tests (shape, offsets) run in C (``map``/``min``), not as a Python call per item."""
+    data_files = {n for n, f in files.items() if f.header_size is not None}
+    itemsizes = SAFETENSORS_ITEMSIZE
+    hex_digest = _HEX.match
+    cheap_name = MAX_NAME_BYTES // 4  # a name of this many characters fits in any UTF-8 encoding
+    tensors: dict[str, TensorEntry] = {}
+    for name, raw in raw_tensors.items():
+        if not name or (len(name) > cheap_name and len(name.encode()) > MAX_NAME_BYTES):
+            raise _bad("tensor name empty or too long", path)
+        if type(raw) is dict and "chunks" in raw:
+            _require(CHUNKED_TENSORS in features, f"tensor {name[:80]!r}: chunks without the feature", path)
+            tensors[name] = _parse_chunked(name, raw, path)
+            continue
+        if type(raw) is not dict or raw.keys() != _TENSOR_KEYS:
+            raise _bad(f"tensor {name[:80]!r}: bad entry", path)
+        file, dtype, shape, offsets, digest = (
+            raw["file"],
+            raw["dtype"],
+            raw["shape"],
+            raw["offsets"],
+            raw["digest"],
+        )
+        if type(file) is not str or file not in data_files:
+            raise _bad(f"tensor {name[:80]!r}: file is not a listed tensor file", path)
+        if type(dtype) is not str or dtype not in itemsizes:
+            raise _bad(f"tensor {name[:80]!r}: unknown dtype", path)
+        if type(shape) is not list or len(shape) > MAX_NDIM or not _uints(shape) or _too_big(shape):
+            raise _bad(f"tensor {name[:80]!r}: bad shape", path)
+        if (
+            type(offsets) is not list
+            or len(offsets) != 2
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise _bad(f"tensor {name[:80]!r}: bad offsets", path)
+        # The byte range must hold exactly what dtype and shape need (the header says the same, but a
+        # lazy read of one tensor trusts the manifest and need not decode the header). A hostile shape
+        # costs one bounded product: at most MAX_NDIM factors below 2**63 each.
+        if (offsets[1] - offsets[0]) != itemsizes[dtype] * prod(shape):
+            raise _bad(f"tensor {name[:80]!r}: byte range does not fit dtype and shape", path)
+        if type(digest) is not str or not hex_digest(digest):
+            raise _bad(f"tensor {name[:80]!r}: bad digest", path)
+        tensors[name] = TensorEntry(name, file, dtype, tuple(shape), (offsets[0], offsets[1]), digest)
+    return tensors
 
 
 def _parse_chunked(name: str, raw: dict[str, Any], path: str | None) -> TensorEntry:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import MAX_HEADER_BYTES, MAX_NAME_BYTES, MAX_NDIM
 from .dtypes import SAFETENSORS_ITEMSIZE
-from .strictjson import StrictJSONError, dumps, loads
+from .strictjson import StrictJSONError, dumps, gc_paused, loads
 
 DATA_ALIGNMENT = 64
 METADATA_KEY = "__metadata__"
@@ -76,14 +76,16 @@ def header_length(prefix: bytes, file_size: int) -> int:
 
 
 _MAX_DIM = 2**63 - 1  # a dimension numpy (intp) and torch (int64) can hold
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_INT_TYPE = {int}
 
 
 def _checked_shape(name: str, raw: Any, limit: int) -> tuple[int, ...]:
-    if not isinstance(raw, list) or len(raw) > MAX_NDIM:
+    if type(raw) is not list or len(raw) > MAX_NDIM:
         raise HeaderError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} integers")
-    if any(type(dim) is not int or dim < 0 for dim in raw):
+    if raw and not ({*map(type, raw)} <= _INT_TYPE and min(raw) >= 0):  # type() is int: bools refused
         raise HeaderError(f"tensor {name!r}: shape has a non-integer or negative dimension")
-    if any(dim > _MAX_DIM for dim in raw):  # even beside a 0: numpy, torch and safetensors refuse it
+    if raw and max(raw) > _MAX_DIM:  # even beside a 0: numpy, torch and safetensors refuse it
         raise HeaderError(f"tensor {name!r}: a shape dimension exceeds 2**63 - 1")
     if 0 in raw:
         return tuple(raw)  # empty tensor: any other dimensions are harmless
@@ -98,7 +100,8 @@ def _checked_shape(name: str, raw: Any, limit: int) -> tuple[int, ...]:
 def parse_header(header: bytes, file_size: int) -> ParsedHeader:
     """Validates a header's JSON against the file size; ``header`` excludes the 8-byte prefix."""
     try:
-        return _parse_header(header, file_size)
+        with gc_paused():
+            return _parse_header(header, file_size)
     except HeaderError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as exc:  # incl. UnicodeError
@@ -118,22 +121,29 @@ def _parse_header(header: bytes, file_size: int) -> ParsedHeader:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise HeaderError("__metadata__ must map strings to strings")
+    # One pass per tensor (50,000 in an optimizer state): inline tests whose messages are built only
+    # on failure; shapes go to the careful _checked_shape only when the cheap C-level test is unsure.
     entries: dict[str, HeaderEntry] = {}
+    spans: list[tuple[int, int, str]] = []
+    itemsizes = SAFETENSORS_ITEMSIZE
+    usable = max(data_size, 0)
+    cheap_name = MAX_NAME_BYTES // 4  # a name of this many characters fits in any UTF-8 encoding
     for name, raw in table.items():
-        if not name or len(name.encode()) > MAX_NAME_BYTES:
+        if not name or (len(name) > cheap_name and len(name.encode()) > MAX_NAME_BYTES):
             raise HeaderError(f"tensor name of {len(name)} characters is empty or too long")
-        if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+        if type(raw) is not dict or raw.keys() != _ENTRY_KEYS:
             raise HeaderError(f"tensor {name[:80]!r}: entry must have exactly dtype, shape, data_offsets")
         dtype = raw["dtype"]
-        itemsize = SAFETENSORS_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+        itemsize = itemsizes.get(dtype) if type(dtype) is str else None
         if itemsize is None:
             raise HeaderError(f"tensor {name[:80]!r}: unsupported dtype {str(dtype)[:20]!r}")
-        shape = _checked_shape(name[:80], raw["shape"], max(data_size, 0) // itemsize + 1)
+        shape = _checked_shape(name[:80], raw["shape"], usable // itemsize + 1)
         offsets = raw["data_offsets"]
         if (
-            not isinstance(offsets, list)
+            type(offsets) is not list
             or len(offsets) != 2
-            or any(type(o) is not int for o in offsets)
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             raise HeaderError(
@@ -142,20 +152,20 @@ def _parse_header(header: bytes, file_size: int) -> ParsedHeader:
         nbytes = itemsize
         for dim in shape:
             nbytes *= dim
-        if offsets[1] - offsets[0] != nbytes:
+        start, end = offsets
+        if end - start != nbytes:
             raise HeaderError(
-                f"tensor {name[:80]!r}: {offsets[1] - offsets[0]} bytes in data_offsets but dtype and shape "
-                f"need {nbytes}"
+                f"tensor {name[:80]!r}: {end - start} bytes in data_offsets but dtype and shape need {nbytes}"
             )
-        entries[name] = HeaderEntry(name, dtype, shape, (offsets[0], offsets[1]))
+        entries[name] = HeaderEntry(name, dtype, shape, (start, end))
+        spans.append((start, end, name))
     cursor = 0
-    for entry in sorted(entries.values(), key=lambda e: e.offsets):
-        if entry.offsets[0] != cursor:
-            word = "overlaps the previous tensor" if entry.offsets[0] < cursor else "leaves a gap"
-            raise HeaderError(
-                f"tensor {entry.name[:80]!r} {word} (offset {entry.offsets[0]}, expected {cursor})"
-            )
-        cursor = entry.offsets[1]
+    spans.sort()
+    for start, end, name in spans:
+        if start != cursor:
+            word = "overlaps the previous tensor" if start < cursor else "leaves a gap"
+            raise HeaderError(f"tensor {name[:80]!r} {word} (offset {start}, expected {cursor})")
+        cursor = end
     if cursor != data_size:
         raise HeaderError(
             f"tensors cover {cursor} data bytes but the file holds {data_size} (trailing bytes?)"
