@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import MANIFEST_NAME
 from ..errors import CorruptCheckpointError
-from ..format.digest import digest_bytes, new_hasher
+from ..format.digest import PARALLEL_HASH_BYTES, digest_bytes, new_hasher
 from ..format.manifest import Manifest, check_file_name, parse_manifest
 from ..format.tensorfile import HeaderError, ParsedHeader, header_length, parse_header
 from ..format.tree import LeafDecoder, TreeDecodeError, TreeDecoder
@@ -54,6 +54,7 @@ class CheckpointReader:
             self.handle.close()
             raise
         self._headers: dict[str, ParsedHeader] = {}
+        self._starts: dict[str, int] = {}  # data files whose header bytes are proven (see data_start)
         self._maps: dict[str, Any] = {}
         self._store: ChunkBackend | None = None
         self._by_file: dict[str, list[TensorEntry]] | None = None
@@ -127,11 +128,9 @@ class CheckpointReader:
             raise self._corrupt(f"{word}: {size} bytes, manifest says {entry.size}", kind, file=name)
         return size
 
-    def header(self, name: str) -> ParsedHeader:
-        """The validated header of a data file, cross-checked against the manifest (cached)."""
-        cached = self._headers.get(name)
-        if cached is not None:
-            return cached
+    def _header_bytes(self, name: str) -> tuple[int, bytes]:
+        """A data file's size and header bytes, proven to be the ones the manifest recorded (file size,
+        declared length and digest) without decoding them."""
         check_file_name(name, path=self.path)
         entry = self.manifest.files[name]
         size = self.check_size(name)
@@ -146,6 +145,33 @@ class CheckpointReader:
         raw = self.handle.read(name, 8, length)
         if digest_bytes(self.manifest.digest_algorithm, raw) != entry.header_digest:
             raise self._corrupt("header digest mismatch (header bytes changed)", "digest-mismatch", file=name)
+        return size, raw
+
+    def data_start(self, name: str) -> int:
+        """Where a data file's tensor bytes start, for reading single tensors (the lazy view).
+
+        Why it does not decode the header: at 50,000 tensors the header is ~5 MB of JSON that a lazy
+        read of one tensor would otherwise parse and cross-check entry by entry (over a second here).
+        The manifest already holds every tensor's dtype, shape, byte range and digest, and the header
+        bytes are proven to be the ones it recorded (size, length, digest: the same first checks
+        :meth:`header` makes), so reading a range the manifest names, inside the file, digest-checked
+        when ``verify`` is on, needs nothing the header adds. Whole loads and ``verify`` still decode
+        and cross-check every header (:meth:`header`)."""
+        header = self._headers.get(name)
+        if header is not None:
+            return header.data_start
+        start = self._starts.get(name)
+        if start is None:
+            _, raw = self._header_bytes(name)
+            start = self._starts[name] = 8 + len(raw)
+        return start
+
+    def header(self, name: str) -> ParsedHeader:
+        """The validated header of a data file, cross-checked against the manifest (cached)."""
+        cached = self._headers.get(name)
+        if cached is not None:
+            return cached
+        size, raw = self._header_bytes(name)
         try:
             header = parse_header(raw, size)
         except HeaderError as exc:
@@ -181,9 +207,16 @@ class CheckpointReader:
         return self._maps[file]
 
     def fetch(
-        self, name: str, *, verify: bool = True, mapped: bool = False, out: np.ndarray | None = None
+        self,
+        name: str,
+        *,
+        verify: bool = True,
+        mapped: bool = False,
+        out: np.ndarray | None = None,
+        all_cores: bool = False,
     ) -> np.ndarray:
-        """A uint8 array with the stored bytes of one tensor, digest-checked if ``verify``.
+        """A uint8 array with the stored bytes of one tensor, digest-checked if ``verify`` (hashed on
+        all cores when ``all_cores`` and the tensor is big enough to gain from it).
 
         ``mapped`` returns a zero-copy view of the file's copy-on-write map (writes stay private);
         otherwise a fresh array (``out`` when given: :meth:`fetch_all` allocates on the calling
@@ -202,16 +235,26 @@ class CheckpointReader:
             return read_chunked(
                 self.store, entry, algorithm=self.manifest.digest_algorithm, verify=verify, where=self.path
             )
-        header = self.header(entry.file)
-        start = header.data_start + entry.offsets[0]
+        start = self.data_start(entry.file) + entry.offsets[0]
+        if start + entry.nbytes > self.manifest.files[entry.file].size:  # size proven by data_start
+            raise self._corrupt(
+                "tensor's byte range runs past the end of its file",
+                "bad-manifest",
+                file=entry.file,
+                tensor=name,
+            )
         mapping = self.mapping(entry.file) if mapped and entry.nbytes else None
         if mapping is not None:
             buffer: np.ndarray = np.frombuffer(mapping, dtype=np.uint8, count=entry.nbytes, offset=start)
         else:
             buffer = fresh_bytes(entry.nbytes) if out is None else out
-            if verify:  # read and hash piece by piece: each piece is hashed while still in cache
+            if verify and not (all_cores and entry.nbytes >= PARALLEL_HASH_BYTES):
+                # Read and hash piece by piece, each piece hashed while still in cache, on this thread:
+                # a whole load runs tensors side by side on every core already.
                 self._read_hashed(entry, start, memoryview(buffer.data))
                 return buffer
+            # else one big tensor read on its own (the lazy view): read it, then hash it on all cores
+            # (check_digest below), which beats one core hashing pieces as they arrive.
             if entry.nbytes:
                 self.handle.read_into(entry.file, start, memoryview(buffer.data))
         if verify:

@@ -22,13 +22,13 @@ class Hasher(Protocol):
 
 
 # Below this size blake3's thread pool costs more than it saves.
-_PARALLEL_THRESHOLD = 8 * 1024 * 1024
+PARALLEL_HASH_BYTES = 8 * 1024 * 1024
 
 
 def new_hasher(algorithm: str, *, size_hint: int = 0) -> Hasher:
     """A streaming hasher; ``size_hint`` lets blake3 use all cores for big inputs."""
     if algorithm == "blake3":
-        threads = blake3.blake3.AUTO if size_hint >= _PARALLEL_THRESHOLD else 1
+        threads = blake3.blake3.AUTO if size_hint >= PARALLEL_HASH_BYTES else 1
         return blake3.blake3(max_threads=threads)
     if algorithm == "sha256":
         return hashlib.sha256()

@@ -16,7 +16,7 @@ import base64
 import math
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -210,13 +210,14 @@ class TreeDecoder:
     """Decodes one encoded tree, validating every node before it allocates for it."""
 
     def __init__(
-        self, leaf_codec: LeafDecoder, shared_nodes: dict[int, dict[str, Any]] | None = None
+        self, leaf_codec: LeafDecoder, shared_nodes: Mapping[int, dict[str, Any]] | None = None
     ) -> None:
         # ``shared_nodes`` (from :func:`shared_leaves`) lets a partial decode of a lazy view resolve a
         # reference whose defining leaf lies outside the decoded subtree.
         self._leaf_codec = leaf_codec
         self._shared: dict[int, Any] = {}
-        self._shared_nodes = shared_nodes or {}
+        # Not ``shared_nodes or {}``: a lazy mapping would be computed just to be tested for truth.
+        self._shared_nodes: Mapping[int, dict[str, Any]] = {} if shared_nodes is None else shared_nodes
         self._nodes = 0
 
     def decode(self, node: Any, path: str = "state") -> Any:
@@ -305,7 +306,7 @@ class TreeDecoder:
         if tag == "np.dtype":
             return parse_numpy_dtype(_field(node, "v", str))
         if tag == "ref":
-            ident = node.get("id")
+            ident: int = node.get("id")  # type: ignore[assignment]  # checked on the next line
             if not _is_shared_id(ident):
                 raise TreeDecodeError(f"{path}: bad shared-object id")
             if ident not in self._shared and ident in self._shared_nodes:
