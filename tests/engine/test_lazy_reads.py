@@ -118,3 +118,41 @@ def test_lazy_dict_lookup_keeps_key_types(ckpt_dir: Path) -> None:
         with pytest.raises(KeyError):
             ck["plain"]["missing"]
         assert (ck["mixed"][1] == 1).all() and (ck["mixed"]["1"] == 0).all()
+
+
+def test_overlapped_read_hashes_exactly_what_it_filled() -> None:
+    import blake3
+
+    from ckptvault.engine.overlap import PIECE, read_and_hash
+
+    source = np.random.default_rng(0).integers(0, 256, size=3 * PIECE + 123, dtype=np.uint8)
+    out = np.zeros_like(source)
+
+    def read_into(offset: int, piece: memoryview) -> None:
+        piece[:] = source[offset : offset + len(piece)].data
+
+    digest = read_and_hash(read_into, memoryview(out.data), blake3.blake3())
+    assert (out == source).all() and digest == blake3.blake3(source.data).hexdigest()
+
+    def failing(offset: int, piece: memoryview) -> None:
+        if offset >= PIECE:
+            raise OSError("gone")
+        read_into(offset, piece)
+
+    with pytest.raises(OSError, match="gone"):
+        read_and_hash(failing, memoryview(out.data), blake3.blake3())
+
+
+def test_a_big_tensor_read_alone_is_verified(ckpt_dir: Path) -> None:
+    path = ckpt_dir / "big"
+    big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: past the size read and hashed side by side
+    cv.save(path, {"big": big, "small": np.ones(3)})
+    with cv.open(path) as ck:
+        assert (ck["big"] == big).all()
+    data = next(path.glob("data-*.safetensors"))
+    with open(data, "r+b") as fh:
+        fh.seek(-4096, 2)
+        fh.write(b"\x01" * 16)  # inside the big tensor, past its first pieces
+    with cv.open(path) as ck, pytest.raises(cv.CorruptCheckpointError) as err:
+        ck["big"]
+    assert err.value.kind == "digest-mismatch"

@@ -33,6 +33,7 @@ from ..types import TensorEntry
 from .budget import ByteBudget, limit_for, stored_bytes
 from .chunks import read_chunked
 from .fresh import fresh_bytes
+from .overlap import read_and_hash
 from .read_order import file_groups
 from .sharded import direct_targets, place, read_whole
 from .writer import NO_LEAVES
@@ -248,28 +249,34 @@ class CheckpointReader:
             buffer: np.ndarray = np.frombuffer(mapping, dtype=np.uint8, count=entry.nbytes, offset=start)
         else:
             buffer = fresh_bytes(entry.nbytes) if out is None else out
-            if verify and not (all_cores and entry.nbytes >= PARALLEL_HASH_BYTES):
-                # Read and hash piece by piece, each piece hashed while still in cache, on this thread:
-                # a whole load runs tensors side by side on every core already.
-                self._read_hashed(entry, start, memoryview(buffer.data))
+            if verify:
+                # A whole load runs tensors side by side on every core already: each is read and
+                # hashed piece by piece on its thread. A big tensor read alone (the lazy view) is read
+                # on a helper thread while this one hashes what has landed (engine/overlap.py).
+                overlapped = all_cores and entry.nbytes >= PARALLEL_HASH_BYTES
+                self._read_hashed(entry, start, memoryview(buffer.data), overlapped)
                 return buffer
-            # else one big tensor read on its own (the lazy view): read it, then hash it on all cores
-            # (check_digest below), which beats one core hashing pieces as they arrive.
             if entry.nbytes:
                 self.handle.read_into(entry.file, start, memoryview(buffer.data))
         if verify:
             self.check_digest(entry, memoryview(buffer.data))
         return buffer
 
-    def _read_hashed(self, entry: TensorEntry, start: int, out: memoryview) -> None:
+    def _read_hashed(self, entry: TensorEntry, start: int, out: memoryview, overlapped: bool) -> None:
         """Fills ``out`` and checks the digest of exactly the bytes now in ``out`` (what is returned
         is what was verified, whatever happens to the file afterwards)."""
         hasher = new_hasher(self.manifest.digest_algorithm)  # one thread: the pool runs tensors in parallel
-        for lo in range(0, len(out), _HASH_PIECE):
-            piece = out[lo : lo + _HASH_PIECE]
-            self.handle.read_into(entry.file, start + lo, piece)
-            hasher.update(piece)
-        if hasher.hexdigest() != entry.digest:
+        if overlapped:
+            digest = read_and_hash(
+                lambda lo, piece: self.handle.read_into(entry.file, start + lo, piece), out, hasher
+            )
+        else:
+            for lo in range(0, len(out), _HASH_PIECE):
+                piece = out[lo : lo + _HASH_PIECE]
+                self.handle.read_into(entry.file, start + lo, piece)
+                hasher.update(piece)
+            digest = hasher.hexdigest()
+        if digest != entry.digest:
             raise self._corrupt(
                 "tensor bytes do not match their digest (bit rot or tampering)",
                 "digest-mismatch",
