@@ -41,6 +41,7 @@ from ckptvault.errors import CheckpointNotFoundError
 from ckptvault.format.manifest import parse_manifest
 from ckptvault.manager import EVENTS_NAME, INDEX_NAME, LOCK_NAME, read_events
 from ckptvault.storage.chunkstore import STORE_NAME, ChunkStore
+from ckptvault.storage.pools import SIZES
 from ckptvault.testing.invariants import check_catalog, check_checkpoints, leftovers
 from ckptvault.validation import RESULTS_DIR
 
@@ -521,6 +522,7 @@ def test_soak(tmp_path: Path, figures: Figures, async_save: bool) -> None:
     assert report["end_fds"] - report["warm_fds"] <= 0, "descriptors grew while saving"
     assert leaked_threads <= 0, f"{leaked_threads} threads outlived close()"
     assert report["end_threads"] <= report["warm_threads"], "threads grew while saving"
+    assert report["pool_threads"] <= sum(SIZES.values()), f"{report['pool_threads']} I/O pool threads"
     assert report["rss_growth_mb"] < 30, f"RSS grew {report['rss_growth_mb']:.1f} MB"
     # An object kept per save by the library shows as a site of its code gaining a block per save
     # in both halves of the traced window. Measured noise (CPython's free lists keep freed objects

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..config import Settings
+
 _pools: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
@@ -25,6 +27,8 @@ _lock = threading.Lock()
 # of one save run side by side (the kernel batches them into one journal commit); an O_DIRECT file
 # has one write in flight at a time. A close on the "sync" pool may wait for a "direct" write, never
 # the other way round.
+# ``CKPTVAULT_IO_THREADS=1`` makes every pool one thread: the I/O of a save then runs in submission
+# order on one thread, which the strace tests need (they count fsyncs per thread).
 SIZES = {"hash": 2, "sync": 6, "direct": 4}
 
 
@@ -35,7 +39,8 @@ def shared_pool(kind: str) -> ThreadPoolExecutor:
         with _lock:
             pool = _pools.get(kind)
             if pool is None:
-                pool = ThreadPoolExecutor(max_workers=SIZES[kind], thread_name_prefix=f"ckptvault-{kind}")
+                size = 1 if Settings.from_env().io_threads == 1 else SIZES[kind]
+                pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"ckptvault-{kind}")
                 _pools[kind] = pool
     return pool
 
