@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..catalog.registry import Registry
+from ..errors import CheckpointError
 from ..manager.core import CheckpointManager
 from ..types import CheckpointInfo
 
@@ -73,6 +75,8 @@ __all__ = [
     "trial_checkpoints",
     "trial_config",
 ]
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'ckptvault[optuna]'"
 RUN_DIR_ATTR = "ckptvault_run_dir"
@@ -174,22 +178,19 @@ def _keep_names(manager: CheckpointManager, rule: str) -> set[str]:
 
 def _apply_end_rule(manager: CheckpointManager, rule: str) -> list[str]:
     """Deletes the run's checkpoints that ``rule`` does not keep; returns their names. Pinned
-    and registered checkpoints stay. Uses the run's own book, so the index, the event log and
-    the store's garbage are kept consistent exactly as retention does."""
-    from ..catalog.registry import registered_in
-
+    and registered checkpoints stay (the manager refuses them, and they are skipped here)."""
     manager.wait()
     keep = _keep_names(manager, rule)
-    book = manager._book
-    registered = registered_in(book.run)
     deleted = []
     for record in manager.checkpoints():
-        if record.name in keep or record.name in registered or record.step in book.pins:
+        if record.name in keep or record.pinned:
             continue
-        book.delete(record.name)
+        try:
+            manager.delete(record.name)
+        except CheckpointError as exc:  # registered meanwhile, or gone: never a reason to fail the trial
+            log.info("keeping %s: %s", record.name, exc)
+            continue
         deleted.append(record.name)
-    if deleted:
-        book.write_index()
     return deleted
 
 

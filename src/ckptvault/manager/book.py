@@ -23,7 +23,7 @@ from typing import Any
 from ..catalog.registry import registered_in
 from ..engine.gc import collect_garbage
 from ..engine.rundir import RunDirectory
-from ..errors import CheckpointError, StorageError
+from ..errors import CheckpointError, CheckpointNotFoundError, StorageError
 from ..policy import CheckpointRecord, TriggerState, retention_reasons
 from ..policy.records import best_of, metric_value
 from ..types import CheckpointInfo
@@ -260,6 +260,20 @@ class RunBook:
             if passed:
                 return record.name
         return None
+
+    def delete_by_request(self, name: str) -> None:
+        """A user's deletion of one checkpoint (:meth:`CheckpointManager.delete`): refused for a
+        checkpoint the run does not list, a pinned one and a registered one (their protection is
+        the point of pins and the registry); the index is written at once."""
+        record = self.records.get(name)
+        if record is None:
+            raise CheckpointNotFoundError(f"{name!r} is not a committed checkpoint of {self.run.path}")
+        if record.step in self.pins:
+            raise CheckpointError(f"{name} is pinned (step {record.step}): unpin it before deleting it")
+        if name in registered_in(self.run):
+            raise CheckpointError(f"{name} is registered in the model registry: unregister it first")
+        self.delete(name)
+        self.write_index()
 
     def delete(self, name: str) -> None:
         """Deletes a checkpoint (never half visible: :meth:`Storage.delete`) and forgets it."""

@@ -21,7 +21,7 @@ from .. import validation
 from ..engine.background import PendingSave
 from ..engine.chunks import HintCache
 from ..engine.rundir import RunDirectory, checkpoint_name
-from ..errors import typed_os_errors
+from ..errors import CheckpointError, typed_os_errors
 from ..policy import CheckpointRecord, epoch_trigger, step_trigger
 from ..policy.metrics import numeric_metrics, plain_metric
 from ..storage.base import Storage
@@ -413,6 +413,15 @@ class CheckpointManager:
             self._book.apply_retention(scope)
         self._book.write_index()
 
+    @typed_os_errors
+    def delete(self, name: str) -> None:
+        """Deletes the committed checkpoint ``name`` (e.g. ``"step_00000100"``) after the saves in
+        flight, as retention would; pinned and registered checkpoints are refused. Coordinator only."""
+        self.wait()
+        if not self._lead:
+            raise CheckpointError("delete on the coordinator (rank 0): it alone keeps the run's records")
+        self._book.delete_by_request(name)
+
     # -- queries and restore ------------------------------------------------------------------
     def checkpoints(self, scope: str | None = None) -> list[CheckpointRecord]:
         """Committed checkpoints of this run, oldest first."""
@@ -431,15 +440,11 @@ class CheckpointManager:
         self, state: TrainState, which: Literal["latest", "best"] | int = "latest", *, partial: bool = False
     ) -> CheckpointInfo | None:
         """Restores the newest checkpoint that verifies (or the best, or a given step) into
-        ``state``; None for a fresh run.
-
-        Never quietly (:mod:`ckptvault.manager.restore`): each checkpoint it skips is named in a
-        warning and the log with why -- it fails verification now (then it is marked invalid), or
-        it was found invalid or failed its validation before. When nothing is restored although a
-        checkpoint skipped only for a failed validation verifies, it raises
-        :class:`~ckptvault.manager.restore.RestoreRefusedError` instead of returning None: the caller
-        would start fresh and retention would then delete that work. ``which=STEP`` restores that
-        step's checkpoint whatever its validation said."""
+        ``state``; None for a fresh run. Never quietly (:mod:`ckptvault.manager.restore`): each
+        checkpoint skipped is named in a warning with why (fails verification now, or was found
+        invalid or failed validation before); when only checkpoints that failed validation verify,
+        :class:`~ckptvault.manager.restore.RestoreRefusedError` instead of None (a fresh start's
+        retention would delete that work). ``which=STEP`` restores that step whatever validation said."""
         state._on_epoch_end = self._on_epoch_end
         if self._ranks is not None:
             return restore_ranks(self._book, self._ranks, state, which, partial=partial)
