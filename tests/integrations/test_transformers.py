@@ -181,3 +181,76 @@ def test_vault_accelerate_failed_save_keeps_the_previous_state(
     assert_equal_tree(dict(model2.state_dict()), dict(model.state_dict()))
     assert not torch.equal(good["weight"], model2.state_dict()["weight"])
     vault2.close()
+
+
+def test_callback_saves_the_fp16_grad_scaler_of_accelerates_optimizer(tmp_path: Path) -> None:
+    """Trainer's fp16 scaler rides on Accelerate's optimizer wrapper; the mirror must hold it (its
+    scale and growth tracker), or a resumed fp16 run restarts at the initial loss scale."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import TrainerControl, TrainerState
+
+    Accelerator(cpu=True)  # the process state AcceleratedOptimizer reads
+    model = h.tiny_gpt2()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=7)
+    optimizer = AcceleratedOptimizer(
+        torch.optim.AdamW(model.parameters()), device_placement=False, scaler=scaler
+    )
+    scaler.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on
+    scaler.update(2.0**9)  # a scale the run has moved to: not the constructor's
+    state = TrainerState(global_step=3, epoch=1.0, is_world_process_zero=True)
+    callback = VaultCallback(tmp_path / "run", validate="checksum")
+    callback.on_save(None, state, TrainerControl(), model=model, optimizer=optimizer, lr_scheduler=None)
+    callback.on_train_end(None, state, TrainerControl())
+
+    tree = ckptvault.load(tmp_path / "run" / "step_00000003")
+    assert tree["scaler"]["scaler"] == scaler.state_dict()
+    fresh = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(tree["scaler"]["scaler"])
+    assert fresh.get_scale() == 2.0**9
+
+
+def test_vault_accelerate_killed_mid_save_leaves_the_previous_state_loadable(tmp_path: Path) -> None:
+    """SIGKILL while step 2's files are being written (its staging directory holds data): step 1
+    is still the run's newest checkpoint, nothing partial is visible, and load_state restores it
+    bitwise -- where Accelerate's own save_state with total_limit=1 has deleted it already."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from accelerate import Accelerator
+
+    from ckptvault.integrations.transformers_accelerate import VaultAccelerate
+
+    run, weights = tmp_path / "run", tmp_path / "step1-weights"
+    script = Path(__file__).parent / "accelerate_save_script.py"
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(run), str(weights)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "saved 1"
+        deadline, killed_at = time.monotonic() + 60, None
+        while killed_at is None and time.monotonic() < deadline and child.poll() is None:
+            for staging in run.glob(".step_00000002.*"):
+                if any(f.stat().st_size > 0 for f in staging.glob("data-*")):
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed_at = staging.name
+                    break
+        assert killed_at is not None, "the child finished step 2 before it could be killed mid-write"
+    finally:
+        child.kill()
+        child.wait()
+    assert [Path(p).name for p in ckptvault.list_checkpoints(run)] == ["step_00000001"]
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    vault = VaultAccelerate(accelerator, run, keep_last=1, validate="checksum")
+    info = vault.load_state()
+    assert info is not None and vault.step == 1
+    assert_equal_tree(dict(model.state_dict()), dict(ckptvault.load(weights)))
+    vault.save_state()  # the run goes on: the dead writer's staging area is no obstacle
+    assert [Path(p).name for p in ckptvault.list_checkpoints(run)] == ["step_00000002"]
+    vault.close()

@@ -132,10 +132,14 @@ class VaultCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         config = _config_kwargs(model)
+        # Trainer's fp16 grad scaler lives on Accelerate's optimizer wrapper (it is not a callback
+        # argument); without it a resumed fp16 run restarts at the initial loss scale.
+        scaler = getattr(optimizer, "scaler", None)
         train_state = TrainState(
             model=model,
             optimizer=optimizer,
             scheduler=lr_scheduler,
+            scaler=scaler,
             extras={"trainer_state": _TrainerStateExtra(state)},
             model_factory=from_hf_config if config is not None else None,
             model_kwargs=config,
