@@ -27,7 +27,6 @@ from .strictjson import StrictJSONError, dumps, gc_paused, loads
 CHUNKED_TENSORS = "chunked-tensors"
 KNOWN_FEATURES: frozenset[str] = frozenset({CHUNKED_TENSORS, SHARDED_TENSORS})
 CHUNK_CODECS = ("raw", "zstd", "lz4")
-INDENT_MAX_TENSORS = 256
 MAX_CHUNK_BYTES = 1 << 30
 
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
@@ -92,11 +91,10 @@ class Manifest:
         }
         if self.sharded:
             doc["sharded"] = {name: sharded_json(entry) for name, entry in self.sharded.items()}
-        # Indented for people, up to a size people read; past it compact, which Python's json
-        # writes with its C encoder (~10x faster: a distributed save's manifest lists every piece,
-        # and building it is on the save's critical path, after every rank has written).
-        indent = 1 if len(self.tensors) <= INDENT_MAX_TENSORS else None
-        return dumps(doc, indent=indent) + b"\n"
+        # Compact, which Python's json writes with its C encoder (~6x faster than indented: 0.1 vs
+        # 0.6 ms for a small training state, on every save's critical path; a distributed save's
+        # manifest lists every piece). People read the sidecar, or ``ckptvault show`` / ``jq``.
+        return dumps(doc) + b"\n"
 
     @property
     def tensor_bytes(self) -> int:
