@@ -384,9 +384,9 @@ def import_(
 @app.command("check-resume", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def check_resume_command(
     command: Annotated[list[str], typer.Argument(help="The training command, after --.")],
-    kills: Annotated[int, typer.Option(help="How many times to SIGKILL the second run.")] = 5,
+    kills: Annotated[int, typer.Option(help="How many times to SIGKILL the resumed run.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for the kill times.")] = 0,
-    workdir: Annotated[Path | None, typer.Option(help="Where the two run directories go.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where the run directories go.")] = None,
     nproc: Annotated[int | None, typer.Option(help="Run the command as N torch.distributed ranks.")] = None,
     determinism: Annotated[
         bool, typer.Option(help="First run the script twice uninterrupted to check it is deterministic.")

@@ -12,6 +12,11 @@ Samplers other than ``RandomSampler``/``SequentialSampler`` are iterated for the
 consumed ones dropped, which is exact when the sampler is deterministic given its own state (as
 ``DistributedSampler`` is after ``set_epoch``). Loaders with their own ``state_dict`` (torchdata's
 ``StatefulDataLoader``) are used through it unchanged.
+
+Randomness drawn while loading a sample (augmentation in ``__getitem__``, in workers or not) is made
+a function of the sample's place in the epoch by per-sample RNG (:mod:`.sample_rng`, on by default),
+so it too resumes exactly, whatever ``num_workers`` was before and after. Loaders over iterable
+datasets are handled by :mod:`.iterable`.
 """
 
 from __future__ import annotations
