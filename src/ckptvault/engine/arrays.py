@@ -314,7 +314,7 @@ class BlobReader:
             raise TreeDecodeError(f"{path}: tensor dtype {str(node.get('dtype'))[:30]!r} has no stored form")
         dtype = torch_dtype(node.get("dtype"), path)
         shape = shape_of(node, path)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize  # torch >= 2.1; no tensor made per leaf
         device = self._device_for(node, path)
         base = self._base(node.get("tensor"), device)
         view = node.get("view")

@@ -34,7 +34,7 @@ from .budget import ByteBudget, limit_for, stored_bytes
 from .chunks import read_chunked
 from .fresh import fresh_bytes
 from .overlap import read_and_hash
-from .read_order import file_groups
+from .read_order import Run, batches, destinations, file_groups
 from .sharded import direct_targets, place, read_whole
 from .writer import NO_LEAVES
 
@@ -331,30 +331,57 @@ class CheckpointReader:
         # its own arena, whose memory a later load on another thread cannot reuse, so buffers
         # allocated by the pool would pay fresh page faults on every load (see fresh_bytes).
         outs: dict[str, np.ndarray] = dict(direct)
+        runs: list[Run] = []
         if not mapped:
-            for name in names:
-                entry = self.manifest.tensors[name]
-                if entry.chunks is None and name not in outs:
-                    outs[name] = fresh_bytes(entry.nbytes)
+            fresh, runs = destinations(self.manifest.tensors, names, direct)
+            outs.update(fresh)
+            in_runs = {n for run in runs for n, _ in run.pieces}
+            names = [n for n in names if n not in in_runs]
 
         def one(name: str) -> np.ndarray:
             return self.fetch(name, verify=verify, mapped=mapped and name not in direct, out=outs.get(name))
 
-        if threads <= 1 or len(names) < 2 or (mapped and not verify):
+        def run_all(part: list[Run]) -> dict[str, np.ndarray]:
+            got: dict[str, np.ndarray] = {}
+            for run in part:
+                got.update(self._read_run(run, verify))
+            return got
+
+        if threads <= 1 or len(names) + len(runs) < 2 or (mapped and not verify):
             for name in data_files:
                 self.header(name)
-            return {n: one(n) for n in names}  # zero-copy and nothing to hash: threads only cost
+            return {**run_all(runs), **{n: one(n) for n in names}}  # zero-copy, nothing to hash
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptvault-read") as pool:
             # Headers first, side by side: on an object store each is a request (and the block
             # read ahead around it), which one thread would wait for file after file.
             list(pool.map(self.header, data_files))
+            out: dict[str, np.ndarray] = {}
+            ran = pool.map(lambda run: self._read_run(run, verify), runs)  # side by side with the rest
             groups = file_groups(self.manifest.tensors, names)
-            if len(groups) < threads:  # few files: tensors spread over the threads, big first
-                return dict(zip(names, pool.map(one, names), strict=True))
-            out: dict[str, np.ndarray] = {}  # else whole files per thread (see file_groups)
-            for part in pool.map(lambda group: {n: one(n) for n in group}, groups):
+            if len(groups) < threads:  # few files: tensors dealt out to the threads, big first
+                dealt = batches(names, threads * 4)
+                for batch, arrays in zip(dealt, pool.map(lambda b: [one(n) for n in b], dealt), strict=True):
+                    out.update(zip(batch, arrays, strict=True))
+            else:  # else whole files per thread (see file_groups)
+                for part in pool.map(lambda group: {n: one(n) for n in group}, groups):
+                    out.update(part)
+            for part in ran:
                 out.update(part)
-            return {n: out[n] for n in names}
+            return out
+
+    def _read_run(self, run: Run, verify: bool) -> dict[str, np.ndarray]:
+        """Neighbouring small tensors of one data file in one read (see read_order.Run), each then
+        digest-checked in the memory returned. The file's header was decoded and cross-checked
+        first (fetch_all), so the run lies inside the file; checked again here all the same."""
+        start = self.data_start(run.file) + run.offset
+        if start + run.buffer.nbytes > self.manifest.files[run.file].size:
+            raise self._corrupt("tensor bytes run past the end of their file", "bad-manifest", file=run.file)
+        if run.buffer.nbytes:
+            self.handle.read_into(run.file, start, memoryview(run.buffer.data))
+        if verify:
+            for name, piece in run.pieces:
+                self.check_digest(self.manifest.tensors[name], memoryview(piece.data))
+        return dict(run.pieces)
 
     def read_file(self, name: str) -> bytes:
         """A whole non-data file of the checkpoint (probe, program), size and digest checked."""
