@@ -36,7 +36,7 @@ from ckptvault.testing import FaultInjector, crashsim
 from ckptvault.testing.invariants import check_catalog, check_checkpoints
 
 from .conftest import Figures, pick
-from .test_fault_loops import CHUNK, _retention_case, changed, next_operation_problems, state_of
+from .fault_cases import CHUNK, changed, next_operation_problems, retention_case, state_of
 
 EVERY_M = pick(False, True)
 
@@ -94,7 +94,7 @@ def _save_replay(name: str, *, incremental: bool = False, overwrite: bool = Fals
 def _retention_replay() -> ReplayCase:
     """The fault loops' retention path (restore, train, a step that makes retention delete step 1):
     its checks for a failed run are exactly the checks for any crash state."""
-    case = _retention_case()
+    case = retention_case()
     return ReplayCase(
         "retention",
         case.build,

@@ -20,6 +20,7 @@ import mmap
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -50,6 +51,9 @@ class LocalWritableFile:
         """``dir_fd``: create ``path.name`` in that directory (a participant's pinned staging
         directory) instead of opening ``path`` through its parents."""
         self._path = path
+        # close (on a pool thread) and discard (an abort) may race: exactly one of them closes the
+        # descriptor, or a reused number would be closed under someone else.
+        self._lock = threading.Lock()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             if dir_fd is None:
@@ -69,19 +73,22 @@ class LocalWritableFile:
             raise storage_error("cannot write", self._path, exc) from exc
 
     def close(self) -> None:
-        if self._fd < 0:
-            return
-        fd, self._fd = self._fd, -1
-        try:
-            os.fsync(fd)  # a failed fsync is fatal: the data may be lost, never report success
-        except OSError as exc:
-            raise storage_error("cannot fsync", self._path, exc) from exc
-        finally:
-            os.close(fd)
+        with self._lock:
+            if self._fd < 0:
+                return
+            fd, self._fd = self._fd, -1
+            try:
+                os.fsync(fd)  # a failed fsync is fatal: the data may be lost, never report success
+            except OSError as exc:
+                raise storage_error("cannot fsync", self._path, exc) from exc
+            finally:
+                os.close(fd)
 
     def discard(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
+        with self._lock:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
             self._fd = -1
 
 
@@ -108,6 +115,7 @@ class DirectWritableFile:
         self._size = 0
         self._pool = shared_pool("direct")  # one write in flight per file, so order is kept
         self._pending: Future[None] | None = None
+        self._lock = threading.Lock()  # close and discard (an abort) may race: one of them runs
 
     def _flush(self, length: int) -> None:
         """Hands the current buffer's first ``length`` bytes (aligned) to the writer thread."""
@@ -139,6 +147,10 @@ class DirectWritableFile:
             raise storage_error("cannot write", self._path, exc) from exc
 
     def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
         if self._fd < 0:
             return
         fd = self._fd
@@ -170,10 +182,11 @@ class DirectWritableFile:
                 buffer.close()
 
     def discard(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            self._release()
-            os.close(fd)
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                self._release()
+                os.close(fd)
 
 
 def open_writable(
@@ -287,6 +300,9 @@ class LocalWriteTransaction:
         except BaseException as exc:
             if published:  # the rename is not known durable: a failed save must leave no checkpoint
                 self._unpublish(old)
+            if wait_files is not None:  # never remove files a pool thread is still closing
+                with suppress(BaseException):
+                    wait_files()
             self.abort()
             if not isinstance(exc, OSError) or isinstance(exc, StorageError):
                 raise
