@@ -1,17 +1,19 @@
 """What per-sample RNG and iterable replay cost (issue 19).
 
-1. Throughput of ``TrainState.batches()`` with per-sample RNG against a plain ``DataLoader`` over the
-   same dataset: 3x64x64 uint8 images with torchvision-style random transforms written in torch
-   (random resized crop, horizontal flip, brightness/contrast/saturation jitter, noise), one epoch
-   per measurement, with 0 and 2 workers. The contenders alternate within each repetition; medians.
+1. Throughput of ``TrainState.batches()`` with per-sample RNG (and per-batch RNG, and none) against a
+   plain ``DataLoader`` over the same dataset: 3x64x64 uint8 images with torchvision-style random
+   transforms written in torch (random resized crop, horizontal flip, brightness/contrast/saturation
+   jitter, noise), one epoch per measurement, with 0 and 2 workers. The contenders alternate within
+   each repetition; medians.
    Target: overhead <= 3 %.
-2. The seeding itself, per sample (torch CPU + numpy + random), in microseconds.
+2. The seeding itself, per sample (torch CPU + numpy + random), in microseconds, and one sample's
+   load with and without it, as a worker runs it (alternating chunks: the least noisy figure here).
 3. Resume latency of the iterable-dataset replay path per 10,000 skipped samples: time to the first
    batch after restoring a position 10,000 samples into an epoch, minus the time to the first batch
    of a fresh epoch; for the image stream above and for a cheap stream of small tensors.
 
-Run: ``.venv/bin/python benchmarks/loader_rng.py [--reps 5] [--json benchmarks/out/loader_rng.json]``
-(about 3 minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/loader_rng.py [--reps 7] [--json benchmarks/out/loader_rng.json]``
+(about 3 minutes on 2 cores). Throughput ratios are medians of per-repetition ratios.
 """
 
 from __future__ import annotations
@@ -103,11 +105,12 @@ def throughput(samples: int, workers: int, reps: int) -> dict[str, Any]:
     def plain() -> Any:
         return iter(loader())
 
-    def with_state(per_sample: bool) -> Callable[[], Any]:
-        return lambda: cv.TrainState(loader=loader(), per_sample_rng=per_sample).batches()
+    def with_state(granularity: str) -> Callable[[], Any]:
+        return lambda: cv.TrainState(loader=loader(), loader_rng=granularity).batches()
 
-    contenders = {"plain DataLoader": plain, "batches(), per-sample RNG": with_state(True)}
-    contenders["batches(), per_sample_rng=False"] = with_state(False)
+    contenders = {"plain DataLoader": plain, "batches(), per-sample RNG": with_state("sample")}
+    contenders["batches(), per-batch RNG"] = with_state("batch")
+    contenders['batches(), loader_rng="off"'] = with_state("off")
     _epoch(plain)  # warm-up: page in the images, start the allocator
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for rep in range(reps):
@@ -115,15 +118,39 @@ def throughput(samples: int, workers: int, reps: int) -> dict[str, Any]:
         for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order
             times[name].append(_epoch(contenders[name]))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    base = medians["plain DataLoader"]
+    plain_times = times["plain DataLoader"]
     return {
         "workers": workers,
         "samples": samples,
         "seconds": times,
         "median_s": medians,
         "samples_per_s": {name: samples / m for name, m in medians.items()},
-        "time_ratio_vs_plain": {name: m / base for name, m in medians.items()},
+        # the ratio within each repetition (same minute of a noisy machine), then its median
+        "time_ratio_vs_plain": {
+            name: statistics.median(a / b for a, b in zip(t, plain_times, strict=True))
+            for name, t in times.items()
+        },
     }
+
+
+def worker_side_cost(samples: int, reps: int) -> dict[str, float]:
+    """What per-sample RNG adds where it runs in a worker: ``dataset[i]`` with and without the
+    seeding before it, in alternating chunks of 256 samples (median per-sample microseconds)."""
+    dataset = Images(samples)
+    plain: list[float] = []
+    seeded: list[float] = []
+    for rep in range(reps * 4):
+        for i0 in range(0, samples, 256):
+            chunk = range(i0, min(samples, i0 + 256))
+            for seeding in (rep % 2 == 0, rep % 2 == 1):
+                started = time.perf_counter()
+                for i in chunk:
+                    if seeding:
+                        seed_global_rngs(i * 0x9E3779B97F4A7C15 & ((1 << 64) - 1))
+                    dataset[i]
+                (seeded if seeding else plain).append((time.perf_counter() - started) / len(chunk) * 1e6)
+    p, q = statistics.median(plain), statistics.median(seeded)
+    return {"getitem_us": p, "seeded_getitem_us": q, "ratio": q / p}
 
 
 def seeding_cost(reps: int) -> float:
@@ -166,7 +193,7 @@ def replay(name: str, make: Callable[[], IterableDataset[Any]], workers: int, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -186,6 +213,12 @@ def main() -> None:
             )
     out["seed_us_per_sample"] = seeding_cost(args.reps)
     print(f"\nseeding torch+numpy+random per sample: {out['seed_us_per_sample']:.2f} us")
+    out["worker_side"] = worker_side_cost(args.samples, args.reps)
+    side = out["worker_side"]
+    print(
+        f"one sample, as a worker loads it: {side['getitem_us']:.0f} us plain, "
+        f"{side['seeded_getitem_us']:.0f} us seeded first (x{side['ratio']:.3f})"
+    )
     out["replay"] = [
         replay("3x64x64 augmented images", lambda: ImageStream(12_000), 2, args.reps),
         replay("16-float tensors", lambda: SmallStream(12_000), 0, args.reps),

@@ -78,28 +78,53 @@ def _interrupted(
     return head + _batches(resumed)
 
 
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
 @pytest.mark.parametrize("workers_before,workers_after", [(0, 0), (2, 2), (2, 0), (0, 2)])
 def test_mid_epoch_resume_is_exact_with_augmentation_in_workers(
-    workers_before: int, workers_after: int
+    workers_before: int, workers_after: int, granularity: str
 ) -> None:
-    reference = _epochs(lambda: _loader(0), 1)
-    got = _interrupted(lambda: _loader(workers_before), lambda: _loader(workers_after), stop=3)
+    reference = _epochs(lambda: _loader(0), 1, loader_rng=granularity)
+    got = _interrupted(
+        lambda: _loader(workers_before), lambda: _loader(workers_after), stop=3, loader_rng=granularity
+    )
     _assert_same(reference, got)
+
+
+def test_per_batch_seeding_uses_the_datasets_own_getitems() -> None:
+    class Batched(Augmented):
+        calls = 0
+
+        def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+            Batched.calls += 1
+            return [self[i] for i in indices]
+
+    seen = _epochs(lambda: DataLoader(Batched(), batch_size=BATCH, shuffle=True), 1, loader_rng="batch")
+    assert Batched.calls == SAMPLES // BATCH and len(seen) == SAMPLES // BATCH
+    per_sample = _epochs(lambda: DataLoader(Batched(), batch_size=BATCH, shuffle=True), 1)
+    assert Batched.calls == SAMPLES // BATCH  # per sample, it is bypassed
+    assert [i.tolist() for _, i in seen] == [i.tolist() for _, i in per_sample]  # same order
+    assert not torch.equal(seen[0][0], per_sample[0][0])  # other draws: one stream per batch
+
+
+def test_an_unknown_loader_rng_is_refused() -> None:
+    with pytest.raises(ValueError, match="loader_rng"):
+        cv.TrainState(loader=_loader(0), loader_rng="worker")
 
 
 def test_two_workers_give_the_same_samples_as_the_main_process() -> None:
     _assert_same(_epochs(lambda: _loader(0), 2), _epochs(lambda: _loader(2), 2))
 
 
-def test_without_per_sample_rng_worker_augmentation_does_not_resume() -> None:
+def test_with_loader_rng_off_worker_augmentation_does_not_resume() -> None:
     """The opt-out really is a plain DataLoader stream: the failure issue 19 reported comes back."""
-    reference = _epochs(lambda: _loader(2), 1, per_sample_rng=False)
-    got = _interrupted(lambda: _loader(2), lambda: _loader(2), stop=3, per_sample_rng=False)
+    reference = _epochs(lambda: _loader(2), 1, loader_rng="off")
+    got = _interrupted(lambda: _loader(2), lambda: _loader(2), stop=3, loader_rng="off")
     assert [torch.equal(a[0], b[0]) for a, b in zip(reference, got, strict=True)][3:] != [True] * 3
 
 
-def test_loading_in_the_main_process_leaves_the_global_rngs_alone() -> None:
-    state = cv.TrainState(loader=_loader(0))
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_loading_in_the_main_process_leaves_the_global_rngs_alone(granularity: str) -> None:
+    state = cv.TrainState(loader=_loader(0), loader_rng=granularity)
     state.position.epoch_seed = 99  # drawing it is the one global draw an epoch makes
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     batches = _batches(state)
@@ -204,6 +229,27 @@ def test_a_sample_drawn_twice_in_an_epoch_gets_two_augmentations() -> None:
             seen.setdefault(index, []).append(row)
     repeated = [rows for rows in seen.values() if len(rows) > 1]
     assert repeated and all(not torch.equal(rows[0], rows[1]) for rows in repeated)
+
+
+class OwnGenerator(Augmented):
+    """Keeps its own generator, derived from the sample's seed as the docs say."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        seed = current_sample_seed()
+        assert seed is not None
+        rng = np.random.default_rng(seed)
+        return torch.full((3,), float(i)) + torch.from_numpy(rng.random(3)).float(), i
+
+
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_a_datasets_own_generator_derived_from_the_sample_seed_resumes(granularity: str) -> None:
+    def make(workers: int) -> Callable[[], DataLoader[Any]]:
+        return lambda: DataLoader(OwnGenerator(), batch_size=BATCH, shuffle=True, num_workers=workers)
+
+    reference = _epochs(make(0), 1, loader_rng=granularity)
+    _assert_same(reference, _interrupted(make(2), make(0), stop=2, loader_rng=granularity))
+    noise = torch.cat([x for x, _ in reference]) - torch.cat([i for _, i in reference])[:, None].float()
+    assert len({tuple(row.tolist()) for row in noise}) == SAMPLES  # every sample its own draws
 
 
 def test_sample_seeds_are_spread() -> None:

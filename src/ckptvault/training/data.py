@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .sample_rng import SeededCollate, SeededPositions, SeededSamples
+from .sample_rng import GRANULARITIES, OFF, SAMPLE, SeededCollate, SeededPositions, SeededSamples
 
 
 @dataclass
@@ -108,14 +108,16 @@ def _epoch_indices(loader: Any, seed: int) -> list[int]:
 class EpochLoaders:
     """Builds the loader to iterate for the rest of the current epoch (see the module docstring).
 
-    With per-sample RNG (:mod:`.sample_rng`, the default) the dataset and ``collate_fn`` are wrapped
+    With per-sample or per-batch RNG (:mod:`.sample_rng`) the dataset and ``collate_fn`` are wrapped
     and the sampler yields ``(seed, index)`` keys. A loader with ``persistent_workers=True`` is built
     once and kept: each later epoch only resets its sampler, so its workers live as long as the run
     (without per-sample RNG their streams would then run on across epochs, which a resumed run cannot
     reproduce; per-sample RNG makes that irrelevant)."""
 
-    def __init__(self, per_sample_rng: bool = True) -> None:
-        self.per_sample_rng = per_sample_rng
+    def __init__(self, loader_rng: str = SAMPLE) -> None:
+        if loader_rng not in GRANULARITIES:
+            raise ValueError(f"loader_rng must be one of {GRANULARITIES}, got {loader_rng!r}")
+        self.loader_rng = loader_rng
         self._kept: tuple[Any, Any, Any] | None = None  # (user loader, built loader, its sampler)
 
     def for_epoch(self, loader: Any, position: DataPosition) -> Any:
@@ -135,7 +137,8 @@ class EpochLoaders:
             )
         start = position.batches_done * loader.batch_size
         indices = _epoch_indices(loader, position.epoch_seed)
-        persistent = self.per_sample_rng and loader.num_workers > 0 and loader.persistent_workers
+        seeded = self.loader_rng != OFF
+        persistent = seeded and loader.num_workers > 0 and loader.persistent_workers
         if persistent and self._kept is not None and self._kept[0] is loader:
             _, kept, kept_sampler = self._kept
             kept_sampler.reset(indices, start, position.epoch_seed)
@@ -144,8 +147,8 @@ class EpochLoaders:
         dataset: Any = loader.dataset
         collate_fn = loader.collate_fn
         sampler: Any
-        if self.per_sample_rng:
-            samples = SeededSamples(dataset)
+        if seeded:
+            samples = SeededSamples(dataset, self.loader_rng)
             dataset, collate_fn = samples, SeededCollate(collate_fn, samples)
             sampler = SeededPositions(indices, start, position.epoch_seed)
         else:

@@ -19,6 +19,13 @@ In the main process (``num_workers=0``) the global RNG states are saved before a
 loaded and put back after its collation, so loading data never moves the training loop's own RNG
 stream (dropout, noise) -- otherwise that stream would depend on how many workers load the data.
 
+``"batch"`` granularity seeds once per batch instead, from the batch's first key, and loads the
+batch's samples (through the dataset's own ``__getitems__`` when it has one) and collates them in that
+one stream. A sample's augmentation then depends on its batch-mates' draws too, but batches are fixed
+sets of positions (a resume starts at a batch boundary), so resume is just as exact and as
+independent of ``num_workers``; the reseeding (~10 us, plus a slower first draw from each freshly
+seeded generator) is paid once per batch instead of once per sample.
+
 CUDA generators are not seeded per sample: data loading runs on the CPU. A dataset holding its *own*
 generator (``self.rng = np.random.default_rng(0)``) is not reseeded either; derive it from
 :func:`current_sample_seed` inside ``__getitem__`` instead.
@@ -33,6 +40,8 @@ from typing import Any
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
+SAMPLE, BATCH, OFF = "sample", "batch", "off"
+GRANULARITIES = (SAMPLE, BATCH, OFF)
 _COLLATE_SALT = 0xC011A7E5EED
 _current_seed: int | None = None  # the seed of the sample being loaded in this process, if any
 
@@ -117,11 +126,13 @@ class SeededSamples:
     """A map-style view of the user's dataset whose keys are ``(seed, index)``; see the module docstring.
 
     ``__getitems__`` (which the ``DataLoader`` prefers for a whole batch) is where the main process
-    saves its RNG states; :class:`SeededCollate` puts them back once the batch is collated. A user
-    dataset's own ``__getitems__`` is bypassed: samples are loaded one at a time, each under its seed."""
+    saves its RNG states; :class:`SeededCollate` puts them back once the batch is collated. Per sample,
+    a user dataset's own ``__getitems__`` is bypassed (samples are loaded one at a time, each under its
+    seed); per batch it is used."""
 
-    def __init__(self, dataset: Any) -> None:
+    def __init__(self, dataset: Any, granularity: str = SAMPLE) -> None:
         self.dataset = dataset
+        self.per_batch = granularity == BATCH
         self.pending: GlobalRngState | None = None  # main process: the states to put back after collate
 
     def __len__(self) -> int:
@@ -140,17 +151,35 @@ class SeededSamples:
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
         saved = capture_global_rngs() if _in_main_process() else None
         try:
-            items = []
-            for seed, index in keys:
-                seed_global_rngs(seed)
-                items.append(self.dataset[index])
-            if keys:
-                seed_global_rngs(sample_seed(keys[0][0], _COLLATE_SALT))
+            if self.per_batch:
+                if keys:
+                    seed_global_rngs(keys[0][0])
+                items = self._fetch(keys)
+            else:
+                items = []
+                for seed, index in keys:
+                    seed_global_rngs(seed)
+                    items.append(self.dataset[index])
+                if keys:
+                    seed_global_rngs(sample_seed(keys[0][0], _COLLATE_SALT))
         except BaseException:
             if saved is not None:
                 restore_global_rngs(saved)
             raise
         self.pending = saved
+        return items
+
+    def _fetch(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """One batch in one stream; :func:`current_sample_seed` still names each sample's own seed
+        (the batch's when the dataset's ``__getitems__`` loads them all at once)."""
+        global _current_seed
+        batched = getattr(self.dataset, "__getitems__", None)
+        if batched:
+            return list(batched([index for _, index in keys]))
+        items = []
+        for seed, index in keys:
+            _current_seed = seed
+            items.append(self.dataset[index])
         return items
 
 

@@ -61,12 +61,13 @@ class TrainState:
         model_factory: Any = None,
         model_kwargs: Mapping[str, Any] | None = None,
         probe: Any = None,
-        per_sample_rng: bool = True,
+        loader_rng: str = "sample",
     ) -> None:
-        """``per_sample_rng``: seed the global RNGs from each sample's place in the epoch before its
-        ``__getitem__`` (:mod:`.sample_rng`), so random augmentation in loader workers resumes exactly;
-        False keeps a plain ``DataLoader``'s per-worker streams (exact only without worker-side
-        randomness, or with ``num_workers=0``)."""
+        """``loader_rng``: ``"sample"`` seeds the global RNGs from each sample's place in the epoch
+        before its ``__getitem__`` (:mod:`.sample_rng`), so random augmentation in loader workers
+        resumes exactly; ``"batch"`` seeds once per batch (as exact, cheaper, a sample's draws then
+        depend on its batch-mates'); ``"off"`` keeps a plain ``DataLoader``'s per-worker streams
+        (exact only without worker-side randomness, or with ``num_workers=0``)."""
         self.parts: dict[str, dict[str, Any]] = {
             "model": _named(model, "model"),
             "optimizer": _named(optimizer, "optimizer"),
@@ -84,7 +85,7 @@ class TrainState:
                         f"{kind} {name!r} ({type(obj).__qualname__}) has no state_dict/load_state_dict"
                     )
         self.loader = loader
-        self._map_loaders = EpochLoaders(per_sample_rng)
+        self._map_loaders = EpochLoaders(loader_rng)
         self._iterable_loaders = IterableLoaders()
         self.generators = dict(generators or {})
         self.step = 0
