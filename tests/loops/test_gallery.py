@@ -3,8 +3,9 @@ five random SIGKILLs and restarts; every one must end bit-identical to its unint
 
 The scripts are in ``scripts/``; each reads ``CKPTVAULT_RUN_DIR`` (set by check-resume), restores,
 trains a few dozen small steps, saving often, and saves its final state. Sizes are small; most of the
-gallery's time (about 3.5 minutes on a loaded 2-core machine) is starting Python and torch: each check
-starts its script about eight times. (Checking two loops at a time was slower there, not faster.) The
+gallery's time (3.5-5 minutes on a loaded 2-core machine, ~3 CPU-minutes) is starting Python and
+torch: each check starts its script about eight times. (Checking two loops at a time was slower
+there, not faster.) The
 determinism pre-check (a second uninterrupted run) is done for the loop of the issue only: the other
 loops cover resume, and the pre-check has its own tests in ``tests/cli/test_check_resume.py``.
 """
