@@ -35,7 +35,7 @@ from .badlist import BadList
 from .base import SweepReport
 from .chunkfiles import DIRECT_MIN, frame_size, write_direct
 from .local_common import storage_error as _error
-from .safeopen import UnsafeFileError, fsync_dir, open_dir, open_file
+from .safeopen import UnsafeFileError, fsync_dir, open_dir, open_file, unlock_close
 
 STORE_NAME = ".ckptvault-store"
 CODECS = ("raw", "zstd", "lz4")
@@ -311,7 +311,7 @@ class ChunkStore:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            unlock_close(fd)  # LOCK_UN first: a forked child may share the descriptor
 
     def iter_files(self) -> Iterator[tuple[Path, str | None]]:
         """Every file under ``chunks/`` with its digest, or None for temporary and foreign files.

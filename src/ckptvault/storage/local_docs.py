@@ -31,7 +31,15 @@ from pathlib import Path
 from ..errors import ConcurrentWriteError, DocumentConflictError, StorageError
 from .base import Document
 from .local_common import storage_error
-from .safeopen import UnsafeFileError, open_dir, open_file, read_fd, replace_in_dir, sweep_dead_temporaries
+from .safeopen import (
+    UnsafeFileError,
+    open_dir,
+    open_file,
+    read_fd,
+    replace_in_dir,
+    sweep_dead_temporaries,
+    unlock_close,
+)
 
 _LEASED: dict[str, str] = {}  # key -> owner, of leases this process holds (record locks do not exclude us)
 _LEASED_LOCK = threading.Lock()
@@ -117,7 +125,7 @@ class LocalDocuments(_Rooted):
         dir_fd = self._parent(key, create=True)
         assert dir_fd is not None  # created
         try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # released by the close below
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # released below
             if if_version is not None or if_absent:
                 self._check_condition(key, dir_fd, if_version, if_absent)
             replace_in_dir(dir_fd, name, data, durable=durable)
@@ -126,7 +134,7 @@ class LocalDocuments(_Rooted):
         except OSError as exc:
             raise storage_error("cannot write", key, exc) from exc
         finally:
-            os.close(dir_fd)
+            unlock_close(dir_fd)
         return version_of(data)
 
     @staticmethod
@@ -164,7 +172,7 @@ class LocalDocuments(_Rooted):
                 raise storage_error("cannot remove", key, exc) from exc
             return True
         finally:
-            os.close(dir_fd)
+            unlock_close(dir_fd)
 
     def recover(self, prefix: str) -> None:
         try:

@@ -39,7 +39,7 @@ from .local_common import (
     sweep_staging,
 )
 from .pools import shared_pool
-from .safeopen import fsync_dir
+from .safeopen import fsync_dir, unlock_close
 
 _LOCK_WAIT_SECONDS = 2.0
 
@@ -245,7 +245,7 @@ class LocalWriteTransaction:
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    os.close(self._lock_fd)
+                    unlock_close(self._lock_fd)
                     shutil.rmtree(self.staging, ignore_errors=True)
                     raise ConcurrentWriteError(
                         errno.EWOULDBLOCK, f"{self.staging}: staging directory locked by another process"
@@ -312,7 +312,7 @@ class LocalWriteTransaction:
                 ) from exc
             raise storage_error("cannot commit", self.target, exc) from exc
         self._done = True
-        os.close(self._lock_fd)
+        unlock_close(self._lock_fd)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)  # the replaced checkpoint, under a hidden name
 
@@ -361,4 +361,4 @@ class LocalWriteTransaction:
         for handle in self._files:
             handle.discard()
         shutil.rmtree(self.staging, ignore_errors=True)
-        os.close(self._lock_fd)
+        unlock_close(self._lock_fd)

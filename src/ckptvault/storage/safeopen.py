@@ -156,6 +156,18 @@ def check_dir(base: PathArg, rel: PathArg) -> bool:
     return True
 
 
+def unlock_close(fd: int) -> None:
+    """Releases a ``flock`` explicitly, then closes: a forked child (a DataLoader worker started
+    while a save held the lock) shares the open file description, so without ``LOCK_UN`` the lock
+    would stay held until that child exits, and the next lock in this process would wait for it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
+        pass  # not locked, or a descriptor of a file system without flock: closing is what is left
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: PathArg) -> None:
     """Makes the entries of a directory durable (new names, renames, deletions)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -206,7 +218,7 @@ def replace_in_dir(dir_fd: int, name: str, data: bytes, *, durable: bool) -> Non
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # ours alone: a new file; released by the close
+                fcntl.flock(fd, fcntl.LOCK_EX)  # ours alone: a new file; released below
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -219,7 +231,7 @@ def replace_in_dir(dir_fd: int, name: str, data: bytes, *, durable: bool) -> Non
                         raise
                     continue  # swept away before we locked it: write it again
             finally:
-                os.close(fd)
+                unlock_close(fd)
         except BaseException:
             with suppress(OSError):  # already renamed, or the disk is gone
                 os.unlink(temp, dir_fd=dir_fd)
