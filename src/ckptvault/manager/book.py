@@ -188,19 +188,20 @@ class RunBook:
         self.run.write_index({"records": [record_to_json(r) for r in records], "triggers": triggers})
 
     # -- retention --------------------------------------------------------------------------------
-    def apply_retention(self, scope: str) -> None:
+    def apply_retention(self, scope: str) -> bool:
+        """Deletes what the scope's policy no longer keeps; True when anything was deleted."""
         # Checkpoints a registry version points at are pinned too (re-read: another process registers).
         if not self.pins_known:
-            return  # pins.json is damaged: deleting now could delete a pinned checkpoint
+            return False  # pins.json is damaged: deleting now could delete a pinned checkpoint
         try:
             registered = registered_in(self.run)
         except CheckpointError as exc:  # unknown pins: deleting now could delete a registered one
             warnings.warn(f"retention skipped: {exc}", stacklevel=4)
-            return
+            return False
         reasons = self._retention_reasons(scope, registered)
         if any(not why for why in reasons.values()) and self._needs_confirming(scope):
             if not self._confirm_records(scope):
-                return  # a record could not be checked against its manifest: delete nothing now
+                return False  # a record could not be checked against its manifest: delete nothing now
             reasons = self._retention_reasons(scope, registered)  # decided again on manifest facts
         deleted = False
         fallback = self._last_validated(scope)
@@ -214,6 +215,7 @@ class RunBook:
             deleted = self._enforce_budget(self.mirror, registered) or deleted
         if deleted:  # chunks only the deleted checkpoints used (a run without a store: nothing to do)
             collect_garbage(self.run.path, storage=self.run.storage)
+        return deleted
 
     def _enforce_budget(self, mirror: Mirror, registered: set[str]) -> bool:
         """Over the local-disk budget: the oldest checkpoints already on the mirror go first, whatever
@@ -315,9 +317,11 @@ class RunBook:
             if current.valid:
                 self.mark_valid(name, False)
                 changed = True
+        # A result may free a checkpoint retention held as the last validated one; the index is
+        # rewritten only when something changed (a whole-file rewrite per result made every save
+        # of a long run cost O(checkpoints kept) twice: docs/scaling.md).
         for scope in sorted(scopes):
-            self.apply_retention(scope)
-            changed = True
+            changed = self.apply_retention(scope) or changed
         if changed:
             self.write_index()
 
