@@ -27,18 +27,24 @@ def _save(ckpt_dir: Path) -> Path:
     return path
 
 
-def test_a_lazy_read_does_not_decode_the_header(ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lazy_read_decodes_each_header_once(ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lazy reader refuses what ``load`` refuses: a data file's header is decoded and
+    cross-checked on its first read -- and only then, not again per tensor."""
     path = _save(ckpt_dir)
+    calls: list[int] = []
+    real = reader_module.parse_header
 
-    def refuse(*_: object) -> None:
-        raise AssertionError("the header was decoded")
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
 
-    monkeypatch.setattr(reader_module, "parse_header", refuse)
+    monkeypatch.setattr(reader_module, "parse_header", counting)
     with cv.open(path) as ck:
         assert (ck["a"] == np.arange(6, dtype=np.float32)).all()
         assert (ck["b"]["c"] == 1).all()
-    with cv.open(path, verify=False) as ck:
-        assert (ck["b"]["c"] == 1).all()
+        assert (ck["a"] == np.arange(6, dtype=np.float32)).all()
+    files = len(list(path.glob("data-*.safetensors")))
+    assert len(calls) == files
 
 
 def test_a_lazy_read_still_proves_the_header_bytes(ckpt_dir: Path) -> None:
@@ -66,7 +72,7 @@ def test_a_range_past_the_end_of_its_file_is_refused(ckpt_dir: Path) -> None:
     for mmap in (False, True):
         with cv.open(path, verify=False, mmap=mmap) as ck, pytest.raises(cv.CorruptCheckpointError) as err:
             ck["a"]
-        assert "past the end" in str(err.value)
+        assert "past the end" in str(err.value) or "disagrees with the manifest" in str(err.value)
     with pytest.raises(cv.CheckpointError):
         cv.load(path)
 

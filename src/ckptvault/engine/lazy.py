@@ -4,15 +4,13 @@ Opening checks the whole encoded tree with the same strict rules as ``load`` (un
 duplicate or hash-flooding keys, depth and node limits, shapes and views against the stored sizes)
 without reading a tensor, so the lazy and the eager reader accept exactly the same trees.
 Indexing then walks the tree; a container comes back as another lazy node and a leaf is decoded on
-the spot. A tensor is read into fresh memory and returned only after its file's header bytes were
-proven to be the ones the manifest recorded (size, length, digest; decoding them would add nothing a
-one-tensor read uses, and costs ~1 s at 50,000 tensors: ``CheckpointReader.data_start``), its byte
-range was bounded by the file's size and its digest checked: exactly the verified bytes, unaffected
-by later changes to the file. A whole ``load`` and ``verify`` still decode and cross-check every
-header, so a data file that safetensors would refuse is still refused there. ``mmap=True``
-instead returns zero-copy views of private copy-on-write maps (see :func:`ckptvault.open` for what
-that gives up). Every tensor read is charged to the view's byte budget (:mod:`.budget`) before it
-is allocated.
+the spot. A tensor is read into fresh memory and returned only after its file's header was
+decoded and cross-checked against the manifest (once per file, as ``load`` does, so both readers
+refuse the same files: ``CheckpointReader.data_start``), its byte range was bounded by the file's
+size and its digest checked: exactly the verified bytes, unaffected by later changes to the file.
+``mmap=True`` instead returns zero-copy views of private copy-on-write maps (see
+:func:`ckptvault.open` for what that gives up). Every tensor read is charged to the view's byte
+budget (:mod:`.budget`) before it is allocated.
 """
 
 from __future__ import annotations
