@@ -78,6 +78,25 @@ def draw_epoch_seed(loader: Any) -> int:
     return int(torch.randint(0, 2**62, (), generator=generator).item())
 
 
+def rebuilt_options(loader: Any, epoch_seed: int, collate_fn: Any) -> dict[str, Any]:
+    """The user's ``DataLoader`` settings for the epoch's rebuilt loader, with its own generator
+    seeded from the epoch seed (creating its iterator draws nothing from the global RNG)."""
+    import torch
+
+    options: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "generator": torch.Generator().manual_seed(epoch_seed),
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+        options["multiprocessing_context"] = loader.multiprocessing_context
+    return options
+
+
 class _ResumedSampler:
     """Yields the epoch's index order from ``start`` on; the order is fixed by ``indices``."""
 
@@ -121,7 +140,6 @@ class EpochLoaders:
         self._kept: tuple[Any, Any, Any] | None = None  # (user loader, built loader, its sampler)
 
     def for_epoch(self, loader: Any, position: DataPosition) -> Any:
-        import torch
         from torch.utils.data import DataLoader, IterableDataset
 
         if position.epoch_seed is None:
@@ -153,19 +171,9 @@ class EpochLoaders:
             sampler = SeededPositions(indices, start, position.epoch_seed)
         else:
             sampler = _ResumedSampler(indices, start)
-        options: dict[str, Any] = {
-            "batch_size": loader.batch_size,
-            "drop_last": loader.drop_last,
-            "num_workers": loader.num_workers,
-            "collate_fn": collate_fn,
-            "pin_memory": loader.pin_memory,
-            "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
-            "generator": torch.Generator().manual_seed(position.epoch_seed),
-        }
+        options = rebuilt_options(loader, position.epoch_seed, collate_fn)
+        options.update(batch_size=loader.batch_size, drop_last=loader.drop_last)
         if loader.num_workers > 0:
-            options["prefetch_factor"] = loader.prefetch_factor
-            options["multiprocessing_context"] = loader.multiprocessing_context
             options["persistent_workers"] = persistent
         built = DataLoader(dataset, sampler=sampler, **options)
         if persistent:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .data import DataPosition, draw_epoch_seed
+from .data import DataPosition, draw_epoch_seed, rebuilt_options
 
 logger = logging.getLogger("ckptvault")
 
@@ -68,7 +68,6 @@ class IterableLoaders:
         self.last_replay: Replay | None = None
 
     def for_epoch(self, loader: Any, position: DataPosition) -> Iterator[Any]:
-        import torch
         from torch.utils.data import DataLoader
 
         from .iterable_batches import BatchesOf, keep_batch
@@ -95,19 +94,8 @@ class IterableLoaders:
             loader.collate_fn,
             None if own_state else position.epoch_seed,
         )
-        options: dict[str, Any] = {
-            "batch_size": None,
-            "num_workers": loader.num_workers,
-            "collate_fn": keep_batch,
-            "pin_memory": loader.pin_memory,
-            "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
-            "generator": torch.Generator().manual_seed(position.epoch_seed),
-        }
-        if loader.num_workers > 0:
-            options["prefetch_factor"] = loader.prefetch_factor
-            options["multiprocessing_context"] = loader.multiprocessing_context
-        built = DataLoader(batches, **options)
+        options = rebuilt_options(loader, position.epoch_seed, keep_batch)
+        built = DataLoader(batches, batch_size=None, **options)
         return self._skipping(iter(built), 0 if own_state else position.batches_done, loader.batch_size)
 
     def _skipping(self, batches: Iterator[Any], skip: int, batch_size: int) -> Iterator[Any]:
