@@ -58,6 +58,27 @@ def free_port(host: str = LOOPBACK) -> int:
 
 # --------------------------------------------------------------------------- moto server
 
+# moto's server checks a PUT's If-Match / If-None-Match and then stores the object without a lock,
+# so two concurrent conditional PUTs can both pass (a check-then-act race S3 itself does not have:
+# its conditional writes are atomic). The compare-and-swap tests then lose an update now and then
+# through no fault of the client. The server is started with every object PUT and POST (multipart
+# completion) of S3 serialised by one lock, which makes moto's conditional writes atomic as S3's are.
+_ATOMIC_MOTO = """
+import functools, sys, threading
+from moto.s3.responses import S3Response
+_lock = threading.Lock()
+def _atomic(method):
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with _lock:
+            return method(*args, **kwargs)
+    return run
+S3Response.put_object = _atomic(S3Response.put_object)
+S3Response._key_response_post = _atomic(S3Response._key_response_post)
+from moto.server import main
+main(sys.argv[1:])
+"""
+
 _LIVE_SERVERS: set[MotoServer] = set()
 _LIVE_LOCK = threading.Lock()
 
@@ -202,7 +223,7 @@ class MotoServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
+                [sys.executable, "-c", _ATOMIC_MOTO, "-H", LOOPBACK, "-p", str(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log_target,
                 stderr=subprocess.STDOUT,
