@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import tempfile
 import uuid
 import zipfile
@@ -85,12 +84,14 @@ class _Items:
             # weights_only=True: torch's restricted unpickler (tensors and an allow-list of torch
             # types only); the item's bytes are untrusted input.
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError as exc:
-            raise UnsafeLegacyFileError(
-                f"{where}: the item of tensor {tensor.fqn!r} at {list(offsets)} needs Python globals a "
-                f"safe load refuses: {_unsafe_names(data)}; nothing was run"
-            ) from exc
         except Exception as exc:
+            # A refusal of torch's safe load is a pickle.UnpicklingError, told apart by name as in
+            # legacy.py: this module never imports pickle.
+            if type(exc).__name__ == "UnpicklingError":
+                raise UnsafeLegacyFileError(
+                    f"{where}: the item of tensor {tensor.fqn!r} at {list(offsets)} needs Python globals "
+                    f"a safe load refuses: {_unsafe_names(data)}; nothing was run"
+                ) from exc
             raise CorruptCheckpointError(
                 f"the item at {list(offsets)} is not a torch.save'd tensor: "
                 f"{type(exc).__name__}: {str(exc)[:200]}",

@@ -10,16 +10,18 @@ pickle's default ``args`` replay cannot rebuild: the receiving rank then fails i
 
 from __future__ import annotations
 
-import pickle
-
 from ..errors import CheckpointError
 
 
 def portable(exc: BaseException) -> BaseException:
-    """``exc`` itself when it pickles and unpickles, else a :class:`CheckpointError` that carries
-    its type and message (the caller raises it ``from exc``, so this rank keeps the original)."""
+    """``exc`` itself when it can be rebuilt from what it reduces to (what unpickling it on the
+    receiving rank will do), else a :class:`CheckpointError` that carries its type and message (the
+    caller raises it ``from exc``, so this rank keeps the original). Checked by calling the
+    rebuild, not by a pickle round trip: nothing here unpickles."""
     try:
-        pickle.loads(pickle.dumps(exc))
+        reduced = exc.__reduce__()
+        if isinstance(reduced, tuple):  # (callable, args, ...); a str names a global: nothing to rebuild
+            reduced[0](*reduced[1])
     except Exception:
         return CheckpointError(f"{type(exc).__name__}: {exc}")
     return exc

@@ -415,8 +415,7 @@ class CheckpointManager:
 
     @typed_os_errors
     def delete(self, name: str) -> None:
-        """Deletes the committed checkpoint ``name`` (e.g. ``"step_00000100"``) after the saves in
-        flight, as retention would; pinned and registered checkpoints are refused. Coordinator only."""
+        """Deletes checkpoint ``name`` as retention would (not pinned/registered ones; rank 0 only)."""
         self.wait()
         if not self._lead:
             raise CheckpointError("delete on the coordinator (rank 0): it alone keeps the run's records")
