@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import ckptvault as cv
-from ckptvault.training.sample_rng import seed_global_rngs
+from ckptvault.training.sample_rng import sample_seed, seed_global_rngs
 
 SIZE, BATCH = 64, 64
 
@@ -88,12 +89,28 @@ class SmallStream(IterableDataset[torch.Tensor]):
             yield torch.full((16,), float(i))
 
 
-def _epoch(batches: Callable[[], Any]) -> float:
-    started = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the loader's workers are joined at the end
+    of each epoch): on a shared machine the steadier measure of the work an epoch costs."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _epoch(batches: Callable[[], Any]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one epoch."""
+    started, cpu = time.perf_counter(), _cpu_seconds()
     count = 0
     for x, _ in batches():
         count += len(x)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _cpu_seconds() - cpu
+
+
+def _ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
+    """The ratio to ``base`` within each repetition (same minute of a noisy machine), then its median."""
+    return {
+        name: statistics.median(a / b for a, b in zip(t, times[base], strict=True))
+        for name, t in times.items()
+    }
 
 
 def throughput(samples: int, workers: int, reps: int) -> dict[str, Any]:
@@ -113,53 +130,63 @@ def throughput(samples: int, workers: int, reps: int) -> dict[str, Any]:
     contenders['batches(), loader_rng="off"'] = with_state("off")
     _epoch(plain)  # warm-up: page in the images, start the allocator
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
     for rep in range(reps):
         names = list(contenders)
         for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order
-            times[name].append(_epoch(contenders[name]))
+            wall, used = _epoch(contenders[name])
+            times[name].append(wall)
+            cpu[name].append(used)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    plain_times = times["plain DataLoader"]
     return {
         "workers": workers,
         "samples": samples,
         "seconds": times,
+        "cpu_seconds": cpu,
         "median_s": medians,
         "samples_per_s": {name: samples / m for name, m in medians.items()},
-        # the ratio within each repetition (same minute of a noisy machine), then its median
-        "time_ratio_vs_plain": {
-            name: statistics.median(a / b for a, b in zip(t, plain_times, strict=True))
-            for name, t in times.items()
-        },
+        "time_ratio_vs_plain": _ratios(times, "plain DataLoader"),
+        "cpu_ratio_vs_plain": _ratios(cpu, "plain DataLoader"),
     }
 
 
 def worker_side_cost(samples: int, reps: int) -> dict[str, float]:
     """What per-sample RNG adds where it runs in a worker: ``dataset[i]`` with and without the
-    seeding before it, in alternating chunks of 256 samples (median per-sample microseconds)."""
+    seeding before it, in alternating chunks of 256 samples (median per-sample microseconds, wall and
+    CPU time; the ratio is the median of the per-pair ratios)."""
     dataset = Images(samples)
-    plain: list[float] = []
-    seeded: list[float] = []
+    seeds = [sample_seed(1, i) for i in range(samples)]
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     for rep in range(reps * 4):
         for i0 in range(0, samples, 256):
             chunk = range(i0, min(samples, i0 + 256))
             for seeding in (rep % 2 == 0, rep % 2 == 1):
-                started = time.perf_counter()
+                started, used = time.perf_counter(), time.process_time()
                 for i in chunk:
                     if seeding:
-                        seed_global_rngs(i * 0x9E3779B97F4A7C15 & ((1 << 64) - 1))
+                        seed_global_rngs(seeds[i])
                     dataset[i]
-                (seeded if seeding else plain).append((time.perf_counter() - started) / len(chunk) * 1e6)
-    p, q = statistics.median(plain), statistics.median(seeded)
-    return {"getitem_us": p, "seeded_getitem_us": q, "ratio": q / p}
+                cpu[seeding].append((time.process_time() - used) / len(chunk) * 1e6)
+                wall[seeding].append((time.perf_counter() - started) / len(chunk) * 1e6)
+    pair = statistics.median(q / p for p, q in zip(cpu[False], cpu[True], strict=True))
+    return {
+        "getitem_us": statistics.median(wall[False]),
+        "seeded_getitem_us": statistics.median(wall[True]),
+        "ratio": statistics.median(q / p for p, q in zip(wall[False], wall[True], strict=True)),
+        "getitem_cpu_us": statistics.median(cpu[False]),
+        "seeded_getitem_cpu_us": statistics.median(cpu[True]),
+        "cpu_ratio": pair,
+    }
 
 
 def seeding_cost(reps: int) -> float:
     """Microseconds per seed_global_rngs call (median of ``reps`` runs of 20,000)."""
-    runs = []
+    runs, seeds = [], [sample_seed(1, i) for i in range(20_000)]
     for _ in range(reps):
         started = time.perf_counter()
         for i in range(20_000):
-            seed_global_rngs(i * 0x9E3779B97F4A7C15 & ((1 << 64) - 1))
+            seed_global_rngs(seeds[i])
         runs.append((time.perf_counter() - started) / 20_000 * 1e6)
     return statistics.median(runs)
 
@@ -209,7 +236,7 @@ def main() -> None:
             ratio = row["time_ratio_vs_plain"][name]
             print(
                 f"  {name:34s} {median:7.3f} s  {row['samples_per_s'][name]:8.0f} samples/s  "
-                f"time x{ratio:.3f}"
+                f"time x{ratio:.3f}  CPU x{row['cpu_ratio_vs_plain'][name]:.3f}"
             )
     out["seed_us_per_sample"] = seeding_cost(args.reps)
     print(f"\nseeding torch+numpy+random per sample: {out['seed_us_per_sample']:.2f} us")
@@ -217,7 +244,8 @@ def main() -> None:
     side = out["worker_side"]
     print(
         f"one sample, as a worker loads it: {side['getitem_us']:.0f} us plain, "
-        f"{side['seeded_getitem_us']:.0f} us seeded first (x{side['ratio']:.3f})"
+        f"{side['seeded_getitem_us']:.0f} us seeded first (x{side['ratio']:.3f}); CPU time "
+        f"{side['getitem_cpu_us']:.0f} / {side['seeded_getitem_cpu_us']:.0f} us (x{side['cpu_ratio']:.3f})"
     )
     out["replay"] = [
         replay("3x64x64 augmented images", lambda: ImageStream(12_000), 2, args.reps),

@@ -100,10 +100,46 @@ def test_per_batch_seeding_uses_the_datasets_own_getitems() -> None:
 
     seen = _epochs(lambda: DataLoader(Batched(), batch_size=BATCH, shuffle=True), 1, loader_rng="batch")
     assert Batched.calls == SAMPLES // BATCH and len(seen) == SAMPLES // BATCH
-    per_sample = _epochs(lambda: DataLoader(Batched(), batch_size=BATCH, shuffle=True), 1)
+    per_sample = _epochs(
+        lambda: DataLoader(Batched(), batch_size=BATCH, shuffle=True), 1, loader_rng="sample"
+    )
     assert Batched.calls == SAMPLES // BATCH  # per sample, it is bypassed
     assert [i.tolist() for _, i in seen] == [i.tolist() for _, i in per_sample]  # same order
     assert not torch.equal(seen[0][0], per_sample[0][0])  # other draws: one stream per batch
+
+
+def test_per_batch_is_the_default() -> None:
+    default = _epochs(lambda: _loader(0), 1)
+    _assert_same(default, _epochs(lambda: _loader(0), 1, loader_rng="batch"))
+    assert not torch.equal(default[0][0], _epochs(lambda: _loader(0), 1, loader_rng="sample")[0][0])
+
+
+@pytest.mark.parametrize("saved,restoring", [("sample", "batch"), ("batch", "sample"), ("off", "batch")])
+def test_a_resumed_epoch_finishes_with_the_granularity_it_started_with(saved: str, restoring: str) -> None:
+    """Changing ``loader_rng`` between runs (or upgrading past a change of its default) must not
+    make the rest of the interrupted epoch differ; the next epoch uses the new setting."""
+    np.random.seed(3), random.seed(3)  # "off" draws from the global streams as they are
+    reference = _epochs(lambda: _loader(0), 1, loader_rng=saved)
+    np.random.seed(3), random.seed(3)
+    torch.manual_seed(7)
+    state = cv.TrainState(loader=_loader(0), loader_rng=saved)
+    head = _batches(state, limit=3)
+    tree = state.capture()
+    assert tree["data"]["loader_rng"] == saved
+    resumed = cv.TrainState(loader=_loader(0), loader_rng=restoring)
+    resumed.restore(tree)
+    _assert_same(reference, head + _batches(resumed))
+    resumed._complete_epoch()
+    _batches(resumed, limit=1)
+    assert resumed.position.loader_rng == restoring
+
+
+def test_a_data_position_with_an_unknown_loader_rng_is_refused() -> None:
+    from ckptvault.training.data import DataPosition
+
+    assert DataPosition.from_dict({"epoch_seed": 1, "loader_rng": "batch"}).loader_rng == "batch"
+    with pytest.raises(ValueError, match="loader_rng"):
+        DataPosition.from_dict({"epoch_seed": 1, "loader_rng": "worker"})
 
 
 def test_an_unknown_loader_rng_is_refused() -> None:

@@ -14,7 +14,7 @@ consumed ones dropped, which is exact when the sampler is deterministic given it
 ``StatefulDataLoader``) are used through it unchanged.
 
 Randomness drawn while loading a sample (augmentation in ``__getitem__``, in workers or not) is made
-a function of the sample's place in the epoch by per-sample RNG (:mod:`.sample_rng`, on by default),
+a function of its place in the epoch by seeded loading (:mod:`.sample_rng`, per batch by default),
 so it too resumes exactly, whatever ``num_workers`` was before and after. Loaders over iterable
 datasets are handled by :mod:`.iterable`.
 """
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .sample_rng import GRANULARITIES, OFF, SAMPLE, SeededCollate, SeededPositions, SeededSamples
+from .sample_rng import BATCH, GRANULARITIES, OFF, SeededCollate, SeededPositions, SeededSamples
 
 
 @dataclass
@@ -36,6 +36,9 @@ class DataPosition:
     batches_done: int = 0
     exhausted: bool = False  # every batch of the epoch was consumed: we are in the epoch's tail
     workers: int | None = None  # iterable datasets: the num_workers that loaded the epoch (replay needs it)
+    # map-style datasets: the loader RNG granularity the epoch started with; a resumed epoch finishes
+    # with it even when the restoring TrainState asks for another (the next epoch uses the new one)
+    loader_rng: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -45,6 +48,8 @@ class DataPosition:
         }
         if self.workers is not None:
             data["workers"] = self.workers
+        if self.loader_rng is not None:
+            data["loader_rng"] = self.loader_rng
         return data
 
     @classmethod
@@ -56,10 +61,12 @@ class DataPosition:
         )
         if (seed is not None and type(seed) is not int) or type(done) is not int or done < 0:
             raise ValueError(f"bad data position {data!r}")
-        workers = data.get("workers")
+        workers, granularity = data.get("workers"), data.get("loader_rng")
         if type(exhausted) is not bool or (workers is not None and (type(workers) is not int or workers < 0)):
             raise ValueError(f"bad data position {data!r}")
-        return cls(seed, done, exhausted, workers)
+        if granularity is not None and granularity not in GRANULARITIES:
+            raise ValueError(f"bad data position {data!r}: unknown loader_rng")
+        return cls(seed, done, exhausted, workers, granularity)
 
 
 def is_stateful_loader(loader: Any) -> bool:
@@ -127,23 +134,27 @@ def _epoch_indices(loader: Any, seed: int) -> list[int]:
 class EpochLoaders:
     """Builds the loader to iterate for the rest of the current epoch (see the module docstring).
 
-    With per-sample or per-batch RNG (:mod:`.sample_rng`) the dataset and ``collate_fn`` are wrapped
+    With per-batch or per-sample RNG (:mod:`.sample_rng`) the dataset and ``collate_fn`` are wrapped
     and the sampler yields ``(seed, index)`` keys. A loader with ``persistent_workers=True`` is built
     once and kept: each later epoch only resets its sampler, so its workers live as long as the run
-    (without per-sample RNG their streams would then run on across epochs, which a resumed run cannot
-    reproduce; per-sample RNG makes that irrelevant)."""
+    (without seeded loading their streams would then run on across epochs, which a resumed run cannot
+    reproduce; seeded loading makes that irrelevant)."""
 
-    def __init__(self, loader_rng: str = SAMPLE) -> None:
+    def __init__(self, loader_rng: str = BATCH) -> None:
         if loader_rng not in GRANULARITIES:
             raise ValueError(f"loader_rng must be one of {GRANULARITIES}, got {loader_rng!r}")
         self.loader_rng = loader_rng
-        self._kept: tuple[Any, Any, Any] | None = None  # (user loader, built loader, its sampler)
+        # (user loader, granularity, built loader, its sampler)
+        self._kept: tuple[Any, str, Any, Any] | None = None
 
     def for_epoch(self, loader: Any, position: DataPosition) -> Any:
         from torch.utils.data import DataLoader, IterableDataset
 
         if position.epoch_seed is None:
             position.epoch_seed = draw_epoch_seed(loader)
+            position.loader_rng = self.loader_rng
+        # a checkpoint written before the granularity was recorded: the configured one
+        granularity = position.loader_rng or self.loader_rng
         if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
             raise TypeError(
                 "TrainState.batches() resumes torch DataLoaders, or loaders with their own "
@@ -155,10 +166,10 @@ class EpochLoaders:
             )
         start = position.batches_done * loader.batch_size
         indices = _epoch_indices(loader, position.epoch_seed)
-        seeded = self.loader_rng != OFF
+        seeded = granularity != OFF
         persistent = seeded and loader.num_workers > 0 and loader.persistent_workers
-        if persistent and self._kept is not None and self._kept[0] is loader:
-            _, kept, kept_sampler = self._kept
+        if persistent and self._kept is not None and self._kept[:2] == (loader, granularity):
+            _, _, kept, kept_sampler = self._kept
             kept_sampler.reset(indices, start, position.epoch_seed)
             kept.generator.manual_seed(position.epoch_seed)
             return kept
@@ -166,7 +177,7 @@ class EpochLoaders:
         collate_fn = loader.collate_fn
         sampler: Any
         if seeded:
-            samples = SeededSamples(dataset, self.loader_rng)
+            samples = SeededSamples(dataset, granularity)
             dataset, collate_fn = samples, SeededCollate(collate_fn, samples)
             sampler = SeededPositions(indices, start, position.epoch_seed)
         else:
@@ -177,5 +188,5 @@ class EpochLoaders:
             options["persistent_workers"] = persistent
         built = DataLoader(dataset, sampler=sampler, **options)
         if persistent:
-            self._kept = (loader, built, sampler)
+            self._kept = (loader, granularity, built, sampler)
         return built

@@ -1,4 +1,4 @@
-"""Per-sample RNG: a sample's random augmentation depends on its place in the epoch, not on a worker.
+"""Seeded loading: random augmentation depends on its place in the epoch, not on a worker.
 
 A plain ``DataLoader`` gives each worker one RNG stream (seeded from the iterator's base seed and the
 worker id) and the worker draws every augmentation of every sample it loads from that stream. After a
@@ -19,12 +19,14 @@ In the main process (``num_workers=0``) the global RNG states are saved before a
 loaded and put back after its collation, so loading data never moves the training loop's own RNG
 stream (dropout, noise) -- otherwise that stream would depend on how many workers load the data.
 
-``"batch"`` granularity seeds once per batch instead, from the batch's first key, and loads the
-batch's samples (through the dataset's own ``__getitems__`` when it has one) and collates them in that
-one stream. A sample's augmentation then depends on its batch-mates' draws too, but batches are fixed
-sets of positions (a resume starts at a batch boundary), so resume is just as exact and as
-independent of ``num_workers``; the reseeding (~10 us, plus a slower first draw from each freshly
-seeded generator) is paid once per batch instead of once per sample.
+``"batch"`` granularity (``TrainState``'s default) seeds once per batch instead, from the batch's first
+key, and loads the batch's samples (through the dataset's own ``__getitems__`` when it has one) and
+collates them in that one stream. A sample's augmentation then depends on its batch-mates' draws too,
+but batches are fixed sets of positions (a resume starts at a batch boundary), so resume is just as
+exact and as independent of ``num_workers``. It is the default because of cost: reseeding three
+generators right before a sample's transforms, with their states and the seeding code evicted from
+the CPU caches by the previous sample, costs ~13 us (measured in benchmarks/loader_rng.py), 5 % of a
+cheap 250 us augmentation; once per batch it is noise.
 
 CUDA generators are not seeded per sample: data loading runs on the CPU. A dataset holding its *own*
 generator (``self.rng = np.random.default_rng(0)``) is not reseeded either; derive it from
@@ -33,6 +35,7 @@ generator (``self.rng = np.random.default_rng(0)``) is not reseeded either; deri
 
 from __future__ import annotations
 
+import _random
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -62,18 +65,42 @@ def current_sample_seed() -> int | None:
     return _current_seed
 
 
+_seeder: Callable[[int], None] | None = None
+
+
+def _seeders() -> Callable[[int], None]:
+    """The three seeders bound once per process (torch imported lazily, as everywhere here)."""
+    global _seeder
+    if _seeder is None:
+        import torch
+
+        torch_seed = torch.default_generator.manual_seed
+        numpy_seed = np.random.mtrand._rand.seed  # np.random.seed's target; drops the cached Gaussian
+        python_seed, python = _random.Random.seed, random._inst
+
+        def seed_all(seed: int) -> None:
+            torch_seed(seed)
+            numpy_seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+            python_seed(python, seed)
+            python.gauss_next = None  # type: ignore[attr-defined]
+
+        _seeder = seed_all
+    return _seeder
+
+
 def seed_global_rngs(seed: int) -> None:
     """Seeds torch's CPU generator, numpy's global RandomState and Python's ``random`` from ``seed``.
 
-    ``torch.default_generator.manual_seed`` rather than ``torch.manual_seed``: the latter also queues
-    seeds for every accelerator backend and costs ~100x more, per sample."""
+    Under ``loader_rng="sample"`` this runs before every sample, so it goes straight to the seeders
+    bound once (~5 us for all three instead of ~7-9 us through the public functions) while seeding
+    exactly as the public functions do: ``torch.default_generator.manual_seed`` rather than
+    ``torch.manual_seed`` (which also queues seeds for every accelerator backend, ~100x dearer);
+    the global ``RandomState``'s own ``seed`` (what ``np.random.seed`` forwards to); the C
+    ``Random.seed`` of ``random``'s shared instance plus the ``gauss_next`` reset that ``random.seed``
+    adds in Python. tests/training/test_sample_rng_seed.py holds the equivalence."""
     global _current_seed
-    import torch
-
     _current_seed = seed
-    torch.default_generator.manual_seed(seed)
-    np.random.seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)
-    random.seed(seed)
+    _seeders()(seed)
 
 
 GlobalRngState = tuple[Any, Any, Any]
@@ -156,10 +183,7 @@ class SeededSamples:
                     seed_global_rngs(keys[0][0])
                 items = self._fetch(keys)
             else:
-                items = []
-                for seed, index in keys:
-                    seed_global_rngs(seed)
-                    items.append(self.dataset[index])
+                items = self._each(keys)
                 if keys:
                     seed_global_rngs(sample_seed(keys[0][0], _COLLATE_SALT))
         except BaseException:
@@ -167,6 +191,16 @@ class SeededSamples:
                 restore_global_rngs(saved)
             raise
         self.pending = saved
+        return items
+
+    def _each(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """Each sample under its own seed: the loop holds the bound seeders (this is the hot path)."""
+        global _current_seed
+        seed_all, dataset, items = _seeders(), self.dataset, []
+        for seed, index in keys:
+            _current_seed = seed
+            seed_all(seed)
+            items.append(dataset[index])
         return items
 
     def _fetch(self, keys: list[tuple[int, int]]) -> list[Any]:

@@ -61,13 +61,17 @@ class TrainState:
         model_factory: Any = None,
         model_kwargs: Mapping[str, Any] | None = None,
         probe: Any = None,
-        loader_rng: str = "sample",
+        loader_rng: str = "batch",
     ) -> None:
-        """``loader_rng``: ``"sample"`` seeds the global RNGs from each sample's place in the epoch
-        before its ``__getitem__`` (:mod:`.sample_rng`), so random augmentation in loader workers
-        resumes exactly; ``"batch"`` seeds once per batch (as exact, cheaper, a sample's draws then
-        depend on its batch-mates'); ``"off"`` keeps a plain ``DataLoader``'s per-worker streams
-        (exact only without worker-side randomness, or with ``num_workers=0``)."""
+        """``loader_rng``: how randomness drawn while loading data (augmentation in ``__getitem__``,
+        in loader workers or not) is made to resume exactly (:mod:`.sample_rng`). ``"batch"``, the
+        default, seeds the global RNGs once per batch from the batch's place in the epoch: exact with
+        any ``num_workers`` on either side of a restart, and free (one reseed per batch). ``"sample"``
+        seeds before every ``__getitem__``, so a sample's draws depend on its place alone, not on its
+        batch-mates' (~13 us per sample for three cold generators: 5 % of a 250 us augmentation).
+        ``"off"`` keeps a plain ``DataLoader``'s per-worker streams (exact only without worker-side
+        randomness, or with ``num_workers=0``). A checkpoint records the granularity its epoch
+        started with, and a resumed epoch finishes with that one."""
         self.parts: dict[str, dict[str, Any]] = {
             "model": _named(model, "model"),
             "optimizer": _named(optimizer, "optimizer"),
