@@ -25,8 +25,8 @@ collates them in that one stream. A sample's augmentation then depends on its ba
 but batches are fixed sets of positions (a resume starts at a batch boundary), so resume is just as
 exact and as independent of ``num_workers``. It is the default because of cost: reseeding three
 generators right before a sample's transforms, with their states and the seeding code evicted from
-the CPU caches by the previous sample, costs ~13 us (measured in benchmarks/loader_rng.py), 5 % of a
-cheap 250 us augmentation; once per batch it is noise.
+the CPU caches by the previous sample, costs 17-26 us (measured in benchmarks/loader_rng.py), 7 % of a
+cheap 250-340 us augmentation; once per batch it is noise.
 
 CUDA generators are not seeded per sample: data loading runs on the CPU. A dataset holding its *own*
 generator (``self.rng = np.random.default_rng(0)``) is not reseeded either; derive it from

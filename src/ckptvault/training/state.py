@@ -68,7 +68,7 @@ class TrainState:
         default, seeds the global RNGs once per batch from the batch's place in the epoch: exact with
         any ``num_workers`` on either side of a restart, and free (one reseed per batch). ``"sample"``
         seeds before every ``__getitem__``, so a sample's draws depend on its place alone, not on its
-        batch-mates' (~13 us per sample for three cold generators: 5 % of a 250 us augmentation).
+        batch-mates' (~20 us per sample for three cold generators: 7 % of a 250-340 us augmentation).
         ``"off"`` keeps a plain ``DataLoader``'s per-worker streams (exact only without worker-side
         randomness, or with ``num_workers=0``). A checkpoint records the granularity its epoch
         started with, and a resumed epoch finishes with that one."""
