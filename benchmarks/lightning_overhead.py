@@ -3,7 +3,9 @@
 Both runs are the same tiny deterministic fit (tests/integrations/lightning_fit_script.py) with
 ModelCheckpoint(every_n_train_steps=EVERY, save_top_k=2, save_last=True); each rep runs both, in
 alternating order, in this one process (imports paid once); the figure is
-median(vault wall) / median(default wall). Usage::
+median(vault wall) / median(default wall). Then, to show what bounds the ratio, one save of the
+same fit's checkpoint dict through each CheckpointIO alone: wall time and CPU time of the whole
+process (every thread, kernel time included), medians of 100. Usage::
 
     .venv/bin/python -m benchmarks.lightning_overhead [--reps 5] [--steps 200] [--every 10]
         [--hidden 512] [--async]
@@ -35,6 +37,30 @@ def one_fit(root: str, steps: int, every: int, hidden: int, vault: bool, async_s
     return time.perf_counter() - start
 
 
+def per_save_cost(hidden: int, saves: int = 100) -> dict[str, tuple[float, float]]:
+    """(wall ms, CPU ms) of one ``save_checkpoint`` of a real fit's checkpoint dict, per plugin."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    root = tempfile.mkdtemp(prefix="lt-io-")
+    try:
+        trainer = make_trainer(root, 20, None, 10)
+        trainer.fit(TinyModule(hidden=hidden), loader(n=256))
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
+        out: dict[str, tuple[float, float]] = {}
+        for name, plugin in (("default", TorchCheckpointIO()), ("vault", VaultCheckpointIO())):
+            walls, cpus = [], []
+            for i in range(saves + 5):
+                wall, cpu = time.perf_counter(), time.process_time()
+                plugin.save_checkpoint(checkpoint, f"{root}/{name}-{i % 3}.ckpt")
+                if i >= 5:  # the first saves warm up imports and pools
+                    walls.append(time.perf_counter() - wall)
+                    cpus.append(time.process_time() - cpu)
+            out[name] = (statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3)
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -63,6 +89,8 @@ def main() -> None:
     for name, values in times.items():
         print(f"{name:8s} median {med[name]:.3f}s  runs {' '.join(f'{t:.3f}' for t in values)}")
     print(f"ratio vault/default = {med['vault'] / med['default']:.3f}")
+    for name, (wall, cpu) in per_save_cost(args.hidden).items():
+        print(f"one save_checkpoint, {name:8s} wall {wall:.2f} ms  CPU (all threads) {cpu:.2f} ms")
 
 
 if __name__ == "__main__":

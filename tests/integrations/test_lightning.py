@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,32 @@ def test_sharded_strategies_are_refused() -> None:
     with pytest.raises(ShardedStrategyError, match="StorageWriter"):
         check_strategy(ModelParallelStrategy())
     check_strategy(FSDPStrategy(state_dict_type="full"))
+
+
+def test_async_pruning_waits_for_the_new_checkpoints_to_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Top-k pruning right after an async save must not delete the old checkpoint before the new
+    one is committed (Accelerate's ``total_limit`` bug): the removal is queued behind the save."""
+    from ckptvault.engine import background
+
+    plugin = VaultCheckpointIO(async_save=True)
+    plugin.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, tmp_path / "old.ckpt")
+    plugin.wait()
+    release = threading.Event()
+    real = background.commit_plan
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(background, "commit_plan", slow)
+    plugin.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, tmp_path / "new.ckpt")
+    plugin.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, tmp_path / "last.ckpt")
+    plugin.remove_checkpoint(tmp_path / "old.ckpt")  # returns at once: nothing waited for the commit
+    time.sleep(0.2)
+    assert ckptvault.verify(tmp_path / "old.ckpt").ok and not (tmp_path / "new.ckpt").exists()
+    release.set()
+    plugin.teardown()
+    assert not (tmp_path / "old.ckpt").exists()
+    assert ckptvault.info(tmp_path / "new.ckpt").step == 2 and ckptvault.verify(tmp_path / "last.ckpt").ok

@@ -8,9 +8,11 @@ A synchronous save runs both now (:meth:`SaveRequest.run`); an asynchronous one 
 now and commits in a :class:`BackgroundWriter`'s thread (:meth:`BackgroundWriter.submit_save`), so
 both kinds take the same options and produce the same checkpoint.
 
-One worker thread per :class:`BackgroundWriter`, so at most one save is in flight per writer: a
-new save first waits for the previous one (back-pressure instead of unbounded staging memory). A
-failure in the background is kept by its :class:`PendingSave` and re-raised by ``wait()``.
+One worker thread per :class:`BackgroundWriter`, so saves commit one after another in submission
+order. By default one save is in flight per writer: a new save first waits for the previous one
+(back-pressure instead of unbounded staging memory); a writer built with ``queue_bytes`` lets small
+saves queue behind it in memory of their own (see the class). A failure in the background is kept by
+its :class:`PendingSave` and re-raised by ``wait()``.
 
 A failure is never lost: until someone has seen it (``wait()`` raised it, or ``exception()``
 returned it), the writer's next ``submit``/``submit_save`` raises it instead of starting the next
@@ -28,6 +30,7 @@ import dataclasses
 import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ from ..types import CheckpointInfo
 from .checkpoint_info import info_from_manifest
 from .chunks import ChunkOptions, HintCache
 from .feed import FeedAborted
-from .staging import StagingBuffer, feed_plan, fits, stage_plan
+from .staging import StagingBuffer, feed_plan, fits, stage_plan, staged_bytes
 from .writer import SavePlan, commit_plan, plan_save
 
 
@@ -98,7 +101,7 @@ class SaveRequest:
 class PendingSave:
     """A save whose bytes are staged and being committed in the background."""
 
-    def __init__(self, future: Future[CheckpointInfo], path: str) -> None:
+    def __init__(self, future: Future[Any], path: str) -> None:
         self._future = future
         self.path = path
         self._observed = False  # whether a caller has been given the outcome (success or failure)
@@ -109,7 +112,7 @@ class PendingSave:
     def wait(self, timeout: float | None = None) -> CheckpointInfo:
         """The committed checkpoint's info; re-raises the background failure, if any."""
         try:
-            info = self._future.result(timeout)
+            info: CheckpointInfo = self._future.result(timeout)
         except BaseException:
             if self._future.done():  # the save's own failure (not a timeout of this wait): seen now
                 self._observed = True
@@ -139,43 +142,99 @@ _WRITERS_LOCK = threading.Lock()
 
 
 class BackgroundWriter:
-    def __init__(self) -> None:
+    """One worker thread that commits staged saves (and other jobs) in submission order.
+
+    By default one save is in flight: the next waits for it, and every save is staged in the
+    caller's reused :class:`StagingBuffer`. With ``queue_bytes``, a save whose staged bytes are at
+    most that is instead staged into fresh memory of its own and queued behind the jobs in flight
+    (up to ``max_in_flight`` unfinished jobs), so a caller writing small checkpoints back to back
+    (Lightning's top-k file and then ``last.ckpt`` at the same step) does not wait for the first
+    commit's fsyncs; allocating a few MiB is cheap, which is not true of the large states the reused
+    buffer is for. Queued jobs run in order, so two saves to one target commit in the order given.
+    """
+
+    def __init__(self, *, queue_bytes: int = 0, max_in_flight: int = 1) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptvault-async")
-        self.pending: PendingSave | None = None
+        self.queue_bytes = queue_bytes
+        self.max_in_flight = max_in_flight
+        self._jobs: deque[PendingSave] = deque()  # submitted, oldest first; pruned when seen
         with _WRITERS_LOCK:
             _WRITERS.add(self)
 
+    @property
+    def pending(self) -> PendingSave | None:
+        """The newest job submitted and not yet pruned (None when idle and nothing is unseen)."""
+        return self._jobs[-1] if self._jobs else None
+
+    def jobs(self) -> list[PendingSave]:
+        return list(self._jobs)
+
     def wait_idle(self) -> None:
-        """Blocks until the pending save (if any) finished; raises its failure if nobody saw it.
+        """Blocks until every job finished; raises the oldest failure nobody saw, if any.
 
         Raised once: the failure is then marked seen, so the caller's retry proceeds."""
-        pending = self.pending
-        if pending is None:
-            return
-        error = pending.unobserved_failure()
-        if error is not None:
-            pending.mark_observed()
-            raise error
+        try:
+            for job in list(self._jobs):
+                error = job.unobserved_failure()
+                if error is not None:
+                    job.mark_observed()
+                    raise error
+        finally:
+            self._prune()
 
     def raise_unobserved(self) -> None:
-        """Raises the failure of a *finished* save nobody saw (once); never waits for one in flight."""
-        pending = self.pending
-        if pending is not None and pending.done():
-            self.wait_idle()
+        """Raises the failure of a *finished* job nobody saw (once); never waits for one in flight."""
+        try:
+            for job in list(self._jobs):
+                if not job.done():
+                    break
+                error = job.unobserved_failure()
+                if error is not None:
+                    job.mark_observed()
+                    raise error
+        finally:
+            self._prune()
 
-    def submit(self, path: str, job: Callable[[], CheckpointInfo]) -> PendingSave:
-        self.wait_idle()
-        self.pending = PendingSave(self._pool.submit(job), path)
-        return self.pending
+    def _prune(self) -> None:
+        """Forgets the finished jobs at the front whose outcome needs no one's attention."""
+        while self._jobs and self._jobs[0].done() and self._jobs[0].unobserved_failure() is None:
+            self._jobs.popleft()
+
+    def _in_flight(self) -> int:
+        return sum(1 for job in self._jobs if not job.done())
+
+    def _enqueue(self, path: str, job: Callable[[], Any]) -> PendingSave:
+        pending = PendingSave(self._pool.submit(job), path)
+        self._jobs.append(pending)
+        return pending
+
+    def submit(self, path: str, job: Callable[[], Any]) -> PendingSave:
+        """Runs ``job`` after the jobs in flight; waits first when ``max_in_flight`` are unfinished.
+        A job that holds no staging memory (a removal) is never refused for its size."""
+        self.raise_unobserved()
+        if self._in_flight() >= self.max_in_flight:
+            self.wait_idle()
+        return self._enqueue(path, job)
 
     def submit_save(self, request: SaveRequest, state: object, staging: StagingBuffer) -> PendingSave:
         """Plans and stages ``state`` now (the caller's only wait) and commits ``request`` in the
         background; the same request :meth:`SaveRequest.run` would save synchronously."""
-        self.wait_idle()  # the staging buffer is free again only after the previous commit
+        self.raise_unobserved()
         settings = request.settings()
         plan = request.plan(state, settings)
+        if (
+            self._in_flight()
+            and self._in_flight() < self.max_in_flight
+            and staged_bytes(plan) <= self.queue_bytes
+            and fits(plan, staging)
+        ):
+            staged = stage_plan(plan, StagingBuffer())  # its own memory: the reused buffer is busy
+            return self._enqueue(request.target, lambda: request.commit(staged, settings))
+        self.wait_idle()  # the staging buffer is free again only after the previous commit
         staged = stage_plan(plan, staging) if fits(plan, staging) else feed_plan(plan, staging)
-        pending = self.submit(request.target, lambda: request.commit(staged, settings))
+        pending = self._enqueue(request.target, lambda: request.commit(staged, settings))
         if staged.feed is not None:
             try:
                 staged.feed.produce()  # the loop waits here until the last piece is staged
@@ -194,11 +253,14 @@ def _finish_pending_saves() -> None:
     with _WRITERS_LOCK:
         writers = list(_WRITERS)
     for writer in writers:
-        try:
-            writer.wait_idle()
-        except BaseException as exc:  # reported, never raised from an exit hook
-            path = writer.pending.path if writer.pending is not None else "?"
-            _report_lost_failure(path, exc)
+        for job in writer.jobs():
+            try:
+                error = job.unobserved_failure()
+            except BaseException as exc:  # reported, never raised from an exit hook
+                error = exc
+            if error is not None:
+                job.mark_observed()
+                _report_lost_failure(job.path, error)
 
 
 def _report_lost_failure(path: str, error: BaseException) -> None:

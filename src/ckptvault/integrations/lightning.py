@@ -22,9 +22,14 @@ Why the pieces are as they are:
   :class:`~ckptvault.CorruptCheckpointError` instead of resuming from damaged state.
 * **Safe removal.** :meth:`remove_checkpoint` (top-k pruning) deletes only committed checkpoints, through
   the storage layer (renamed away first, a symlink unlinked itself, never followed).
-* **Async.** ``async_save=True`` uses :func:`ckptvault.save_async`: the call returns once the tensors
-  are copied to host staging memory; one save is in flight at a time, a background failure is raised
-  at the next save, load, removal or :meth:`teardown` (the semantics of Lightning's
+* **Async.** ``async_save=True`` saves through the plugin's own background writer (the pipeline of
+  :func:`ckptvault.save_async`): the call returns once the tensors are copied to host staging
+  memory. Lightning writes the top-k file and ``last.ckpt`` back to back and then prunes, so small
+  checkpoints (up to ``QUEUE_BYTES`` staged) queue behind the one being committed, in memory of their
+  own, instead of waiting for its fsyncs; pruning is queued behind them too, so an old checkpoint
+  is deleted only after the new ones are committed (at most ``MAX_IN_FLIGHT`` jobs wait; a larger
+  state waits for the writer to be idle and is staged in the reused buffer). A background failure
+  is raised at the next save, load, removal or :meth:`teardown` (the semantics of Lightning's
   ``AsyncCheckpointIO``, without its extra clone of every tensor).
 
 Sharded strategies (FSDP with ``state_dict_type="sharded"``, ``ModelParallelStrategy``) write
@@ -44,7 +49,8 @@ from pathlib import PurePath
 from typing import Any
 
 from .. import api
-from ..engine.background import PendingSave
+from ..engine.background import BackgroundWriter
+from ..engine.staging import StagingBuffer
 from ..errors import CheckpointNotFoundError
 from ..storage.foreign import present, remove_link, resolved_link
 
@@ -64,6 +70,11 @@ SHARDED_HINT = (
     "torch.distributed.checkpoint with ckptvault.distributed.StorageWriter / StorageReader "
     "(docs/distributed.md)"
 )
+
+# Async: staged states up to this size queue behind the save being committed; beyond it (or with
+# MAX_IN_FLIGHT jobs unfinished) the next save waits. 4 x 64 MiB bounds the extra staging memory.
+QUEUE_BYTES = 64 * 1024 * 1024
+MAX_IN_FLIGHT = 4
 
 # Containers that only *hold* plain values, so converting them to a dict loses nothing but the type.
 _NAMESPACE_TYPES: tuple[type, ...] = (argparse.Namespace,)
@@ -166,8 +177,8 @@ class VaultCheckpointIO(CheckpointIO):
         self.async_save = async_save
         self.validate = validate
         self.max_staging_bytes = max_staging_bytes
-        self._pending: PendingSave | None = None
-        self._pending_path: str | None = None
+        self._writer: BackgroundWriter | None = None  # created by the first async save
+        self._staging = StagingBuffer(max_staging_bytes)
 
     # -- saving -------------------------------------------------------------------------------------
     def save_checkpoint(
@@ -197,24 +208,14 @@ class VaultCheckpointIO(CheckpointIO):
         if not self.async_save:
             api.save(target, state, **options)
             return
-        self._raise_pending_failure()
-        self._pending = api.save_async(target, state, max_staging_bytes=self.max_staging_bytes, **options)
-        self._pending_path = target
-
-    def _raise_pending_failure(self) -> None:
-        """Raises the failure of a finished background save (without waiting for one in flight)."""
-        pending = self._pending
-        if pending is not None and pending.done():
-            self._pending = self._pending_path = None
-            error = pending.exception()
-            if error is not None:
-                raise error
+        if self._writer is None:
+            self._writer = BackgroundWriter(queue_bytes=QUEUE_BYTES, max_in_flight=MAX_IN_FLIGHT)
+        self._writer.submit_save(api.save_request(target, **options), state, self._staging)
 
     def wait(self) -> None:
-        """Blocks until the background save in flight (if any) is committed; raises its failure."""
-        pending, self._pending, self._pending_path = self._pending, None, None
-        if pending is not None:
-            pending.wait()
+        """Blocks until every background save and removal is done; raises a failure nobody saw."""
+        if self._writer is not None:
+            self._writer.wait_idle()
 
     # -- loading and removing -----------------------------------------------------------------------
     def load_checkpoint(
@@ -238,24 +239,28 @@ class VaultCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Deletes the committed checkpoint at ``path`` (a symlink: the link itself). Anything that is
-        not a ckptvault checkpoint is left alone with a warning: pruning never deletes foreign files."""
+        not a ckptvault checkpoint is left alone with a warning: pruning never deletes foreign files.
+        With ``async_save`` the removal is queued behind the saves in flight (see the module's notes)."""
         target = os.fspath(path)
-        if self._pending_path == target:
-            self.wait()
+        if self._writer is None:
+            _remove_now(target)
         else:
-            self._raise_pending_failure()
-        local = _local_path(target)
-        if local is not None and remove_link(local):
-            return
-        storage, where = api.storage_for(target)
-        try:
-            api.info(target)
-        except CheckpointNotFoundError:
-            if local is None or present(local):
-                log.warning("not removing %s: it is not a committed ckptvault checkpoint", target)
-            return
-        storage.delete(where)
+            self._writer.submit(target, lambda: _remove_now(target))
 
     def teardown(self) -> None:
         """Finishes the save in flight (Lightning calls this at the end of fit) and raises its error."""
         self.wait()
+
+
+def _remove_now(target: str) -> None:
+    local = _local_path(target)
+    if local is not None and remove_link(local):
+        return
+    storage, where = api.storage_for(target)
+    try:
+        api.info(target)
+    except CheckpointNotFoundError:
+        if local is None or present(local):
+            log.warning("not removing %s: it is not a committed ckptvault checkpoint", target)
+        return
+    storage.delete(where)
