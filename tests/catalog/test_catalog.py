@@ -646,10 +646,24 @@ def test_limited_metric_sort_equals_the_general_query(tmp_path: Path) -> None:
         cv.save(
             tmp_path / f"run{i % 3}" / f"step_{i:05d}",
             {"w": [0.0]},
-            metadata={"step": i, "metrics": metrics},
+            metadata={
+                "step": i,
+                "metrics": metrics,
+                "config": {"lr": 0.01 * (i % 4), "optimizer": {"name": "adam" if i % 2 else "sgd"}},
+                "tags": {"stage": "main" if i >= 20 else "warmup"},
+            },
         )
     with Catalog(tmp_path) as catalog:
-        for where in ("", "loss < 4", "step >= 10 and loss > 1", "run = 'run1'"):
+        # metric, config and tag conditions (compiled as correlated EXISTS on this path), negated too
+        for where in (
+            "",
+            "loss < 4",
+            "step >= 10 and loss > 1",
+            "run = 'run1'",
+            "not loss < 4 or val_acc > 0.5",
+            "config.optimizer.name = 'adam' and config.lr < 0.025",
+            "tag.stage = 'main' and not val_acc is null",
+        ):
             for sort in ("-val_acc", "val_acc", "+loss"):
                 full = catalog.find(where, sort=sort)
                 for limit in (0, 1, 5, 17, 100):

@@ -17,6 +17,7 @@ from typing import Any
 from ..storage.base import Storage
 from .database import typed_db_errors
 from .query import DEFAULT_SORT, compile_filter, compile_sort, single_metric_sort
+from .query_sql import correlated
 
 _COLUMNS = (
     "c.id, c.path, c.run_dir, c.name, c.checkpoint_id, c.step, c.epoch, c.scope, c.created_at, c.size_bytes, "
@@ -84,7 +85,7 @@ class CatalogRows:
         name, descending = by
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM metrics s JOIN checkpoints c ON c.id = s.checkpoint "
-            f"WHERE s.name = ? AND s.value IS NOT NULL AND ({condition}) "
+            f"WHERE s.name = ? AND s.value IS NOT NULL AND ({correlated(condition)}) "
             f"ORDER BY s.value{' DESC' if descending else ''}, {DEFAULT_SORT} LIMIT ?",
             [name, *params, limit],
         ).fetchall()

@@ -175,20 +175,16 @@ class BackgroundWriter:
         """Blocks until every job finished; raises the oldest failure nobody saw, if any.
 
         Raised once: the failure is then marked seen, so the caller's retry proceeds."""
-        try:
-            for job in list(self._jobs):
-                error = job.unobserved_failure()
-                if error is not None:
-                    job.mark_observed()
-                    raise error
-        finally:
-            self._prune()
+        self._raise_first_unseen(block=True)
 
     def raise_unobserved(self) -> None:
         """Raises the failure of a *finished* job nobody saw (once); never waits for one in flight."""
+        self._raise_first_unseen(block=False)
+
+    def _raise_first_unseen(self, *, block: bool) -> None:
         try:
             for job in list(self._jobs):
-                if not job.done():
+                if not block and not job.done():
                     break
                 error = job.unobserved_failure()
                 if error is not None:
