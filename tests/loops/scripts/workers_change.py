@@ -1,7 +1,9 @@
 """num_workers changes between the killed run and the resumed one: a fresh run loads with 2 workers,
 every restart with none (as when a job moves to a smaller machine). The dataset augments with torch's
-and numpy's RNGs in __getitem__; per-sample RNG makes a sample's augmentation independent of where it
-is loaded, and loading in the main process leaves the loop's own dropout stream alone."""
+and numpy's RNGs in __getitem__; seeded loading makes a sample's augmentation independent of where it
+is loaded, and loading in the main process leaves the loop's own dropout stream alone. This loop runs
+with per-sample seeding (loader_rng="sample"), the rest of the gallery with the per-batch default, so
+check-resume covers both."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def main() -> None:
     )
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    state = cv.TrainState(model, optimizer, loader=loader)
+    state = cv.TrainState(model, optimizer, loader=loader, loader_rng="sample")
     with cv.CheckpointManager(every_n_steps=2, keep_last=2) as manager:
         manager.restore(state)
         for _epoch in state.epochs(EPOCHS):
