@@ -106,3 +106,23 @@ def test_a_failure_behind_the_queue_is_raised_once_by_a_later_call(
 def test_max_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_in_flight"):
         BackgroundWriter(max_in_flight=0)
+
+
+def test_wait_idle_raises_only_once_every_queued_job_is_done() -> None:
+    """A failure must not return control while later jobs still run behind the caller (they could
+    delete or write what the caller then inspects)."""
+    writer = BackgroundWriter(max_in_flight=4)
+    first, gate = _Gate(), _Gate()
+
+    def fail() -> None:
+        raise cv.StorageError(5, "Input/output error (injected)")
+
+    writer.submit("first", first.job)  # holds the worker, so the failure is queued, not finished
+    writer.submit("fail", fail)
+    later = writer.submit("later", gate.job)
+    first.release.set()
+    threading.Timer(0.3, gate.release.set).start()
+    with pytest.raises(cv.StorageError, match="injected"):
+        writer.wait_idle()
+    assert later.done()
+    writer.shutdown()

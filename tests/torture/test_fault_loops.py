@@ -2,9 +2,10 @@
 
 For each write path (save, save with O_DIRECT files, overwrite, async save, incremental save,
 retention deletion through the manager, garbage collection, catalog update, registry change,
-restore) the loop first counts the path's file operations, then re-runs it on a fresh copy of the
-same run with :class:`ckptvault.testing.FaultInjector` failing operation N, for N = 1, 2, ... until
-a run completes without reaching N. Modes: an I/O error once (a transient failure), an I/O error
+restore, the Lightning plugin's queued async saves and pruning) the loop first counts the path's
+file operations, then re-runs it on a fresh copy of the same run with
+:class:`ckptvault.testing.FaultInjector` failing operation N, for N = 1, 2, ... until a run
+completes without reaching N. Modes: an I/O error once (a transient failure), an I/O error
 at N and every operation after (the disk died), and a torn write (half the bytes, then the error).
 The CI slice runs the first mode; ``make torture`` all three.
 
@@ -46,6 +47,7 @@ from .fault_cases import (
     retention_case,
     save_case,
 )
+from .fault_cases_queue import lightning_queue_case
 
 # (action, persistent) per scale
 MODES = pick([("error", False)], [("error", False), ("error", True), ("torn", False)])
@@ -64,6 +66,7 @@ CASES = [
     catalog_case(),
     registry_case(),
     restore_case(),
+    lightning_queue_case(),
 ]
 
 # --------------------------------------------------------------------------- the loop

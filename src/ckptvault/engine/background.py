@@ -32,6 +32,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,14 @@ class PendingSave:
         self._observed = True
         return self._future.exception()
 
+    @property
+    def future(self) -> Future[Any]:
+        return self._future
+
+    def failed(self) -> bool:
+        """Finished with a failure (seen or not); does not count as seeing it."""
+        return self._future.done() and self._future.exception() is not None
+
     def unobserved_failure(self) -> BaseException | None:
         """The failure of this finished save if no caller has seen it yet (blocks until done)."""
         error = self._future.exception()
@@ -182,6 +191,8 @@ class BackgroundWriter:
         self._raise_first_unseen(block=False)
 
     def _raise_first_unseen(self, *, block: bool) -> None:
+        if block:  # every job finishes before a failure is raised: nothing runs on behind the caller
+            futures.wait([job.future for job in self._jobs])
         try:
             for job in list(self._jobs):
                 if not block and not job.done():

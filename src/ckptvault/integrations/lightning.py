@@ -27,8 +27,10 @@ Why the pieces are as they are:
   memory. Lightning writes the top-k file and ``last.ckpt`` back to back and then prunes, so small
   checkpoints (up to ``QUEUE_BYTES`` staged) queue behind the one being committed, in memory of their
   own, instead of waiting for its fsyncs; pruning is queued behind them too, so an old checkpoint
-  is deleted only after the new ones are committed (at most ``MAX_IN_FLIGHT`` jobs wait; a larger
-  state waits for the writer to be idle and is staged in the reused buffer). A background failure
+  is deleted only after the new ones are committed, and not at all when one of them failed (at
+  most ``MAX_IN_FLIGHT`` jobs wait; a larger state waits for the writer to be idle and is staged in
+  the reused buffer). ``wait``/``teardown`` return or raise only once every queued job is done. A
+  background failure
   is raised at the next save, load, removal or :meth:`teardown` (the semantics of Lightning's
   ``AsyncCheckpointIO``, without its extra clone of every tensor).
 
@@ -240,12 +242,21 @@ class VaultCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Deletes the committed checkpoint at ``path`` (a symlink: the link itself). Anything that is
         not a ckptvault checkpoint is left alone with a warning: pruning never deletes foreign files.
-        With ``async_save`` the removal is queued behind the saves in flight (see the module's notes)."""
+        With ``async_save`` the removal is queued behind the saves in flight and skipped when one of
+        them failed (see the module's notes)."""
         target = os.fspath(path)
         if self._writer is None:
             _remove_now(target)
-        else:
-            self._writer.submit(target, lambda: _remove_now(target))
+            return
+        before = self._writer.jobs()
+
+        def prune() -> None:
+            # The jobs before this one ran first (one worker, in order). If one of them failed, the
+            # checkpoint that was to replace this one may not exist: keep it (the failure surfaces).
+            if not any(job.failed() for job in before):
+                _remove_now(target)
+
+        self._writer.submit(target, prune)
 
     def teardown(self) -> None:
         """Finishes the save in flight (Lightning calls this at the end of fit) and raises its error."""
