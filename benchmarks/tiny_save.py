@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import ckptvault as cv
+from _common import fsync_path
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, work / f"a{i}.pt")
-        _fsync_dir(work)
+        fsync_path(work)
 
     def floor(i: int) -> None:
         staging = work / f".f{i}.staging"
@@ -64,9 +65,9 @@ def main() -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(staging)
+        fsync_path(staging)
         os.rename(staging, work / f"f{i}")
-        _fsync_dir(work)
+        fsync_path(work)
 
     contenders: dict[str, Callable[[int], None]] = {
         "ckptvault.save": ours,
@@ -94,14 +95,6 @@ def main() -> None:
     ours_ms = med["ckptvault.save"]
     for name in list(contenders)[1:]:
         print(f"ratio ckptvault / ({name}) = {ours_ms / med[name]:.2f}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":
